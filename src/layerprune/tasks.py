@@ -1,0 +1,162 @@
+"""Evaluation tasks and the one "quality retained" aggregate.
+
+A task is a fixed list of batches plus two pure functions: `stats` turns one
+batch's logits into additive sums (so scores over many batches, and over many
+candidate models at once, are just sums), and `summary` turns the sums into
+numbers whose "score" is higher-is-better. The same task objects serve the
+`quality` importance metric (on calibration text) and evaluation (on held-out
+text).
+
+Quality retained (used everywhere) = the mean over tasks of
+score(model) / score(teacher). Task scores:
+- perplexity: 1 / perplexity, so retained = ppl_teacher / ppl_model;
+- token_accuracy: share of next tokens predicted exactly (argmax);
+- kl: exp(-mean per-token KL(teacher || model)), 1.0 for the teacher itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor          # [B, T]
+    attention_mask: torch.Tensor     # [B, T], 1 = real token
+    target_mask: torch.Tensor        # [B, T], 1 = position whose next token is scored
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    name: str
+    batches: list[Batch]
+    stats: Callable[[torch.Tensor, Batch, torch.Tensor | None], dict[str, float]]
+    summary: Callable[[dict[str, float]], dict[str, float]]
+    needs_teacher: bool = False
+
+
+def blocks_to_batches(blocks: torch.Tensor, batch_size: int) -> list[Batch]:
+    """Unpadded token blocks; every position but the last predicts the next token."""
+    batches = []
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start:start + batch_size]
+        target = torch.ones_like(ids)
+        target[:, -1] = 0
+        batches.append(Batch(ids, torch.ones_like(ids), target))
+    return batches
+
+
+def _shifted(logits: torch.Tensor, batch: Batch):
+    """Logits at scored positions [N, V] (fp32) and the tokens they should predict [N]."""
+    mask = batch.target_mask[:, :-1].bool()
+    return logits[:, :-1][mask].float(), batch.input_ids[:, 1:][mask]
+
+
+def nll_stats(logits, batch, teacher_logits=None) -> dict[str, float]:
+    scored, labels = _shifted(logits, batch)
+    return {"nll_sum": F.cross_entropy(scored, labels, reduction="sum").item(), "tokens": float(len(labels))}
+
+
+def perplexity_summary(s: dict[str, float]) -> dict[str, float]:
+    nll = s["nll_sum"] / max(s["tokens"], 1.0)
+    return {"score": math.exp(-nll), "perplexity": math.exp(nll), "nll": nll}
+
+
+def accuracy_stats(logits, batch, teacher_logits=None) -> dict[str, float]:
+    scored, labels = _shifted(logits, batch)
+    return {"correct": (scored.argmax(-1) == labels).sum().item(), "tokens": float(len(labels))}
+
+
+def accuracy_summary(s: dict[str, float]) -> dict[str, float]:
+    return {"score": s["correct"] / max(s["tokens"], 1.0)}
+
+
+def kl_stats(logits, batch, teacher_logits) -> dict[str, float]:
+    mask = batch.attention_mask.bool()
+    student = F.log_softmax(logits[mask].float(), -1)
+    teacher = F.log_softmax(teacher_logits[mask].float(), -1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return {"kl_sum": kl.sum().item(), "tokens": float(mask.sum().item())}
+
+
+def kl_summary(s: dict[str, float]) -> dict[str, float]:
+    kl = s["kl_sum"] / max(s["tokens"], 1.0)
+    return {"score": math.exp(-kl), "kl": kl}
+
+
+def build_perplexity(ctx: "TaskData") -> Task:
+    return Task("perplexity", blocks_to_batches(ctx.blocks, ctx.batch_size), nll_stats, perplexity_summary)
+
+
+def build_token_accuracy(ctx: "TaskData") -> Task:
+    return Task("token_accuracy", blocks_to_batches(ctx.blocks, ctx.batch_size), accuracy_stats, accuracy_summary)
+
+
+def build_kl(ctx: "TaskData") -> Task:
+    return Task("kl", blocks_to_batches(ctx.blocks, ctx.batch_size), kl_stats, kl_summary, needs_teacher=True)
+
+
+@dataclass
+class TaskData:
+    """What task builders draw on: one split's token blocks and documents."""
+
+    tokenizer: object
+    blocks: torch.Tensor
+    docs: list[str]
+    batch_size: int
+    seed: int = 0
+
+
+TASKS: dict[str, Callable[[TaskData], Task]] = {
+    "perplexity": build_perplexity,
+    "token_accuracy": build_token_accuracy,
+    "kl": build_kl,
+}
+
+
+def build_tasks(names, data: TaskData) -> list[Task]:
+    return [TASKS[name](data) for name in names]
+
+
+def add_stats(total: dict[str, float], new: dict[str, float]) -> None:
+    for key, value in new.items():
+        total[key] = total.get(key, 0.0) + value
+
+
+def _to(batch: Batch, device) -> Batch:
+    return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.target_mask.to(device),
+                 {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.extra.items()})
+
+
+@torch.no_grad()
+def forward_logits(model, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+
+@torch.no_grad()
+def evaluate_tasks(model, tasks: list[Task], teacher=None) -> dict[str, dict[str, float]]:
+    """Summaries per task for one model; tasks that compare with a teacher need `teacher`."""
+    device = next(model.parameters()).device
+    results = {}
+    for task in tasks:
+        if task.needs_teacher and teacher is None:
+            raise ValueError(f"task {task.name} needs a teacher model")
+        total: dict[str, float] = {}
+        for batch in task.batches:
+            batch = _to(batch, device)
+            teacher_logits = forward_logits(teacher, batch) if task.needs_teacher else None
+            add_stats(total, task.stats(forward_logits(model, batch), batch, teacher_logits))
+        results[task.name] = task.summary(total)
+    return results
+
+
+def quality_retained(scores: dict[str, dict[str, float]], reference: dict[str, dict[str, float]]) -> float:
+    """Mean over tasks of score / reference score (the teacher's)."""
+    ratios = [scores[name]["score"] / reference[name]["score"] for name in scores if reference[name]["score"] > 0]
+    return sum(ratios) / len(ratios) if ratios else float("nan")

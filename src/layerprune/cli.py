@@ -154,6 +154,9 @@ COMMANDS = {"prune": run_prune, "score": run_score}
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     for noisy in ("transformers", "accelerate", "gensim", "smart_open"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

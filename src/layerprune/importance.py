@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .activations import layer_states, run_from
 from .surgery import layer_view, num_layers
-from .tasks import Batch, Task, _to, add_stats, forward_logits, nll_stats, perplexity_summary, quality_retained
+from .tasks import Batch, Task, _to, add_stats, forward_logits, group_by_batches, nll_stats, perplexity_summary, quality_retained
 
 # ---------------------------------------------------------------- pure math
 
@@ -104,14 +104,16 @@ def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher
     depth = num_layers(model)
     current: dict = {task.name: {} for task in tasks}
     per_candidate: dict = {i: {task.name: {} for task in tasks} for i in candidates}
-    total = sum(len(task.batches) for task in tasks) * len(candidates)
+    total = sum(len(batches) for batches, _ in group_by_batches(tasks)) * len(candidates)
     with tqdm(total=total, desc="scoring layers", unit="cand", disable=not progress, leave=False) as bar:
-        for task in tasks:
-            for batch in task.batches:
+        for batches, group in group_by_batches(tasks):
+            needs_teacher = any(task.needs_teacher for task in group)
+            for batch in batches:
                 batch = _to(batch, device)
-                teacher_logits = forward_logits(teacher, batch) if task.needs_teacher else None
+                teacher_logits = forward_logits(teacher, batch) if needs_teacher else None
                 states, logits = layer_states(model, batch.input_ids, batch.attention_mask)
-                add_stats(current[task.name], task.stats(logits, batch, teacher_logits))
+                for task in group:
+                    add_stats(current[task.name], task.stats(logits, batch, teacher_logits))
                 for i in candidates:
                     if reuse_prefix:
                         logits = run_from(model, i, states[i], range(i + 1, depth), batch.input_ids,
@@ -119,7 +121,8 @@ def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher
                     else:
                         with layer_view(model, [k for k in range(depth) if k != i]):
                             logits = forward_logits(model, batch)
-                    add_stats(per_candidate[i][task.name], task.stats(logits, batch, teacher_logits))
+                    for task in group:
+                        add_stats(per_candidate[i][task.name], task.stats(logits, batch, teacher_logits))
                     bar.update(1)
     return current, per_candidate
 

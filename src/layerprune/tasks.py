@@ -16,6 +16,7 @@ score(model) / score(teacher). Task scores:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -91,15 +92,15 @@ def kl_summary(s: dict[str, float]) -> dict[str, float]:
 
 
 def build_perplexity(ctx: "TaskData") -> Task:
-    return Task("perplexity", blocks_to_batches(ctx.blocks, ctx.batch_size), nll_stats, perplexity_summary)
+    return Task("perplexity", ctx.block_batches, nll_stats, perplexity_summary)
 
 
 def build_token_accuracy(ctx: "TaskData") -> Task:
-    return Task("token_accuracy", blocks_to_batches(ctx.blocks, ctx.batch_size), accuracy_stats, accuracy_summary)
+    return Task("token_accuracy", ctx.block_batches, accuracy_stats, accuracy_summary)
 
 
 def build_kl(ctx: "TaskData") -> Task:
-    return Task("kl", blocks_to_batches(ctx.blocks, ctx.batch_size), kl_stats, kl_summary, needs_teacher=True)
+    return Task("kl", ctx.block_batches, kl_stats, kl_summary, needs_teacher=True)
 
 
 @dataclass
@@ -111,6 +112,11 @@ class TaskData:
     docs: list[str]
     batch_size: int
     seed: int = 0
+
+    @functools.cached_property
+    def block_batches(self) -> list[Batch]:
+        """One shared list, so tasks on the same blocks share each forward pass."""
+        return blocks_to_batches(self.blocks, self.batch_size)
 
 
 TASKS: dict[str, Callable[[TaskData], Task]] = {
@@ -139,21 +145,30 @@ def forward_logits(model, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
 
+def group_by_batches(tasks: list[Task]) -> list[tuple[list[Batch], list[Task]]]:
+    """Tasks that share one batch list, so each batch runs through a model once for all of them."""
+    groups: dict[int, tuple[list[Batch], list[Task]]] = {}
+    for task in tasks:
+        groups.setdefault(id(task.batches), (task.batches, []))[1].append(task)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def evaluate_tasks(model, tasks: list[Task], teacher=None) -> dict[str, dict[str, float]]:
     """Summaries per task for one model; tasks that compare with a teacher need `teacher`."""
     device = next(model.parameters()).device
-    results = {}
-    for task in tasks:
-        if task.needs_teacher and teacher is None:
-            raise ValueError(f"task {task.name} needs a teacher model")
-        total: dict[str, float] = {}
-        for batch in task.batches:
+    totals: dict[str, dict[str, float]] = {task.name: {} for task in tasks}
+    for batches, group in group_by_batches(tasks):
+        needs_teacher = any(task.needs_teacher for task in group)
+        if needs_teacher and teacher is None:
+            raise ValueError(f"tasks {[t.name for t in group]} need a teacher model")
+        for batch in batches:
             batch = _to(batch, device)
-            teacher_logits = forward_logits(teacher, batch) if task.needs_teacher else None
-            add_stats(total, task.stats(forward_logits(model, batch), batch, teacher_logits))
-        results[task.name] = task.summary(total)
-    return results
+            teacher_logits = forward_logits(teacher, batch) if needs_teacher else None
+            logits = forward_logits(model, batch)
+            for task in group:
+                add_stats(totals[task.name], task.stats(logits, batch, teacher_logits))
+    return {task.name: task.summary(totals[task.name]) for task in tasks}
 
 
 def quality_retained(scores: dict[str, dict[str, float]], reference: dict[str, dict[str, float]]) -> float:

@@ -71,3 +71,32 @@ def make_text_file(path, docs: int = 12, words: int = 400, seed: int = 0):
     paragraphs = [" ".join(rng.choice(vocab) for _ in range(words)) + "." for _ in range(docs)]
     path.write_text("\n\n".join(paragraphs), encoding="utf-8")
     return path
+
+
+def hf_char_tokenizer():
+    """A real PreTrainedTokenizerFast over single characters, built offline."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 3)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<pad>")
+
+
+def save_tiny(path, arch="llama", layers=6, seed=0):
+    model = tiny_model(arch, seed=seed, layers=layers)
+    model.save_pretrained(path)
+    hf_char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return save_tiny(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    return make_text_file(tmp_path / "corpus.txt")

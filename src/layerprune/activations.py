@@ -74,14 +74,13 @@ def layer_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return record["states"], logits
 
 
-@torch.no_grad()
-def run_from(model: nn.Module, start: int, hidden: torch.Tensor, keep: Sequence[int],
-             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits of the model restricted to layers `keep` (all >= start), given the state entering
-    layer `start`. Layers below `start` are not run: their output is `hidden`."""
+@contextmanager
+def injected(model: nn.Module, start: int, hidden: torch.Tensor, keep: Sequence[int]) -> Iterator[None]:
+    """Within the block, the model runs only layers `keep` (all >= start) and takes `hidden` as
+    the state entering layer `start`: layers below it are not run. Gradients flow as usual."""
     keep = list(keep)
     if keep and keep[0] < start:
-        raise ValueError(f"run_from needs kept layers >= {start}, got {keep}")
+        raise ValueError(f"injected needs kept layers >= {start}, got {keep}")
     with layer_view(model, keep):
         layers = find_layers(model).layers
         target = layers[0] if keep else final_norm(model)
@@ -93,6 +92,39 @@ def run_from(model: nn.Module, start: int, hidden: torch.Tensor, keep: Sequence[
 
         handle = target.register_forward_pre_hook(inject, with_kwargs=True)
         try:
-            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            yield
         finally:
             handle.remove()
+
+
+@torch.no_grad()
+def run_from(model: nn.Module, start: int, hidden: torch.Tensor, keep: Sequence[int],
+             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of the model restricted to layers `keep` (all >= start), given the state entering
+    layer `start`."""
+    with injected(model, start, hidden, keep):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def prefix_state(model: nn.Module, stop: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The state entering layer `stop`, running only layers below it (no norm, no LM head)."""
+    record = {}
+
+    def grab(module, args, kwargs):
+        record["h"] = _hidden_arg(args, kwargs)
+        raise _Stop
+
+    with layer_view(model, range(stop)):
+        handle = final_norm(model).register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+    return record["h"]

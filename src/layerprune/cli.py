@@ -45,6 +45,7 @@ HEAL_HELP = {
     "lora_r": ("--lora-r", "LoRA rank (with --trainable lora)"),
     "lora_alpha": ("--lora-alpha", "LoRA alpha (with --trainable lora)"),
     "mixed_precision": ("--mixed-precision", "no, bf16 or fp16 autocast for healing"),
+    "teacher_topk": ("--teacher-topk", "teacher logits kept per token in the target cache (KL over these)"),
     "log_every": ("--heal-log-every", "update the progress bar's loss every N steps"),
 }
 
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the layer just above each cut)")
     _add_fields(p, HealConfig, HEAL_HELP, "healing")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory when healing")
+    p.add_argument("--no-teacher-cache", action="store_true",
+                   help="run the teacher and the whole student every healing step (the straightforward loop)")
 
     s = sub.add_parser("score", help="print the importance of every layer (original indices)")
     _common(s)
@@ -125,7 +128,8 @@ def run_prune(args) -> int:
     from .pipeline import prune
 
     mse_layers = tuple(int(x) for x in _names(args.mse_layers)) if args.mse_layers else None
-    heal = _from_args(args, HealConfig, mse_layers=mse_layers, gradient_checkpointing=args.gradient_checkpointing)
+    heal = _from_args(args, HealConfig, mse_layers=mse_layers, gradient_checkpointing=args.gradient_checkpointing,
+                      teacher_cache=not args.no_teacher_cache)
     config = PruneConfig(out=args.out, model=args.model, metric=args.metric, mode=args.mode,
                          target_layers=args.target_layers, remove=args.remove, protect_first=args.protect_first,
                          protect_last=args.protect_last, tasks=_names(args.tasks), eval_tasks=_names(args.eval_tasks),

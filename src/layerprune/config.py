@@ -76,6 +76,8 @@ class HealConfig:
     radius: int = 1
     lora_r: int = 16
     lora_alpha: int = 32
+    teacher_cache: bool = True
+    teacher_topk: int = 256
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     log_every: int = 5
@@ -93,7 +95,7 @@ class HealConfig:
             if getattr(self, name) < 0:
                 raise LayerpruneError(f"heal {name} must be >= 0, got {getattr(self, name)}",
                                       f"pass a non-negative --heal-{name.replace('_', '-')}")
-        for name in ("batch_size", "grad_accum", "lora_r", "log_every"):
+        for name in ("batch_size", "grad_accum", "lora_r", "log_every", "teacher_topk"):
             if getattr(self, name) < 1:
                 raise LayerpruneError(f"heal {name} must be >= 1, got {getattr(self, name)}",
                                       f"pass a positive --heal-{name.replace('_', '-')}")

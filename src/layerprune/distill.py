@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .activations import capture
+from .activations import capture, injected, prefix_state
 from .config import HealConfig
 from .errors import LayerpruneError
-from .losses import LossWeights, joint_loss
+from .losses import LossWeights, joint_loss, kl_loss, topk_kl_loss
 from .surgery import find_layers, num_layers, original_indices
-from .tasks import Batch, build_kl, build_perplexity, evaluate_tasks, TaskData
+from .targets import TeacherTargets
+from .tasks import Batch, TaskData, build_kl, build_perplexity, evaluate_tasks
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,48 @@ def _held_out(student, teacher, eval_batches: list[Batch]) -> dict:
     return {"kl": scores["kl"]["kl"], "perplexity": scores["perplexity"]["perplexity"]}
 
 
+def straightforward_terms(model, student, teacher, ids, pairs, weights) -> dict:
+    """The reference step: teacher forward plus a full student forward, every micro-batch."""
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), capture(teacher, final=True) as t_rec:
+        t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    with capture(student, final=True) as s_rec:
+        s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    kl = kl_loss(s_logits, t_logits, mask, weights.temperature)
+    return joint_loss(kl, [s_rec["states"][k + 1] for k, _ in pairs], [t_rec["states"][o + 1] for _, o in pairs],
+                      s_rec["final"], t_rec["final"], mask, weights)
+
+
+def cached_terms(model, student, ids, rows, prefix, start, targets: TeacherTargets, pairs, weights) -> dict:
+    """The fast step: the frozen layers below `start` are replaced by their cached output, and the
+    teacher by its cached targets; only the trainable top of the student runs."""
+    mask = torch.ones_like(ids)
+    depth = num_layers(student)
+    t = targets.take(rows, [o for _, o in pairs], ids.device)
+    with injected(student, start, prefix[rows.to(prefix.device)].to(ids.device), range(start, depth)), \
+            capture(student, final=True) as s_rec:
+        s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    kl = topk_kl_loss(s_logits, t["values"], t["indices"], t["lse"], mask, weights.temperature)
+    return joint_loss(kl, [s_rec["states"][k - start + 1] for k, _ in pairs], t["layers"], s_rec["final"],
+                      t["final"], mask, weights)
+
+
+@torch.no_grad()
+def prefix_states(student, start: int, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The state entering layer `start` for every block: frozen during healing, so computed once."""
+    device = next(student.parameters()).device
+    parts = [prefix_state(student, start, ids.to(device), torch.ones_like(ids, device=device))
+             for ids in blocks.split(batch_size)]
+    return torch.cat(parts)
+
+
 def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0, cuts: list[int] | None = None,
          eval_batches: list[Batch] | None = None, log_dir: Path | None = None, iteration: int = 0,
-         progress: bool = True) -> dict:
-    """Train `student` in place for `steps` optimizer steps against `teacher`; return the log."""
+         targets: TeacherTargets | None = None, progress: bool = True) -> dict:
+    """Train `student` in place for `steps` optimizer steps against `teacher`; return the log.
+
+    With `targets` (see targets.py) the teacher is not run and the frozen bottom of the student
+    runs once; without, every micro-batch runs the teacher and the whole student."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -127,6 +166,9 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
     weights = LossWeights(config.w_kl, config.w_mse, config.w_final, config.temperature)
     before = _held_out(student, teacher, eval_batches or [])
 
+    blocks = corpus.blocks["train"]
+    start = 0 if config.trainable == "lora" else min(layers)
+    prefix = prefix_states(student, start, blocks, config.batch_size) if targets is not None else None
     model = set_trainable(student, layers, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -134,11 +176,9 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, steps), steps)
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(corpus.blocks["train"], batch_size=config.batch_size, shuffle=True,
-                                         generator=generator, drop_last=len(corpus.blocks["train"]) >= config.batch_size)
+    loader = torch.utils.data.DataLoader(torch.arange(len(blocks)), batch_size=config.batch_size, shuffle=True,
+                                         generator=generator, drop_last=len(blocks) >= config.batch_size)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    inner = accelerator.unwrap_model(model)
-    teacher_layers = [o for _, o in pairs]
     model.train()
     rows, batches = [], _cycle(loader)
     bar = tqdm(total=steps, desc=f"healing (iteration {iteration})", unit="step",
@@ -146,16 +186,13 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
     for step in range(1, steps + 1):
         sums = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "final_mse": 0.0}
         for _ in range(config.grad_accum):
-            input_ids = next(batches)
-            mask = torch.ones_like(input_ids)
+            block_rows = next(batches)
+            ids = blocks[block_rows.cpu()].to(accelerator.device)
             with accelerator.accumulate(model):
-                with torch.no_grad(), capture(teacher, final=True) as t_rec:
-                    t_logits = teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-                with capture(student, final=True) as s_rec:
-                    s_logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-                terms = joint_loss(s_logits, t_logits, [s_rec["states"][k + 1] for k, _ in pairs],
-                                   [t_rec["states"][o + 1] for o in teacher_layers],
-                                   s_rec["final"], t_rec["final"], mask, weights)
+                if targets is None:
+                    terms = straightforward_terms(model, student, teacher, ids, pairs, weights)
+                else:
+                    terms = cached_terms(model, student, ids, block_rows, prefix, start, targets, pairs, weights)
                 if not torch.isfinite(terms["loss"]):
                     raise NonFiniteLoss(f"non-finite healing loss ({terms['loss'].item()}) at iteration {iteration} "
                                         f"step {step}; the student keeps its weights from before this step",
@@ -168,13 +205,13 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
                 optimizer.zero_grad()
             for key in sums:
                 sums[key] += terms[key].detach().item() / config.grad_accum
-        row = {"iteration": iteration, "step": step, "lr": scheduler.get_last_lr()[0], **sums}
-        rows.append(row)
+        rows.append({"iteration": iteration, "step": step, "lr": scheduler.get_last_lr()[0], **sums})
         bar.update(1)
         if step % config.log_every == 0 or step == steps:
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
     bar.close()
     model.eval()
+    inner = accelerator.unwrap_model(model)
     if config.gradient_checkpointing:
         inner.gradient_checkpointing_disable()
     if config.trainable == "lora":

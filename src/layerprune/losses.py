@@ -57,13 +57,13 @@ class LossWeights:
     temperature: float = 1.0
 
 
-def joint_loss(student_logits, teacher_logits, student_hidden: list, teacher_hidden: list,
-               student_final, teacher_final, mask, weights: LossWeights) -> dict[str, torch.Tensor]:
+def joint_loss(kl: torch.Tensor, student_hidden: list, teacher_hidden: list, student_final, teacher_final, mask,
+               weights: LossWeights) -> dict[str, torch.Tensor]:
     """The paper's loss: w_kl * KL + w_mse * sum of mapped-layer MSEs + w_final * final-state MSE.
 
+    `kl` comes from `kl_loss` (teacher logits at hand) or `topk_kl_loss` (teacher cached);
     `student_hidden[j]` is compared with `teacher_hidden[j]` (the caller maps layers).
     Returns every term and their weighted sum under "loss"."""
-    kl = kl_loss(student_logits, teacher_logits, mask, weights.temperature)
     zero = kl.new_zeros(())
     mse = sum((mse_loss(s, t, mask) for s, t in zip(student_hidden, teacher_hidden)), zero)
     final = mse_loss(student_final, teacher_final, mask) if weights.final else zero

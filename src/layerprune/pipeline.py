@@ -46,6 +46,7 @@ class Session:
     eval_tasks: list
     teacher_task_scores: dict
     teacher_eval: dict
+    targets: object = None   # TeacherTargets, computed on the first healing
 
 
 def build_session(config: PruneConfig) -> Session:
@@ -88,11 +89,21 @@ def _heal(s: Session, iteration: int, steps: int, dropped: list[int], progress: 
     if s.config.heal.method == "none" or steps == 0:
         return {}
     from .distill import cut_positions, heal
+    from .targets import compute_targets
 
+    if s.config.heal.teacher_cache and s.targets is None:
+        s.targets = compute_targets(s.teacher, s.corpus.blocks["train"], teacher_cache_dir(Path(s.config.out)),
+                                    s.config.heal.teacher_topk, s.config.data.batch_size, progress)
     return heal(s.student, s.teacher, s.corpus, s.config.heal, steps=steps, seed=s.config.seed + iteration,
                 cuts=cut_positions(dropped), eval_batches=blocks_to_batches(s.corpus.blocks["eval"],
                                                                             s.config.data.batch_size),
-                log_dir=Path(s.config.out) / "logs", iteration=iteration, progress=progress)
+                log_dir=Path(s.config.out) / "logs", iteration=iteration, targets=s.targets, progress=progress)
+
+
+def teacher_cache_dir(out: Path) -> Path:
+    from accelerate import PartialState
+
+    return out / "cache" / f"teacher-{PartialState().process_index}"
 
 
 def _evaluate(s: Session) -> dict:
@@ -227,6 +238,7 @@ def prune(config: PruneConfig, progress: bool = True) -> dict:
         "status": "complete",
     }
     save_result(s, out, history)
+    shutil.rmtree(out / "cache", ignore_errors=True)  # teacher targets: large, and only for this run
     log.info("saved %d-layer model to %s (removed original layers %s) in %.0fs", history["final_layers"], out,
              history["removed_original"], history["seconds"])
     return history

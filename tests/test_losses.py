@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerprune.losses import LossWeights, joint_loss, kl_loss, mse_loss, topk_kl_loss
+
+
+def test_kl_matches_a_hand_computation():
+    # one token, vocabulary of 2: p_T = (0.5, 0.5), p_S = softmax(0, log 3) = (0.25, 0.75)
+    teacher = torch.zeros(1, 1, 2)
+    student = torch.tensor([[[0.0, math.log(3.0)]]])
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl_loss(student, teacher, torch.ones(1, 1)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_of_identical_logits_is_zero_and_temperature_scales():
+    logits = torch.randn(2, 3, 7)
+    assert kl_loss(logits, logits, torch.ones(2, 3)).item() == pytest.approx(0.0, abs=1e-6)
+    s, t = torch.randn(1, 4, 7), torch.randn(1, 4, 7)
+    ref = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="sum") / 4 * 4
+    assert kl_loss(s, t, torch.ones(1, 4), temperature=2.0).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_mse_matches_a_hand_computation():
+    a = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])
+    b = torch.tensor([[[0.0, 0.0], [0.0, 4.0]]])
+    # token 1: (1 + 4) / 2 = 2.5; token 2: 16 / 2 = 8; mean 5.25
+    assert mse_loss(a, b, torch.ones(1, 2)).item() == pytest.approx(5.25)
+    assert mse_loss(a, b, torch.tensor([[1, 0]])).item() == pytest.approx(2.5)
+
+
+def test_padding_does_not_change_the_loss():
+    s, t = torch.randn(1, 5, 9), torch.randn(1, 5, 9)
+    hs, ht = torch.randn(1, 5, 4), torch.randn(1, 5, 4)
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    s2, hs2 = s.clone(), hs.clone()
+    s2[:, :2], hs2[:, :2] = 1e3, -1e3  # garbage at padded positions
+    w = LossWeights()
+    a = joint_loss(kl_loss(s, t, mask), [hs], [ht], hs, ht, mask, w)
+    b = joint_loss(kl_loss(s2, t, mask), [hs2], [ht], hs2, ht, mask, w)
+    for key in a:
+        assert a[key].item() == pytest.approx(b[key].item(), rel=1e-6)
+
+
+def test_all_masked_batch_gives_zero():
+    s, t = torch.randn(1, 3, 5), torch.randn(1, 3, 5)
+    h = torch.randn(1, 3, 4)
+    mask = torch.zeros(1, 3)
+    terms = joint_loss(kl_loss(s, t, mask), [h], [h + 1], h, h + 1, mask, LossWeights())
+    assert all(v.item() == 0.0 for v in terms.values())
+
+
+def test_joint_loss_weights_each_term():
+    s, t = torch.randn(1, 3, 5), torch.randn(1, 3, 5)
+    hs, ht, fs, ft = torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    mask = torch.ones(1, 3)
+    terms = joint_loss(kl_loss(s, t, mask), [hs], [ht], fs, ft, mask, LossWeights(kl=0.01, mse=2.0, final=3.0))
+    expected = 0.01 * kl_loss(s, t, mask) + 2.0 * mse_loss(hs, ht, mask) + 3.0 * mse_loss(fs, ft, mask)
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_topk_kl_equals_full_kl_when_k_covers_the_vocabulary():
+    s, t = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    values, indices = t.topk(11, dim=-1)
+    full = kl_loss(s, t, torch.ones(2, 3))
+    topk = topk_kl_loss(s, values, indices, t.logsumexp(-1), torch.ones(2, 3))
+    assert topk.item() == pytest.approx(full.item(), rel=1e-5)

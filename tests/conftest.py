@@ -63,7 +63,7 @@ def arch(request):
     return request.param
 
 
-def make_text_file(path, docs: int = 12, words: int = 400, seed: int = 0):
+def make_text_file(path, docs: int = 30, words: int = 150, seed: int = 0):
     import random
 
     rng = random.Random(seed)

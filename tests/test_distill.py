@@ -44,7 +44,7 @@ def test_only_the_neighbours_change_bit_for_bit():
     student = copy.deepcopy(teacher)
     remove_layers(student, [3])
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    log = heal(student, teacher, corpus(), quick(), steps=4, cuts=[3], progress=False)
+    log = heal(student, teacher, corpus(), quick(radius=1), steps=4, cuts=[3], progress=False)
     assert log["trained_layers_current"] == [2, 3]
     layers_prefix = "model.layers."
     for key, value in student.state_dict().items():
@@ -63,7 +63,7 @@ def test_healing_lowers_held_out_kl():
     student = copy.deepcopy(teacher)
     remove_layers(student, [2])
     data = corpus()
-    log = heal(student, teacher, data, quick(steps=30, lr=1e-3, warmup_steps=2), steps=30, cuts=[2],
+    log = heal(student, teacher, data, quick(steps=30, lr=1e-3, warmup_steps=2, radius=1), steps=30, cuts=[2],
                eval_batches=blocks_to_batches(data.blocks["eval"], 4), progress=False)
     assert log["held_out_after"]["kl"] < 0.7 * log["held_out_before"]["kl"]
 

@@ -8,10 +8,11 @@ layers of a model once; the config dataclasses describe a run. The CLI
 from .config import DataConfig, HealConfig, PruneConfig
 from .errors import LayerpruneError
 from .importance import METRICS
-from .pipeline import prune, score
+from .api import evaluate, score
+from .pipeline import prune
 from .surgery import find_layers, original_indices, remove_layers
 from .tasks import TASKS
 
-__all__ = ["DataConfig", "HealConfig", "PruneConfig", "LayerpruneError", "METRICS", "TASKS", "prune", "score",
+__all__ = ["DataConfig", "HealConfig", "PruneConfig", "LayerpruneError", "METRICS", "TASKS", "prune", "score", "evaluate",
            "find_layers", "original_indices", "remove_layers"]
 __version__ = "0.1.0"

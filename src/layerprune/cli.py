@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect-last", type=int, default=0, help="never remove the last N layers (default: 0)")
     p.add_argument("--tasks", default="perplexity,token_accuracy",
                    help=f"comma-separated tasks the quality metric measures on calibration text ({', '.join(TASKS)})")
-    p.add_argument("--eval-tasks", default="perplexity,token_accuracy",
+    p.add_argument("--eval-tasks", default="perplexity,token_accuracy,kl",
                    help="comma-separated tasks evaluated on held-out text after each removal")
+    p.add_argument("--final-tasks", default="perplexity,token_accuracy,kl,continuation,copy,copy_generate",
+                   help="comma-separated tasks of the final report (also mmlu, mc:FILE.jsonl)")
     p.add_argument("--shortlist", type=int, default=None,
                    help="score only the N layers Block Influence ranks lowest with the expensive metric")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -124,6 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a model on held-out tasks (against a teacher)")
+    _common(e)
+    e.add_argument("--teacher", default=None, help="the original model, for kl and quality retained")
+    e.add_argument("--tasks", default="perplexity,token_accuracy,continuation,copy",
+                   help="comma-separated tasks: perplexity, token_accuracy, kl, continuation, copy, copy_generate, "
+                        "mmlu, mc:FILE.jsonl")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--seed", type=int, default=0, help="sample seed of the tasks (default: 0)")
+
+
+def run_eval(args) -> int:
+    import json
+
+    from .api import evaluate
+
+    result = evaluate(args.model, args.teacher, _names(args.tasks), _from_args(args, DataConfig), args.dtype,
+                      args.device, args.seed)
+    teacher = result.get("teacher_tasks", {})
+    print(f"{'task':<16} {'measure':<12} {'model':>10} {'teacher':>10} {'retained':>9}")
+    for task, values in result["tasks"].items():
+        for key, value in values.items():
+            ref = teacher.get(task, {}).get(key)
+            retained = f"{value / ref:9.3f}" if key == "score" and ref else ""
+            print(f"{task:<16} {key:<12} {value:>10.4f} {'' if ref is None else f'{ref:10.4f}':>10} {retained}")
+    if "quality_retained" in result:
+        print(f"quality retained: {result['quality_retained']:.4f}")
+    if args.json:
+        from .pipeline import write_json
+        from pathlib import Path
+
+        write_json(Path(args.json), result)
+    return 0
+
+
 def run_prune(args) -> int:
     from .pipeline import prune
 
@@ -133,6 +170,7 @@ def run_prune(args) -> int:
     config = PruneConfig(out=args.out, model=args.model, metric=args.metric, mode=args.mode,
                          target_layers=args.target_layers, remove=args.remove, protect_first=args.protect_first,
                          protect_last=args.protect_last, tasks=_names(args.tasks), eval_tasks=_names(args.eval_tasks),
+                         final_tasks=_names(args.final_tasks),
                          shortlist=args.shortlist, dtype=args.dtype, device=args.device, seed=args.seed,
                          data=_from_args(args, DataConfig), heal=heal)
     prune(config, progress=not args.quiet)
@@ -140,7 +178,7 @@ def run_prune(args) -> int:
 
 
 def run_score(args) -> int:
-    from .pipeline import score
+    from .api import score
 
     rows = score(args.model, args.metric, _from_args(args, DataConfig), _names(args.tasks), args.dtype, args.device,
                  progress=not args.quiet)
@@ -152,7 +190,7 @@ def run_score(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": run_prune, "score": run_score}
+COMMANDS = {"prune": run_prune, "score": run_score, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

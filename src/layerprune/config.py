@@ -51,11 +51,15 @@ class DataConfig:
 class HealConfig:
     """Healing by distillation from the original teacher after each removal.
 
-    Defaults follow the paper (PAPER.md): KL/100 + MSE on one mapped
-    intermediate layer + MSE on the final hidden state, neighbours of the
-    removed layer trained, AdamW 1e-4, cosine with 8 warm-up steps, weight
-    decay 0.05, clipping 0.3. `steps` is per iteration; the paper trains one
-    epoch of its corpus, which is a budget choice, not part of the method.
+    The loss and optimiser follow the paper (PAPER.md): KL/100 + MSE on one
+    mapped intermediate layer + MSE on the final hidden state, the neighbours
+    of the removed layer trained, AdamW, cosine with 8 warm-up steps, weight
+    decay 0.05, clipping 0.3. Two defaults differ, because the paper trains a
+    whole epoch of its corpus per iteration and we default to a budget of
+    `steps` that fits minutes on a CPU: lr 5e-4 (paper 1e-4) and two
+    neighbours on each side of the cut (paper: the adjacent layers). On
+    SmolLM2 with 30 steps these lowered held-out KL to the teacher by 35%
+    after one removal, against 19% with lr 1e-4 and one neighbour.
     """
 
     method: str = "distill"
@@ -63,7 +67,7 @@ class HealConfig:
     final_steps: int = 0
     batch_size: int = 2
     grad_accum: int = 2
-    lr: float = 1e-4
+    lr: float = 5e-4
     warmup_steps: int = 8
     weight_decay: float = 0.05
     max_grad_norm: float = 0.3
@@ -73,7 +77,7 @@ class HealConfig:
     w_final: float = 1.0
     mse_layers: tuple[int, ...] | None = None
     trainable: str = "neighbours"
-    radius: int = 1
+    radius: int = 2
     lora_r: int = 16
     lora_alpha: int = 32
     teacher_cache: bool = True
@@ -121,7 +125,9 @@ class PruneConfig:
     protect_first: int = 0
     protect_last: int = 0
     tasks: tuple[str, ...] = ("perplexity", "token_accuracy")
-    eval_tasks: tuple[str, ...] = ("perplexity", "token_accuracy")
+    eval_tasks: tuple[str, ...] = ("perplexity", "token_accuracy", "kl")
+    final_tasks: tuple[str, ...] = ("perplexity", "token_accuracy", "kl", "continuation", "copy", "copy_generate")
+    measure_speed: bool = True
     shortlist: int | None = None
     dtype: str = "float32"
     device: str = "auto"
@@ -132,7 +138,7 @@ class PruneConfig:
     def validate(self) -> None:
         """Checks that need no model; depth checks happen once the model is loaded."""
         from .importance import METRICS
-        from .tasks import TASKS
+        from .tasks import check_task_name
 
         if self.metric not in METRICS:
             raise LayerpruneError(f"unknown metric {self.metric!r}", f"use one of {', '.join(METRICS)}")
@@ -141,9 +147,10 @@ class PruneConfig:
         if self.mode == "block" and self.metric not in ("angular", "angular_last", "bi"):
             raise LayerpruneError(f"block mode needs a hidden-state metric, not {self.metric!r}",
                                   "use --metric angular_last (Gromov et al.) or bi with --mode block")
-        for name in (*self.tasks, *self.eval_tasks):
-            if name not in TASKS:
-                raise LayerpruneError(f"unknown task {name!r}", f"use one of {', '.join(TASKS)}")
+        for name in self.tasks:
+            check_task_name(name, for_importance=True)
+        for name in (*self.eval_tasks, *self.final_tasks):
+            check_task_name(name)
         if not self.tasks:
             raise LayerpruneError("no importance tasks given", "name at least one task with --tasks")
         if (self.target_layers is None) == (self.remove is None):
@@ -195,7 +202,7 @@ class PruneConfig:
         heal = dict(d.pop("heal", {}))
         if heal.get("mse_layers") is not None:
             heal["mse_layers"] = tuple(heal["mse_layers"])
-        for key in ("tasks", "eval_tasks"):
+        for key in ("tasks", "eval_tasks", "final_tasks"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(data=data, heal=HealConfig(**heal), **d)

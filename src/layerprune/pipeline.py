@@ -25,6 +25,7 @@ from .errors import LayerpruneError
 from .importance import REMOVAL_METRICS, ScoringContext, score_bi, score_layers, state_distances
 from .importance import angular_distance, block_influence
 from .models import load_model, save_model
+from .speed import measure_speed
 from .surgery import num_layers, original_indices, remove_layers
 from .tasks import TaskData, blocks_to_batches, build_tasks, evaluate_tasks, quality_retained
 
@@ -46,6 +47,7 @@ class Session:
     eval_tasks: list
     teacher_task_scores: dict
     teacher_eval: dict
+    final_tasks: list
     targets: object = None   # TeacherTargets, computed on the first healing
 
 
@@ -58,13 +60,15 @@ def build_session(config: PruneConfig) -> Session:
     bs = config.data.batch_size
     importance_tasks = build_tasks(config.tasks, TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"],
                                                           bs, config.seed))
-    eval_tasks = build_tasks(config.eval_tasks, TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"],
-                                                         bs, config.seed))
+    eval_data = TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"], bs, config.seed)
+    eval_tasks = build_tasks(config.eval_tasks, eval_data)
+    # Built now so that a task the data cannot feed fails before any work, not at the end.
+    final_tasks = build_tasks(dict.fromkeys((*config.eval_tasks, *config.final_tasks)), eval_data)
     teacher_task_scores = evaluate_tasks(teacher, importance_tasks, teacher) if config.metric == "quality" else {}
     teacher_eval = evaluate_tasks(teacher, eval_tasks, teacher)
     student = copy.deepcopy(teacher)
     return Session(config, teacher, student, tokenizer, corpus, importance_tasks, eval_tasks,
-                   teacher_task_scores, teacher_eval)
+                   teacher_task_scores, teacher_eval, final_tasks)
 
 
 def removable(config: PruneConfig, depth: int) -> list[int]:
@@ -197,15 +201,26 @@ def check_output(out: Path) -> None:
         raise LayerpruneError(f"{out} already holds a run", "choose another --out or delete that folder first")
 
 
-def save_result(s: Session, out: Path, history: dict) -> None:
-    """Model files first (via a staging folder), history last: its presence means complete."""
+def save_result(s: Session, out: Path, history: dict, speed: dict) -> None:
+    """Model files and reports first (via a staging folder), history last: its presence means complete."""
+    from .report import write_report
+
     stage = out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
     save_model(s.student, s.tokenizer, stage)
+    write_report(stage, history, speed, write_json)
     for item in stage.iterdir():
         os.replace(item, out / item.name)
     stage.rmdir()
     write_json(out / HISTORY, history)
+
+
+def final_evaluation(s: Session) -> tuple[dict, dict]:
+    """The final model and the teacher on the full held-out task list (per-iteration evaluation
+    runs only the cheap tasks)."""
+    teacher_scores = evaluate_tasks(s.teacher, s.final_tasks, s.teacher)
+    scores = evaluate_tasks(s.student, s.final_tasks, s.teacher)
+    return {"tasks": scores, "quality_retained": quality_retained(scores, teacher_scores)}, teacher_scores
 
 
 def prune(config: PruneConfig, progress: bool = True) -> dict:
@@ -222,7 +237,8 @@ def prune(config: PruneConfig, progress: bool = True) -> dict:
              depth, count, config.metric, config.mode, config.heal.method)
     entries = run_iterations(s, count, progress)
     final_heal = _heal(s, count + 1, config.heal.final_steps, [], progress) if config.heal.final_steps else {}
-    final_eval = _evaluate(s) if final_heal else entries[-1]["eval"]
+    final_eval, teacher_final = final_evaluation(s)
+    speed = {"original": measure_speed(s.teacher), "pruned": measure_speed(s.student)} if config.measure_speed else {}
     history = {
         "config": config.to_dict(),
         "model": config.model or "embedded:SmolLM2-135M-Instruct",
@@ -230,34 +246,16 @@ def prune(config: PruneConfig, progress: bool = True) -> dict:
         "final_layers": num_layers(s.student),
         "removed_original": [layer for e in entries for layer in e["removed_original"]],
         "kept_original": original_indices(s.student),
-        "teacher_eval": s.teacher_eval,
+        "teacher_eval": teacher_final,
         "iterations": entries,
         "final_heal": final_heal,
         "final_eval": final_eval,
         "seconds": time.perf_counter() - started,
         "status": "complete",
     }
-    save_result(s, out, history)
+    save_result(s, out, history, speed)
     shutil.rmtree(out / "cache", ignore_errors=True)  # teacher targets: large, and only for this run
     log.info("saved %d-layer model to %s (removed original layers %s) in %.0fs", history["final_layers"], out,
              history["removed_original"], history["seconds"])
     return history
 
-
-def score(model: str | None = None, metric: str = "bi", data=None, tasks=("perplexity", "token_accuracy"),
-          dtype: str = "float32", device: str = "auto", progress: bool = True) -> list[dict]:
-    """Importance of every layer of a model, once, with original indices: [{layer, current, score}]."""
-    from .config import DataConfig
-
-    config = PruneConfig(out="", model=model, metric=metric, remove=1, tasks=tuple(tasks), dtype=dtype,
-                         device=device, data=data or DataConfig())
-    config.validate()
-    net, tokenizer = load_model(model, dtype, device)
-    corpus = load_corpus(config.data, tokenizer)
-    task_objs = build_tasks(config.tasks, TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"],
-                                                   config.data.batch_size))
-    reference = evaluate_tasks(net, task_objs, net) if metric == "quality" else None
-    ctx = ScoringContext(blocks_to_batches(corpus.blocks["calib"], config.data.batch_size), task_objs, net,
-                         reference, progress=progress)
-    values = score_layers(net, metric, ctx)
-    return [{"layer": o, "current": i, "score": v} for i, (o, v) in enumerate(zip(original_indices(net), values))]

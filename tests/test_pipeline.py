@@ -76,3 +76,20 @@ def test_existing_run_is_not_overwritten(tiny_dir, text_file, tmp_path):
     prune(config(tiny_dir, text_file, out, metric="bi", remove=1), progress=False)
     with pytest.raises(LayerpruneError, match="already holds a run"):
         prune(config(tiny_dir, text_file, out, metric="bi", remove=1), progress=False)
+
+
+def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "o"
+    history = prune(config(tiny_dir, text_file, out, remove=2, heal=QUICK_HEAL), progress=False)
+    for name in ("report.md", "report.json", "README.md", "importance_heatmap.png", "quality_retained.png",
+                 "heal_loss.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert report["removed_original"] == history["removed_original"]
+    assert [n for n, _ in report["quality_curve"]] == [0, 1, 2]
+    assert set(report["speed"]) == {"original", "pruned"}
+    assert report["speed"]["pruned"]["prefill_tokens_per_s"] > 0
+    assert set(report["final_eval"]) >= {"perplexity", "kl", "continuation", "copy", "copy_generate"}
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and '"metric": "quality"' in card
+    assert (out / "importance_heatmap.png").read_bytes()[:4] == b"\x89PNG"

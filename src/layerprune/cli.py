@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save the result",
                        description="Score every layer, remove the least important, heal, repeat.")
     _common(p)
-    p.add_argument("--out", required=True, help="output folder (must not hold a run already)")
+    p.add_argument("--out", required=True,
+                   help="output folder; an unfinished run of the same options there is continued")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out (an error if none)")
+    p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--metric", default="quality", help=f"importance metric: {', '.join(METRICS)} (default: quality)")
     p.add_argument("--mode", default="iterative",
                    help="iterative (re-score after each removal), one-shot (score once, remove the lowest; "
@@ -209,7 +212,7 @@ def run_prune(args) -> int:
                          final_tasks=_names(args.final_tasks),
                          shortlist=args.shortlist, dtype=args.dtype, device=args.device, seed=args.seed,
                          data=_from_args(args, DataConfig), heal=heal)
-    prune(config, progress=not args.quiet)
+    prune(config, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .activations import capture, injected, prefix_state
 from .config import HealConfig
 from .errors import LayerpruneError
+from .faults import crash_point
 from .losses import LossWeights, joint_loss, kl_loss, topk_kl_loss
 from .surgery import find_layers, num_layers, original_indices
 from .targets import TeacherTargets
@@ -210,6 +211,7 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
                 sums[key] += terms[key].detach().item() / config.grad_accum
         rows.append({"iteration": iteration, "step": step, "lr": scheduler.get_last_lr()[0], **sums})
         bar.update(1)
+        crash_point("healing")
         if step % config.log_every == 0 or step == steps:
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
     bar.close()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .activations import layer_states, run_from
+from .faults import crash_point
 from .surgery import layer_view, num_layers
 from .tasks import Batch, Task, _to, add_stats, forward_logits, group_by_batches, nll_stats, perplexity_summary, quality_retained
 
@@ -124,6 +125,7 @@ def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher
                     for task in group:
                         add_stats(per_candidate[i][task.name], task.stats(logits, batch, teacher_logits))
                     bar.update(1)
+                    crash_point("scoring")
     return current, per_candidate
 
 

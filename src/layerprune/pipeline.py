@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .config import PruneConfig
 from .data import Corpus, load_corpus
 from .errors import LayerpruneError
+from .faults import crash_point
 from .importance import REMOVAL_METRICS, ScoringContext, score_bi, score_layers, state_distances
 from .importance import angular_distance, block_influence
 from .models import load_model, save_model
@@ -148,11 +150,13 @@ def _log_iteration(s: Session, entry: dict, total: int) -> None:
              entry["eval"]["quality_retained"], ppl_text, sum(entry["timings"].values()))
 
 
-def run_iterations(s: Session, count: int, progress: bool = True) -> list[dict]:
-    """The removal loop for the configured mode; returns one history entry per removal step."""
-    config, entries = s.config, []
+def run_iterations(s: Session, count: int, progress: bool = True, done: list[dict] | None = None,
+                   on_entry=None) -> list[dict]:
+    """The removal loop for the configured mode; returns one history entry per removal step.
+    `done` holds the entries of a resumed run; `on_entry(entries)` runs after each iteration."""
+    config, entries = s.config, list(done or [])
     if config.mode == "iterative":
-        for iteration in range(1, count + 1):
+        for iteration in range(len(entries) + 1, count + 1):
             t0 = time.perf_counter()
             candidates = removable(config, num_layers(s.student))
             scores, extra = score_current(s, candidates, progress)
@@ -160,6 +164,8 @@ def run_iterations(s: Session, count: int, progress: bool = True) -> list[dict]:
             entry = _record(s, iteration, scores, [drop], {"score_s": time.perf_counter() - t0}, extra, progress)
             entries.append(entry)
             _log_iteration(s, entry, count)
+            if on_entry is not None:
+                on_entry(entries)
         return entries
     t0 = time.perf_counter()
     depth = num_layers(s.student)
@@ -197,8 +203,8 @@ def write_json(path: Path, data) -> None:
 def check_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise LayerpruneError(f"--out {out} is a file", "give a folder path")
-    if (out / HISTORY).exists() or (out / "config.json").exists():
-        raise LayerpruneError(f"{out} already holds a run", "choose another --out or delete that folder first")
+    if (out / HISTORY).exists():  # written last: it alone marks a finished run
+        raise LayerpruneError(f"{out} already holds a finished run", "choose another --out, or pass --overwrite")
 
 
 def save_result(s: Session, out: Path, history: dict, speed: dict) -> None:
@@ -211,6 +217,7 @@ def save_result(s: Session, out: Path, history: dict, speed: dict) -> None:
     write_report(stage, history, speed, write_json)
     for item in stage.iterdir():
         os.replace(item, out / item.name)
+        crash_point("final")
     stage.rmdir()
     write_json(out / HISTORY, history)
 
@@ -223,19 +230,48 @@ def final_evaluation(s: Session) -> tuple[dict, dict]:
     return {"tasks": scores, "quality_retained": quality_retained(scores, teacher_scores)}, teacher_scores
 
 
-def prune(config: PruneConfig, progress: bool = True) -> dict:
-    """Run a whole pruning job and write the output folder; returns the history."""
+def _json_form(config: PruneConfig) -> dict:
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def resume_point(config: PruneConfig, out: Path, resume: bool, overwrite: bool) -> tuple[Path | None, list[dict]]:
+    """Decide between a fresh start and a resume; refuse to mix runs."""
+    if overwrite and out.exists():
+        if any(out.iterdir()) and not ((out / HISTORY).exists() or checkpoint.find_checkpoint(out) or
+                                       (out / "logs").exists()):
+            raise LayerpruneError(f"--overwrite refuses to empty {out}: it does not hold a layerprune run",
+                                  "give --out a new or layerprune-made folder")
+        shutil.rmtree(out)
+    check_output(out)
+    folder = checkpoint.find_checkpoint(out) if out.exists() else None
+    if folder is None:
+        if resume:
+            raise LayerpruneError(f"there is no unfinished run to resume in {out}", "run without --resume")
+        return None, []
+    state = checkpoint.read_state(folder)
+    if state["config"] != _json_form(config):
+        raise LayerpruneError(f"{out} holds an unfinished run with a different configuration",
+                              "rerun with the same options to continue it, or pass --overwrite to start afresh")
+    return folder, state["entries"]
+
+
+def prune(config: PruneConfig, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run a whole pruning job and write the output folder; returns the history. An unfinished run
+    of the same configuration in `config.out` is continued from its last checkpoint."""
     config.validate()
     out = Path(config.out)
-    check_output(out)
+    folder, done = resume_point(config, out, resume, overwrite)
     started = time.perf_counter()
     s = build_session(config)
+    if folder is not None:
+        checkpoint.restore_student(s.student, folder, done)
     out.mkdir(parents=True, exist_ok=True)
     depth = num_layers(s.teacher)
     count = config.layers_to_remove(depth)
     log.info("%s: %d layers, removing %d by %s (%s), healing: %s", config.model or "SmolLM2-135M-Instruct (default)",
              depth, count, config.metric, config.mode, config.heal.method)
-    entries = run_iterations(s, count, progress)
+    entries = run_iterations(s, count, progress, done,
+                             lambda entries: checkpoint.save_checkpoint(out, _json_form(config), entries, s.student))
     final_heal = _heal(s, count + 1, config.heal.final_steps, [], progress) if config.heal.final_steps else {}
     final_eval, teacher_final = final_evaluation(s)
     speed = {"original": measure_speed(s.teacher), "pruned": measure_speed(s.student)} if config.measure_speed else {}
@@ -255,6 +291,7 @@ def prune(config: PruneConfig, progress: bool = True) -> dict:
     }
     save_result(s, out, history, speed)
     shutil.rmtree(out / "cache", ignore_errors=True)  # teacher targets: large, and only for this run
+    checkpoint.clear(out)
     log.info("saved %d-layer model to %s (removed original layers %s) in %.0fs", history["final_layers"], out,
              history["removed_original"], history["seconds"])
     return history

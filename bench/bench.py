@@ -1,0 +1,188 @@
+"""Side-by-side benchmarks on SmolLM2-135M (the embedded default), 2 CPU cores or a GPU.
+
+Each figure is printed next to its straightforward counterpart from the same run, with the
+ratio; every phase runs in its own process so that its peak memory (RSS) is its own.
+
+    python bench/bench.py                  # everything, about 10 minutes on 2 cores
+    python bench/bench.py --phases scoring # one phase
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def setup(calib_blocks=16, train_blocks=32, seq_len=256):
+    from layerprune.config import DataConfig
+    from layerprune.data import load_corpus
+    from layerprune.models import load_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(None, "float32", "auto")
+    corpus = load_corpus(DataConfig(seq_len=seq_len, calib_blocks=calib_blocks, train_blocks=train_blocks,
+                                    eval_blocks=4), tokenizer)
+    return model, tokenizer, corpus
+
+
+def phase_scoring(args) -> dict:
+    """One `quality` round (perplexity + token accuracy) with and without prefix reuse."""
+    from layerprune.importance import candidate_stats
+    from layerprune.surgery import num_layers
+    from layerprune.tasks import TaskData, build_tasks, forward_logits
+
+    model, tokenizer, corpus = setup(calib_blocks=args.calib_blocks)
+    data = TaskData(tokenizer, corpus.blocks["calib"], [], 4)
+    tasks = build_tasks(["perplexity", "token_accuracy"], data)
+    depth = num_layers(model)
+    candidates = list(range(depth))
+    timings, stats = {}, {}
+    for name, reuse in (("straightforward", False), ("prefix reuse", True)):
+        start = time.perf_counter()
+        stats[name] = candidate_stats(model, tasks, candidates, reuse_prefix=reuse, progress=False)[1]
+        timings[name] = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in data.block_batches:
+            forward_logits(model, batch)
+    plain = time.perf_counter() - start
+    diff = max(abs(stats["straightforward"][i][t][k] / stats["straightforward"][i][t]["tokens"]
+                   - stats["prefix reuse"][i][t][k] / stats["prefix reuse"][i][t]["tokens"])
+               for i in candidates for t in stats["straightforward"][i] for k in stats["straightforward"][i][t])
+    batches = len(data.block_batches)
+    passes = {"straightforward": batches * (depth + depth * (depth - 1)),
+              "prefix reuse": batches * (depth + depth * (depth - 1) // 2)}
+    return {
+        "calibration": f"{args.calib_blocks} x 256 tokens, {depth} candidates",
+        "round_s": timings, "speedup": timings["straightforward"] / timings["prefix reuse"],
+        "max_abs_diff_per_token_stat": diff,
+        "layer_passes_per_s": {k: passes[k] / timings[k] for k in timings},
+        "plain_forward_layer_passes_per_s": batches * depth / plain,
+    }
+
+
+def _heal_run(model, corpus, targets, steps, topk, tmp):
+    from layerprune.config import HealConfig
+    from layerprune.distill import heal
+    from layerprune.surgery import remove_layers
+
+    student = copy.deepcopy(model)
+    remove_layers(student, [17])
+    config = HealConfig(steps=steps, batch_size=2, grad_accum=2, teacher_topk=topk)
+    start = time.perf_counter()
+    log = heal(student, model, corpus, config, steps=steps, cuts=[17], targets=targets, progress=False)
+    return time.perf_counter() - start, log
+
+
+def phase_healing(args) -> dict:
+    """Healing steps: teacher + full student every step, against cached targets + frozen prefix."""
+    from layerprune.targets import compute_targets
+
+    model, _, corpus = setup(train_blocks=args.train_blocks)
+    tokens = args.heal_steps * 2 * 2 * 256
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        targets = compute_targets(model, corpus.blocks["train"], f"{tmp}/t", 256, progress=False)
+        targets_s = time.perf_counter() - start
+        straight_s, straight = _heal_run(model, corpus, None, args.heal_steps, 256, tmp)
+        cached_s, cached = _heal_run(model, corpus, targets, args.heal_steps, 256, tmp)
+        # exactness: the whole vocabulary in the cache, on few blocks (the cache is then large)
+        small = copy.copy(corpus)
+        small.blocks = {**corpus.blocks, "train": corpus.blocks["train"][:4]}
+        vocab = model.get_output_embeddings().weight.shape[0]
+        full = compute_targets(model, small.blocks["train"], f"{tmp}/full", vocab, progress=False)
+        _, exact_cached = _heal_run(model, small, full, 2, vocab, tmp)
+        _, exact_straight = _heal_run(model, small, None, 2, vocab, tmp)
+    diff = max(abs(a[k] - b[k]) for a, b in zip(exact_cached["rows"], exact_straight["rows"])
+               for k in ("loss", "kl", "mse", "final_mse"))
+    topk_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(cached["rows"], straight["rows"]))
+    return {
+        "steps": f"{args.heal_steps} steps x 2 x 2 blocks of 256 tokens, layers around original 17 trained",
+        "tokens_per_s": {"straightforward": tokens / straight_s, "cached targets + frozen prefix": tokens / cached_s},
+        "speedup": straight_s / cached_s,
+        "teacher_targets_once_s": targets_s,
+        "max_loss_diff_full_vocab": diff,
+        "max_loss_diff_top256": topk_diff,
+    }
+
+
+def phase_shortlist(args) -> dict:
+    """Full `quality` search against a BI shortlist of M layers, over several removals."""
+    from layerprune.importance import ScoringContext, score_bi, score_quality
+    from layerprune.surgery import remove_layers
+    from layerprune.tasks import TaskData, build_tasks, evaluate_tasks
+
+    model, tokenizer, corpus = setup(calib_blocks=args.calib_blocks)
+    data = TaskData(tokenizer, corpus.blocks["calib"], [], 4)
+    tasks = build_tasks(["perplexity", "token_accuracy"], data)
+    reference = evaluate_tasks(model, tasks, model)
+    student = copy.deepcopy(model)
+    same, rows, full_s, short_s = 0, [], 0.0, 0.0
+    for _ in range(args.iterations):
+        ctx = ScoringContext(data.block_batches, tasks, model, reference, progress=False)
+        start = time.perf_counter()
+        full = score_quality(student, ctx)
+        full_s += time.perf_counter() - start
+        start = time.perf_counter()
+        bi = score_bi(student, ctx)
+        ctx.candidates = sorted(sorted(range(len(bi)), key=bi.__getitem__)[:args.shortlist])
+        short = score_quality(student, ctx)
+        short_s += time.perf_counter() - start
+        pick_full = min(range(len(full)), key=full.__getitem__)
+        pick_short = min(ctx.candidates, key=short.__getitem__)
+        same += pick_full == pick_short
+        rows.append({"full": pick_full, "shortlist": pick_short})
+        remove_layers(student, [pick_full])
+    return {"shortlist_size": args.shortlist, "iterations": args.iterations, "same_choice": same,
+            "choices_current_index": rows, "round_s": {"full": full_s / args.iterations,
+                                                        "shortlist": short_s / args.iterations},
+            "speedup": full_s / short_s}
+
+
+PHASES = {"scoring": phase_scoring, "healing": phase_healing, "shortlist": phase_shortlist}
+
+
+def _child(name, args, queue):
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    result = PHASES[name](args)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--calib-blocks", type=int, default=16)
+    parser.add_argument("--train-blocks", type=int, default=32)
+    parser.add_argument("--heal-steps", type=int, default=6)
+    parser.add_argument("--shortlist", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    results = {}
+    ctx = mp.get_context("spawn")
+    for name in args.phases.split(","):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(name, args, queue))
+        proc.start()
+        results[name] = queue.get()
+        proc.join()
+        print(f"== {name}")
+        print(json.dumps(results[name], indent=2))
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Kill a run with SIGKILL at several moments, run the same command again: it must end exactly
+where an uninterrupted run ends (same removed layers, same final weights on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from layerprune import DataConfig, HealConfig, PruneConfig, prune
+from layerprune.errors import LayerpruneError
+
+
+def command(tiny_dir, text_file, out):
+    return [sys.executable, "-m", "layerprune", "prune", "--model", str(tiny_dir), "--data", str(text_file),
+            "--out", str(out), "--device", "cpu", "--remove", "3", "--seq-len", "32", "--calib-blocks", "2",
+            "--train-blocks", "8", "--eval-blocks", "2", "--heal-steps", "3", "--heal-grad-accum", "1",
+            "--final-tasks", "perplexity", "--quiet"]
+
+
+def run(argv, kill_at=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LAYERPRUNE_KILL_AT", None)
+    if kill_at:
+        env["LAYERPRUNE_KILL_AT"] = kill_at
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    import conftest
+
+    root = tmp_path_factory.mktemp("ref")
+    tiny_dir = conftest.save_tiny(root / "tiny")
+    text_file = conftest.make_text_file(root / "corpus.txt")
+    out = root / "out"
+    assert run(command(tiny_dir, text_file, out)).returncode == 0
+    return tiny_dir, text_file, out
+
+
+# scoring rounds pass 6 + 5 + 4 candidates (one batch each); healings run 3 steps each
+KILLS = ["scoring:3", "healing:2", "checkpoint:1", "scoring:9", "healing:5", "checkpoint:3", "final:2"]
+
+
+@pytest.mark.parametrize("kill_at", KILLS)
+def test_killed_run_resumes_to_the_same_result(reference, tmp_path, kill_at):
+    tiny_dir, text_file, ref_out = reference
+    out = tmp_path / "out"
+    killed = run(command(tiny_dir, text_file, out), kill_at)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (out / "history.json").exists()
+    resumed = run(command(tiny_dir, text_file, out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref = json.loads((ref_out / "history.json").read_text())
+    got = json.loads((out / "history.json").read_text())
+    assert got["removed_original"] == ref["removed_original"]
+    a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert not (out / "checkpoint").exists()
+
+
+def test_different_configuration_is_refused_and_overwrite_starts_afresh(reference, tmp_path):
+    tiny_dir, text_file, _ = reference
+    out = tmp_path / "out"
+    assert run(command(tiny_dir, text_file, out), "healing:5").returncode == -9  # after the first checkpoint
+    other = command(tiny_dir, text_file, out)
+    other[other.index("--heal-steps") + 1] = "4"
+    refused = run(other)
+    assert refused.returncode == 2 and "different configuration" in refused.stderr
+    assert run(other + ["--overwrite"]).returncode == 0
+
+
+def test_resume_without_a_run_is_refused(tiny_dir, text_file, tmp_path):
+    config = PruneConfig(out=str(tmp_path / "o"), model=str(tiny_dir), remove=1, metric="bi", device="cpu",
+                         data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=2, train_blocks=2,
+                                         eval_blocks=2), heal=HealConfig(method="none"))
+    with pytest.raises(LayerpruneError, match="no unfinished run"):
+        prune(config, progress=False, resume=True)

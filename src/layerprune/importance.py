@@ -21,9 +21,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .activations import layer_states, run_from
+from .errors import LayerpruneError
 from .faults import crash_point
 from .surgery import layer_view, num_layers
 from .tasks import Batch, Task, _to, add_stats, forward_logits, group_by_batches, nll_stats, perplexity_summary, quality_retained
+
+class NonFiniteError(LayerpruneError):
+    pass
+
 
 # ---------------------------------------------------------------- pure math
 
@@ -79,6 +84,9 @@ def state_distances(model, batches: list[Batch], distance: Callable, span: int =
         states, _ = layer_states(model, batch.input_ids, batch.attention_mask)
         for l in range(depth - span + 1):
             totals[l] += distance(states[l], states[l + span], batch.attention_mask).item()
+    if not torch.isfinite(totals).all():
+        raise NonFiniteError("hidden states are not finite while scoring layers",
+                             "the model is broken; check its weights, or use float32")
     return (totals / len(batches)).tolist()
 
 
@@ -135,6 +143,9 @@ def _removal_scores(model, ctx: ScoringContext, tasks: list[Task], value: Callab
     candidates = list(range(depth)) if ctx.candidates is None else list(ctx.candidates)
     current, per_candidate = candidate_stats(model, tasks, candidates, ctx.teacher, ctx.reuse_prefix, ctx.progress)
     base = value({t.name: t.summary(current[t.name]) for t in tasks})
+    if not math.isfinite(base):
+        raise NonFiniteError(f"the current model's outputs are not finite ({base}) while scoring layers",
+                             "the model is broken; check its weights, or use float32")
     scores = [float("nan")] * depth
     for i in candidates:
         scores[i] = base - value({t.name: t.summary(per_candidate[i][t.name]) for t in tasks})

@@ -115,7 +115,7 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto"):
                                   "point --model at the folder that holds config.json and the weights")
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         raise LayerpruneError(f"cannot read a model config from {name!r} ({first_line(err)})",
                               "give a local HF folder, a .gguf file, or a hub id reachable from this machine") from err
     try:
@@ -125,7 +125,7 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto"):
             raise LayerpruneError(f"{name!r} ({config.model_type}) is not a causal language model",
                                   "give a decoder-only model such as Llama, Qwen, Mistral, Gemma or Phi") from err
         raise LayerpruneError(f"cannot load {name!r}: {first_line(err)}", "check the model files") from err
-    except OSError as err:
+    except Exception as err:  # safetensors, torch and OS errors for missing or corrupt weight files
         raise LayerpruneError(f"cannot load the weights of {name!r}: {first_line(err)}",
                               "check that the folder holds complete weight files") from err
     if getattr(model, "hf_quantizer", None) is not None and kwargs.get("gguf_file"):

@@ -213,8 +213,14 @@ def save_result(s: Session, out: Path, history: dict, speed: dict) -> None:
 
     stage = out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
-    save_model(s.student, s.tokenizer, stage)
-    write_report(stage, history, speed, write_json)
+    try:
+        save_model(s.student, s.tokenizer, stage)
+        write_report(stage, history, speed, write_json)
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise LayerpruneError(f"cannot write the result into {out} ({err.strerror or err})",
+                              "free disk space or choose another --out, then rerun the same command: "
+                              "it resumes from the last checkpoint") from err
     for item in stage.iterdir():
         os.replace(item, out / item.name)
         crash_point("final")

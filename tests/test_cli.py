@@ -23,9 +23,9 @@ def common(tiny_dir, text_file, out):
             "--quiet"]
 
 
-@pytest.fixture
-def seq2seq_dir(tmp_path):
-    path = tmp_path / "t5"
+@pytest.fixture(scope="module")
+def seq2seq_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("t5") / "t5"
     T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=16, d_ff=32, num_layers=1, num_heads=2,
                                         d_kv=8)).save_pretrained(path)
     hf_char_tokenizer().save_pretrained(path)
@@ -81,6 +81,7 @@ def bad_cases(tiny_dir, text_file, tmp_path, seq2seq_dir):
         "unknown trainable set": (["--trainable", "everything"], "unknown trainable set"),
         "missing mc file": (["--final-tasks", "mc:" + str(tmp_path / "q.jsonl")], "does not exist"),
         "out is a file": (["--out", write("file-out", "x")], "is a file"),
+        "lm-eval task not available offline": (["--final-tasks", "lm_eval:no_such_task"], "not available here"),
         "resume with nothing": (["--resume"], "no unfinished run"),
     }
 
@@ -91,6 +92,7 @@ CASES = ["missing model", "folder without config", "corrupt config", "corrupt we
          "jsonl without the field", "data folder", "missing data file", "unknown data type", "unknown metric",
          "unknown task", "generative importance task", "unknown mode", "zero seq len", "negative lr",
          "all loss weights zero", "unknown trainable set", "missing mc file", "out is a file",
+         "lm-eval task not available offline",
          "resume with nothing"]
 
 

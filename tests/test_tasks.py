@@ -101,3 +101,23 @@ def test_task_names_are_checked():
 def test_perplexity_summary_scale():
     s = perplexity_summary({"nll_sum": 2.0, "tokens": 1.0})
     assert s["perplexity"] == pytest.approx(7.389, rel=1e-3) and s["score"] == pytest.approx(1 / 7.389, rel=1e-3)
+
+
+def test_lm_eval_task_from_local_files(tmp_path):
+    from conftest import hf_char_tokenizer
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"is {i} even?", "choices": [" yes", " no"], "answer": i % 2})
+                              for i in range(6)))
+    (tmp_path / "task.yaml").write_text(
+        "task: layerprune_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    model = tiny_model("llama")
+    ctx = TaskData(hf_char_tokenizer(), torch.zeros(1, 4, dtype=torch.long), [], 4)
+    task = build_tasks([f"lm_eval:layerprune_tiny_mc@{tmp_path}"], ctx)[0]
+    scores = evaluate_tasks(model, [task], model)[task.name]
+    assert 0.0 <= scores["score"] <= 1.0 and scores["acc"] == scores["score"]
+    with pytest.raises(LayerpruneError, match="not available here"):
+        build_tasks(["lm_eval:no_such_task_anywhere"], ctx)

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import choice_tasks
+from . import choice_tasks, lm_eval_tasks
 from .batches import Batch, Task, blocks_to_batches
 from .errors import LayerpruneError
 
@@ -108,9 +108,11 @@ TASKS: dict[str, Callable[[TaskData], Task]] = {
 # Tasks that take an argument after a colon: "mc:questions.jsonl".
 PARAMETRIC_TASKS: dict[str, Callable[[TaskData, str], Task]] = {
     "mc": choice_tasks.build_mc,
+    "lm_eval": lm_eval_tasks.build_lm_eval,
 }
-# Tasks that generate, so they cannot score importance from one forward pass.
-GENERATIVE_TASKS = ("copy_generate",)
+# Tasks that run whole (generate, or go through lm-eval), so they cannot score importance from
+# one forward pass.
+GENERATIVE_TASKS = ("copy_generate", "lm_eval")
 
 
 def check_task_name(name: str, for_importance: bool = False) -> None:

@@ -93,3 +93,14 @@ def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
     card = (out / "README.md").read_text()
     assert "base_model:" in card and '"metric": "quality"' in card
     assert (out / "importance_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nan_in_the_model_stops_with_the_iteration_named(tiny_dir, text_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tiny_dir / "model.safetensors"))
+    weights["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(tiny_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LayerpruneError, match="iteration 1: .*not finite"):
+        prune(config(tiny_dir, text_file, tmp_path / "o", remove=1), progress=False)
+    assert not (tmp_path / "o" / "history.json").exists()

@@ -24,7 +24,7 @@ from .config import PruneConfig
 from .data import Corpus, load_corpus
 from .errors import LayerpruneError
 from .faults import crash_point
-from .importance import REMOVAL_METRICS, ScoringContext, score_bi, score_layers, state_distances
+from .importance import REMOVAL_METRICS, NonFiniteError, ScoringContext, score_bi, score_layers, state_distances
 from .importance import angular_distance, block_influence
 from .models import load_model, save_model
 from .speed import measure_speed
@@ -159,7 +159,11 @@ def run_iterations(s: Session, count: int, progress: bool = True, done: list[dic
         for iteration in range(len(entries) + 1, count + 1):
             t0 = time.perf_counter()
             candidates = removable(config, num_layers(s.student))
-            scores, extra = score_current(s, candidates, progress)
+            try:
+                scores, extra = score_current(s, candidates, progress)
+            except NonFiniteError as err:
+                raise NonFiniteError(f"iteration {iteration}: {err.problem}; the last checkpoint holds the state "
+                                     f"before it", err.fix) from err
             drop = min((i for i in candidates if scores[i] == scores[i]), key=lambda i: scores[i])
             entry = _record(s, iteration, scores, [drop], {"score_s": time.perf_counter() - t0}, extra, progress)
             entries.append(entry)

@@ -20,7 +20,7 @@ def common(tiny_dir, text_file, out):
     """Later flags override earlier ones (argparse keeps the last), so cases can replace any of these."""
     return ["prune", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--device", "cpu",
             "--seq-len", "32", "--calib-blocks", "2", "--train-blocks", "2", "--eval-blocks", "2", "--heal", "none",
-            "--quiet"]
+            "--final-tasks", "perplexity", "--no-speed", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ QUICK_HEAL = HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1)
 
 def config(tiny_dir, text_file, out, **kw):
     base = dict(out=str(out), model=str(tiny_dir), data=DataConfig(source=str(text_file), **DATA), heal=NO_HEAL,
-                device="cpu")
+                device="cpu", final_tasks=("perplexity",), measure_speed=False)
     return PruneConfig(**{**base, **kw})
 
 
@@ -74,13 +74,14 @@ def test_same_seed_same_result(tiny_dir, text_file, tmp_path):
 def test_existing_run_is_not_overwritten(tiny_dir, text_file, tmp_path):
     out = tmp_path / "o"
     prune(config(tiny_dir, text_file, out, metric="bi", remove=1), progress=False)
-    with pytest.raises(LayerpruneError, match="already holds a run"):
+    with pytest.raises(LayerpruneError, match="already holds a finished run"):
         prune(config(tiny_dir, text_file, out, metric="bi", remove=1), progress=False)
 
 
 def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
     out = tmp_path / "o"
-    history = prune(config(tiny_dir, text_file, out, remove=2, heal=QUICK_HEAL), progress=False)
+    history = prune(config(tiny_dir, text_file, out, remove=2, heal=QUICK_HEAL, measure_speed=True,
+                           final_tasks=PruneConfig.final_tasks), progress=False)
     for name in ("report.md", "report.json", "README.md", "importance_heatmap.png", "quality_retained.png",
                  "heal_loss.png"):
         assert (out / name).stat().st_size > 0, name

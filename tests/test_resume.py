@@ -17,7 +17,7 @@ def command(tiny_dir, text_file, out):
     return [sys.executable, "-m", "layerprune", "prune", "--model", str(tiny_dir), "--data", str(text_file),
             "--out", str(out), "--device", "cpu", "--remove", "3", "--seq-len", "32", "--calib-blocks", "2",
             "--train-blocks", "8", "--eval-blocks", "2", "--heal-steps", "3", "--heal-grad-accum", "1",
-            "--final-tasks", "perplexity", "--quiet"]
+            "--final-tasks", "perplexity", "--no-speed", "--quiet"]
 
 
 def run(argv, kill_at=None):

@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated tasks evaluated on held-out text after each removal")
     p.add_argument("--final-tasks", default="perplexity,token_accuracy,kl,continuation,copy,copy_generate",
                    help="comma-separated tasks of the final report (also mmlu, mc:FILE.jsonl)")
+    p.add_argument("--no-speed", action="store_true", help="skip measuring prefill/decode speed for the report")
     p.add_argument("--shortlist", type=int, default=None,
                    help="score only the N layers Block Influence ranks lowest with the expensive metric")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -209,7 +210,7 @@ def run_prune(args) -> int:
     config = PruneConfig(out=args.out, model=args.model, metric=args.metric, mode=args.mode,
                          target_layers=args.target_layers, remove=args.remove, protect_first=args.protect_first,
                          protect_last=args.protect_last, tasks=_names(args.tasks), eval_tasks=_names(args.eval_tasks),
-                         final_tasks=_names(args.final_tasks),
+                         final_tasks=_names(args.final_tasks), measure_speed=not args.no_speed,
                          shortlist=args.shortlist, dtype=args.dtype, device=args.device, seed=args.seed,
                          data=_from_args(args, DataConfig), heal=heal)
     prune(config, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)

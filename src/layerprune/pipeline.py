@@ -100,10 +100,17 @@ def _heal(s: Session, iteration: int, steps: int, dropped: list[int], progress: 
     if s.config.heal.teacher_cache and s.targets is None:
         s.targets = compute_targets(s.teacher, s.corpus.blocks["train"], teacher_cache_dir(Path(s.config.out)),
                                     s.config.heal.teacher_topk, s.config.data.batch_size, progress)
-    return heal(s.student, s.teacher, s.corpus, s.config.heal, steps=steps, seed=s.config.seed + iteration,
-                cuts=cut_positions(dropped), eval_batches=blocks_to_batches(s.corpus.blocks["eval"],
-                                                                            s.config.data.batch_size),
-                log_dir=Path(s.config.out) / "logs", iteration=iteration, targets=s.targets, progress=progress)
+    before = _evaluate(s)
+    log = heal(s.student, s.teacher, s.corpus, s.config.heal, steps=steps, seed=s.config.seed + iteration,
+               cuts=cut_positions(dropped), log_dir=Path(s.config.out) / "logs", iteration=iteration,
+               targets=s.targets, progress=progress)
+    return {**log, "held_out_before": _kl_and_ppl(before)}
+
+
+def _kl_and_ppl(evaluation: dict) -> dict:
+    tasks = evaluation["tasks"]
+    picked = {"kl": tasks.get("kl", {}).get("kl"), "perplexity": tasks.get("perplexity", {}).get("perplexity")}
+    return {key: value for key, value in picked.items() if value is not None}
 
 
 def teacher_cache_dir(out: Path) -> Path:
@@ -127,6 +134,8 @@ def _record(s: Session, iteration: int, scores: list[float], drop: list[int], ti
     t0 = time.perf_counter()
     evaluation = _evaluate(s)
     timings["eval_s"] = time.perf_counter() - t0
+    if heal_log:
+        heal_log["held_out_after"] = _kl_and_ppl(evaluation)
     return {
         "iteration": iteration,
         "scores": {str(originals[i]): (None if score != score else score) for i, score in enumerate(scores)},

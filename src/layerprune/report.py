@@ -142,7 +142,7 @@ def markdown(rep: dict, history: dict, plots: dict) -> str:
     for e in history["iterations"]:
         heal = e.get("heal") or {}
         kl = (f"{heal['held_out_before']['kl']:.4f} -> {heal['held_out_after']['kl']:.4f}"
-              if heal.get("held_out_before") else "-")
+              if "kl" in heal.get("held_out_before", {}) else "-")
         lines.append(f"| {e['iteration']} | {e['removed_original']} | {e['layers_after']} | "
                      f"{e['eval']['quality_retained']:.3f} | {kl} | {sum(e['timings'].values()):.0f} |")
     if speed:

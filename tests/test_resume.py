@@ -78,3 +78,26 @@ def test_resume_without_a_run_is_refused(tiny_dir, text_file, tmp_path):
                                          eval_blocks=2), heal=HealConfig(method="none"))
     with pytest.raises(LayerpruneError, match="no unfinished run"):
         prune(config, progress=False, resume=True)
+
+
+def test_checkpoint_round_trip_with_tied_embeddings(tmp_path):
+    import torch
+
+    from conftest import tiny_model
+    from layerprune.checkpoint import find_checkpoint, restore_student, save_checkpoint
+    from layerprune.surgery import remove_layers
+
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    student = tiny_model("llama")
+    student.config.tie_word_embeddings = True
+    student.tie_weights()
+    remove_layers(student, [2])
+    with torch.no_grad():
+        student.model.embed_tokens.weight.add_(1.0)
+    save_checkpoint(tmp_path, {"x": 1}, [{"removed_current": [2], "removed_original": [2]}], student)
+    restore_student(model, find_checkpoint(tmp_path), [{"removed_current": [2], "removed_original": [2]}])
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 from .errors import LayerpruneError
 from .faults import crash_point
@@ -41,8 +41,7 @@ def save_checkpoint(out: Path, config: dict, entries: list[dict], student) -> No
     tmp, final, old = out / f".{FOLDER}.tmp", out / FOLDER, out / f".{FOLDER}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    save_file(state, str(tmp / "student.safetensors"))
+    save_model(student, str(tmp / "student.safetensors"))  # handles tied embeddings
     with open(tmp / "state.json", "w", encoding="utf-8") as handle:
         json.dump({"config": config, "entries": entries}, handle)
         handle.flush()
@@ -80,8 +79,8 @@ def restore_student(student, folder: Path, entries: list[dict]) -> None:
     """Replay the recorded removals on a copy of the original, then load the saved weights."""
     for entry in entries:
         remove_layers(student, entry["removed_current"])
-    student.load_state_dict(load_file(str(folder / "student.safetensors"), device=str(
-        next(student.parameters()).device)), strict=True)
+    load_model(student, str(folder / "student.safetensors"), strict=True,
+               device=str(next(student.parameters()).device))
     log.info("resumed after iteration %d (removed original layers %s)", len(entries),
              [layer for e in entries for layer in e["removed_original"]])
 

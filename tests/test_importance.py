@@ -6,7 +6,7 @@ import torch
 from layerprune.importance import (METRICS, ScoringContext, angular_distance, block_influence, candidate_stats,
                                    score_layers)
 from layerprune.surgery import find_layers
-from layerprune.tasks import TaskData, blocks_to_batches, build_tasks, evaluate_tasks
+from layerprune.tasks import TaskData, build_tasks, evaluate_tasks
 
 from conftest import tiny_model
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from layerprune.batches import Batch
-from layerprune.choice_tasks import (build_continuation, build_copy, build_copy_generate, choice_batches, choice_stats,
+from layerprune.choice_tasks import (build_copy, choice_batches, choice_stats,
                                      choice_summary, copy_stats, lcs_length, mmlu_questions, questions_task,
                                      read_questions)
 from layerprune.errors import LayerpruneError

@@ -145,8 +145,6 @@ def add_eval_parser(sub) -> None:
 
 
 def run_eval(args) -> int:
-    import json
-
     from .api import evaluate
 
     result = evaluate(args.model, args.teacher, _names(args.tasks), _from_args(args, DataConfig), args.dtype,

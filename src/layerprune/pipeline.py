@@ -244,7 +244,10 @@ def save_result(s: Session, out: Path, history: dict, speed: dict) -> None:
 def final_evaluation(s: Session) -> tuple[dict, dict]:
     """The final model and the teacher on the full held-out task list (per-iteration evaluation
     runs only the cheap tasks)."""
-    teacher_scores = evaluate_tasks(s.teacher, s.final_tasks, s.teacher)
+    # The teacher never changes: reuse its per-iteration scores and run only the tasks it has not seen.
+    unseen = [task for task in s.final_tasks if task.name not in s.teacher_eval]
+    teacher_scores = {**s.teacher_eval, **evaluate_tasks(s.teacher, unseen, s.teacher)}
+    teacher_scores = {task.name: teacher_scores[task.name] for task in s.final_tasks}
     scores = evaluate_tasks(s.student, s.final_tasks, s.teacher)
     return {"tasks": scores, "quality_retained": quality_retained(scores, teacher_scores)}, teacher_scores
 

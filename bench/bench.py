@@ -39,8 +39,8 @@ def phase_scoring(args) -> dict:
     from layerprune.surgery import num_layers
     from layerprune.tasks import TaskData, build_tasks, forward_logits
 
-    model, tokenizer, corpus = setup(calib_blocks=args.calib_blocks)
-    data = TaskData(tokenizer, corpus.blocks["calib"], [], 4)
+    model, tokenizer, corpus = setup(calib_blocks=args.calib_blocks, seq_len=args.seq_len)
+    data = TaskData(tokenizer, corpus.blocks["calib"], [], args.batch_size)
     tasks = build_tasks(["perplexity", "token_accuracy"], data)
     depth = num_layers(model)
     candidates = list(range(depth))
@@ -61,7 +61,8 @@ def phase_scoring(args) -> dict:
     passes = {"straightforward": batches * (depth + depth * (depth - 1)),
               "prefix reuse": batches * (depth + depth * (depth - 1) // 2)}
     return {
-        "calibration": f"{args.calib_blocks} x 256 tokens, {depth} candidates",
+        "calibration": f"{args.calib_blocks} x {args.seq_len} tokens in batches of {args.batch_size}, "
+                       f"{depth} candidates",
         "round_s": timings, "speedup": timings["straightforward"] / timings["prefix reuse"],
         "max_abs_diff_per_token_stat": diff,
         "layer_passes_per_s": {k: passes[k] / timings[k] for k in timings},
@@ -90,7 +91,8 @@ def phase_healing(args) -> dict:
     tokens = args.heal_steps * 2 * 2 * 256
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        targets = compute_targets(model, corpus.blocks["train"], f"{tmp}/t", 256, progress=False)
+        # the MSE term matches the layer above the cut: original 18 (a run adds such layers lazily)
+        targets = compute_targets(model, corpus.blocks["train"], f"{tmp}/t", 256, progress=False, layers=[18])
         targets_s = time.perf_counter() - start
         straight_s, straight = _heal_run(model, corpus, None, args.heal_steps, 256, tmp)
         cached_s, cached = _heal_run(model, corpus, targets, args.heal_steps, 256, tmp)
@@ -109,6 +111,7 @@ def phase_healing(args) -> dict:
         "tokens_per_s": {"straightforward": tokens / straight_s, "cached targets + frozen prefix": tokens / cached_s},
         "speedup": straight_s / cached_s,
         "teacher_targets_once_s": targets_s,
+        "teacher_targets_mib": targets.nbytes() / 2**20,
         "max_loss_diff_full_vocab": diff,
         "max_loss_diff_top256": topk_diff,
     }
@@ -161,6 +164,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--calib-blocks", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256, help="calibration block length (scoring)")
+    parser.add_argument("--batch-size", type=int, default=4, help="calibration blocks per forward (scoring)")
     parser.add_argument("--train-blocks", type=int, default=32)
     parser.add_argument("--heal-steps", type=int, default=6)
     parser.add_argument("--shortlist", type=int, default=8)

@@ -118,3 +118,43 @@ def test_cached_targets_give_the_straightforward_loss(tmp_path, trainable):
     for a, b in zip(runs["straight"]["rows"], runs["cached"]["rows"]):
         for key in ("loss", "kl", "mse", "final_mse"):
             assert a[key] == pytest.approx(b[key], abs=1e-4)
+
+
+def test_teacher_layers_added_later_equal_those_captured_in_the_first_pass(tmp_path):
+    from layerprune.targets import compute_targets
+
+    teacher = tiny_model("qwen2")
+    blocks = corpus().blocks["train"]
+    eager = compute_targets(teacher, blocks, tmp_path / "a", topk=8, batch_size=3, progress=False, layers=[1, 4])
+    lazy = compute_targets(teacher, blocks, tmp_path / "b", topk=8, batch_size=3, progress=False)
+    assert lazy.layers == {}
+    lazy.ensure_layers(teacher, [4, 1], progress=False)
+    for o in (1, 4):
+        assert (tmp_path / "b" / f"layer_{o}.npy").exists()
+        assert abs(eager.layers[o] - lazy.layers[o]).max() < 1e-5
+    assert eager.nbytes() == lazy.nbytes()
+
+
+@pytest.mark.parametrize("trainable", ["neighbours", "lora"])
+def test_healing_resumed_from_its_checkpoint_ends_bit_identical(trainable):
+    teacher = tiny_model("llama")
+    data = corpus()  # 16 blocks = 8 micro-batches an epoch: with 3 per step, epochs end mid-step
+    config = quick(trainable=trainable, grad_accum=3, checkpoint_every=2)
+
+    def run(resume=None):
+        student = copy.deepcopy(teacher)
+        remove_layers(student, [3])
+        saved = []
+        log = heal(student, teacher, data, config, steps=5, cuts=[3], progress=False, resume=resume,
+                   on_checkpoint=lambda state: saved.append(copy.deepcopy(state)))
+        return student, log, saved
+
+    whole, whole_log, saved = run()
+    assert [state["step"] for state in saved] == [2, 4, 5]
+    assert "resumed_at_step" not in whole_log
+    for state in saved[:2]:
+        resumed, log, _ = run(resume=state)
+        assert log["resumed_at_step"] == state["step"]
+        assert log["rows"] == whole_log["rows"]
+        for key, value in whole.state_dict().items():
+            assert torch.equal(value, resumed.state_dict()[key]), key

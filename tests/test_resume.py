@@ -17,7 +17,8 @@ def command(tiny_dir, text_file, out):
     return [sys.executable, "-m", "layerprune", "prune", "--model", str(tiny_dir), "--data", str(text_file),
             "--out", str(out), "--device", "cpu", "--remove", "3", "--seq-len", "32", "--calib-blocks", "2",
             "--train-blocks", "8", "--eval-blocks", "2", "--heal-steps", "3", "--heal-grad-accum", "1",
-            "--final-tasks", "perplexity", "--no-speed", "--quiet"]
+            "--heal-final-steps", "2", "--heal-checkpoint-every", "2", "--final-tasks", "perplexity", "--no-speed",
+            "--quiet"]
 
 
 def run(argv, kill_at=None):
@@ -40,12 +41,33 @@ def reference(tmp_path_factory):
     return tiny_dir, text_file, out
 
 
-# scoring rounds pass 6 + 5 + 4 candidates (one batch each); healings run 3 steps each
-KILLS = ["scoring:3", "healing:2", "checkpoint:1", "scoring:9", "healing:5", "checkpoint:3", "final:2"]
+# Scoring rounds pass 6 + 5 + 4 candidates (one batch each); each of the 3 healings runs 3 steps, the
+# final healing 2; healing checkpoints come after steps 2 and 3 (2 and 2 for the final one). Each kill
+# names the healing the resumed run must continue mid-way, (iteration or "final", step), or None.
+KILLS = [
+    ("scoring:3", None),
+    ("healing:2", (1, 2)),            # right after the first healing checkpoint
+    ("heal-checkpoint:1", None),      # while writing it: iteration 1 starts over
+    ("healing:3", (1, 3)),            # healing done, killed before its evaluation: nothing retrains
+    ("checkpoint:1", (1, 3)),         # while writing the iteration checkpoint
+    ("scoring:9", None),
+    ("healing:5", (2, 2)),
+    ("checkpoint:3", (3, 3)),
+    ("healing:11", ("final", 2)),
+    ("final:2", ("final", 2)),        # while moving the finished files into place
+]
 
 
-@pytest.mark.parametrize("kill_at", KILLS)
-def test_killed_run_resumes_to_the_same_result(reference, tmp_path, kill_at):
+def resumed_healings(history: dict) -> dict:
+    found = {e["iteration"]: e["heal"]["resumed_at_step"] for e in history["iterations"]
+             if "resumed_at_step" in e["heal"]}
+    if "resumed_at_step" in history["final_heal"]:
+        found["final"] = history["final_heal"]["resumed_at_step"]
+    return found
+
+
+@pytest.mark.parametrize("kill_at,resumes", KILLS)
+def test_killed_run_resumes_to_the_same_result(reference, tmp_path, kill_at, resumes):
     tiny_dir, text_file, ref_out = reference
     out = tmp_path / "out"
     killed = run(command(tiny_dir, text_file, out), kill_at)
@@ -56,9 +78,10 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, kill_at):
     ref = json.loads((ref_out / "history.json").read_text())
     got = json.loads((out / "history.json").read_text())
     assert got["removed_original"] == ref["removed_original"]
+    assert resumed_healings(got) == (dict([resumes]) if resumes else {})
     a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert not (out / "checkpoint").exists()
+    assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
 
 
 def test_different_configuration_is_refused_and_overwrite_starts_afresh(reference, tmp_path):
@@ -101,3 +124,13 @@ def test_checkpoint_round_trip_with_tied_embeddings(tmp_path):
     for key, value in student.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_corrupt_healing_checkpoint_is_refused_with_a_fix(reference, tmp_path):
+    tiny_dir, text_file, _ = reference
+    out = tmp_path / "out"
+    assert run(command(tiny_dir, text_file, out), "healing:2").returncode == -9
+    (out / "heal-checkpoint" / "heal.pt").write_bytes(b"not a checkpoint")
+    refused = run(command(tiny_dir, text_file, out))
+    assert refused.returncode == 2 and "unreadable" in refused.stderr and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr

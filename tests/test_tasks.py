@@ -5,7 +5,7 @@ import torch
 
 from layerprune.batches import Batch
 from layerprune.choice_tasks import (build_copy, choice_batches, choice_stats,
-                                     choice_summary, copy_stats, lcs_length, mmlu_questions, questions_task,
+                                     choice_summary, lcs_length, mmlu_questions, questions_task,
                                      read_questions)
 from layerprune.errors import LayerpruneError
 from layerprune.tasks import (TaskData, build_tasks, check_task_name, evaluate_tasks, perplexity_summary,
@@ -49,7 +49,7 @@ def test_a_uniform_model_is_at_chance():
 def test_copy_scores_one_for_an_exact_copier():
     ctx = TaskData(TinyTokenizer(), torch.zeros(1, 8, dtype=torch.long), ["abcdefgh " * 20, "ijklmnop " * 20], 4)
     task = build_copy(ctx)
-    stats = [copy_stats(oracle_logits(b), b) for b in task.batches]
+    stats = [task.stats(oracle_logits(b), b) for b in task.batches]
     assert sum(s["correct"] for s in stats) == sum(s["tokens"] for s in stats) > 0
 
 
@@ -121,3 +121,18 @@ def test_lm_eval_task_from_local_files(tmp_path):
     assert 0.0 <= scores["score"] <= 1.0 and scores["acc"] == scores["score"]
     with pytest.raises(LayerpruneError, match="not available here"):
         build_tasks(["lm_eval:no_such_task_anywhere"], ctx)
+
+
+def test_sliced_logprobs_and_kl_match_the_whole_tensor_formulas(monkeypatch):
+    import torch.nn.functional as F
+
+    from layerprune import logprobs
+
+    monkeypatch.setattr(logprobs, "ELEMENTS_PER_SLICE", 3 * 50)  # 3 positions a slice: uneven tails
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(2, 11, 50) * 3, torch.randn(2, 11, 50) * 3
+    ids = torch.randint(0, 50, (2, 11))
+    want = F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    assert torch.allclose(logprobs.next_token_logprobs(logits, ids), want, atol=1e-6)
+    t, s = F.log_softmax(teacher, -1), F.log_softmax(logits, -1)
+    assert torch.allclose(logprobs.token_kl(logits, teacher), (t.exp() * (t - s)).sum(-1), atol=1e-6)

@@ -1,13 +1,21 @@
-"""Checkpoints after every iteration, written atomically, and resuming from them.
+"""Checkpoints, written atomically, and resuming from them.
 
-A checkpoint is a folder `checkpoint/` in the output folder: the student's
-weights (in their pruned shape) and `state.json` (the configuration and the
-history entries so far). It is written into a temporary folder, fsynced, and
-swapped in by rename, so a crash at any moment leaves either the previous
-checkpoint or the new one. Resuming rebuilds the student by replaying the
-recorded removals on the original model and loading the saved weights;
-every later iteration is seeded by its number, so the resumed run ends where
-an uninterrupted one would.
+Two folders in the output folder, each written into a temporary folder,
+fsynced, and swapped in by rename, so a crash at any moment leaves either the
+previous version or the new one:
+
+- `checkpoint/`, after every iteration: the student's weights (in their pruned
+  shape) and `state.json` (the configuration and the history entries so far);
+- `heal-checkpoint/`, every N healing steps of the iteration in flight: its
+  scoring result (so scoring is not redone), the trained parameters, the
+  optimizer, scheduler and RNG states, the step reached and the loss rows.
+  Only what healing changes is stored: the frozen rest comes from
+  `checkpoint/` plus the iteration's removal.
+
+Resuming rebuilds the student by replaying the recorded removals on the
+original model and loading the saved weights; a healing resumes at its step
+with the data order replayed; every iteration is seeded by its number, so the
+resumed run ends where an uninterrupted one would, bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
+import torch
 from safetensors.torch import load_model, save_model
 
 from .errors import LayerpruneError
@@ -26,7 +36,8 @@ from .surgery import remove_layers
 
 log = logging.getLogger(__name__)
 
-FOLDER = "checkpoint"
+FOLDER, HEAL_FOLDER = "checkpoint", "heal-checkpoint"
+FILES = {FOLDER: ("state.json", "student.safetensors"), HEAL_FOLDER: ("state.json", "heal.pt")}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -37,19 +48,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out: Path, config: dict, entries: list[dict], student) -> None:
-    tmp, final, old = out / f".{FOLDER}.tmp", out / FOLDER, out / f".{FOLDER}.old"
+def _write_atomically(out: Path, name: str, write: Callable[[Path], None], site: str) -> None:
+    """`write(tmp)` fills a temporary folder; every file is fsynced, then it replaces `out/name`."""
+    tmp, final, old = out / f".{name}.tmp", out / name, out / f".{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(student, str(tmp / "student.safetensors"))  # handles tied embeddings
-    with open(tmp / "state.json", "w", encoding="utf-8") as handle:
-        json.dump({"config": config, "entries": entries}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    with open(tmp / "student.safetensors", "rb+") as handle:
-        os.fsync(handle.fileno())
+    write(tmp)
+    for path in tmp.iterdir():
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
     _fsync_dir(tmp)
-    crash_point("checkpoint")
+    crash_point(site)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -58,11 +67,32 @@ def save_checkpoint(out: Path, config: dict, entries: list[dict], student) -> No
     shutil.rmtree(old, ignore_errors=True)
 
 
-def find_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint: `checkpoint/`, or `.checkpoint.old/` if a crash came mid-swap."""
-    for name in (FOLDER, f".{FOLDER}.old"):
-        folder = out / name
-        if (folder / "state.json").is_file() and (folder / "student.safetensors").is_file():
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def save_checkpoint(out: Path, config: dict, entries: list[dict], student) -> None:
+    def write(tmp: Path) -> None:
+        save_model(student, str(tmp / "student.safetensors"))  # handles tied embeddings
+        _write_json(tmp / "state.json", {"config": config, "entries": entries})
+
+    _write_atomically(out, FOLDER, write, "checkpoint")
+
+
+def save_heal_checkpoint(out: Path, config: dict, pending: dict, state: dict) -> None:
+    """`pending`: the iteration in flight (number, scores, removal, evaluation before healing);
+    `state`: what `distill.heal` hands its checkpoint callback (tensors and rows)."""
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp / "heal.pt")
+        _write_json(tmp / "state.json", {"config": config, "pending": {**pending, "step": state["step"]}})
+
+    _write_atomically(out, HEAL_FOLDER, write, "heal-checkpoint")
+
+
+def find_checkpoint(out: Path, name: str = FOLDER) -> Path | None:
+    """The newest complete checkpoint: `name/`, or `.name.old/` if a crash came mid-swap."""
+    for folder in (out / name, out / f".{name}.old"):
+        if all((folder / file).is_file() for file in FILES[name]):
             return folder
     return None
 
@@ -72,6 +102,14 @@ def read_state(folder: Path) -> dict:
         return json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise LayerpruneError(f"the checkpoint in {folder} is unreadable ({err})",
+                              "pass --overwrite to start afresh") from err
+
+
+def read_heal_state(folder: Path) -> dict:
+    try:
+        return torch.load(folder / "heal.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: torch raises several types
+        raise LayerpruneError(f"the healing checkpoint in {folder} is unreadable ({err})",
                               "pass --overwrite to start afresh") from err
 
 
@@ -85,6 +123,7 @@ def restore_student(student, folder: Path, entries: list[dict]) -> None:
              [layer for e in entries for layer in e["removed_original"]])
 
 
-def clear(out: Path) -> None:
-    for name in (FOLDER, f".{FOLDER}.tmp", f".{FOLDER}.old"):
-        shutil.rmtree(out / name, ignore_errors=True)
+def clear(out: Path, names=(FOLDER, HEAL_FOLDER)) -> None:
+    for name in names:
+        for folder in (name, f".{name}.tmp", f".{name}.old"):
+            shutil.rmtree(out / folder, ignore_errors=True)

@@ -19,10 +19,10 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .batches import Batch, Task, pad_sequences
 from .errors import LayerpruneError
+from .logprobs import accuracy_stats, accuracy_summary, next_token_logprobs
 
 CHOICE_SAMPLES, COPY_SAMPLES, QUESTIONS_PER_BATCH = 32, 16, 2
 CONTEXT_TOKENS, CONTINUATION_TOKENS, COPY_TOKENS, MAX_TOKENS = 64, 16, 32, 384
@@ -30,7 +30,7 @@ CONTEXT_TOKENS, CONTINUATION_TOKENS, COPY_TOKENS, MAX_TOKENS = 64, 16, 32, 384
 
 def choice_stats(logits, batch: Batch, teacher_logits=None) -> dict[str, float]:
     """Pick, per question, the choice with the highest mean log-probability of its tokens."""
-    logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    logp = next_token_logprobs(logits, batch.input_ids)
     mask = batch.target_mask[:, :-1].to(logp.dtype)
     mean = (logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     picks = mean.view(-1, batch.extra["n_choices"]).argmax(-1)
@@ -159,16 +159,6 @@ def _copy_items(ctx) -> list[tuple[list[int], list[int]]]:
     return items
 
 
-def copy_stats(logits, batch: Batch, teacher_logits=None) -> dict[str, float]:
-    mask = batch.target_mask[:, :-1].bool()
-    hits = logits[:, :-1].argmax(-1)[mask] == batch.input_ids[:, 1:][mask]
-    return {"correct": float(hits.sum()), "tokens": float(mask.sum())}
-
-
-def copy_summary(s: dict[str, float]) -> dict[str, float]:
-    return {"score": s["correct"] / max(s["tokens"], 1.0)}
-
-
 def build_copy(ctx) -> Task:
     sequences, targets = [], []
     for prompt, paragraph in _copy_items(ctx):
@@ -177,7 +167,7 @@ def build_copy(ctx) -> Task:
     pad = ctx.tokenizer.pad_token_id or 0
     batches = [pad_sequences(sequences[i:i + ctx.batch_size], targets[i:i + ctx.batch_size], pad)
                for i in range(0, len(sequences), ctx.batch_size)]
-    return Task("copy", batches, copy_stats, copy_summary)
+    return Task("copy", batches, accuracy_stats, accuracy_summary)
 
 
 def lcs_length(a: list[int], b: list[int]) -> int:
@@ -204,7 +194,7 @@ def build_copy_generate(ctx) -> Task:
             total += lcs_length(out[0, len(prompt):].tolist(), paragraph) / len(paragraph)
         return {"score": total / len(items), "samples": float(len(items))}
 
-    return Task("copy_generate", [], copy_stats, copy_summary, run=run)
+    return Task("copy_generate", [], accuracy_stats, accuracy_summary, run=run)
 
 
 def build_mmlu(ctx) -> Task:

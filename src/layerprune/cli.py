@@ -48,6 +48,7 @@ HEAL_HELP = {
     "mixed_precision": ("--mixed-precision", "no, bf16 or fp16 autocast for healing"),
     "teacher_topk": ("--teacher-topk", "teacher logits kept per token in the target cache (KL over these)"),
     "log_every": ("--heal-log-every", "update the progress bar's loss every N steps"),
+    "checkpoint_every": ("--heal-checkpoint-every", "checkpoint healing every N steps (0: only between iterations)"),
 }
 
 

@@ -34,8 +34,9 @@ HEALING = ("none", "distill")
 
 def _variant(base: Session, method: str, heal: str, count: int) -> Session:
     metric, mode = METHODS[method]
+    # A comparison is not resumable (each variant is short), so it writes no healing checkpoints.
     config = dataclasses.replace(base.config, metric=metric, mode=mode, remove=count, target_layers=None,
-                                 heal=dataclasses.replace(base.config.heal, method=heal))
+                                 heal=dataclasses.replace(base.config.heal, method=heal, checkpoint_every=0))
     return dataclasses.replace(base, config=config, student=copy.deepcopy(base.teacher))
 
 

@@ -85,6 +85,9 @@ class HealConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     log_every: int = 5
+    # Healing state (trained weights, optimizer, scheduler, data position) is checkpointed every
+    # this many steps and after the last, so a crash mid-healing loses at most this many steps.
+    checkpoint_every: int = 10
 
     def validate(self) -> None:
         if self.method not in HEAL_METHODS:
@@ -95,7 +98,7 @@ class HealConfig:
                                   f"use one of {', '.join(TRAINABLE)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise LayerpruneError(f"unknown mixed precision {self.mixed_precision!r}", "use no, bf16 or fp16")
-        for name in ("steps", "final_steps", "warmup_steps", "radius"):
+        for name in ("steps", "final_steps", "warmup_steps", "radius", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise LayerpruneError(f"heal {name} must be >= 0, got {getattr(self, name)}",
                                       f"pass a non-negative --heal-{name.replace('_', '-')}")

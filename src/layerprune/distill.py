@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -143,13 +144,16 @@ def prefix_states(student, start: int, blocks: torch.Tensor, batch_size: int) ->
 
 def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0, cuts: list[int] | None = None,
          eval_batches: list[Batch] | None = None, log_dir: Path | None = None, iteration: int = 0,
-         targets: TeacherTargets | None = None, progress: bool = True) -> dict:
+         targets: TeacherTargets | None = None, progress: bool = True, resume: dict | None = None,
+         on_checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Train `student` in place for `steps` optimizer steps against `teacher`; return the log.
 
     With `targets` (see targets.py) the teacher is not run and the frozen bottom of the student
-    runs once; without, every micro-batch runs the teacher and the whole student."""
+    runs once; without, every micro-batch runs the teacher and the whole student.
+    Every `config.checkpoint_every` steps and after the last, `on_checkpoint(state)` receives
+    what `resume=state` needs to continue from that step exactly as if never interrupted."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     check_compatible(student, teacher)
@@ -158,7 +162,10 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
     torch.set_flush_denormal(True)
     set_seed(seed)
     device = next(student.parameters()).device
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
+    # sync_with_dataloader=False: an optimizer step is always exactly `grad_accum` micro-batches, also
+    # across the loader's epoch ends, so a step boundary is a clean point to checkpoint and resume.
+    accumulation = GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False)
+    accelerator = Accelerator(gradient_accumulation_plugin=accumulation, mixed_precision=config.mixed_precision,
                               cpu=device.type == "cpu",
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     if config.batch_size % accelerator.num_processes:
@@ -171,6 +178,8 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
     before = _held_out(student, teacher, eval_batches or [])
 
     blocks = corpus.blocks["train"]
+    if targets is not None:
+        targets.ensure_layers(teacher, [o for _, o in pairs], progress)
     start = 0 if config.trainable == "lora" else min(layers)
     prefix = prefix_states(student, start, blocks, config.batch_size) if targets is not None else None
     model = set_trainable(student, layers, config)
@@ -184,10 +193,12 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
                                          generator=generator, drop_last=len(blocks) >= config.batch_size)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
-    rows, batches = [], _cycle(loader)
-    bar = tqdm(total=steps, desc=f"healing (iteration {iteration})", unit="step",
+    rows, batches, done = [], _cycle(loader), 0
+    if resume is not None:
+        rows, done = _restore(resume, accelerator.unwrap_model(model), optimizer, scheduler, batches, config)
+    bar = tqdm(total=steps, initial=done, desc=f"healing (iteration {iteration})", unit="step",
                disable=not (progress and accelerator.is_main_process), leave=False)
-    for step in range(1, steps + 1):
+    for step in range(done + 1, steps + 1):
         sums = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "final_mse": 0.0}
         for _ in range(config.grad_accum):
             block_rows = next(batches)
@@ -211,6 +222,11 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
                 sums[key] += terms[key].detach().item() / config.grad_accum
         rows.append({"iteration": iteration, "step": step, "lr": scheduler.get_last_lr()[0], **sums})
         bar.update(1)
+        every = config.checkpoint_every
+        if on_checkpoint is not None and every and (step % every == 0 or step == steps):
+            if accelerator.is_main_process:
+                on_checkpoint(_state(step, rows, accelerator.unwrap_model(model), optimizer, scheduler))
+            accelerator.wait_for_everyone()
         crash_point("healing")
         if step % config.log_every == 0 or step == steps:
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
@@ -226,9 +242,34 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
     after = _held_out(student, teacher, eval_batches or [])
     if log_dir is not None and accelerator.is_main_process:
         write_rows(log_dir / "heal.csv", rows)
-    return {"steps": steps, "trained_layers_current": layers, "mse_pairs": pairs, "held_out_before": before,
+    return {"steps": steps, **({"resumed_at_step": done} if resume is not None else {}),
+            "trained_layers_current": layers, "mse_pairs": pairs, "held_out_before": before,
             "held_out_after": after, "first_loss": rows[0]["loss"] if rows else None,
             "last_loss": rows[-1]["loss"] if rows else None, "rows": rows}
+
+
+def _state(step: int, rows: list[dict], model, optimizer, scheduler) -> dict:
+    """Everything a healing changes as it goes; the frozen rest of the model is not included."""
+    return {"step": step, "rows": list(rows), "rng": torch.get_rng_state(),
+            "trainable": {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+
+def _restore(state: dict, model, optimizer, scheduler, batches, config: HealConfig) -> tuple[list[dict], int]:
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if trainable.keys() != state["trainable"].keys():
+        raise LayerpruneError("the healing checkpoint does not match the layers this healing trains",
+                              "pass --overwrite to start afresh")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    for _ in range(state["step"] * config.grad_accum):  # replay the data order up to the step reached
+        next(batches)
+    log.info("healing resumed at step %d", state["step"])
+    return list(state["rows"]), state["step"]
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

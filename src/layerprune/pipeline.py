@@ -91,20 +91,28 @@ def score_current(s: Session, candidates: list[int], progress: bool = True) -> t
     return score_layers(s.student, s.config.metric, ctx), extra
 
 
-def _heal(s: Session, iteration: int, steps: int, dropped: list[int], progress: bool) -> dict:
+def _heal(s: Session, iteration: int, steps: int, dropped: list[int], progress: bool, pending: dict) -> dict:
+    """Heal after a removal. `pending` describes the iteration in flight (its scoring result); it
+    goes into every healing checkpoint, and with a "heal" state it is a healing to resume."""
     if s.config.heal.method == "none" or steps == 0:
         return {}
-    from .distill import cut_positions, heal
+    from .distill import cut_positions, heal, mse_pairs
     from .targets import compute_targets
 
+    out = Path(s.config.out)
+    cuts = cut_positions(dropped)
     if s.config.heal.teacher_cache and s.targets is None:
-        s.targets = compute_targets(s.teacher, s.corpus.blocks["train"], teacher_cache_dir(Path(s.config.out)),
-                                    s.config.heal.teacher_topk, s.config.data.batch_size, progress)
-    before = _evaluate(s)
+        s.targets = compute_targets(s.teacher, s.corpus.blocks["train"], teacher_cache_dir(out),
+                                    s.config.heal.teacher_topk, s.config.data.batch_size, progress,
+                                    layers=[o for _, o in mse_pairs(s.student, cuts, s.config.heal)])
+    resume = pending.pop("heal", None)
+    if resume is None:
+        pending["held_out_before"] = _kl_and_ppl(_evaluate(s))
+    config = _json_form(s.config)
     log = heal(s.student, s.teacher, s.corpus, s.config.heal, steps=steps, seed=s.config.seed + iteration,
-               cuts=cut_positions(dropped), log_dir=Path(s.config.out) / "logs", iteration=iteration,
-               targets=s.targets, progress=progress)
-    return {**log, "held_out_before": _kl_and_ppl(before)}
+               cuts=cuts, log_dir=out / "logs", iteration=iteration, targets=s.targets, progress=progress,
+               resume=resume, on_checkpoint=lambda state: checkpoint.save_heal_checkpoint(out, config, pending, state))
+    return {**log, "held_out_before": pending["held_out_before"]}
 
 
 def _kl_and_ppl(evaluation: dict) -> dict:
@@ -125,11 +133,14 @@ def _evaluate(s: Session) -> dict:
 
 
 def _record(s: Session, iteration: int, scores: list[float], drop: list[int], timings: dict, extra: dict,
-            progress: bool) -> dict:
+            progress: bool, resume: dict | None = None) -> dict:
+    """Remove, heal, evaluate: one history entry. `resume`: a healing checkpoint of this iteration."""
     originals = original_indices(s.student)
     removed = remove_layers(s.student, drop)
+    pending = {"iteration": iteration, "scores": scores, "drop": drop, "timings": dict(timings), "extra": extra,
+               **(resume or {})}
     t0 = time.perf_counter()
-    heal_log = _heal(s, iteration, s.config.heal.steps, drop, progress)
+    heal_log = _heal(s, iteration, s.config.heal.steps, drop, progress, pending)
     timings["heal_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     evaluation = _evaluate(s)
@@ -159,47 +170,61 @@ def _log_iteration(s: Session, entry: dict, total: int) -> None:
              entry["eval"]["quality_retained"], ppl_text, sum(entry["timings"].values()))
 
 
-def run_iterations(s: Session, count: int, progress: bool = True, done: list[dict] | None = None,
-                   on_entry=None) -> list[dict]:
-    """The removal loop for the configured mode; returns one history entry per removal step.
-    `done` holds the entries of a resumed run; `on_entry(entries)` runs after each iteration."""
-    config, entries = s.config, list(done or [])
-    if config.mode == "iterative":
-        for iteration in range(len(entries) + 1, count + 1):
-            t0 = time.perf_counter()
-            candidates = removable(config, num_layers(s.student))
-            try:
-                scores, extra = score_current(s, candidates, progress)
-            except NonFiniteError as err:
-                raise NonFiniteError(f"iteration {iteration}: {err.problem}; the last checkpoint holds the state "
-                                     f"before it", err.fix) from err
-            drop = min((i for i in candidates if scores[i] == scores[i]), key=lambda i: scores[i])
-            entry = _record(s, iteration, scores, [drop], {"score_s": time.perf_counter() - t0}, extra, progress)
-            entries.append(entry)
-            _log_iteration(s, entry, count)
-            if on_entry is not None:
-                on_entry(entries)
-        return entries
-    t0 = time.perf_counter()
+def choose_iterative(s: Session, iteration: int, progress: bool) -> tuple[list[float], list[int], dict]:
+    """Score the current student's removable layers; the least important one goes."""
+    candidates = removable(s.config, num_layers(s.student))
+    try:
+        scores, extra = score_current(s, candidates, progress)
+    except NonFiniteError as err:
+        raise NonFiniteError(f"iteration {iteration}: {err.problem}; the last checkpoint holds the state before it",
+                             err.fix) from err
+    return scores, [min((i for i in candidates if scores[i] == scores[i]), key=lambda i: scores[i])], extra
+
+
+def choose_all_at_once(s: Session, count: int, progress: bool) -> tuple[list[float], list[int], dict]:
+    """One-shot: the `count` least important layers of one scoring. Block: the contiguous run of
+    `count` layers whose input and output states are closest."""
+    config = s.config
     depth = num_layers(s.student)
     candidates = removable(config, depth)
     if config.mode == "one-shot":
         scores, extra = score_current(s, candidates, progress)
         drop = sorted(sorted((i for i in candidates if scores[i] == scores[i]), key=lambda i: scores[i])[:count])
-    else:  # block: the contiguous run of `count` layers whose input and output states are closest
-        distance = block_influence if config.metric == "bi" else (
-            lambda a, b, m: angular_distance(a, b, m, last_only=config.metric == "angular_last"))
-        batches = blocks_to_batches(s.corpus.blocks["calib"], config.data.batch_size)
-        starts_scores = state_distances(s.student, batches, distance, span=count)
-        starts = [l for l in range(len(starts_scores)) if set(range(l, l + count)) <= set(candidates)]
-        start = min(starts, key=lambda l: starts_scores[l])
-        scores = [float("nan")] * depth
-        for l in starts:
-            scores[l] = starts_scores[l]
-        drop, extra = list(range(start, start + count)), {"block_start": start}
-    entry = _record(s, 1, scores, drop, {"score_s": time.perf_counter() - t0}, extra, progress)
-    entries.append(entry)
-    _log_iteration(s, entry, 1)
+        return scores, drop, extra
+    distance = block_influence if config.metric == "bi" else (
+        lambda a, b, m: angular_distance(a, b, m, last_only=config.metric == "angular_last"))
+    batches = blocks_to_batches(s.corpus.blocks["calib"], config.data.batch_size)
+    starts_scores = state_distances(s.student, batches, distance, span=count)
+    starts = [l for l in range(len(starts_scores)) if set(range(l, l + count)) <= set(candidates)]
+    start = min(starts, key=lambda l: starts_scores[l])
+    scores = [float("nan")] * depth
+    for l in starts:
+        scores[l] = starts_scores[l]
+    return scores, list(range(start, start + count)), {"block_start": start}
+
+
+def run_iterations(s: Session, count: int, progress: bool = True, done: list[dict] | None = None,
+                   on_entry=None, pending: dict | None = None) -> list[dict]:
+    """The removal loop for the configured mode; returns one history entry per removal step.
+    `done` holds the entries of a resumed run and `pending` its healing checkpoint, if it stopped
+    while healing (its scoring is then kept, not redone); `on_entry(entries)` runs after each."""
+    entries = list(done or [])
+    last = count if s.config.mode == "iterative" else 1
+    for iteration in range(len(entries) + 1, last + 1):
+        resume = pending if pending is not None and pending["iteration"] == iteration else None
+        if resume is not None:
+            log.info("iteration %d: resuming its healing at step %d", iteration, resume["step"])
+            scores, drop, extra, timings = resume["scores"], resume["drop"], resume["extra"], resume["timings"]
+        else:
+            t0 = time.perf_counter()
+            scores, drop, extra = (choose_iterative(s, iteration, progress) if s.config.mode == "iterative"
+                                   else choose_all_at_once(s, count, progress))
+            timings = {"score_s": time.perf_counter() - t0}
+        entry = _record(s, iteration, scores, drop, timings, extra, progress, resume)
+        entries.append(entry)
+        _log_iteration(s, entry, last)
+        if on_entry is not None:
+            on_entry(entries)
     return entries
 
 
@@ -256,25 +281,33 @@ def _json_form(config: PruneConfig) -> dict:
     return json.loads(json.dumps(config.to_dict()))
 
 
-def resume_point(config: PruneConfig, out: Path, resume: bool, overwrite: bool) -> tuple[Path | None, list[dict]]:
-    """Decide between a fresh start and a resume; refuse to mix runs."""
+def resume_point(config: PruneConfig, out: Path, resume: bool, overwrite: bool):
+    """Decide between a fresh start and a resume; refuse to mix runs. Returns the iteration
+    checkpoint folder (or None), its history entries, and the healing checkpoint of the iteration
+    in flight (or None)."""
     if overwrite and out.exists():
         if any(out.iterdir()) and not ((out / HISTORY).exists() or checkpoint.find_checkpoint(out) or
+                                       checkpoint.find_checkpoint(out, checkpoint.HEAL_FOLDER) or
                                        (out / "logs").exists()):
             raise LayerpruneError(f"--overwrite refuses to empty {out}: it does not hold a layerprune run",
                                   "give --out a new or layerprune-made folder")
         shutil.rmtree(out)
     check_output(out)
     folder = checkpoint.find_checkpoint(out) if out.exists() else None
-    if folder is None:
+    heal_folder = checkpoint.find_checkpoint(out, checkpoint.HEAL_FOLDER) if out.exists() else None
+    if folder is None and heal_folder is None:
         if resume:
             raise LayerpruneError(f"there is no unfinished run to resume in {out}", "run without --resume")
-        return None, []
-    state = checkpoint.read_state(folder)
-    if state["config"] != _json_form(config):
+        return None, [], None
+    states = [checkpoint.read_state(f) for f in (folder, heal_folder) if f is not None]
+    if any(state["config"] != _json_form(config) for state in states):
         raise LayerpruneError(f"{out} holds an unfinished run with a different configuration",
                               "rerun with the same options to continue it, or pass --overwrite to start afresh")
-    return folder, state["entries"]
+    entries = states[0].get("entries", []) if folder is not None else []
+    pending = states[-1]["pending"] if heal_folder is not None else None
+    if pending is None or pending["iteration"] <= len(entries):  # none, or of an iteration already recorded
+        return folder, entries, None
+    return folder, entries, {**pending, "heal": checkpoint.read_heal_state(heal_folder)}
 
 
 def prune(config: PruneConfig, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
@@ -282,7 +315,7 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     of the same configuration in `config.out` is continued from its last checkpoint."""
     config.validate()
     out = Path(config.out)
-    folder, done = resume_point(config, out, resume, overwrite)
+    folder, done, pending = resume_point(config, out, resume, overwrite)
     started = time.perf_counter()
     s = build_session(config)
     if folder is not None:
@@ -292,9 +325,13 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     count = config.layers_to_remove(depth)
     log.info("%s: %d layers, removing %d by %s (%s), healing: %s", config.model or "SmolLM2-135M-Instruct (default)",
              depth, count, config.metric, config.mode, config.heal.method)
-    entries = run_iterations(s, count, progress, done,
-                             lambda entries: checkpoint.save_checkpoint(out, _json_form(config), entries, s.student))
-    final_heal = _heal(s, count + 1, config.heal.final_steps, [], progress) if config.heal.final_steps else {}
+    def on_entry(entries: list[dict]) -> None:
+        checkpoint.save_checkpoint(out, _json_form(config), entries, s.student)
+        checkpoint.clear(out, [checkpoint.HEAL_FOLDER])  # its iteration is now recorded
+
+    entries = run_iterations(s, count, progress, done, on_entry, pending)
+    final = pending if pending is not None and pending["iteration"] == count + 1 else {"iteration": count + 1}
+    final_heal = _heal(s, count + 1, config.heal.final_steps, [], progress, final) if config.heal.final_steps else {}
     final_eval, teacher_final = final_evaluation(s)
     speed = {"original": measure_speed(s.teacher), "pruned": measure_speed(s.student)} if config.measure_speed else {}
     history = {

@@ -23,22 +23,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import choice_tasks, lm_eval_tasks
 from .batches import Batch, Task, blocks_to_batches
 from .errors import LayerpruneError
-
-
-def _shifted(logits: torch.Tensor, batch: Batch):
-    """Logits at scored positions [N, V] (fp32) and the tokens they should predict [N]."""
-    mask = batch.target_mask[:, :-1].bool()
-    return logits[:, :-1][mask].float(), batch.input_ids[:, 1:][mask]
+from .logprobs import accuracy_stats, accuracy_summary, next_token_logprobs, token_kl
 
 
 def nll_stats(logits, batch, teacher_logits=None) -> dict[str, float]:
-    scored, labels = _shifted(logits, batch)
-    return {"nll_sum": F.cross_entropy(scored, labels, reduction="sum").item(), "tokens": float(len(labels))}
+    scored = batch.target_mask[:, :-1].bool()
+    nll = -next_token_logprobs(logits, batch.input_ids)[scored]
+    return {"nll_sum": nll.sum().item(), "tokens": float(scored.sum().item())}
 
 
 def perplexity_summary(s: dict[str, float]) -> dict[str, float]:
@@ -46,21 +41,9 @@ def perplexity_summary(s: dict[str, float]) -> dict[str, float]:
     return {"score": math.exp(-nll), "perplexity": math.exp(nll), "nll": nll}
 
 
-def accuracy_stats(logits, batch, teacher_logits=None) -> dict[str, float]:
-    scored, labels = _shifted(logits, batch)
-    return {"correct": (scored.argmax(-1) == labels).sum().item(), "tokens": float(len(labels))}
-
-
-def accuracy_summary(s: dict[str, float]) -> dict[str, float]:
-    return {"score": s["correct"] / max(s["tokens"], 1.0)}
-
-
 def kl_stats(logits, batch, teacher_logits) -> dict[str, float]:
     mask = batch.attention_mask.bool()
-    student = F.log_softmax(logits[mask].float(), -1)
-    teacher = F.log_softmax(teacher_logits[mask].float(), -1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)
-    return {"kl_sum": kl.sum().item(), "tokens": float(mask.sum().item())}
+    return {"kl_sum": token_kl(logits, teacher_logits)[mask].sum().item(), "tokens": float(mask.sum().item())}
 
 
 def kl_summary(s: dict[str, float]) -> dict[str, float]:

@@ -52,15 +52,31 @@ def phase_scoring(args) -> dict:
     start = time.perf_counter()
     with torch.no_grad():
         for batch in data.block_batches:
-            forward_logits(model, batch)
-    plain = time.perf_counter() - start
+            logits = forward_logits(model, batch)
+        plain = time.perf_counter() - start
+        start = time.perf_counter()
+        for batch in data.block_batches:  # the decoder alone: what a "layer pass" costs without the head
+            model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        decoder = time.perf_counter() - start
+        start = time.perf_counter()
+        for batch in data.block_batches:
+            for task in tasks:
+                task.stats(logits, batch, None)
+        stats_s = time.perf_counter() - start
     diff = max(abs(stats["straightforward"][i][t][k] / stats["straightforward"][i][t]["tokens"]
                    - stats["prefix reuse"][i][t][k] / stats["prefix reuse"][i][t]["tokens"])
                for i in candidates for t in stats["straightforward"][i] for k in stats["straightforward"][i][t])
     batches = len(data.block_batches)
     passes = {"straightforward": batches * (depth + depth * (depth - 1)),
               "prefix reuse": batches * (depth + depth * (depth - 1) // 2)}
+    # Every candidate (and the current model) runs the LM head and the statistics once, whatever
+    # the reuse; in units of one layer pass that cost h bounds the ratio prefix reuse can reach.
+    layer_s = decoder / (batches * depth)
+    h = ((plain - decoder) + stats_s) / batches / layer_s
+    bound = (passes["straightforward"] / batches + (depth + 1) * h) / (passes["prefix reuse"] / batches + (depth + 1) * h)
     return {
+        "lm_head_and_stats_in_layer_passes": h,
+        "speedup_bound_given_the_head": bound,
         "calibration": f"{args.calib_blocks} x {args.seq_len} tokens in batches of {args.batch_size}, "
                        f"{depth} candidates",
         "round_s": timings, "speedup": timings["straightforward"] / timings["prefix reuse"],
@@ -96,6 +112,10 @@ def phase_healing(args) -> dict:
         targets_s = time.perf_counter() - start
         straight_s, straight = _heal_run(model, corpus, None, args.heal_steps, 256, tmp)
         cached_s, cached = _heal_run(model, corpus, targets, args.heal_steps, 256, tmp)
+        # The same with 2 steps: the difference is the cost of the extra steps alone, without the
+        # once-per-healing work (Accelerate set-up; the frozen prefix states of every training block).
+        straight_2, _ = _heal_run(model, corpus, None, 2, 256, tmp)
+        cached_2, _ = _heal_run(model, corpus, targets, 2, 256, tmp)
         # exactness: the whole vocabulary in the cache, on few blocks (the cache is then large)
         small = copy.copy(corpus)
         small.blocks = {**corpus.blocks, "train": corpus.blocks["train"][:4]}
@@ -110,6 +130,9 @@ def phase_healing(args) -> dict:
         "steps": f"{args.heal_steps} steps x 2 x 2 blocks of 256 tokens, layers around original 17 trained",
         "tokens_per_s": {"straightforward": tokens / straight_s, "cached targets + frozen prefix": tokens / cached_s},
         "speedup": straight_s / cached_s,
+        "per_step_s": {"straightforward": (straight_s - straight_2) / (args.heal_steps - 2),
+                       "cached targets + frozen prefix": (cached_s - cached_2) / (args.heal_steps - 2)},
+        "per_step_speedup": (straight_s - straight_2) / (cached_s - cached_2),
         "teacher_targets_once_s": targets_s,
         "teacher_targets_mib": targets.nbytes() / 2**20,
         "max_loss_diff_full_vocab": diff,
@@ -167,7 +190,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="calibration block length (scoring)")
     parser.add_argument("--batch-size", type=int, default=4, help="calibration blocks per forward (scoring)")
     parser.add_argument("--train-blocks", type=int, default=32)
-    parser.add_argument("--heal-steps", type=int, default=6)
+    parser.add_argument("--heal-steps", type=int, default=6, help="at least 3")
     parser.add_argument("--shortlist", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0)

@@ -158,3 +158,21 @@ def test_healing_resumed_from_its_checkpoint_ends_bit_identical(trainable):
         assert log["rows"] == whole_log["rows"]
         for key, value in whole.state_dict().items():
             assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_a_complete_teacher_cache_is_reopened_and_a_different_one_recomputed(tmp_path):
+    from layerprune.targets import compute_targets
+
+    teacher = tiny_model("llama")
+    blocks = corpus().blocks["train"]
+    first = compute_targets(teacher, blocks, tmp_path / "t", topk=8, progress=False, layers=[2])
+    calls = []
+    handle = teacher.register_forward_hook(lambda *a: calls.append(1))
+    again = compute_targets(teacher, blocks, tmp_path / "t", topk=8, progress=False, layers=[2])
+    assert calls == [] and (again.values == first.values).all() and list(again.layers) == [2]
+    again.ensure_layers(teacher, [1], progress=False)  # a later cut: one more layer, kept in the manifest
+    assert list(compute_targets(teacher, blocks, tmp_path / "t", topk=8, progress=False).layers) == [1, 2]
+    calls.clear()
+    compute_targets(teacher, blocks[:8], tmp_path / "t", topk=8, progress=False)  # other tokens
+    assert calls
+    handle.remove()

@@ -7,11 +7,16 @@ the teacher layers the MSE term maps to. Those layers are known only once a
 cut is made, so each is added when a healing first needs it (a teacher pass
 up to that layer): a run stores a handful of layers, not all of them. They
 live in .npy files that are memory-mapped, so RAM holds only what a step reads.
+A manifest, written last, lists what is complete, so a resumed run reopens the
+cache instead of running the teacher again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +32,31 @@ log = logging.getLogger(__name__)
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.float32}
 
 
+MANIFEST = "manifest.json"
+
+
 def _open(path: Path, shape, dtype) -> np.ndarray:
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def _identity(teacher, blocks: torch.Tensor, k: int) -> dict:
+    """What the cached arrays depend on: the training tokens, the top-k and the teacher (its shapes,
+    and a sum of its weights, which changes if the model files were replaced)."""
+    with torch.no_grad():
+        weights = sum(float(p.double().sum()) for p in teacher.parameters())
+    return {"tokens_sha256": hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest(), "shape": list(blocks.shape),
+            "weights_sum": weights,
+            "k": k, "hidden": teacher.config.get_text_config().hidden_size,
+            "dtype": np.dtype(_hidden_dtype(teacher)).name}
+
+
+def _write_manifest(folder: Path, identity: dict, layers) -> None:
+    tmp = folder / f".{MANIFEST}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({**identity, "layers": sorted(layers)}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / MANIFEST)
 
 
 def _hidden_dtype(teacher):
@@ -49,6 +77,7 @@ class TeacherTargets:
     folder: Path
     blocks: torch.Tensor
     batch_size: int
+    identity: dict
     values: np.ndarray
     indices: np.ndarray
     lse: np.ndarray
@@ -65,6 +94,7 @@ class TeacherTargets:
                 array[start:end] = prefix_state(teacher, o + 1, ids, torch.ones_like(ids)).float().cpu().numpy()
             array.flush()
             self.layers[o] = array
+            _write_manifest(self.folder, self.identity, self.layers)
 
     def take(self, rows: torch.Tensor, layer_ids: list[int], device) -> dict:
         """The targets of blocks `rows`, as tensors on `device`."""
@@ -85,18 +115,24 @@ class TeacherTargets:
 def compute_targets(teacher, blocks: torch.Tensor, folder: Path, topk: int, batch_size: int = 4,
                     progress: bool = True, layers=()) -> TeacherTargets:
     """Run the teacher once over `blocks` [N, T] and store its targets under `folder`, with the
-    outputs of teacher `layers` (more can be added later by `ensure_layers`)."""
+    outputs of teacher `layers` (more can be added later by `ensure_layers`). A complete cache of
+    the same tokens already in `folder` (a resumed run's) is reopened instead."""
     folder = Path(folder)
+    k = min(topk, teacher.get_output_embeddings().weight.shape[0])
+    identity = _identity(teacher, blocks, k)
+    cached = reopen(folder, identity, blocks, batch_size)
+    if cached is not None:
+        cached.ensure_layers(teacher, layers, progress)
+        return cached
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     device = next(teacher.parameters()).device
     n, length = blocks.shape
-    k = min(topk, teacher.get_output_embeddings().weight.shape[0])
-    hidden = teacher.config.get_text_config().hidden_size
+    hidden = identity["hidden"]
     dtype = _hidden_dtype(teacher)
     layers = sorted(set(layers))
     targets = TeacherTargets(
-        folder, blocks, batch_size,
+        folder, blocks, batch_size, identity,
         values=_open(folder / "values.npy", (n, length, k), np.float32),
         indices=_open(folder / "indices.npy", (n, length, k), np.int32),
         lse=_open(folder / "lse.npy", (n, length), np.float32),
@@ -115,5 +151,24 @@ def compute_targets(teacher, blocks: torch.Tensor, folder: Path, topk: int, batc
             targets.layers[o][start:end] = record["states"][o + 1].float().cpu().numpy()
     for array in (targets.values, targets.indices, targets.lse, targets.final, *targets.layers.values()):
         array.flush()
+    _write_manifest(folder, identity, layers)
     log.debug("teacher targets for %d blocks: %.0f MiB in %s", n, targets.nbytes() / 2**20, folder)
     return targets
+
+
+def reopen(folder: Path, identity: dict, blocks: torch.Tensor, batch_size: int) -> TeacherTargets | None:
+    """The cache in `folder` if its manifest says it is complete for these tokens, else None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if {key: manifest.get(key) for key in identity} != identity:
+        return None
+
+    def load(name: str) -> np.ndarray:
+        return np.load(folder / name, mmap_mode="r+")
+
+    log.info("reusing the teacher targets in %s", folder)
+    return TeacherTargets(folder, blocks, batch_size, identity, values=load("values.npy"),
+                          indices=load("indices.npy"), lse=load("lse.npy"), final=load("final.npy"),
+                          layers={o: load(f"layer_{o}.npy") for o in manifest["layers"]})

@@ -77,6 +77,7 @@ def bad_cases(tiny_dir, text_file, tmp_path, seq2seq_dir):
         "unknown mode": (["--mode", "random"], "unknown mode"),
         "zero seq len": (["--seq-len", "0"], "seq_len must be at least 1"),
         "negative lr": (["--heal-lr", "-1"], "lr must be > 0"),
+        "negative checkpoint interval": (["--heal-checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
         "all loss weights zero": (["--w-kl", "0", "--w-mse", "0", "--w-final", "0"], "not all zero"),
         "unknown trainable set": (["--trainable", "everything"], "unknown trainable set"),
         "missing mc file": (["--final-tasks", "mc:" + str(tmp_path / "q.jsonl")], "does not exist"),

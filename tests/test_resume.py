@@ -79,6 +79,7 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, kill_at, res
     got = json.loads((out / "history.json").read_text())
     assert got["removed_original"] == ref["removed_original"]
     assert resumed_healings(got) == (dict([resumes]) if resumes else {})
+    assert (out / "logs" / "heal.csv").read_text() == (ref_out / "logs" / "heal.csv").read_text()
     a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -273,14 +274,20 @@ def _restore(state: dict, model, optimizer, scheduler, batches, config: HealConf
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    """Append per-step rows to a CSV (header once); TensorBoard too where it is installed."""
+    """Add per-step rows to a CSV; TensorBoard too where it is installed. Rows of the same
+    iteration already there (a resumed run heals that iteration to its end again) are replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as handle:
+    kept = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as handle:
+            redone = {str(row["iteration"]) for row in rows}
+            kept = [row for row in csv.DictReader(handle) if row["iteration"] not in redone]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+        writer.writeheader()
+        writer.writerows([*kept, *rows])
+    os.replace(tmp, path)
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

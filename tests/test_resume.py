@@ -21,11 +21,12 @@ def command(tiny_dir, text_file, out):
             "--quiet"]
 
 
-def run(argv, kill_at=None):
+def run(argv, kill_at=None, nan_at=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("LAYERPRUNE_KILL_AT", None)
-    if kill_at:
-        env["LAYERPRUNE_KILL_AT"] = kill_at
+    for variable, value in (("LAYERPRUNE_KILL_AT", kill_at), ("LAYERPRUNE_NAN_AT", nan_at)):
+        env.pop(variable, None)
+        if value:
+            env[variable] = value
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -135,3 +136,19 @@ def test_corrupt_healing_checkpoint_is_refused_with_a_fix(reference, tmp_path):
     refused = run(command(tiny_dir, text_file, out))
     assert refused.returncode == 2 and "unreadable" in refused.stderr and "--overwrite" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_nan_while_healing_stops_keeps_the_last_good_checkpoint_and_resumes(reference, tmp_path):
+    tiny_dir, text_file, ref_out = reference
+    out = tmp_path / "out"
+    failed = run(command(tiny_dir, text_file, out), nan_at="healing:6")  # iteration 2, step 3
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert "non-finite healing loss (nan) at iteration 2 step 3" in failed.stderr
+    assert "Traceback" not in failed.stderr and not (out / "history.json").exists()
+    state = json.loads((out / "heal-checkpoint" / "state.json").read_text())
+    assert (state["pending"]["iteration"], state["pending"]["step"]) == (2, 2)
+    resumed = run(command(tiny_dir, text_file, out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed_healings(json.loads((out / "history.json").read_text())) == {2: 2}
+    a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)

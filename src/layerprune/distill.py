@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .activations import capture, injected, prefix_state
 from .config import HealConfig
 from .errors import LayerpruneError
-from .faults import crash_point
+from .faults import crash_point, poisoned
 from .losses import LossWeights, joint_loss, kl_loss, topk_kl_loss
 from .surgery import find_layers, num_layers, original_indices
 from .targets import TeacherTargets
@@ -209,6 +209,7 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
                     terms = straightforward_terms(model, student, teacher, ids, pairs, weights)
                 else:
                     terms = cached_terms(model, student, ids, block_rows, prefix, start, targets, pairs, weights)
+                terms["loss"] = poisoned("healing", terms["loss"])
                 if not torch.isfinite(terms["loss"]):
                     raise NonFiniteLoss(f"non-finite healing loss ({terms['loss'].item()}) at iteration {iteration} "
                                         f"step {step}; the student keeps its weights from before this step",

@@ -152,3 +152,17 @@ def test_nan_while_healing_stops_keeps_the_last_good_checkpoint_and_resumes(refe
     assert resumed_healings(json.loads((out / "history.json").read_text())) == {2: 2}
     a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_options_that_change_no_result_may_differ_on_resume(reference, tmp_path):
+    tiny_dir, text_file, ref_out = reference
+    out = tmp_path / "out"
+    assert run(command(tiny_dir, text_file, out), "healing:2").returncode == -9
+    other = command(tiny_dir, text_file, out)
+    other[other.index("--heal-checkpoint-every") + 1] = "1"
+    other.remove("--no-speed")
+    resumed = run(other)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed_healings(json.loads((out / "history.json").read_text())) == {1: 2}
+    a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)

@@ -277,6 +277,13 @@ def final_evaluation(s: Session) -> tuple[dict, dict]:
     return {"tasks": scores, "quality_retained": quality_retained(scores, teacher_scores)}, teacher_scores
 
 
+def _results_part(config: dict) -> dict:
+    """The options a resumed run must share with the interrupted one: all but those that change no
+    removal, weight or score (how often healing is checkpointed, whether speed is measured)."""
+    heal = {key: value for key, value in config["heal"].items() if key != "checkpoint_every"}
+    return {**{key: value for key, value in config.items() if key != "measure_speed"}, "heal": heal}
+
+
 def _json_form(config: PruneConfig) -> dict:
     return json.loads(json.dumps(config.to_dict()))
 
@@ -300,7 +307,7 @@ def resume_point(config: PruneConfig, out: Path, resume: bool, overwrite: bool):
             raise LayerpruneError(f"there is no unfinished run to resume in {out}", "run without --resume")
         return None, [], None
     states = [checkpoint.read_state(f) for f in (folder, heal_folder) if f is not None]
-    if any(state["config"] != _json_form(config) for state in states):
+    if any(_results_part(state["config"]) != _results_part(_json_form(config)) for state in states):
         raise LayerpruneError(f"{out} holds an unfinished run with a different configuration",
                               "rerun with the same options to continue it, or pass --overwrite to start afresh")
     entries = states[0].get("entries", []) if folder is not None else []

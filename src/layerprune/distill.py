@@ -120,13 +120,14 @@ def straightforward_terms(model, student, teacher, ids, pairs, weights) -> dict:
                       s_rec["final"], t_rec["final"], mask, weights)
 
 
-def cached_terms(model, student, ids, rows, prefix, start, targets: TeacherTargets, pairs, weights) -> dict:
+def cached_terms(model, student, ids, rows, prefix: FrozenPrefix, start, targets: TeacherTargets, pairs,
+                 weights) -> dict:
     """The fast step: the frozen layers below `start` are replaced by their cached output, and the
     teacher by its cached targets; only the trainable top of the student runs."""
     mask = torch.ones_like(ids)
     depth = num_layers(student)
     t = targets.take(rows, [o for _, o in pairs], ids.device)
-    with injected(student, start, prefix[rows.to(prefix.device)].to(ids.device), range(start, depth)), \
+    with injected(student, start, prefix(rows, ids.device), range(start, depth)), \
             capture(student, final=True) as s_rec:
         s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     kl = topk_kl_loss(s_logits, t["values"], t["indices"], t["lse"], mask, weights.temperature)
@@ -134,13 +135,26 @@ def cached_terms(model, student, ids, rows, prefix, start, targets: TeacherTarge
                       t["final"], mask, weights)
 
 
-@torch.no_grad()
-def prefix_states(student, start: int, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The state entering layer `start` for every block: frozen during healing, so computed once."""
-    device = next(student.parameters()).device
-    parts = [prefix_state(student, start, ids.to(device), torch.ones_like(ids, device=device))
-             for ids in blocks.split(batch_size)]
-    return torch.cat(parts)
+class FrozenPrefix:
+    """The state entering layer `start` for each training block, computed the first time the block
+    is drawn and then kept: the layers below `start` are frozen, so it never changes during a
+    healing. Only drawn blocks cost anything (a short healing on a large training set touches
+    few), and each block runs alone, so its state does not depend on the order of drawing (a
+    resumed healing computes the same bits)."""
+
+    def __init__(self, student, start: int, blocks: torch.Tensor):
+        self.student, self.start, self.blocks, self.states = student, start, blocks, {}
+
+    @torch.no_grad()
+    def __call__(self, rows: torch.Tensor, device) -> torch.Tensor:
+        training = self.student.training
+        self.student.eval()
+        for row in rows.tolist():
+            if row not in self.states:
+                ids = self.blocks[row:row + 1].to(device)
+                self.states[row] = prefix_state(self.student, self.start, ids, torch.ones_like(ids))[0]
+        self.student.train(training)
+        return torch.stack([self.states[row] for row in rows.tolist()])
 
 
 def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0, cuts: list[int] | None = None,
@@ -182,7 +196,7 @@ def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0
     if targets is not None:
         targets.ensure_layers(teacher, [o for _, o in pairs], progress)
     start = 0 if config.trainable == "lora" else min(layers)
-    prefix = prefix_states(student, start, blocks, config.batch_size) if targets is not None else None
+    prefix = FrozenPrefix(student, start, blocks) if targets is not None else None
     model = set_trainable(student, layers, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

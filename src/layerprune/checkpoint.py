@@ -67,14 +67,20 @@ def _write_atomically(out: Path, name: str, write: Callable[[Path], None], site:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data), encoding="utf-8")
+def write_json(path: Path, data, indent: int | None = 2) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=indent)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def save_checkpoint(out: Path, config: dict, entries: list[dict], student) -> None:
     def write(tmp: Path) -> None:
         save_model(student, str(tmp / "student.safetensors"))  # handles tied embeddings
-        _write_json(tmp / "state.json", {"config": config, "entries": entries})
+        write_json(tmp / "state.json", {"config": config, "entries": entries}, indent=None)
 
     _write_atomically(out, FOLDER, write, "checkpoint")
 
@@ -84,7 +90,7 @@ def save_heal_checkpoint(out: Path, config: dict, pending: dict, state: dict) ->
     `state`: what `distill.heal` hands its checkpoint callback (tensors and rows)."""
     def write(tmp: Path) -> None:
         torch.save(state, tmp / "heal.pt")
-        _write_json(tmp / "state.json", {"config": config, "pending": {**pending, "step": state["step"]}})
+        write_json(tmp / "state.json", {"config": config, "pending": {**pending, "step": state["step"]}}, indent=None)
 
     _write_atomically(out, HEAL_FOLDER, write, "heal-checkpoint")
 

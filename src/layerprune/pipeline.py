@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .checkpoint import write_json
 from .config import PruneConfig
 from .data import Corpus, load_corpus
 from .errors import LayerpruneError
@@ -226,16 +227,6 @@ def run_iterations(s: Session, count: int, progress: bool = True, done: list[dic
         if on_entry is not None:
             on_entry(entries)
     return entries
-
-
-def write_json(path: Path, data) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def check_output(out: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import capture, prefix_state
+from .checkpoint import write_json
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,12 @@ def _identity(teacher, blocks: torch.Tensor, k: int) -> dict:
     with torch.no_grad():
         weights = sum(float(p.double().sum()) for p in teacher.parameters())
     return {"tokens_sha256": hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest(), "shape": list(blocks.shape),
-            "weights_sum": weights,
-            "k": k, "hidden": teacher.config.get_text_config().hidden_size,
+            "weights_sum": weights, "k": k, "hidden": teacher.config.get_text_config().hidden_size,
             "dtype": np.dtype(_hidden_dtype(teacher)).name}
 
 
 def _write_manifest(folder: Path, identity: dict, layers) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({**identity, "layers": sorted(layers)}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    write_json(folder / MANIFEST, {**identity, "layers": sorted(layers)})
 
 
 def _hidden_dtype(teacher):

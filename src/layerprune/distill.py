@@ -147,14 +147,16 @@ class FrozenPrefix:
 
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, device) -> torch.Tensor:
-        training = self.student.training
-        self.student.eval()
-        for row in rows.tolist():
-            if row not in self.states:
+        rows = rows.tolist()
+        missing = [row for row in rows if row not in self.states]
+        if missing:
+            training = self.student.training
+            self.student.eval()
+            for row in missing:
                 ids = self.blocks[row:row + 1].to(device)
                 self.states[row] = prefix_state(self.student, self.start, ids, torch.ones_like(ids))[0]
-        self.student.train(training)
-        return torch.stack([self.states[row] for row in rows.tolist()])
+            self.student.train(training)
+        return torch.stack([self.states[row] for row in rows])
 
 
 def heal(student, teacher, corpus, config: HealConfig, steps: int, seed: int = 0, cuts: list[int] | None = None,

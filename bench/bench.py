@@ -3,8 +3,9 @@
 Each figure is printed next to its straightforward counterpart from the same run, with the
 ratio; every phase runs in its own process so that its peak memory (RSS) is its own.
 
-    python bench/bench.py                  # everything, about 10 minutes on 2 cores
-    python bench/bench.py --phases scoring # one phase
+    python bench/bench.py                  # everything: on 2 cores scoring took 9 min,
+                                           # healing 2, shortlist about 10, precision < 1
+    python bench/bench.py --phases scoring # one phase (scoring, healing, shortlist, precision)
 """
 
 from __future__ import annotations

@@ -39,9 +39,8 @@ def whole_tensor_tasks(batches):
     full log-softmax): the statistics a straightforward round would use."""
     import torch.nn.functional as F
 
-    from layerprune.batches import Task
-    from layerprune.logprobs import accuracy_summary
-    from layerprune.tasks import perplexity_summary
+    from layerprune.tasks import Task, perplexity_summary
+    from layerprune.tasks.stats import accuracy_summary
 
     def scored(logits, batch):
         mask = batch.target_mask[:, :-1].bool()
@@ -128,14 +127,15 @@ def phase_scoring(args) -> dict:
 
 def _heal_run(model, corpus, targets, steps, topk, tmp):
     from layerprune.config import HealConfig
-    from layerprune.distill import heal
+    from layerprune.heal import heal, plan
     from layerprune.surgery import remove_layers
 
     student = copy.deepcopy(model)
     remove_layers(student, [17])
     config = HealConfig(steps=steps, batch_size=2, grad_accum=2, teacher_topk=topk)
+    job = plan(student, config, steps, iteration=1, seed=0, dropped=[17])
     start = time.perf_counter()
-    log = heal(student, model, corpus, config, steps=steps, cuts=[17], targets=targets, progress=False)
+    log = heal(student, model, corpus.blocks["train"], job, targets, progress=False)
     return time.perf_counter() - start, log
 
 
@@ -163,9 +163,9 @@ def phase_healing(args) -> dict:
         full = compute_targets(model, small.blocks["train"], f"{tmp}/full", vocab, progress=False)
         _, exact_cached = _heal_run(model, small, full, 2, vocab, tmp)
         _, exact_straight = _heal_run(model, small, None, 2, vocab, tmp)
-    diff = max(abs(a[k] - b[k]) for a, b in zip(exact_cached["rows"], exact_straight["rows"])
+    diff = max(abs(a[k] - b[k]) for a, b in zip(exact_cached.rows, exact_straight.rows)
                for k in ("loss", "kl", "mse", "final_mse"))
-    topk_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(cached["rows"], straight["rows"]))
+    topk_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(cached.rows, straight.rows))
     return {
         "steps": f"{args.heal_steps} steps x 2 x 2 blocks of 256 tokens, layers around original 17 trained",
         "tokens_per_s": {"straightforward": tokens / straight_s, "cached targets + frozen prefix": tokens / cached_s},
@@ -218,7 +218,7 @@ def phase_precision(args) -> dict:
     each against a float64 reference: where the two rounds' statistics differ, which is right."""
     import torch.nn.functional as F
 
-    from layerprune.logprobs import next_token_logprobs
+    from layerprune.tasks.stats import next_token_logprobs
     from layerprune.surgery import layer_view, num_layers
     from layerprune.tasks import TaskData, forward_logits
 

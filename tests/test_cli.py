@@ -1,13 +1,20 @@
-"""Bad input: one line naming the problem and the fix, exit code 2, no output folder."""
+"""Bad input: one line naming the problem and the fix, exit code 2, no output folder. The
+catalogue is the one table CATALOGUE; the README's count is checked against it."""
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from transformers import T5Config, T5ForConditionalGeneration
 
 from layerprune.cli import main
 
-from conftest import hf_char_tokenizer
+from common import hf_char_tokenizer, tiny_from_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def run(capsys, *argv):
@@ -23,92 +30,104 @@ def common(tiny_dir, text_file, out):
             "--final-tasks", "perplexity", "--no-speed", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def seq2seq_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("t5") / "t5"
-    T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=16, d_ff=32, num_layers=1, num_heads=2,
-                                        d_kv=8)).save_pretrained(path)
-    hf_char_tokenizer().save_pretrained(path)
-    return path
+class Paths:
+    """What the cases point at, made on demand in the test's temporary folder."""
 
+    def __init__(self, tmp_path, tiny_dir, text_file, models):
+        self.tmp, self.tiny, self.text, self.models = tmp_path, tiny_dir, text_file, models
 
-def bad_cases(tiny_dir, text_file, tmp_path, seq2seq_dir):
-    files = {}
-
-    def write(name, data):
-        path = tmp_path / name
+    def file(self, name, data):
+        path = self.tmp / name
         path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
-        files[name] = path
         return str(path)
 
-    corrupt_config = tmp_path / "corrupt-config"
-    corrupt_config.mkdir()
-    (corrupt_config / "config.json").write_text("{not json")
-    corrupt_weights = tmp_path / "corrupt-weights"
-    import shutil
+    def folder(self, name):
+        path = self.tmp / name
+        path.mkdir(exist_ok=True)
+        return str(path)
 
-    shutil.copytree(tiny_dir, corrupt_weights)
-    (corrupt_weights / "model.safetensors").write_bytes(b"\x00" * 64)
-    folder = tmp_path / "a-folder"
-    folder.mkdir()
-    return {
-        "missing model": (["--model", str(tmp_path / "nope")], "does not exist"),
-        "folder without config": (["--model", str(folder)], "no config.json"),
-        "corrupt config": (["--model", str(corrupt_config)], "cannot read a model config"),
-        "corrupt weights": (["--model", str(corrupt_weights)], "cannot load the weights"),
-        "not a causal LM": (["--model", str(seq2seq_dir)], "not a causal language model"),
-        "bad dtype": (["--dtype", "float64"], "unknown dtype"),
-        "bad device": (["--device", "tpu"], "unknown device"),
-        "target not below depth": (["--target-layers", "6"], "not below the model's 6 layers"),
-        "target below 1": (["--target-layers", "0"], "at least 1"),
-        "remove everything": (["--remove", "6"], "would leave no layer"),
-        "protection makes target impossible": (["--protect-first", "3", "--protect-last", "3"], "unprotected"),
-        "empty data": (["--data", write("empty.txt", "")], "holds no text"),
-        "too-short data": (["--data", write("short.txt", "one\n\ntwo\n\nthree")], "block(s) of 32"),
-        "binary data": (["--data", write("binary.txt", b"\x00\x01\x02" * 100)], "looks binary"),
-        "non-UTF-8 data": (["--data", write("latin.txt", "caf\xe9 ".encode("latin-1") * 100)], "not valid UTF-8"),
-        "jsonl without the field": (["--data", write("d.jsonl", '{"body": "x"}\n')], "no string field"),
-        "data folder": (["--data", str(folder)], "is a folder"),
-        "missing data file": (["--data", str(tmp_path / "none.txt")], "does not exist"),
-        "unknown data type": (["--data", write("d.csv", "a,b\n")], "unsupported data file type"),
-        "unknown metric": (["--metric", "magic"], "unknown metric"),
-        "unknown task": (["--tasks", "hellaswag"], "unknown task"),
-        "generative importance task": (["--tasks", "copy_generate"], "generates text"),
-        "unknown mode": (["--mode", "random"], "unknown mode"),
-        "zero seq len": (["--seq-len", "0"], "seq_len must be at least 1"),
-        "negative lr": (["--heal-lr", "-1"], "lr must be > 0"),
-        "negative checkpoint interval": (["--heal-checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
-        "all loss weights zero": (["--w-kl", "0", "--w-mse", "0", "--w-final", "0"], "not all zero"),
-        "unknown trainable set": (["--trainable", "everything"], "unknown trainable set"),
-        "missing mc file": (["--final-tasks", "mc:" + str(tmp_path / "q.jsonl")], "does not exist"),
-        "out is a file": (["--out", write("file-out", "x")], "is a file"),
-        "lm-eval task not available offline": (["--final-tasks", "lm_eval:no_such_task"], "not available here"),
-        "resume with nothing": (["--resume"], "no unfinished run"),
-    }
+    def corrupt_weights(self):
+        path = self.tmp / "corrupt-weights"
+        shutil.copytree(self.tiny, path)
+        (path / "model.safetensors").write_bytes(b"\x00" * 64)
+        return str(path)
 
 
-CASES = ["missing model", "folder without config", "corrupt config", "corrupt weights", "not a causal LM",
-         "bad dtype", "bad device", "target not below depth", "target below 1", "remove everything",
-         "protection makes target impossible", "empty data", "too-short data", "binary data", "non-UTF-8 data",
-         "jsonl without the field", "data folder", "missing data file", "unknown data type", "unknown metric",
-         "unknown task", "generative importance task", "unknown mode", "zero seq len", "negative lr",
-         "all loss weights zero", "unknown trainable set", "missing mc file", "out is a file",
-         "lm-eval task not available offline",
-         "resume with nothing"]
+# case -> (extra arguments, given the paths; text the one error line must hold)
+CATALOGUE = {
+    "missing model": (lambda p: ["--model", str(p.tmp / "nope")], "does not exist"),
+    "folder without config": (lambda p: ["--model", p.folder("a-folder")], "no config.json"),
+    "corrupt config": (lambda p: ["--model", str(Path(p.file("config.json", "{not json")).parent)],
+                       "cannot read a model config"),
+    "corrupt weights": (lambda p: ["--model", p.corrupt_weights()], "cannot load the weights"),
+    "not a causal LM": (lambda p: ["--model", str(p.models["t5"])], "not a causal language model"),
+    "unsupported architecture": (lambda p: ["--model", str(p.models["jamba"])], "cannot prune this architecture"),
+    "bad dtype": (lambda p: ["--dtype", "float64"], "unknown dtype"),
+    "bad device": (lambda p: ["--device", "tpu"], "unknown device"),
+    "target not below depth": (lambda p: ["--target-layers", "6"], "not below the model's 6 layers"),
+    "target below 1": (lambda p: ["--target-layers", "0"], "at least 1"),
+    "remove everything": (lambda p: ["--remove", "6"], "would leave no layer"),
+    "both depth options": (lambda p: ["--remove", "1", "--target-layers", "4"], "exactly one of"),
+    "protection makes target impossible": (lambda p: ["--protect-first", "3", "--protect-last", "3"], "unprotected"),
+    "blocks longer than the context": (lambda p: ["--seq-len", "512"], "longer than the model's context"),
+    "empty data": (lambda p: ["--data", p.file("empty.txt", "")], "holds no text"),
+    "too-short data": (lambda p: ["--data", p.file("short.txt", "one\n\ntwo\n\nthree")], "block(s) of 32"),
+    "binary data": (lambda p: ["--data", p.file("binary.txt", b"\x00\x01\x02" * 100)], "looks binary"),
+    "non-UTF-8 data": (lambda p: ["--data", p.file("latin.txt", "caf\xe9 ".encode("latin-1") * 100)],
+                       "not valid UTF-8"),
+    "jsonl without the field": (lambda p: ["--data", p.file("d.jsonl", '{"body": "x"}\n')], "no string field"),
+    "data folder": (lambda p: ["--data", p.folder("a-folder")], "is a folder"),
+    "missing data file": (lambda p: ["--data", str(p.tmp / "none.txt")], "does not exist"),
+    "unknown data type": (lambda p: ["--data", p.file("d.csv", "a,b\n")], "unsupported data file type"),
+    "unknown metric": (lambda p: ["--metric", "magic"], "unknown metric"),
+    "unknown task": (lambda p: ["--tasks", "hellaswag"], "unknown task"),
+    "generative importance task": (lambda p: ["--tasks", "copy_generate"], "generates text"),
+    "unknown mode": (lambda p: ["--mode", "random"], "unknown mode"),
+    "zero seq len": (lambda p: ["--seq-len", "0"], "seq_len must be at least 1"),
+    "not a number": (lambda p: ["--heal-steps", "many"], "steps must be int"),
+    "negative lr": (lambda p: ["--heal-lr", "-1"], "lr must be > 0"),
+    "negative checkpoint interval": (lambda p: ["--heal-checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
+    "all loss weights zero": (lambda p: ["--w-kl", "0", "--w-mse", "0", "--w-final", "0"], "not all zero"),
+    "unknown trainable set": (lambda p: ["--trainable", "everything"], "unknown trainable set"),
+    "missing mc file": (lambda p: ["--final-tasks", "mc:" + str(p.tmp / "q.jsonl")], "does not exist"),
+    "no output folder": (lambda p: ["--out", ""], "no output folder given"),
+    "out is a file": (lambda p: ["--out", p.file("file-out", "x")], "is a file"),
+    "lm-eval task not available offline": (lambda p: ["--final-tasks", "lm_eval:no_such_task"], "not available here"),
+    "resume with nothing": (lambda p: ["--resume"], "no unfinished run"),
+    "missing config file": (lambda p: ["--config", str(p.tmp / "none.yaml")], "cannot read config file"),
+    "config file not a mapping": (lambda p: ["--config", p.file("list.yaml", "- a\n- b\n")], "does not hold a mapping"),
+    "unknown config key": (lambda p: ["--config", p.file("typo.yaml", "heal:\n  stepz: 3\n")], "unknown config key"),
+}
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_gives_one_line_and_no_output(capsys, tiny_dir, text_file, tmp_path, seq2seq_dir, case):
-    extra, expected = bad_cases(tiny_dir, text_file, tmp_path, seq2seq_dir)[case]
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                        d_kv=8)).save_pretrained(root / "t5")
+    tiny_from_table("jamba").save_pretrained(root / "jamba")
+    for name in ("t5", "jamba"):
+        hf_char_tokenizer().save_pretrained(root / name)
+    return {"t5": root / "t5", "jamba": root / "jamba"}
+
+
+@pytest.mark.parametrize("case", list(CATALOGUE))
+def test_bad_input_gives_one_line_and_no_output(capsys, tiny_dir, text_file, tmp_path, models, case):
+    make, expected = CATALOGUE[case]
+    extra = make(Paths(tmp_path, tiny_dir, text_file, models))
     out = tmp_path / "out"
-    argv = common(tiny_dir, text_file, out)
     if not any(flag in extra for flag in ("--target-layers", "--remove")):
         extra = extra + ["--remove", "1"]
-    code, lines = run(capsys, *argv, *extra)
+    code, lines = run(capsys, *common(tiny_dir, text_file, out), *extra)
     assert code == 2
     assert len(lines) == 1 and expected in lines[0] and ";" in lines[0], lines
     assert "Traceback" not in capsys.readouterr().err
     assert not (out / "history.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_readme_states_the_catalogue_size():
+    counts = re.findall(r"(\d+) cases in\s+`tests/test_cli.py`", README.read_text(encoding="utf-8"))
+    assert counts == [str(len(CATALOGUE))]
 
 
 def test_full_disk_while_saving_is_one_line_and_resumable(capsys, monkeypatch, tiny_dir, text_file, tmp_path):
@@ -129,6 +148,20 @@ def test_full_disk_while_saving_is_one_line_and_resumable(capsys, monkeypatch, t
     assert (out / "history.json").exists()
 
 
+def test_the_saved_config_yaml_repeats_the_run(tiny_dir, text_file, tmp_path):
+    first = tmp_path / "first"
+    argv = common(tiny_dir, text_file, first) + ["--remove", "2", "--heal", "distill", "--heal-steps", "2",
+                                                 "--heal-grad-accum", "1", "--train-blocks", "4"]
+    assert main(argv) == 0
+    again = tmp_path / "again"
+    assert main(["prune", "--config", str(first / "config.yaml"), "--out", str(again), "--quiet"]) == 0
+    a, b = (json.loads((d / "history.json").read_text()) for d in (first, again))
+    assert a["removed_original"] == b["removed_original"] and a["final_suite"] == b["final_suite"]
+    assert {**a["config"], "out": ""} == {**b["config"], "out": ""}
+    wa, wb = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
 def test_prune_and_score_commands(capsys, tiny_dir, text_file, tmp_path):
     out = tmp_path / "out"
     assert main(common(tiny_dir, text_file, out) + ["--remove", "1", "--metric", "bi"]) == 0
@@ -146,7 +179,7 @@ def test_eval_command_prints_a_table_and_writes_json(capsys, tiny_dir, text_file
                  "--train-blocks", "2", "--eval-blocks", "2", "--json", str(target), "--quiet", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "quality retained: 1.0000" in printed
+    assert "quality retained: 1.0000 (mean over perplexity, kl, continuation)" in printed
     result = json.loads(target.read_text())
     assert result["quality_retained"] == pytest.approx(1.0) and set(result["tasks"]) == {"perplexity", "kl",
                                                                                          "continuation"}
@@ -155,18 +188,3 @@ def test_eval_command_prints_a_table_and_writes_json(capsys, tiny_dir, text_file
 def test_kl_without_teacher_is_refused(capsys, tiny_dir, text_file):
     code, lines = run(capsys, "eval", "--model", str(tiny_dir), "--data", str(text_file), "--tasks", "kl")
     assert code == 2 and "--teacher" in lines[0]
-
-
-def test_compare_writes_table_and_plot(capsys, tiny_dir, text_file, tmp_path):
-    out = tmp_path / "cmp"
-    code = main(["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--remove", "1,2",
-                 "--seq-len", "32", "--calib-blocks", "2", "--train-blocks", "4", "--eval-blocks", "2",
-                 "--heal-steps", "1", "--heal-grad-accum", "1", "--quiet", "--device", "cpu"])
-    assert code == 0
-    summary = json.loads((out / "compare.json").read_text())
-    assert len(summary["results"]) == 10
-    for result in summary["results"].values():
-        assert set(result["quality_retained"]) == {"1", "2"}
-    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    table = (out / "compare.md").read_text()
-    assert "| layerprune + healing |" in table and "| shortgpt + no healing |" in table

@@ -11,7 +11,7 @@ import torch
 
 from layerprune.surgery import remove_layers
 
-from conftest import tiny_model
+from common import tiny_model
 
 SCRIPT = Path(__file__).with_name("ddp_heal.py")
 

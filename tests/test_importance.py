@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from layerprune.importance import (METRICS, ScoringContext, angular_distance, block_influence, candidate_stats,
-                                   score_layers)
+                                   score_layers, select_layers)
 from layerprune.surgery import find_layers
 from layerprune.tasks import TaskData, build_tasks, evaluate_tasks
 
-from conftest import tiny_model
+from common import tiny_model
 
 IDENTITY_LAYER = 3
 
@@ -91,3 +91,32 @@ def test_candidates_restrict_the_search(blocks):
     ctx.candidates = [2, 4]
     scores = score_layers(model, "quality", ctx)
     assert [i for i, s in enumerate(scores) if s == s] == [2, 4]
+
+
+class TestSelection:
+    def test_iterative_takes_the_lowest_and_one_shot_the_count_lowest(self, blocks):
+        model = tiny_model("llama")
+        ctx = _context(model, blocks)
+        ctx.candidates = list(range(1, 6))
+        scores = score_layers(model, "bi", ctx)
+        ranked = sorted(range(1, 6), key=lambda i: scores[i])
+        assert select_layers(model, "bi", "iterative", 3, ctx).drop == ranked[:1]
+        assert select_layers(model, "bi", "one-shot", 3, ctx).drop == sorted(ranked[:3])
+
+    def test_block_mode_takes_a_contiguous_run_of_candidates(self, blocks):
+        model = tiny_model("llama")
+        ctx = _context(model, blocks)
+        ctx.candidates = [0, 1, 2, 3]
+        selection = select_layers(model, "angular_last", "block", 2, ctx)
+        assert selection.drop == [selection.block_start, selection.block_start + 1]
+        assert set(selection.drop) <= {0, 1, 2, 3}
+
+    def test_a_shortlist_narrows_the_expensive_metric(self, blocks):
+        model = tiny_model("llama")
+        ctx = _context(model, blocks)
+        ctx.candidates = list(range(6))
+        bi = score_layers(model, "bi", ctx)
+        selection = select_layers(model, "quality", "iterative", 1, ctx, shortlist=2)
+        assert selection.shortlist == sorted(sorted(range(6), key=lambda i: bi[i])[:2])
+        assert [i for i, s in enumerate(selection.scores) if s == s] == selection.shortlist
+        assert selection.drop[0] in selection.shortlist

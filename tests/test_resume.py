@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from layerprune import DataConfig, HealConfig, PruneConfig, prune
 from layerprune.errors import LayerpruneError
 
+from common import check_output_folder
+
 
 def command(tiny_dir, text_file, out):
     return [sys.executable, "-m", "layerprune", "prune", "--model", str(tiny_dir), "--data", str(text_file),
@@ -32,11 +34,11 @@ def run(argv, kill_at=None, nan_at=None):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    import conftest
+    from common import make_text_file, save_tiny
 
     root = tmp_path_factory.mktemp("ref")
-    tiny_dir = conftest.save_tiny(root / "tiny")
-    text_file = conftest.make_text_file(root / "corpus.txt")
+    tiny_dir = save_tiny(root / "tiny")
+    text_file = make_text_file(root / "corpus.txt")
     out = root / "out"
     assert run(command(tiny_dir, text_file, out)).returncode == 0
     return tiny_dir, text_file, out
@@ -61,8 +63,8 @@ KILLS = [
 
 def resumed_healings(history: dict) -> dict:
     found = {e["iteration"]: e["heal"]["resumed_at_step"] for e in history["iterations"]
-             if "resumed_at_step" in e["heal"]}
-    if "resumed_at_step" in history["final_heal"]:
+             if "resumed_at_step" in (e["heal"] or {})}
+    if "resumed_at_step" in (history["final_heal"] or {}):
         found["final"] = history["final_heal"]["resumed_at_step"]
     return found
 
@@ -83,7 +85,7 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, kill_at, res
     assert (out / "logs" / "heal.csv").read_text() == (ref_out / "logs" / "heal.csv").read_text()
     a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
+    check_output_folder(out, depth=3, removed=3)
 
 
 def test_different_configuration_is_refused_and_overwrite_starts_afresh(reference, tmp_path):
@@ -103,29 +105,6 @@ def test_resume_without_a_run_is_refused(tiny_dir, text_file, tmp_path):
                                          eval_blocks=2), heal=HealConfig(method="none"))
     with pytest.raises(LayerpruneError, match="no unfinished run"):
         prune(config, progress=False, resume=True)
-
-
-def test_checkpoint_round_trip_with_tied_embeddings(tmp_path):
-    import torch
-
-    from conftest import tiny_model
-    from layerprune.checkpoint import find_checkpoint, restore_student, save_checkpoint
-    from layerprune.surgery import remove_layers
-
-    model = tiny_model("llama")
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    student = tiny_model("llama")
-    student.config.tie_word_embeddings = True
-    student.tie_weights()
-    remove_layers(student, [2])
-    with torch.no_grad():
-        student.model.embed_tokens.weight.add_(1.0)
-    save_checkpoint(tmp_path, {"x": 1}, [{"removed_current": [2], "removed_original": [2]}], student)
-    restore_student(model, find_checkpoint(tmp_path), [{"removed_current": [2], "removed_original": [2]}])
-    for key, value in student.state_dict().items():
-        assert torch.equal(value, model.state_dict()[key]), key
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def test_corrupt_healing_checkpoint_is_refused_with_a_fix(reference, tmp_path):

@@ -3,15 +3,14 @@ import json
 import pytest
 import torch
 
-from layerprune.batches import Batch
-from layerprune.choice_tasks import (build_copy, choice_batches, choice_stats,
-                                     choice_summary, lcs_length, mmlu_questions, questions_task,
-                                     read_questions)
 from layerprune.errors import LayerpruneError
-from layerprune.tasks import (TaskData, build_tasks, check_task_name, evaluate_tasks, perplexity_summary,
-                              quality_retained)
+from layerprune.tasks import (Batch, TaskData, build_tasks, check_task_name, collect_stats, evaluate_tasks,
+                              perplexity_summary, quality_retained)
+from layerprune.tasks.choice import (choice_batches, choice_stats, choice_summary, mmlu_questions, questions_task,
+                                     read_questions)
+from layerprune.tasks.copying import build_copy, lcs_length
 
-from conftest import TinyTokenizer, tiny_model
+from common import TinyTokenizer, tiny_model
 
 
 def oracle_logits(batch: Batch, rows=None) -> torch.Tensor:
@@ -104,7 +103,7 @@ def test_perplexity_summary_scale():
 
 
 def test_lm_eval_task_from_local_files(tmp_path):
-    from conftest import hf_char_tokenizer
+    from common import hf_char_tokenizer
 
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"is {i} even?", "choices": [" yes", " no"], "answer": i % 2})
@@ -126,7 +125,7 @@ def test_lm_eval_task_from_local_files(tmp_path):
 def test_sliced_logprobs_and_kl_match_the_whole_tensor_formulas(monkeypatch):
     import torch.nn.functional as F
 
-    from layerprune import logprobs
+    from layerprune.tasks import stats as logprobs
 
     monkeypatch.setattr(logprobs, "ELEMENTS_PER_SLICE", 3 * 50)  # 3 positions a slice: uneven tails
     torch.manual_seed(0)
@@ -136,3 +135,14 @@ def test_sliced_logprobs_and_kl_match_the_whole_tensor_formulas(monkeypatch):
     assert torch.allclose(logprobs.next_token_logprobs(logits, ids), want, atol=1e-6)
     t, s = F.log_softmax(teacher, -1), F.log_softmax(logits, -1)
     assert torch.allclose(logprobs.token_kl(logits, teacher), (t.exp() * (t - s)).sum(-1), atol=1e-6)
+
+
+def test_one_collection_loop_serves_several_variants_at_once():
+    """Evaluation is the one-variant case of the loop candidate scoring uses."""
+    model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    blocks = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    tasks = build_tasks(["perplexity", "kl"], TaskData(None, blocks, [], 2))
+    both = collect_stats(model, tasks, model, lambda batch: iter([("a", model(input_ids=batch.input_ids).logits),
+                                                                  ("b", other(input_ids=batch.input_ids).logits)]))
+    assert both["a"] == collect_stats(model, tasks, model)[None]
+    assert both["b"] == collect_stats(other, tasks, model)[None]

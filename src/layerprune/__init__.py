@@ -1,18 +1,21 @@
 """layerprune: make language models shallower, one measured layer at a time.
 
-The public API: `prune(PruneConfig)` runs the whole job; `score()` ranks the
-layers of a model once; the config dataclasses describe a run. The CLI
-(`layerprune ...`) is a thin layer over these.
+The public API: `prune(PruneConfig)` runs the whole job; `score(ScoreConfig)`
+ranks the layers of a model once; `evaluate(EvalConfig)` scores a model
+against its original; `compare(CompareConfig)` runs the method against the
+baselines. The CLI (`layerprune ...`) is a thin layer over these.
 """
 
-from .config import DataConfig, HealConfig, PruneConfig
+from .api import evaluate, score
+from .compare import compare
+from .config import CompareConfig, DataConfig, EvalConfig, HealConfig, PruneConfig, ScoreConfig
 from .errors import LayerpruneError
 from .importance import METRICS
-from .api import evaluate, score
 from .pipeline import prune
 from .surgery import find_layers, original_indices, remove_layers
 from .tasks import TASKS
 
-__all__ = ["DataConfig", "HealConfig", "PruneConfig", "LayerpruneError", "METRICS", "TASKS", "prune", "score", "evaluate",
-           "find_layers", "original_indices", "remove_layers"]
+__all__ = ["CompareConfig", "DataConfig", "EvalConfig", "HealConfig", "PruneConfig", "ScoreConfig",
+           "LayerpruneError", "METRICS", "TASKS", "prune", "score", "evaluate", "compare", "find_layers",
+           "original_indices", "remove_layers"]
 __version__ = "0.1.0"

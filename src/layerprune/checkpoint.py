@@ -1,98 +1,170 @@
-"""Checkpoints, written atomically, and resuming from them.
+"""The run's records (history entries, the iteration in flight, the history itself), their JSON
+form, the checkpoints that hold them, and the decision to start afresh or resume.
 
-Two folders in the output folder, each written into a temporary folder,
-fsynced, and swapped in by rename, so a crash at any moment leaves either the
-previous version or the new one:
-
+Two folders in the output folder, each written atomically (io.write_folder):
 - `checkpoint/`, after every iteration: the student's weights (in their pruned
-  shape) and `state.json` (the configuration and the history entries so far);
-- `heal-checkpoint/`, every N healing steps of the iteration in flight: its
-  scoring result (so scoring is not redone), the trained parameters, the
-  optimizer, scheduler and RNG states, the step reached and the loss rows.
-  Only what healing changes is stored: the frozen rest comes from
-  `checkpoint/` plus the iteration's removal.
+  shape) and `state.json` (the configuration and the iteration records so far);
+- `heal-checkpoint/`, every N healing steps of the iteration in flight: the
+  `PendingIteration` (its scoring, so scoring is not redone, and the held-out
+  evaluation before healing) and, in `heal.pt`, what healing changes: the
+  trained parameters, optimizer, scheduler and RNG states, the step and the
+  loss rows. The frozen rest comes from `checkpoint/` plus the removal.
 
 Resuming rebuilds the student by replaying the recorded removals on the
 original model and loading the saved weights; a healing resumes at its step
 with the data order replayed; every iteration is seeded by its number, so the
 resumed run ends where an uninterrupted one would, bit for bit on CPU.
+`history.json`, written last, alone marks a finished run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_model, save_model
 
 from .errors import LayerpruneError
-from .faults import crash_point
+from .heal import HealLog
+from .importance import Selection
+from .io import remove_folder, write_folder, write_json
 from .surgery import remove_layers
 
 log = logging.getLogger(__name__)
 
-FOLDER, HEAL_FOLDER = "checkpoint", "heal-checkpoint"
+FOLDER, HEAL_FOLDER, HISTORY = "checkpoint", "heal-checkpoint", "history.json"
 FILES = {FOLDER: ("state.json", "student.safetensors"), HEAL_FOLDER: ("state.json", "heal.pt")}
+# Options that change no removal, weight or score: a resumed run may set them differently.
+NO_RESULT_OPTIONS = {"measure_speed": None, "heal": {"checkpoint_every": None}}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass
+class Evaluation:
+    """Held-out task scores and quality retained: the mean of score / the teacher's score over
+    exactly the tasks named in `averaged_over`."""
+
+    tasks: dict[str, dict[str, float]]
+    quality_retained: float
+    averaged_over: list[str]
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Evaluation":
+        return cls(**data)
 
 
-def _write_atomically(out: Path, name: str, write: Callable[[Path], None], site: str) -> None:
-    """`write(tmp)` fills a temporary folder; every file is fsynced, then it replaces `out/name`."""
-    tmp, final, old = out / f".{name}.tmp", out / name, out / f".{name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for path in tmp.iterdir():
-        with open(path, "rb+") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    crash_point(site)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(out)
-    shutil.rmtree(old, ignore_errors=True)
+@dataclass
+class IterationRecord:
+    """One removal step of history.json. `scores` maps ORIGINAL layer index -> importance (None
+    where not scored); removals are given in current and original indices."""
+
+    iteration: int
+    scores: dict[str, float | None]
+    removed_current: list[int]
+    removed_original: list[int]
+    layers_after: int
+    eval: Evaluation
+    heal: HealLog | None
+    timings: dict[str, float]
+    shortlist: list[int] | None = None
+    block_start: int | None = None
+
+    def to_json(self) -> dict:
+        data = {**asdict(self), "eval": asdict(self.eval), "heal": self.heal.to_json() if self.heal else None}
+        return {k: v for k, v in data.items() if v is not None or k == "heal"}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "IterationRecord":
+        heal = HealLog.from_json(data["heal"]) if data.get("heal") else None
+        return cls(**{**data, "eval": Evaluation.from_json(data["eval"]), "heal": heal})
 
 
-def write_json(path: Path, data, indent: int | None = 2) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=indent)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+@dataclass
+class PendingIteration:
+    """The iteration in flight, saved with every healing checkpoint: with it a resumed run skips
+    the scoring and continues the healing at `step`."""
+
+    iteration: int
+    selection: Selection
+    score_s: float = 0.0
+    held_out_before: dict = field(default_factory=dict)
+    step: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PendingIteration":
+        return cls(**{**data, "selection": Selection(**data["selection"])})
 
 
-def save_checkpoint(out: Path, config: dict, entries: list[dict], student) -> None:
+@dataclass
+class History:
+    """history.json. `final_eval` averages the same tasks as every iteration's `eval`
+    (--eval-tasks); `final_suite` is the wider final report (--eval-tasks + --final-tasks)."""
+
+    config: dict
+    model: str
+    original_layers: int
+    final_layers: int
+    removed_original: list[int]
+    kept_original: list[int]
+    teacher_eval: dict
+    iterations: list[IterationRecord]
+    final_heal: HealLog | None
+    final_eval: Evaluation
+    final_suite: Evaluation
+    seconds: float
+    status: str = "complete"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "iterations": [r.to_json() for r in self.iterations],
+                "final_heal": self.final_heal.to_json() if self.final_heal else None,
+                "final_eval": asdict(self.final_eval), "final_suite": asdict(self.final_suite)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "History":
+        return cls(**{**data, "iterations": [IterationRecord.from_json(r) for r in data["iterations"]],
+                      "final_heal": HealLog.from_json(data["final_heal"]) if data.get("final_heal") else None,
+                      "final_eval": Evaluation.from_json(data["final_eval"]),
+                      "final_suite": Evaluation.from_json(data["final_suite"])})
+
+
+def read_history(out: Path) -> History:
+    return History.from_json(json.loads((Path(out) / HISTORY).read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save_checkpoint(out: Path, config: dict, records: list[IterationRecord], student) -> None:
     def write(tmp: Path) -> None:
         save_model(student, str(tmp / "student.safetensors"))  # handles tied embeddings
-        write_json(tmp / "state.json", {"config": config, "entries": entries}, indent=None)
+        write_json(tmp / "state.json", {"config": config, "entries": [r.to_json() for r in records]}, indent=None)
 
-    _write_atomically(out, FOLDER, write, "checkpoint")
+    write_folder(out, FOLDER, write, "checkpoint")
+    remove_folder(out, HEAL_FOLDER)  # its iteration is now recorded
 
 
-def save_heal_checkpoint(out: Path, config: dict, pending: dict, state: dict) -> None:
-    """`pending`: the iteration in flight (number, scores, removal, evaluation before healing);
-    `state`: what `distill.heal` hands its checkpoint callback (tensors and rows)."""
+def save_heal_checkpoint(out: Path, config: dict, pending: PendingIteration, state: dict) -> None:
+    """`state`: what `heal.heal` hands its checkpoint callback (tensors and rows)."""
     def write(tmp: Path) -> None:
         torch.save(state, tmp / "heal.pt")
-        write_json(tmp / "state.json", {"config": config, "pending": {**pending, "step": state["step"]}}, indent=None)
+        write_json(tmp / "state.json", {"config": config, "pending": {**pending.to_json(), "step": state["step"]}},
+                   indent=None)
 
-    _write_atomically(out, HEAL_FOLDER, write, "heal-checkpoint")
+    write_folder(out, HEAL_FOLDER, write, "heal-checkpoint")
+
+
+def clear(out: Path) -> None:
+    for name in (FOLDER, HEAL_FOLDER):
+        remove_folder(out, name)
+
+
+# ---------------------------------------------------------------- reading and the resume decision
 
 
 def find_checkpoint(out: Path, name: str = FOLDER) -> Path | None:
@@ -103,7 +175,7 @@ def find_checkpoint(out: Path, name: str = FOLDER) -> Path | None:
     return None
 
 
-def read_state(folder: Path) -> dict:
+def _read_state(folder: Path) -> dict:
     try:
         return json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
@@ -111,7 +183,7 @@ def read_state(folder: Path) -> dict:
                               "pass --overwrite to start afresh") from err
 
 
-def read_heal_state(folder: Path) -> dict:
+def _read_heal_state(folder: Path) -> dict:
     try:
         return torch.load(folder / "heal.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: torch raises several types
@@ -119,17 +191,61 @@ def read_heal_state(folder: Path) -> dict:
                               "pass --overwrite to start afresh") from err
 
 
-def restore_student(student, folder: Path, entries: list[dict]) -> None:
+def _results_part(config: dict, ignore: dict = NO_RESULT_OPTIONS) -> dict:
+    return {k: _results_part(v, ignore[k]) if isinstance(ignore.get(k), dict) else v
+            for k, v in config.items() if k not in ignore or isinstance(ignore[k], dict)}
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: the iteration checkpoint and its records (none for a fresh run), and
+    the healing in flight with its saved state, if the run stopped while healing."""
+
+    folder: Path | None = None
+    records: list[IterationRecord] = field(default_factory=list)
+    pending: PendingIteration | None = None
+    heal_state: dict | None = None
+
+
+def check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise LayerpruneError(f"--out {out} is a file", "give a folder path")
+    if (out / HISTORY).exists():
+        raise LayerpruneError(f"{out} already holds a finished run", "choose another --out, or pass --overwrite")
+
+
+def resume_point(config: dict, out: Path, resume: bool, overwrite: bool) -> ResumePoint:
+    """Decide between a fresh start and a resume of the run in `out`; refuse to mix runs."""
+    if overwrite and out.exists():
+        made_by_us = ((out / HISTORY).exists() or find_checkpoint(out) or find_checkpoint(out, HEAL_FOLDER)
+                      or (out / "logs").exists())
+        if any(out.iterdir()) and not made_by_us:
+            raise LayerpruneError(f"--overwrite refuses to empty {out}: it does not hold a layerprune run",
+                                  "give --out a new or layerprune-made folder")
+        shutil.rmtree(out)
+    check_output(out)
+    folder = find_checkpoint(out) if out.exists() else None
+    heal_folder = find_checkpoint(out, HEAL_FOLDER) if out.exists() else None
+    if folder is None and heal_folder is None:
+        if resume:
+            raise LayerpruneError(f"there is no unfinished run to resume in {out}", "run without --resume")
+        return ResumePoint()
+    states = [_read_state(f) for f in (folder, heal_folder) if f is not None]
+    if any(_results_part(state["config"]) != _results_part(config) for state in states):
+        raise LayerpruneError(f"{out} holds an unfinished run with a different configuration",
+                              "rerun with the same options to continue it, or pass --overwrite to start afresh")
+    records = [IterationRecord.from_json(r) for r in states[0]["entries"]] if folder is not None else []
+    pending = PendingIteration.from_json(states[-1]["pending"]) if heal_folder is not None else None
+    if pending is None or pending.iteration <= len(records):  # none, or of an iteration already recorded
+        return ResumePoint(folder, records)
+    return ResumePoint(folder, records, pending, _read_heal_state(heal_folder))
+
+
+def restore_student(student, folder: Path, records: list[IterationRecord]) -> None:
     """Replay the recorded removals on a copy of the original, then load the saved weights."""
-    for entry in entries:
-        remove_layers(student, entry["removed_current"])
+    for record in records:
+        remove_layers(student, record.removed_current)
     load_model(student, str(folder / "student.safetensors"), strict=True,
                device=str(next(student.parameters()).device))
-    log.info("resumed after iteration %d (removed original layers %s)", len(entries),
-             [layer for e in entries for layer in e["removed_original"]])
-
-
-def clear(out: Path, names=(FOLDER, HEAL_FOLDER)) -> None:
-    for name in names:
-        for folder in (name, f".{name}.tmp", f".{name}.old"):
-            shutil.rmtree(out / folder, ignore_errors=True)
+    log.info("resumed after iteration %d (removed original layers %s)", len(records),
+             [layer for r in records for layer in r.removed_original])

@@ -1,14 +1,24 @@
-"""The typed configuration of a run, validated once at the boundary.
+"""The typed configuration of every command: the only place defaults live.
 
-The CLI and the Python API both build a `PruneConfig` and hand it to
-`layerprune.prune`; nothing else parses options. Configs are frozen so that
-the exact object that produced a result can be written into its report.
+Each field carries its help text (and, where it differs from the field name,
+its flag) in `metadata`, so the CLI generates every option from here and a
+YAML file (`--config run.yaml`, nested `data:` and `heal:` sections) fills
+the same fields. The precedence is defaults < YAML < flags. Configs are
+frozen, so the exact object that produced a result is what a run writes to
+`config.yaml`, and `layerprune prune --config OUT/config.yaml --out NEW`
+repeats it.
+
+Structural checks live in `validate()`; names of metrics and tasks are
+checked by the modules that own those registries (importance.py, tasks/).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import LayerpruneError
@@ -18,9 +28,37 @@ DEVICES = ("auto", "cpu", "cuda")
 MODES = ("iterative", "one-shot", "block")
 HEAL_METHODS = ("distill", "none")
 TRAINABLE = ("neighbours", "all", "lora")
+COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "layerprune")
 
 
-@dataclass(frozen=True)
+def opt(default, help: str, flag: str | None = None, **kw):
+    """A config field with its help text and optional flag name."""
+    metadata = {"help": help, **({"flag": flag} if flag else {})}
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=type(default), metadata=metadata)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def _positive(obj, names, prefix: str = "") -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise LayerpruneError(f"{prefix}{name} must be at least 1, got {getattr(obj, name)}",
+                                  f"pass a positive {flag_of(type(obj), name)}")
+
+
+def _non_negative(obj, names, prefix: str = "") -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise LayerpruneError(f"{prefix}{name} must be >= 0, got {getattr(obj, name)}",
+                                  f"pass a non-negative {flag_of(type(obj), name)}")
+
+
+def _one_of(value, allowed, what: str) -> None:
+    if value not in allowed:
+        raise LayerpruneError(f"unknown {what} {value!r}", f"use one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where text comes from and how it is cut into token blocks.
 
@@ -29,25 +67,23 @@ class DataConfig:
     never overlap and the split does not depend on file order.
     """
 
-    source: str | None = None
-    text_field: str = "text"
-    seq_len: int = 256
-    calib_blocks: int = 8
-    train_blocks: int = 64
-    eval_blocks: int = 8
-    batch_size: int = 4
+    source: str | None = opt(None, "text source: a .txt/.jsonl/.parquet file, embedded:wiki (default), "
+                                   "embedded:news, or a HF dataset id where the network allows", flag="--data")
+    text_field: str = opt("text", "the text field of .jsonl/.parquet/HF data")
+    seq_len: int = opt(256, "tokens per block")
+    calib_blocks: int = opt(8, "calibration blocks, used to score layers")
+    train_blocks: int = opt(64, "training blocks, used for healing")
+    eval_blocks: int = opt(8, "held-out blocks, used only for evaluation")
+    batch_size: int = opt(4, "blocks per forward pass when scoring and evaluating")
 
     def validate(self) -> None:
-        for name in ("seq_len", "calib_blocks", "train_blocks", "eval_blocks", "batch_size"):
-            if getattr(self, name) < 1:
-                raise LayerpruneError(f"{name} must be at least 1, got {getattr(self, name)}",
-                                      f"pass a positive --{name.replace('_', '-')}")
+        _positive(self, ("seq_len", "calib_blocks", "train_blocks", "eval_blocks", "batch_size"))
         if self.seq_len < 8:
             raise LayerpruneError(f"seq_len {self.seq_len} is too short to measure anything",
                                   "use --seq-len 8 or more (256 is the default)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HealConfig:
     """Healing by distillation from the original teacher after each removal.
 
@@ -62,100 +98,137 @@ class HealConfig:
     after one removal, against 19% with lr 1e-4 and one neighbour.
     """
 
-    method: str = "distill"
-    steps: int = 30
-    final_steps: int = 0
-    batch_size: int = 2
-    grad_accum: int = 2
-    lr: float = 5e-4
-    warmup_steps: int = 8
-    weight_decay: float = 0.05
-    max_grad_norm: float = 0.3
-    w_kl: float = 0.01
-    temperature: float = 1.0
-    w_mse: float = 1.0
-    w_final: float = 1.0
-    mse_layers: tuple[int, ...] | None = None
-    trainable: str = "neighbours"
-    radius: int = 2
-    lora_r: int = 16
-    lora_alpha: int = 32
-    teacher_cache: bool = True
-    teacher_topk: int = 256
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    log_every: int = 5
-    # Healing state (trained weights, optimizer, scheduler, data position) is checkpointed every
-    # this many steps and after the last, so a crash mid-healing loses at most this many steps.
-    checkpoint_every: int = 10
+    method: str = opt("distill", "healing after each removal: distill (the paper's) or none", flag="--heal")
+    steps: int = opt(30, "optimizer steps of healing after each removal", flag="--heal-steps")
+    final_steps: int = opt(0, "extra healing steps after the last removal", flag="--heal-final-steps")
+    batch_size: int = opt(2, "global micro-batch of training blocks", flag="--heal-batch-size")
+    grad_accum: int = opt(2, "micro-batches per optimizer step", flag="--heal-grad-accum")
+    lr: float = opt(5e-4, "AdamW learning rate", flag="--heal-lr")
+    warmup_steps: int = opt(8, "linear warm-up steps before the cosine decay", flag="--heal-warmup-steps")
+    weight_decay: float = opt(0.05, "AdamW weight decay", flag="--heal-weight-decay")
+    max_grad_norm: float = opt(0.3, "gradient clipping norm", flag="--heal-max-grad-norm")
+    w_kl: float = opt(0.01, "weight of KL(teacher || student) on logits (paper: 0.01)")
+    temperature: float = opt(1.0, "softmax temperature of the KL term")
+    w_mse: float = opt(1.0, "weight of the MSE on mapped intermediate hidden states")
+    w_final: float = opt(1.0, "weight of the MSE on the final (normed) hidden state")
+    mse_layers: tuple[int, ...] | None = opt(None, "comma-separated ORIGINAL layer indices whose outputs the MSE "
+                                                   "term matches (default: the layer just above each cut)")
+    trainable: str = opt("neighbours", "what trains: neighbours of the removed layer, all layers, or lora adapters")
+    radius: int = opt(2, "neighbours trained on each side of the cut")
+    lora_r: int = opt(16, "LoRA rank (with --trainable lora)")
+    lora_alpha: int = opt(32, "LoRA alpha (with --trainable lora)")
+    teacher_cache: bool = opt(True, "cache the teacher's targets and the frozen prefix (off: run the teacher "
+                                    "and the whole student every healing step)")
+    teacher_topk: int = opt(256, "teacher logits kept per token in the target cache (KL over these)")
+    mixed_precision: str = opt("no", "no, bf16 or fp16 autocast for healing")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory when healing")
+    log_every: int = opt(5, "update the progress bar's loss every N steps", flag="--heal-log-every")
+    # A crash mid-healing loses at most this many steps.
+    checkpoint_every: int = opt(10, "checkpoint healing every N steps (0: only between iterations)",
+                                flag="--heal-checkpoint-every")
 
     def validate(self) -> None:
-        if self.method not in HEAL_METHODS:
-            raise LayerpruneError(f"unknown healing method {self.method!r}",
-                                  f"use one of {', '.join(HEAL_METHODS)}")
-        if self.trainable not in TRAINABLE:
-            raise LayerpruneError(f"unknown trainable set {self.trainable!r}",
-                                  f"use one of {', '.join(TRAINABLE)}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise LayerpruneError(f"unknown mixed precision {self.mixed_precision!r}", "use no, bf16 or fp16")
-        for name in ("steps", "final_steps", "warmup_steps", "radius", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise LayerpruneError(f"heal {name} must be >= 0, got {getattr(self, name)}",
-                                      f"pass a non-negative --heal-{name.replace('_', '-')}")
-        for name in ("batch_size", "grad_accum", "lora_r", "log_every", "teacher_topk"):
-            if getattr(self, name) < 1:
-                raise LayerpruneError(f"heal {name} must be >= 1, got {getattr(self, name)}",
-                                      f"pass a positive --heal-{name.replace('_', '-')}")
+        _one_of(self.method, HEAL_METHODS, "healing method")
+        _one_of(self.trainable, TRAINABLE, "trainable set")
+        _one_of(self.mixed_precision, ("no", "bf16", "fp16"), "mixed precision")
+        _non_negative(self, ("steps", "final_steps", "warmup_steps", "radius", "checkpoint_every"), "heal ")
+        _positive(self, ("batch_size", "grad_accum", "lora_r", "log_every", "teacher_topk"), "heal ")
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise LayerpruneError(f"heal {name} must be > 0, got {getattr(self, name)}",
-                                      f"pass a positive --heal-{name.replace('_', '-')}")
+                                      f"pass a positive {flag_of(HealConfig, name)}")
         if min(self.w_kl, self.w_mse, self.w_final) < 0 or self.w_kl + self.w_mse + self.w_final == 0:
             raise LayerpruneError("distillation loss weights must be >= 0 and not all zero",
                                   "set --w-kl, --w-mse, --w-final accordingly")
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    """One pruning run: which model, how many layers, chosen how, healed how."""
+@dataclass(frozen=True, kw_only=True)
+class Inputs:
+    """What every command reads: a model, where it runs, and text."""
 
-    out: str
-    model: str | None = None
-    metric: str = "quality"
-    mode: str = "iterative"
-    target_layers: int | None = None
-    remove: int | None = None
-    protect_first: int = 0
-    protect_last: int = 0
-    tasks: tuple[str, ...] = ("perplexity", "token_accuracy")
-    eval_tasks: tuple[str, ...] = ("perplexity", "token_accuracy", "kl")
-    final_tasks: tuple[str, ...] = ("perplexity", "token_accuracy", "kl", "continuation", "copy", "copy_generate")
-    measure_speed: bool = True
-    shortlist: int | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    heal: HealConfig = field(default_factory=HealConfig)
+    model: str | None = opt(None, "a local HF folder, a .gguf file or a hub id "
+                                  "(default: the embedded SmolLM2-135M-Instruct)")
+    dtype: str = opt("float32", "float32, bfloat16 or float16")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = opt(0, "random seed (data sampling, healing)")
+    data: DataConfig = opt(DataConfig(), "")
 
     def validate(self) -> None:
-        """Checks that need no model; depth checks happen once the model is loaded."""
-        from .importance import METRICS
-        from .tasks import check_task_name
+        _one_of(self.dtype, DTYPES, "dtype")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise LayerpruneError(f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N")
+        _non_negative(self, ("seed",))
+        self.data.validate()
 
-        if self.metric not in METRICS:
-            raise LayerpruneError(f"unknown metric {self.metric!r}", f"use one of {', '.join(METRICS)}")
-        if self.mode not in MODES:
-            raise LayerpruneError(f"unknown mode {self.mode!r}", f"use one of {', '.join(MODES)}")
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig(Inputs):
+    """`layerprune score`: rank the layers of a model once."""
+
+    metric: str = opt("bi", "importance metric: bi, angular, angular_last, nll, quality")
+    tasks: tuple[str, ...] = opt(("perplexity", "token_accuracy"), "tasks the quality metric measures")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(Inputs):
+    """`layerprune eval`: held-out scores of a model, against a teacher."""
+
+    teacher: str | None = opt(None, "the original model, for kl and quality retained")
+    tasks: tuple[str, ...] = opt(("perplexity", "token_accuracy", "continuation", "copy"),
+                                 "tasks: perplexity, token_accuracy, kl, continuation, copy, copy_generate, mmlu, "
+                                 "mc:FILE.jsonl, lm_eval:NAME[@DIR]")
+    json: str | None = opt(None, "also write the results to this JSON file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe(Inputs):
+    """How layers are chosen, evaluated and healed: shared by `prune` and `compare`."""
+
+    out: str = opt("", "output folder; an unfinished run of the same options there is continued")
+    tasks: tuple[str, ...] = opt(("perplexity", "token_accuracy"),
+                                 "tasks the quality metric measures on calibration text")
+    eval_tasks: tuple[str, ...] = opt(("perplexity", "token_accuracy", "kl"),
+                                      "held-out tasks after each removal; quality retained is their mean")
+    protect_first: int = opt(0, "never remove the first N layers")
+    protect_last: int = opt(0, "never remove the last N layers")
+    shortlist: int | None = opt(None, "score only the N layers Block Influence ranks lowest with the expensive metric")
+    heal: HealConfig = opt(HealConfig(), "")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.out:
+            raise LayerpruneError("no output folder given", "pass --out FOLDER")
+        if not self.tasks:
+            raise LayerpruneError("no importance tasks given", "name at least one task with --tasks")
+        if not self.eval_tasks:
+            raise LayerpruneError("no evaluation tasks given", "name at least one task with --eval-tasks")
+        _non_negative(self, ("protect_first", "protect_last"))
+        if self.shortlist is not None:
+            _positive(self, ("shortlist",))
+        self.heal.validate()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig(Recipe):
+    """One pruning run: which model, how many layers, chosen how, healed how."""
+
+    metric: str = opt("quality", "importance metric: quality, nll, bi, angular, angular_last")
+    mode: str = opt("iterative", "iterative (re-score after each removal), one-shot (score once, remove the "
+                                 "lowest; ShortGPT) or block (the most redundant contiguous block; Gromov et al.)")
+    target_layers: int | None = opt(None, "stop at this many layers")
+    remove: int | None = opt(None, "remove this many layers")
+    final_tasks: tuple[str, ...] = opt(("perplexity", "token_accuracy", "kl", "continuation", "copy",
+                                        "copy_generate"),
+                                       "tasks of the final report's suite (also mmlu, mc:FILE.jsonl)")
+    measure_speed: bool = opt(True, "measure prefill/decode speed of original and pruned for the report",
+                              flag="--speed")
+
+    def validate(self) -> None:
+        super().validate()
+        _one_of(self.mode, MODES, "mode")
         if self.mode == "block" and self.metric not in ("angular", "angular_last", "bi"):
             raise LayerpruneError(f"block mode needs a hidden-state metric, not {self.metric!r}",
                                   "use --metric angular_last (Gromov et al.) or bi with --mode block")
-        for name in self.tasks:
-            check_task_name(name, for_importance=True)
-        for name in (*self.eval_tasks, *self.final_tasks):
-            check_task_name(name)
-        if not self.tasks:
-            raise LayerpruneError("no importance tasks given", "name at least one task with --tasks")
         if (self.target_layers is None) == (self.remove is None):
             raise LayerpruneError("give exactly one of target_layers and remove",
                                   "pass --target-layers N or --remove K")
@@ -164,18 +237,6 @@ class PruneConfig:
                                   "keep one layer or more")
         if self.remove is not None and self.remove < 1:
             raise LayerpruneError(f"--remove must be at least 1, got {self.remove}", "remove one layer or more")
-        if self.protect_first < 0 or self.protect_last < 0:
-            raise LayerpruneError("protected layer counts must be >= 0", "pass --protect-first/--protect-last >= 0")
-        if self.shortlist is not None and self.shortlist < 1:
-            raise LayerpruneError(f"--shortlist must be at least 1, got {self.shortlist}", "pass a positive size")
-        if self.dtype not in DTYPES:
-            raise LayerpruneError(f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise LayerpruneError(f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N")
-        if self.seed < 0:
-            raise LayerpruneError(f"seed must be >= 0, got {self.seed}", "pass a non-negative --seed")
-        self.data.validate()
-        self.heal.validate()
 
     def layers_to_remove(self, depth: int) -> int:
         """How many layers leave a model of `depth` layers, checked against what is removable."""
@@ -195,17 +256,132 @@ class PruneConfig:
                                   "lower --protect-first/--protect-last or remove fewer layers")
         return count
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def removable(self, depth: int) -> list[int]:
+        """Current indices that may be removed: all but the protected first and last layers."""
+        return list(range(self.protect_first, depth - self.protect_last))
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PruneConfig":
-        d = dict(d)
-        data = DataConfig(**d.pop("data", {}))
-        heal = dict(d.pop("heal", {}))
-        if heal.get("mse_layers") is not None:
-            heal["mse_layers"] = tuple(heal["mse_layers"])
-        for key in ("tasks", "eval_tasks", "final_tasks"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(data=data, heal=HealConfig(**heal), **d)
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig(Recipe):
+    """`layerprune compare`: the method against the baselines on the same inputs and budgets."""
+
+    counts: tuple[int, ...] = opt((2, 4, 6), "comma-separated layer counts to remove", flag="--remove")
+    methods: tuple[str, ...] = opt(COMPARE_METHODS, "comma-separated subset of the methods")
+    healing: tuple[str, ...] = opt(HEAL_METHODS[::-1], "none, distill or both")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.counts or min(self.counts) < 1:
+            raise LayerpruneError("layer counts to compare must be positive", "pass e.g. --remove 2,4,6")
+        unknown = [m for m in self.methods if m not in COMPARE_METHODS]
+        if unknown or not self.methods:
+            raise LayerpruneError(f"unknown method(s) {unknown}", f"use some of {', '.join(COMPARE_METHODS)}")
+        for heal in self.healing:
+            _one_of(heal, HEAL_METHODS, "healing")
+
+
+# ---------------------------------------------------------------- dicts, YAML, flags
+
+
+def flag_of(cls, name: str) -> str:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_none(kind):
+    """`X | None` -> (X, True); X -> (X, False)."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return kind, False
+
+
+def coerce(kind, value, where: str):
+    """A YAML or flag value as the field's type: tuples from lists or comma-separated text."""
+    kind, optional = _strip_none(kind)
+    if value is None:
+        if optional:
+            return None
+        raise LayerpruneError(f"{where} cannot be empty", f"give a value for {where}")
+    try:
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+            return tuple(coerce(item, part, where) for part in parts)
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and kind is not str:
+            return kind(value)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (kind, int) if kind is float else kind):
+            raise TypeError(value)
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise LayerpruneError(f"{where} must be {getattr(kind, '__name__', kind)}, got {value!r}",
+                              f"give {where} a value of that type") from err
+
+
+def from_dict(cls, values: dict, where: str = ""):
+    """Build a (nested) config from plain values, as read from YAML or JSON; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise LayerpruneError(f"config section {where or 'top'} is not a mapping", "write key: value lines")
+    hints = field_types(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise LayerpruneError(f"unknown config key(s) {unknown}{' in ' + where if where else ''}",
+                              f"use the keys of {cls.__name__}: {', '.join(hints)}")
+    built = {}
+    for name, value in values.items():
+        if dataclasses.is_dataclass(hints[name]):
+            built[name] = from_dict(hints[name], value or {}, f"{where}{name}.")
+        else:
+            built[name] = coerce(hints[name], value, f"{where}{name}")
+    return cls(**built)
+
+
+def to_dict(config) -> dict:
+    """Plain values (tuples as lists), the form written to config.yaml and history.json."""
+    def plain(value):
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, section by section."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise LayerpruneError(f"cannot read config file {path} ({err.strerror or err})", "check the --config path") \
+            from err
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise LayerpruneError(f"{path} is not valid YAML ({str(err).splitlines()[0]})", "fix the file") from err
+    if not isinstance(values, dict):
+        raise LayerpruneError(f"{path} does not hold a mapping of options", "write one `key: value` per line")
+    return values
+
+
+def to_yaml(config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,4 +1,4 @@
-"""The one exception type users see.
+"""The exception types users see.
 
 Every problem a user can fix (a bad path, a depth out of range, data that is
 too short) is raised as `LayerpruneError` with a message that names the
@@ -15,3 +15,7 @@ class LayerpruneError(Exception):
         super().__init__(message)
         self.problem = problem
         self.fix = fix
+
+
+class NonFiniteError(LayerpruneError):
+    """NaN or inf in scores, states or a healing loss: the run stops and names where."""

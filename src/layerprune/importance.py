@@ -1,4 +1,5 @@
-"""The layer-importance metrics registry: bi, angular, angular_last, nll, quality.
+"""The layer-importance metrics registry (bi, angular, angular_last, nll, quality) and the
+choice of what to remove (least important layers, or the most redundant block).
 
 Each metric returns one score per current layer, higher = more important.
 The hidden-state metrics (bi, angular*) are pure functions of the states
@@ -12,6 +13,7 @@ instead of L^2.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -21,13 +23,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .activations import layer_states, run_from
-from .errors import LayerpruneError
+from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
 from .surgery import layer_view, num_layers
-from .tasks import Batch, Task, _to, add_stats, forward_logits, group_by_batches, nll_stats, perplexity_summary, quality_retained
-
-class NonFiniteError(LayerpruneError):
-    pass
+from .tasks import Batch, Task, collect_stats, forward_logits, nll_stats, perplexity_summary, quality_retained
 
 
 # ---------------------------------------------------------------- pure math
@@ -80,7 +79,7 @@ def state_distances(model, batches: list[Batch], distance: Callable, span: int =
     depth = num_layers(model)
     totals = torch.zeros(depth - span + 1)
     for batch in batches:
-        batch = _to(batch, device)
+        batch = batch.to(device)
         states, _ = layer_states(model, batch.input_ids, batch.attention_mask)
         for l in range(depth - span + 1):
             totals[l] += distance(states[l], states[l + span], batch.attention_mask).item()
@@ -102,39 +101,32 @@ def score_angular_last(model, ctx: ScoringContext) -> list[float]:
     return state_distances(model, ctx.batches, lambda a, b, m: angular_distance(a, b, m, last_only=True))
 
 
-@torch.no_grad()
 def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher=None,
                     reuse_prefix: bool = True, progress: bool = True) -> tuple[dict, dict]:
-    """Task stats of the current model and of each candidate "current minus layer i".
-
-    Returns (current_stats[task], stats[i][task]). Batches are the outer loop so
-    only one batch's states are held at a time."""
-    device = next(model.parameters()).device
+    """Task stats of the current model and of each candidate "current minus layer i", collected by
+    the tasks' own loop: per batch, one pass captures the states entering every layer, and each
+    candidate runs from its cached state. Returns (current_stats[task], stats[i][task])."""
     depth = num_layers(model)
-    current: dict = {task.name: {} for task in tasks}
-    per_candidate: dict = {i: {task.name: {} for task in tasks} for i in candidates}
-    total = sum(len(batches) for batches, _ in group_by_batches(tasks)) * len(candidates)
-    with tqdm(total=total, desc="scoring layers", unit="cand", disable=not progress, leave=False) as bar:
-        for batches, group in group_by_batches(tasks):
-            needs_teacher = any(task.needs_teacher for task in group)
-            for batch in batches:
-                batch = _to(batch, device)
-                teacher_logits = forward_logits(teacher, batch) if needs_teacher else None
-                states, logits = layer_states(model, batch.input_ids, batch.attention_mask)
-                for task in group:
-                    add_stats(current[task.name], task.stats(logits, batch, teacher_logits))
-                for i in candidates:
-                    if reuse_prefix:
-                        logits = run_from(model, i, states[i], range(i + 1, depth), batch.input_ids,
-                                          batch.attention_mask)
-                    else:
-                        with layer_view(model, [k for k in range(depth) if k != i]):
-                            logits = forward_logits(model, batch)
-                    for task in group:
-                        add_stats(per_candidate[i][task.name], task.stats(logits, batch, teacher_logits))
-                    bar.update(1)
-                    crash_point("scoring")
-    return current, per_candidate
+    batches = {id(task.batches): len(task.batches) for task in tasks if task.run is None}
+    bar = tqdm(total=sum(batches.values()) * len(candidates), desc="scoring layers", unit="cand",
+               disable=not progress, leave=False)
+
+    def outputs(batch: Batch):
+        states, logits = layer_states(model, batch.input_ids, batch.attention_mask)
+        yield "current", logits
+        for i in candidates:
+            if reuse_prefix:
+                logits = run_from(model, i, states[i], range(i + 1, depth), batch.input_ids, batch.attention_mask)
+            else:
+                with layer_view(model, [k for k in range(depth) if k != i]):
+                    logits = forward_logits(model, batch)
+            yield i, logits
+            bar.update(1)
+            crash_point("scoring")
+
+    with bar:
+        totals = collect_stats(model, tasks, teacher, outputs)
+    return totals["current"], {i: totals[i] for i in candidates}
 
 
 def _removal_scores(model, ctx: ScoringContext, tasks: list[Task], value: Callable[[dict], float]) -> list[float]:
@@ -178,3 +170,61 @@ REMOVAL_METRICS = ("nll", "quality")
 
 def score_layers(model, metric: str, ctx: ScoringContext) -> list[float]:
     return METRICS[metric](model, ctx)
+
+
+def check_metric(name: str) -> None:
+    if name not in METRICS:
+        raise LayerpruneError(f"unknown metric {name!r}", f"use one of {', '.join(METRICS)}")
+
+
+# ---------------------------------------------------------------- what to remove
+
+
+@dataclass
+class Selection:
+    """One scoring's outcome: a score per current layer (NaN where not scored), the current
+    indices to remove, and how the candidates were narrowed."""
+
+    scores: list[float]
+    drop: list[int]
+    shortlist: list[int] | None = None
+    block_start: int | None = None
+
+
+def _lowest(scores: list[float], candidates: Sequence[int], count: int) -> list[int]:
+    scored = [i for i in candidates if scores[i] == scores[i]]
+    return sorted(sorted(scored, key=lambda i: scores[i])[:count])
+
+
+def rank_layers(model, metric: str, ctx: ScoringContext, shortlist: int | None) -> Selection:
+    """Scores of the candidates; with a shortlist, the removal metrics see only the layers that
+    Block Influence ranks least important."""
+    candidates = list(ctx.candidates if ctx.candidates is not None else range(num_layers(model)))
+    narrowed = None
+    if shortlist and metric in REMOVAL_METRICS and len(candidates) > shortlist:
+        bi = score_bi(model, ctx)
+        narrowed = _lowest(bi, candidates, shortlist)
+        ctx = dataclasses.replace(ctx, candidates=narrowed)
+    return Selection(score_layers(model, metric, ctx), [], shortlist=narrowed)
+
+
+def select_layers(model, metric: str, mode: str, count: int, ctx: ScoringContext,
+                  shortlist: int | None = None) -> Selection:
+    """What to remove now. iterative: the least important layer; one-shot: the `count` least
+    important of one scoring; block: the contiguous run of `count` candidates whose input and
+    output states are closest (Gromov et al.)."""
+    if mode != "block":
+        selection = rank_layers(model, metric, ctx, shortlist)
+        candidates = selection.shortlist or ctx.candidates
+        selection.drop = _lowest(selection.scores, candidates, 1 if mode == "iterative" else count)
+        return selection
+    distance = block_influence if metric == "bi" else (
+        lambda a, b, m: angular_distance(a, b, m, last_only=metric == "angular_last"))
+    by_start = state_distances(model, ctx.batches, distance, span=count)
+    allowed = set(ctx.candidates)
+    starts = [l for l in range(len(by_start)) if set(range(l, l + count)) <= allowed]
+    start = min(starts, key=lambda l: by_start[l])
+    scores = [float("nan")] * num_layers(model)
+    for l in starts:
+        scores[l] = by_start[l]
+    return Selection(scores, list(range(start, start + count)), block_start=start)

@@ -153,3 +153,29 @@ def save_model(model, tokenizer, out: Path) -> None:
 def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def check_same_vocabulary(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> None:
+    """Distillation and KL compare distributions token by token: the vocabularies must be the same."""
+    sv, tv = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if sv != tv:
+        raise LayerpruneError(f"student and teacher vocabularies differ ({sv} vs {tv} tokens)",
+                              "distil from a teacher with the same tokenizer, e.g. the original model")
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            raise LayerpruneError("student and teacher tokenizers differ",
+                                  "distil from a teacher with the same tokenizer, e.g. the original model")
+
+
+def max_positions(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_context(model, seq_len: int) -> None:
+    """Token blocks longer than the model's position table fail deep inside its forward pass."""
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise LayerpruneError(f"--seq-len {seq_len} is longer than the model's context of {limit} positions",
+                              f"pass --seq-len {limit} or less")

@@ -1,14 +1,19 @@
-"""What a run leaves for people: report.json, report.md, plots, and a model card.
+"""What a run leaves for people: report.json, report.md, plots, a model card, and the healing loss log.
 
-Everything here is derived from the history the pipeline recorded; nothing is
-measured again except speed, which the pipeline passes in.
+Everything here is derived from the typed `History` the pipeline recorded;
+nothing is measured again except speed, which the pipeline passes in.
+Every quality figure names the tasks it averages: "quality retained" is the
+mean over --eval-tasks (the same in every iteration, the headline and
+`compare`), "suite quality retained" the mean over the wider final suite.
 """
 
 from __future__ import annotations
 
-import json
+import csv
 import math
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -16,34 +21,39 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .io import write_json, write_text  # noqa: E402
+
+if TYPE_CHECKING:
+    from .checkpoint import History
+
 PLOTS = {"importance": "importance_heatmap.png", "quality": "quality_retained.png", "heal": "heal_loss.png"}
 
 
-def quality_curve(history: dict) -> list[tuple[int, float]]:
+def quality_curve(history: "History") -> list[tuple[int, float]]:
     """(layers removed, held-out quality retained) after each step, starting from the teacher."""
     points, removed = [(0, 1.0)], 0
-    for entry in history["iterations"]:
-        removed += len(entry["removed_original"])
-        points.append((removed, entry["eval"]["quality_retained"]))
+    for record in history.iterations:
+        removed += len(record.removed_original)
+        points.append((removed, record.eval.quality_retained))
     return points
 
 
-def plot_importance(history: dict, path: Path) -> None:
-    depth = history["original_layers"]
-    grid = np.full((len(history["iterations"]), depth), np.nan)
-    for row, entry in enumerate(history["iterations"]):
-        for layer, score in entry["scores"].items():
+def plot_importance(history: "History", path: Path) -> None:
+    depth = history.original_layers
+    grid = np.full((len(history.iterations), depth), np.nan)
+    for row, record in enumerate(history.iterations):
+        for layer, score in record.scores.items():
             if score is not None:
                 grid[row, int(layer)] = score
     fig, ax = plt.subplots(figsize=(max(6, depth * 0.3), 1.5 + 0.4 * len(grid)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    for row, entry in enumerate(history["iterations"]):
-        for layer in entry["removed_original"]:
+    for row, record in enumerate(history.iterations):
+        for layer in record.removed_original:
             ax.add_patch(plt.Rectangle((layer - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_xlabel("original layer index (red: removed at this iteration; blank: already gone or not scored)")
     ax.set_ylabel("iteration")
     ax.set_yticks(range(len(grid)), [str(i + 1) for i in range(len(grid))])
-    ax.set_title(f"layer importance ({history['config']['metric']}; higher = more important)")
+    ax.set_title(f"layer importance ({history.config['metric']}; higher = more important)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -65,9 +75,9 @@ def plot_quality(curves: dict[str, list[tuple[int, float]]], path: Path, title: 
     plt.close(fig)
 
 
-def plot_heal(history: dict, path: Path) -> bool:
-    rows = [row for entry in history["iterations"] for row in entry.get("heal", {}).get("rows", [])]
-    rows += history.get("final_heal", {}).get("rows", [])
+def plot_heal(history: "History", path: Path) -> bool:
+    heals = [record.heal for record in history.iterations] + [history.final_heal]
+    rows = [row for log in heals if log is not None for row in log.rows]
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -89,21 +99,27 @@ def plot_heal(history: dict, path: Path) -> bool:
     return True
 
 
-def summary(history: dict, speed: dict) -> dict:
-    final = history["final_eval"]
+def _tasks_named(names) -> str:
+    return ", ".join(names)
+
+
+def summary(history: "History", speed: dict) -> dict:
     return {
-        "model": history["model"],
-        "original_layers": history["original_layers"],
-        "final_layers": history["final_layers"],
-        "removed_original": history["removed_original"],
-        "kept_original": history["kept_original"],
-        "quality_retained": final["quality_retained"],
+        "model": history.model,
+        "original_layers": history.original_layers,
+        "final_layers": history.final_layers,
+        "removed_original": history.removed_original,
+        "kept_original": history.kept_original,
+        "quality_retained": history.final_eval.quality_retained,
+        "quality_retained_tasks": history.final_eval.averaged_over,
+        "suite_quality_retained": history.final_suite.quality_retained,
+        "suite_tasks": history.final_suite.averaged_over,
         "quality_curve": quality_curve(history),
-        "teacher_eval": history["teacher_eval"],
-        "final_eval": final["tasks"],
+        "teacher_eval": history.teacher_eval,
+        "final_eval": history.final_suite.tasks,
         "speed": speed,
-        "seconds": history["seconds"],
-        "config": history["config"],
+        "seconds": history.seconds,
+        "config": history.config,
     }
 
 
@@ -123,41 +139,54 @@ def task_table(teacher: dict, pruned: dict) -> list[str]:
     return lines
 
 
-def markdown(rep: dict, history: dict, plots: dict) -> str:
-    speed = rep["speed"]
+def headline(rep: dict) -> str:
+    return (f"Quality retained: **{rep['quality_retained']:.3f}** (mean of "
+            f"{_tasks_named(rep['quality_retained_tasks'])} relative to the original, held-out text; the same "
+            f"measure as in every iteration). Suite quality retained: {rep['suite_quality_retained']:.3f} "
+            f"(mean over the final suite: {_tasks_named(rep['suite_tasks'])}).")
+
+
+def speed_table(speed: dict) -> list[str]:
+    if not speed:
+        return []
+    repeats = next(iter(speed.values()))["repeats"]
+    lines = ["", f"## Speed (tokens per second on this machine; median [min-max] of {repeats} interleaved runs)", "",
+             "| | original | pruned | pruned / original |", "| --- | --- | --- | --- |"]
+    for workload, s in speed.items():
+        cells = [f"{s[k]['median']:.1f} [{s[k]['min']:.1f}-{s[k]['max']:.1f}]" for k in ("original", "pruned")]
+        ratio = s["ratio"]
+        lines.append(f"| {workload} | {cells[0]} | {cells[1]} | {ratio['median']:.2f}x "
+                     f"[{ratio['min']:.2f}-{ratio['max']:.2f}] |")
+    return lines
+
+
+def markdown(rep: dict, history: "History", plots: dict) -> str:
+    config = rep["config"]
     lines = [
-        f"# layerprune report: {rep['model']}",
-        "",
+        f"# layerprune report: {rep['model']}", "",
         f"{rep['original_layers']} -> {rep['final_layers']} layers; removed (original indices, in order): "
-        f"{rep['removed_original']}. Quality retained on held-out tasks: **{rep['quality_retained']:.3f}**.",
-        "",
-        f"Metric `{rep['config']['metric']}`, mode `{rep['config']['mode']}`, healing "
-        f"`{rep['config']['heal']['method']}`; {rep['seconds']:.0f} s in all.",
-        "",
-        "## Held-out evaluation", "", *task_table(rep["teacher_eval"], rep["final_eval"]), "",
+        f"{rep['removed_original']}. {headline(rep)}", "",
+        f"Metric `{config['metric']}`, mode `{config['mode']}`, healing `{config['heal']['method']}`; "
+        f"{rep['seconds']:.0f} s in all.", "",
+        "## Held-out evaluation (final suite)", "", *task_table(rep["teacher_eval"], rep["final_eval"]), "",
         "## Per iteration", "",
+        f"Quality retained: mean of {_tasks_named(rep['quality_retained_tasks'])} relative to the original.", "",
         "| iteration | removed (original) | layers | quality retained | healing KL before -> after | seconds |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for e in history["iterations"]:
-        heal = e.get("heal") or {}
-        kl = (f"{heal['held_out_before']['kl']:.4f} -> {heal['held_out_after']['kl']:.4f}"
-              if "kl" in heal.get("held_out_before", {}) else "-")
-        lines.append(f"| {e['iteration']} | {e['removed_original']} | {e['layers_after']} | "
-                     f"{e['eval']['quality_retained']:.3f} | {kl} | {sum(e['timings'].values()):.0f} |")
-    if speed:
-        o, p = speed["original"], speed["pruned"]
-        lines += ["", "## Speed (tokens per second, this machine)", "",
-                  "| | original | pruned | ratio |", "| --- | --- | --- | --- |",
-                  *(f"| {k.replace('_tokens_per_s', '')} | {o[k]:.1f} | {p[k]:.1f} | {p[k] / o[k]:.2f}x |"
-                    for k in o)]
+    for record in history.iterations:
+        heal = record.heal
+        kl = (f"{heal.held_out_before['kl']:.4f} -> {heal.held_out_after['kl']:.4f}"
+              if heal is not None and "kl" in heal.held_out_before else "-")
+        lines.append(f"| {record.iteration} | {record.removed_original} | {record.layers_after} | "
+                     f"{record.eval.quality_retained:.3f} | {kl} | {sum(record.timings.values()):.0f} |")
+    lines += speed_table(rep["speed"])
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()]
     return "\n".join(lines) + "\n"
 
 
-def model_card(rep: dict) -> str:
+def model_card(rep: dict, config_yaml: str) -> str:
     base = rep["model"]
-    config = json.dumps(rep["config"], indent=2)
     return (
         f"---\nlibrary_name: transformers\ntags:\n- layerprune\n- depth-pruning\n- distillation\n"
         f"base_model: {base}\n---\n\n"
@@ -167,26 +196,57 @@ def model_card(rep: dict) -> str:
         f"importance metric ({rep['config']['mode']}), and healing by "
         f"{'distillation from the original after each removal' if rep['config']['heal']['method'] == 'distill' else 'nothing (no healing)'}."
         f" `config.json` keeps the original index of every kept layer in `layerprune_original_layers`.\n\n"
-        f"Quality retained on held-out tasks: {rep['quality_retained']:.3f} (original = 1).\n\n"
+        f"{headline(rep)}\n\n"
         + "\n".join(task_table(rep["teacher_eval"], rep["final_eval"]))
         + "\n\nLoad it like any causal LM:\n\n```python\nfrom transformers import AutoModelForCausalLM\n"
         "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n```\n\n"
-        f"## The exact configuration\n\n```json\n{config}\n```\n"
+        "## The exact configuration\n\n`config.yaml` in this folder; `layerprune prune --config config.yaml "
+        f"--out NEW` repeats the run.\n\n```yaml\n{config_yaml}```\n"
     )
 
 
-def write_report(out: Path, history: dict, speed: dict, write_json) -> dict:
-    """report.json, report.md, the plots and README.md (the model card) into `out`."""
+def write_report(out: Path, history: "History", speed: dict) -> dict:
+    """report.json, report.md, the plots and README.md (the model card) into `out`; `out` holds
+    config.yaml already."""
     plots = {}
     plot_importance(history, out / PLOTS["importance"])
     plots["importance"] = PLOTS["importance"]
-    plot_quality({history["config"]["metric"]: quality_curve(history)}, out / PLOTS["quality"],
+    plot_quality({history.config["metric"]: quality_curve(history)}, out / PLOTS["quality"],
                  "quality retained against layers removed")
     plots["quality"] = PLOTS["quality"]
     if plot_heal(history, out / PLOTS["heal"]):
         plots["heal"] = PLOTS["heal"]
     rep = summary(history, speed)
     write_json(out / "report.json", rep)
-    (out / "report.md").write_text(markdown(rep, history, plots), encoding="utf-8")
-    (out / "README.md").write_text(model_card(rep), encoding="utf-8")
+    write_text(out / "report.md", markdown(rep, history, plots))
+    write_text(out / "README.md", model_card(rep, (out / "config.yaml").read_text(encoding="utf-8")))
     return rep
+
+
+def write_loss_log(path: Path, rows: list[dict]) -> None:
+    """Add per-step healing rows to a CSV; TensorBoard too where it is installed. Rows of the same
+    iteration already there (a resumed run heals that iteration to its end again) are replaced."""
+    if not rows:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as handle:
+            redone = {str(row["iteration"]) for row in rows}
+            kept = [row for row in csv.DictReader(handle) if row["iteration"] not in redone]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([*kept, *rows])
+    os.replace(tmp, path)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    board = SummaryWriter(str(path.parent / "tensorboard"))
+    for row in rows:
+        global_step = row["iteration"] * 100000 + row["step"]
+        for key in ("loss", "kl", "mse", "final_mse", "lr"):
+            board.add_scalar(f"heal/{key}", row[key], global_step)
+    board.close()

@@ -9,6 +9,10 @@ up to that layer): a run stores a handful of layers, not all of them. They
 live in .npy files that are memory-mapped, so RAM holds only what a step reads.
 A manifest, written last, lists what is complete, so a resumed run reopens the
 cache instead of running the teacher again.
+
+Lifecycle: `TeacherTargets.open(...)` computes the cache (or reopens a
+complete one), `extend(teacher, layers)` adds mapped layers as cuts need
+them, `close()` deletes the files once the run no longer needs them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import capture, prefix_state
-from .checkpoint import write_json
+from .io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,25 @@ class TeacherTargets:
     final: np.ndarray
     layers: dict[int, np.ndarray] = field(default_factory=dict)
 
+    @classmethod
+    def open(cls, folder: Path, teacher, blocks: torch.Tensor, topk: int, batch_size: int = 4,
+             progress: bool = True, layers=()) -> "TeacherTargets":
+        """The targets of `blocks` [N, T] under `folder`: reopened if complete there, else computed
+        by one teacher pass; with the outputs of teacher `layers`."""
+        return compute_targets(teacher, blocks, folder, topk, batch_size, progress, layers)
+
+    def close(self) -> None:
+        """Delete the cache (and its parent folder once empty): it is large, and only this run's."""
+        self.values = self.indices = self.lse = self.final = None
+        self.layers = {}
+        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.folder.parent.rmdir()
+        except OSError:  # not empty: another process's cache is still there
+            pass
+
     @torch.no_grad()
-    def ensure_layers(self, teacher, layer_ids, progress: bool = True) -> None:
+    def extend(self, teacher, layer_ids, progress: bool = True) -> None:
         """Add the outputs of teacher layers not stored yet, one partial teacher pass each."""
         device = next(teacher.parameters()).device
         for o in sorted(set(layer_ids) - set(self.layers)):
@@ -109,14 +130,14 @@ class TeacherTargets:
 def compute_targets(teacher, blocks: torch.Tensor, folder: Path, topk: int, batch_size: int = 4,
                     progress: bool = True, layers=()) -> TeacherTargets:
     """Run the teacher once over `blocks` [N, T] and store its targets under `folder`, with the
-    outputs of teacher `layers` (more can be added later by `ensure_layers`). A complete cache of
+    outputs of teacher `layers` (more can be added later by `extend`). A complete cache of
     the same tokens already in `folder` (a resumed run's) is reopened instead."""
     folder = Path(folder)
     k = min(topk, teacher.get_output_embeddings().weight.shape[0])
     identity = _identity(teacher, blocks, k)
     cached = reopen(folder, identity, blocks, batch_size)
     if cached is not None:
-        cached.ensure_layers(teacher, layers, progress)
+        cached.extend(teacher, layers, progress)
         return cached
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from .batches import Task
-from .errors import LayerpruneError
+from ..errors import LayerpruneError
+from .base import Task
 
 PREFERRED = ("acc_norm", "acc", "exact_match", "f1", "mcc")
 LIMIT = 64

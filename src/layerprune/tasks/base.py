@@ -1,11 +1,16 @@
 """What every task is made of: batches of token ids with the positions to score.
 
-A Batch says which next tokens count (`target_mask`) so one scorer serves
-running text, answer choices and copied paragraphs alike.
+A Batch says which next tokens count (`target_mask`), so one scorer serves
+running text, answer choices and copied paragraphs alike. A Task is a fixed
+list of batches plus two pure functions: `stats` turns one batch's logits
+into additive sums (so scores over many batches, and over many candidate
+models at once, are just sums) and `summary` turns the sums into numbers
+whose "score" is higher-is-better.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,17 +24,37 @@ class Batch:
     target_mask: torch.Tensor        # [B, T], 1 = position whose next token is scored
     extra: dict = field(default_factory=dict)
 
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device),
+                     {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.extra.items()})
+
 
 @dataclass
 class Task:
     name: str
     batches: list[Batch]
-    stats: Callable[[torch.Tensor, Batch, torch.Tensor | None], dict[str, float]]
-    summary: Callable[[dict[str, float]], dict[str, float]]
+    stats: Callable[[torch.Tensor, Batch, torch.Tensor | None], dict[str, float]] | None
+    summary: Callable[[dict[str, float]], dict[str, float]] | None
     needs_teacher: bool = False
     # Tasks that generate text cannot be scored from one forward pass: they run whole, given
     # (model, teacher), and are for evaluation only, never for the importance metric.
     run: Callable[[object, object], dict[str, float]] | None = None
+
+
+@dataclass
+class TaskData:
+    """What task builders draw on: one split's token blocks and documents."""
+
+    tokenizer: object
+    blocks: torch.Tensor
+    docs: list[str]
+    batch_size: int
+    seed: int = 0
+
+    @functools.cached_property
+    def block_batches(self) -> list[Batch]:
+        """One shared list, so tasks on the same blocks share each forward pass."""
+        return blocks_to_batches(self.blocks, self.batch_size)
 
 
 def blocks_to_batches(blocks: torch.Tensor, batch_size: int) -> list[Batch]:
@@ -41,8 +66,6 @@ def blocks_to_batches(blocks: torch.Tensor, batch_size: int) -> list[Batch]:
         target[:, -1] = 0
         batches.append(Batch(ids, torch.ones_like(ids), target))
     return batches
-
-
 
 
 def pad_sequences(sequences: list[list[int]], targets: list[list[int]], pad_id: int) -> Batch:

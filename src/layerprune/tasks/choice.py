@@ -1,14 +1,10 @@
-"""Tasks built from questions and documents: multiple choice, continuation choice, copying.
+"""Tasks that pick among answers: multiple choice (mmlu, mc:FILE) and continuation choice.
 
 Scores and scales (all higher is better, 1.0 at most):
 - mmlu / mc:FILE: accuracy of picking the right answer by the mean log-probability of each
   answer's tokens after the question (chance is 1 / number of choices);
 - continuation: accuracy of picking a passage's true continuation among continuations taken
   from other documents (chance 1/4);
-- copy: share of a paragraph's tokens predicted exactly when the model is asked to repeat it,
-  teacher-forced (a fast stand-in for the generated form, usable by the importance metric);
-- copy_generate: longest common subsequence of the greedily generated copy and the paragraph,
-  over the paragraph's length (the paper's copying score; evaluation only).
 Each draws `samples` items with a fixed seed, so every model sees the same items.
 """
 
@@ -20,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .batches import Batch, Task, pad_sequences
-from .errors import LayerpruneError
-from .logprobs import accuracy_stats, accuracy_summary, next_token_logprobs
+from ..errors import LayerpruneError
+from .base import Batch, Task, pad_sequences
+from .stats import next_token_logprobs
 
-CHOICE_SAMPLES, COPY_SAMPLES, QUESTIONS_PER_BATCH = 32, 16, 2
-CONTEXT_TOKENS, CONTINUATION_TOKENS, COPY_TOKENS, MAX_TOKENS = 64, 16, 32, 384
+CHOICE_SAMPLES, QUESTIONS_PER_BATCH = 32, 2
+CONTEXT_TOKENS, CONTINUATION_TOKENS, MAX_TOKENS = 64, 16, 384
 
 
 def choice_stats(logits, batch: Batch, teacher_logits=None) -> dict[str, float]:
@@ -62,7 +58,7 @@ def choice_batches(items: list[tuple[list[int], list[list[int]], int]], pad_id: 
     return batches
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -72,8 +68,8 @@ def questions_task(name: str, tokenizer, questions: list[dict], samples: int, se
         raise LayerpruneError(f"task {name} has no questions", "give a jsonl file with question/choices/answer")
     rng = random.Random(seed)
     chosen = rng.sample(questions, min(samples, len(questions)))
-    items = [(_encode(tokenizer, f"Question: {q['question']}\nAnswer:"),
-              [_encode(tokenizer, f" {c}") for c in q["choices"]], int(q["answer"])) for q in chosen]
+    items = [(encode(tokenizer, f"Question: {q['question']}\nAnswer:"),
+              [encode(tokenizer, f" {c}") for c in q["choices"]], int(q["answer"])) for q in chosen]
     return Task(name, choice_batches(items, tokenizer.pad_token_id or 0), choice_stats, choice_summary)
 
 
@@ -117,8 +113,8 @@ def mmlu_questions() -> list[dict]:
     return questions
 
 
-def _doc_tokens(ctx, minimum: int) -> list[list[int]]:
-    docs = [ids for ids in (_encode(ctx.tokenizer, d) for d in ctx.docs) if len(ids) >= minimum]
+def doc_tokens(ctx, minimum: int) -> list[list[int]]:
+    docs = [ids for ids in (encode(ctx.tokenizer, d) for d in ctx.docs) if len(ids) >= minimum]
     if len(docs) < 2:
         raise LayerpruneError(f"the text has too few documents of {minimum}+ tokens for this task",
                               "give more or longer documents")
@@ -127,7 +123,7 @@ def _doc_tokens(ctx, minimum: int) -> list[list[int]]:
 
 def build_continuation(ctx) -> Task:
     rng = random.Random(ctx.seed)
-    docs = _doc_tokens(ctx, CONTEXT_TOKENS + CONTINUATION_TOKENS)
+    docs = doc_tokens(ctx, CONTEXT_TOKENS + CONTINUATION_TOKENS)
     items = []
     for _ in range(CHOICE_SAMPLES):
         d = rng.randrange(len(docs))
@@ -143,58 +139,6 @@ def build_continuation(ctx) -> Task:
         rng.shuffle(order)
         items.append((context, [choices[i] for i in order], order.index(0)))
     return Task("continuation", choice_batches(items, ctx.tokenizer.pad_token_id or 0), choice_stats, choice_summary)
-
-
-def _copy_items(ctx) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids ending where the copy starts, paragraph ids)."""
-    rng = random.Random(ctx.seed + 1)
-    docs = _doc_tokens(ctx, COPY_TOKENS)
-    head, tail = _encode(ctx.tokenizer, "Repeat the text exactly.\nText: "), _encode(ctx.tokenizer, "\nRepeat: ")
-    items = []
-    for _ in range(COPY_SAMPLES):
-        doc = docs[rng.randrange(len(docs))]
-        at = rng.randrange(len(doc) - COPY_TOKENS + 1)
-        paragraph = doc[at:at + COPY_TOKENS]
-        items.append((head + paragraph + tail, paragraph))
-    return items
-
-
-def build_copy(ctx) -> Task:
-    sequences, targets = [], []
-    for prompt, paragraph in _copy_items(ctx):
-        sequences.append(prompt + paragraph)
-        targets.append(list(range(len(prompt) - 1, len(prompt) + len(paragraph) - 1)))
-    pad = ctx.tokenizer.pad_token_id or 0
-    batches = [pad_sequences(sequences[i:i + ctx.batch_size], targets[i:i + ctx.batch_size], pad)
-               for i in range(0, len(sequences), ctx.batch_size)]
-    return Task("copy", batches, accuracy_stats, accuracy_summary)
-
-
-def lcs_length(a: list[int], b: list[int]) -> int:
-    row = [0] * (len(b) + 1)
-    for x in a:
-        diagonal = 0
-        for j, y in enumerate(b, 1):
-            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
-def build_copy_generate(ctx) -> Task:
-    items = _copy_items(ctx)
-    pad = ctx.tokenizer.pad_token_id or 0
-
-    @torch.no_grad()
-    def run(model, teacher=None) -> dict[str, float]:
-        device = next(model.parameters()).device
-        total = 0.0
-        for prompt, paragraph in items:
-            ids = torch.tensor([prompt], device=device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(paragraph),
-                                 do_sample=False, pad_token_id=pad)
-            total += lcs_length(out[0, len(prompt):].tolist(), paragraph) / len(paragraph)
-        return {"score": total / len(items), "samples": float(len(items))}
-
-    return Task("copy_generate", [], accuracy_stats, accuracy_summary, run=run)
 
 
 def build_mmlu(ctx) -> Task:

@@ -1,4 +1,6 @@
-"""Per-token log-probabilities, KL and accuracy, a cache-sized slice of positions at a time.
+"""Per-task statistics: additive sums from one batch's logits, and their summaries.
+
+The per-token log-probabilities and KL run a cache-sized slice of positions at a time.
 
 Scoring a candidate reads a [B, T, V] logits tensor; a log-softmax over all of
 it writes another tensor as large, and boolean-mask indexing a third. Slicing
@@ -9,6 +11,8 @@ reference than a full-tensor log-softmax.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +48,29 @@ def token_kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor
             teacher = F.log_softmax(teacher_logits[b, s].float(), -1)
             out[b, s] = (teacher.exp() * (teacher - student)).sum(-1)
     return out
+
+
+def nll_stats(logits, batch, teacher_logits=None) -> dict[str, float]:
+    scored = batch.target_mask[:, :-1].bool()
+    nll = -next_token_logprobs(logits, batch.input_ids)[scored]
+    return {"nll_sum": nll.sum().item(), "tokens": float(scored.sum().item())}
+
+
+def perplexity_summary(s: dict[str, float]) -> dict[str, float]:
+    """score = 1 / perplexity, so retained = ppl_teacher / ppl_model."""
+    nll = s["nll_sum"] / max(s["tokens"], 1.0)
+    return {"score": math.exp(-nll), "perplexity": math.exp(nll), "nll": nll}
+
+
+def kl_stats(logits, batch, teacher_logits) -> dict[str, float]:
+    mask = batch.attention_mask.bool()
+    return {"kl_sum": token_kl(logits, teacher_logits)[mask].sum().item(), "tokens": float(mask.sum().item())}
+
+
+def kl_summary(s: dict[str, float]) -> dict[str, float]:
+    """score = exp(-mean per-token KL(teacher || model)): 1.0 for the teacher itself."""
+    kl = s["kl_sum"] / max(s["tokens"], 1.0)
+    return {"score": math.exp(-kl), "kl": kl}
 
 
 def accuracy_stats(logits, batch, teacher_logits=None) -> dict[str, float]:

@@ -1,0 +1,77 @@
+"""The one stats-collection loop, shared by evaluation and by candidate scoring.
+
+Tasks that share a batch list are grouped, so each batch runs through a
+model once for all of them; the teacher runs once per batch where a task
+compares with it. A caller may ask for several model variants per batch
+(`outputs`): importance scoring yields the current model and every
+candidate "minus layer i" from one set of cached states, and all of their
+statistics accumulate here. Quality retained is defined here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Iterator
+
+import torch
+
+from .base import Batch, Task
+
+# outputs(batch) yields (variant key, logits) for each model variant scored on the batch.
+Outputs = Callable[[Batch], Iterator[tuple[Hashable, torch.Tensor]]]
+
+
+@torch.no_grad()
+def forward_logits(model, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+
+def group_by_batches(tasks: list[Task]) -> list[tuple[list[Batch], list[Task]]]:
+    """Tasks that share one batch list, so each batch runs through a model once for all of them."""
+    groups: dict[int, tuple[list[Batch], list[Task]]] = {}
+    for task in tasks:
+        groups.setdefault(id(task.batches), (task.batches, []))[1].append(task)
+    return list(groups.values())
+
+
+def add_stats(total: dict[str, float], new: dict[str, float]) -> None:
+    for key, value in new.items():
+        total[key] = total.get(key, 0.0) + value
+
+
+@torch.no_grad()
+def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | None = None) -> dict:
+    """Summed task statistics per variant: {variant: {task name: sums}}. Without `outputs`, the
+    one variant is the model itself, under key None. Tasks that run whole are not collected here."""
+    device = next(model.parameters()).device
+    outputs = outputs or (lambda batch: iter([(None, forward_logits(model, batch))]))
+    totals: dict = {}
+    for batches, group in group_by_batches([task for task in tasks if task.run is None]):
+        needs_teacher = any(task.needs_teacher for task in group)
+        if needs_teacher and teacher is None:
+            raise ValueError(f"tasks {[t.name for t in group]} need a teacher model")
+        for batch in batches:
+            batch = batch.to(device)
+            teacher_logits = forward_logits(teacher, batch) if needs_teacher else None
+            for key, logits in outputs(batch):
+                sums = totals.setdefault(key, {})
+                for task in group:
+                    add_stats(sums.setdefault(task.name, {}), task.stats(logits, batch, teacher_logits))
+    return totals
+
+
+def summaries(tasks: list[Task], sums: dict) -> dict[str, dict[str, float]]:
+    return {task.name: task.summary(sums.get(task.name, {})) for task in tasks if task.run is None}
+
+
+def evaluate_tasks(model, tasks: list[Task], teacher=None) -> dict[str, dict[str, float]]:
+    """Summaries per task for one model; tasks that compare with a teacher need `teacher`."""
+    collected = summaries(tasks, collect_stats(model, tasks, teacher).get(None, {}))
+    ran = {task.name: task.run(model, teacher) for task in tasks if task.run is not None}
+    return {task.name: ran.get(task.name) or collected[task.name] for task in tasks}
+
+
+def quality_retained(scores: dict[str, dict[str, float]], reference: dict[str, dict[str, float]]) -> float:
+    """Quality retained: the mean over tasks of score / reference score (the teacher's). Which
+    tasks it averages is part of its meaning: every record that holds one names them."""
+    ratios = [scores[name]["score"] / reference[name]["score"] for name in scores if reference[name]["score"] > 0]
+    return sum(ratios) / len(ratios) if ratios else float("nan")

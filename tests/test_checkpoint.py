@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from layerprune.checkpoint import (Evaluation, History, IterationRecord, PendingIteration, find_checkpoint,
+                                   restore_student, resume_point, save_checkpoint, save_heal_checkpoint)
+from layerprune.errors import LayerpruneError
+from layerprune.heal import HealLog
+from layerprune.importance import Selection
+from layerprune.surgery import remove_layers
+
+from common import tiny_model
+
+CONFIG = {"model": "m", "measure_speed": True, "heal": {"steps": 3, "checkpoint_every": 2}}
+
+
+def record(iteration=1, heal=True):
+    log = HealLog(3, [1, 2], [(2, 3)], [{"iteration": iteration, "step": 1, "loss": 0.5}],
+                  held_out_before={"kl": 0.3}, held_out_after={"kl": 0.1}) if heal else None
+    return IterationRecord(iteration, {"0": 0.1, "1": None, "2": 0.3}, [1], [1], 5,
+                           Evaluation({"kl": {"score": 0.9, "kl": 0.1}}, 0.9, ["kl"]), log,
+                           {"score_s": 1.0, "heal_s": 2.0, "eval_s": 0.5}, shortlist=[0, 1])
+
+
+class TestRecords:
+    def test_iteration_record_json_round_trip(self):
+        for heal in (True, False):
+            rec = record(heal=heal)
+            again = IterationRecord.from_json(json.loads(json.dumps(rec.to_json())))
+            assert again == rec
+        assert "block_start" not in record().to_json() and record(heal=False).to_json()["heal"] is None
+
+    def test_pending_iteration_round_trip_keeps_nan_scores(self):
+        pending = PendingIteration(2, Selection([float("nan"), 0.5], [1], shortlist=None, block_start=None), 1.5,
+                                   {"kl": 0.2}, step=4)
+        again = PendingIteration.from_json(json.loads(json.dumps(pending.to_json())))
+        assert again.selection.drop == [1] and again.selection.scores[1] == 0.5 and again.step == 4
+        assert again.selection.scores[0] != again.selection.scores[0]
+
+    def test_history_round_trip(self):
+        ev = Evaluation({"kl": {"score": 0.9}}, 0.9, ["kl"])
+        history = History(CONFIG, "m", 6, 5, [1], [0, 2, 3, 4, 5], {"kl": {"score": 1.0}}, [record()], None, ev, ev,
+                          12.0)
+        assert History.from_json(json.loads(json.dumps(history.to_json()))) == history
+
+
+class TestResumeDecision:
+    def test_fresh_start_and_resume_without_a_run(self, tmp_path):
+        assert resume_point(CONFIG, tmp_path / "o", resume=False, overwrite=False).folder is None
+        with pytest.raises(LayerpruneError, match="no unfinished run"):
+            resume_point(CONFIG, tmp_path / "o", resume=True, overwrite=False)
+
+    def test_resumes_the_healing_in_flight_and_refuses_another_config(self, tmp_path):
+        model = tiny_model("llama")
+        save_checkpoint(tmp_path, CONFIG, [record()], model)
+        pending = PendingIteration(2, Selection([0.1] * 5, [3]), 1.0, {"kl": 0.2})
+        save_heal_checkpoint(tmp_path, CONFIG, pending, {"step": 2, "rows": []})
+        point = resume_point(CONFIG, tmp_path, resume=False, overwrite=False)
+        assert point.records == [record()] and point.pending.iteration == 2 and point.pending.step == 2
+        assert point.heal_state == {"step": 2, "rows": []}
+        unimportant = {**CONFIG, "measure_speed": False, "heal": {"steps": 3, "checkpoint_every": 5}}
+        assert resume_point(unimportant, tmp_path, resume=True, overwrite=False).pending is not None
+        with pytest.raises(LayerpruneError, match="different configuration"):
+            resume_point({**CONFIG, "heal": {"steps": 4, "checkpoint_every": 2}}, tmp_path, False, False)
+
+    def test_a_recorded_iteration_drops_its_healing_checkpoint(self, tmp_path):
+        model = tiny_model("llama")
+        save_heal_checkpoint(tmp_path, CONFIG, PendingIteration(1, Selection([0.1], [0])), {"step": 1})
+        save_checkpoint(tmp_path, CONFIG, [record()], model)
+        assert find_checkpoint(tmp_path, "heal-checkpoint") is None
+        assert resume_point(CONFIG, tmp_path, False, False).pending is None
+
+    def test_overwrite_refuses_a_foreign_folder_and_finished_runs_are_kept(self, tmp_path):
+        (tmp_path / "mine.txt").write_text("precious")
+        with pytest.raises(LayerpruneError, match="does not hold a layerprune run"):
+            resume_point(CONFIG, tmp_path, False, overwrite=True)
+        (tmp_path / "history.json").write_text("{}")
+        with pytest.raises(LayerpruneError, match="already holds a finished run"):
+            resume_point(CONFIG, tmp_path, False, overwrite=False)
+        resume_point(CONFIG, tmp_path, False, overwrite=True)
+        assert not tmp_path.exists()
+
+
+def test_checkpoint_round_trip_with_tied_embeddings(tmp_path):
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    student = tiny_model("llama")
+    student.config.tie_word_embeddings = True
+    student.tie_weights()
+    remove_layers(student, [2])
+    with torch.no_grad():
+        student.model.embed_tokens.weight.add_(1.0)
+    rec = IterationRecord(1, {}, [2], [2], 5, Evaluation({}, 1.0, []), None, {})
+    save_checkpoint(tmp_path, {"x": 1}, [rec], student)
+    restore_student(model, find_checkpoint(tmp_path), [rec])
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

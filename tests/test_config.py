@@ -1,0 +1,87 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from layerprune.cli import build_parser, config_from_args
+from layerprune.config import (CompareConfig, DataConfig, EvalConfig, HealConfig, PruneConfig, ScoreConfig, from_dict,
+                               to_dict, to_yaml)
+from layerprune.errors import LayerpruneError
+
+
+def parse(*argv):
+    args = build_parser().parse_args(list(argv))
+    return config_from_args(args.config_class, args)
+
+
+class TestDicts:
+    def test_yaml_round_trip_is_exact(self):
+        config = PruneConfig(out="o", remove=2, tasks=("kl",), heal=HealConfig(mse_layers=(1, 3), lr=1e-3),
+                             data=DataConfig(seq_len=64))
+        assert from_dict(PruneConfig, yaml.safe_load(to_yaml(config))) == config
+
+    def test_values_are_coerced_and_unknown_keys_refused(self):
+        config = from_dict(PruneConfig, {"out": "o", "remove": "2", "tasks": "kl,perplexity",
+                                         "heal": {"lr": 1, "teacher_cache": "false"}})
+        assert config.remove == 2 and config.tasks == ("kl", "perplexity")
+        assert config.heal.lr == 1.0 and config.heal.teacher_cache is False
+        with pytest.raises(LayerpruneError, match=r"unknown config key\(s\) \['stepz'\] in heal"):
+            from_dict(PruneConfig, {"heal": {"stepz": 3}})
+        with pytest.raises(LayerpruneError, match="heal.steps must be int"):
+            from_dict(PruneConfig, {"heal": {"steps": 2.5}})
+        with pytest.raises(LayerpruneError, match="must be bool"):
+            from_dict(PruneConfig, {"measure_speed": "maybe"})
+
+    def test_to_dict_is_plain(self):
+        data = to_dict(PruneConfig(out="o", remove=1))
+        assert data["tasks"] == ["perplexity", "token_accuracy"] and data["heal"]["mse_layers"] is None
+
+
+class TestFlags:
+    def test_every_field_of_every_command_has_a_flag(self):
+        def paths(obj, prefix=""):
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                yield from paths(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+
+        parser = build_parser()
+        for command, cls in (("prune", PruneConfig), ("score", ScoreConfig), ("eval", EvalConfig),
+                             ("compare", CompareConfig)):
+            sub = parser._subparsers._group_actions[0].choices[command]
+            dests = {a.dest for a in sub._actions}
+            assert {f"config:{p}" for p in paths(cls())} <= dests, command
+
+    def test_defaults_come_from_the_dataclasses(self):
+        assert parse("prune", "--out", "o", "--remove", "1") == PruneConfig(out="o", remove=1)
+        assert parse("score") == ScoreConfig() and parse("eval") == EvalConfig()
+        assert parse("compare", "--out", "c") == CompareConfig(out="c")
+
+    def test_flags_override_yaml_which_overrides_defaults(self, tmp_path):
+        path = tmp_path / "run.yaml"
+        path.write_text("out: from-yaml\nremove: 3\nmetric: bi\ndata:\n  seq_len: 64\nheal:\n  steps: 7\n  lr: 0.002\n")
+        config = parse("prune", "--config", str(path), "--heal-steps", "9", "--no-speed")
+        assert (config.out, config.remove, config.metric) == ("from-yaml", 3, "bi")
+        assert config.data.seq_len == 64 and config.heal.steps == 9 and config.heal.lr == 0.002
+        assert config.measure_speed is False and config.heal.batch_size == HealConfig().batch_size
+
+    def test_bad_yaml_is_one_error(self, tmp_path):
+        path = tmp_path / "run.yaml"
+        path.write_text("- a list\n")
+        with pytest.raises(LayerpruneError, match="does not hold a mapping"):
+            parse("prune", "--config", str(path))
+        with pytest.raises(LayerpruneError, match="cannot read config file"):
+            parse("prune", "--config", str(tmp_path / "none.yaml"))
+
+
+class TestValidate:
+    def test_depth_is_checked_against_the_model(self):
+        config = PruneConfig(out="o", target_layers=4, protect_first=1)
+        assert config.layers_to_remove(6) == 2 and config.removable(6) == [1, 2, 3, 4, 5]
+        with pytest.raises(LayerpruneError, match="not below"):
+            PruneConfig(out="o", target_layers=6).layers_to_remove(6)
+
+    def test_compare_counts_and_methods(self):
+        with pytest.raises(LayerpruneError, match="unknown method"):
+            CompareConfig(out="c", methods=("magic",)).validate()
+        with pytest.raises(LayerpruneError, match="must be positive"):
+            CompareConfig(out="c", counts=(0,)).validate()

@@ -1,0 +1,50 @@
+import csv
+import json
+
+from layerprune import DataConfig, HealConfig, PruneConfig, prune
+from layerprune.report import speed_table, write_loss_log
+
+from common import check_output_folder
+
+
+def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "o"
+    config = PruneConfig(out=str(out), model=str(tiny_dir), remove=2, device="cpu",
+                         data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=4, train_blocks=8,
+                                         eval_blocks=4, batch_size=2),
+                         heal=HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1))
+    history = prune(config, progress=False)
+    check_output_folder(out, depth=4, removed=2)
+    for name in ("report.md", "report.json", "README.md", "importance_heatmap.png", "quality_retained.png",
+                 "heal_loss.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "importance_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((out / "report.json").read_text())
+    assert report["removed_original"] == history.removed_original
+    assert [n for n, _ in report["quality_curve"]] == [0, 1, 2]
+    assert report["quality_retained_tasks"] == ["perplexity", "token_accuracy", "kl"]
+    assert set(report["suite_tasks"]) >= {"perplexity", "kl", "continuation", "copy", "copy_generate"}
+    speed = report["speed"]["prefill"]
+    assert speed["repeats"] == 5 and speed["pruned"]["min"] <= speed["pruned"]["median"] <= speed["pruned"]["max"]
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "metric: quality" in card and "mean of perplexity, token_accuracy, kl" in card
+    text = (out / "report.md").read_text()
+    assert "median [min-max] of 5 interleaved runs" in text and "Suite quality retained" in text
+
+
+def test_speed_table_shows_median_and_spread():
+    spread = {"median": 2.0, "min": 1.0, "max": 3.0}
+    lines = speed_table({"prefill": {"original": spread, "pruned": spread, "ratio": {"median": 1.05, "min": 0.9,
+                                                                                     "max": 1.2}, "repeats": 5}})
+    assert any("1.05x [0.90-1.20]" in line and "2.0 [1.0-3.0]" in line for line in lines)
+    assert speed_table({}) == []
+
+
+def test_loss_log_replaces_the_rows_of_a_redone_iteration(tmp_path):
+    path = tmp_path / "logs" / "heal.csv"
+    row = {"iteration": 1, "step": 1, "lr": 0.1, "loss": 1.0, "kl": 0.0, "mse": 0.0, "final_mse": 0.0}
+    write_loss_log(path, [row, {**row, "step": 2}])
+    write_loss_log(path, [{**row, "iteration": 2}])
+    write_loss_log(path, [{**row, "loss": 0.5}])  # iteration 1 healed again after a resume
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["iteration"], r["step"], r["loss"]) for r in rows] == [("2", "1", "1.0"), ("1", "1", "0.5")]

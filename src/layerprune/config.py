@@ -143,7 +143,7 @@ class HealConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Inputs:
+class ModelConfig:
     """What every command reads: a model, where it runs, and text."""
 
     model: str | None = opt(None, "a local HF folder, a .gguf file or a hub id "
@@ -162,7 +162,7 @@ class Inputs:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreConfig(Inputs):
+class ScoreConfig(ModelConfig):
     """`layerprune score`: rank the layers of a model once."""
 
     metric: str = opt("bi", "importance metric: bi, angular, angular_last, nll, quality")
@@ -170,7 +170,7 @@ class ScoreConfig(Inputs):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig(Inputs):
+class EvalConfig(ModelConfig):
     """`layerprune eval`: held-out scores of a model, against a teacher."""
 
     teacher: str | None = opt(None, "the original model, for kl and quality retained")
@@ -181,7 +181,7 @@ class EvalConfig(Inputs):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Recipe(Inputs):
+class Recipe(ModelConfig):
     """How layers are chosen, evaluated and healed: shared by `prune` and `compare`."""
 
     out: str = opt("", "output folder; an unfinished run of the same options there is continued")

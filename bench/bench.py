@@ -5,7 +5,7 @@ ratio; every phase runs in its own process so that its peak memory (RSS) is its 
 
     python bench/bench.py                  # everything: on 2 cores scoring took 9 min,
                                            # healing 2, shortlist about 10, precision < 1
-    python bench/bench.py --phases scoring # one phase (scoring, healing, shortlist, precision)
+    python bench/bench.py --phases scoring # one phase (scoring, healing, shortlist, precision, patch)
 """
 
 from __future__ import annotations
@@ -239,8 +239,47 @@ def phase_precision(args) -> dict:
             "max_error_of_mean_nll_vs_float64": {name: max(e) for name, e in errors.items()}}
 
 
+def phase_patch(args) -> dict:
+    """One `quality` round with plain candidates against one with patched candidates (--patch lstsq),
+    and the held-out quality after removing each round's choice, plain cut against patched cut."""
+    from layerprune import patch
+    from layerprune.importance import ScoringContext, score_quality
+    from layerprune.surgery import num_layers, remove_layers
+    from layerprune.tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
+
+    model, tokenizer, corpus = setup(calib_blocks=args.calib_blocks, train_blocks=args.train_blocks)
+    tasks = build_tasks(["perplexity", "token_accuracy"], TaskData(tokenizer, corpus.blocks["calib"], [], 4))
+    held_out = build_tasks(["perplexity", "token_accuracy", "kl"], TaskData(tokenizer, corpus.blocks["eval"], [], 4))
+    reference, teacher_eval = evaluate_tasks(model, tasks, model), evaluate_tasks(model, held_out, model)
+    candidates = list(range(num_layers(model)))
+    ctx = ScoringContext(TaskData(tokenizer, corpus.blocks["calib"], [], 4).block_batches, tasks, model, reference,
+                         candidates, progress=False)
+    start = time.perf_counter()
+    plain = score_quality(model, ctx)
+    plain_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ctx.patches = patch.candidate_patches(model, candidates, corpus.blocks["train"], "lstsq", progress=False)
+    fit_s = time.perf_counter() - start
+    patched = score_quality(model, ctx)
+    patched_s = time.perf_counter() - start
+    picks = {"plain": min(candidates, key=plain.__getitem__), "patched": min(candidates, key=patched.__getitem__)}
+    retained = {}
+    for name, layer in picks.items():
+        student = copy.deepcopy(model)
+        if name == "plain":
+            remove_layers(student, [layer])
+        else:
+            patch.cut(student, [layer], corpus.blocks["train"], "lstsq", progress=False)
+        retained[name] = quality_retained(evaluate_tasks(student, held_out, model), teacher_eval)
+    return {"round": f"{len(candidates)} candidates, {args.calib_blocks} x 256 calibration tokens; patches fitted "
+                     f"on {len(corpus.blocks['train'])} x 256 training tokens",
+            "round_s": {"plain": plain_s, "patched": patched_s, "of which fitting all patches": fit_s},
+            "patched_over_plain": patched_s / plain_s, "chosen_layer": picks,
+            "held_out_quality_retained_after_one_removal": retained}
+
+
 PHASES = {"scoring": phase_scoring, "healing": phase_healing, "shortlist": phase_shortlist,
-          "precision": phase_precision}
+          "precision": phase_precision, "patch": phase_patch}
 
 
 def _child(name, args, queue):

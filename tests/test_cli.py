@@ -89,6 +89,7 @@ CATALOGUE = {
     "negative checkpoint interval": (lambda p: ["--heal-checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
     "all loss weights zero": (lambda p: ["--w-kl", "0", "--w-mse", "0", "--w-final", "0"], "not all zero"),
     "unknown trainable set": (lambda p: ["--trainable", "everything"], "unknown trainable set"),
+    "unknown patch": (lambda p: ["--patch", "cubic"], "unknown patch"),
     "missing mc file": (lambda p: ["--final-tasks", "mc:" + str(p.tmp / "q.jsonl")], "does not exist"),
     "no output folder": (lambda p: ["--out", ""], "no output folder given"),
     "out is a file": (lambda p: ["--out", p.file("file-out", "x")], "is a file"),

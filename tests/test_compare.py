@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from layerprune.cli import main
 from layerprune.compare import METHODS, variant_config
 from layerprune.config import CompareConfig, HealConfig
@@ -12,6 +14,9 @@ def test_variants_share_the_recipe_and_set_their_method():
     assert variant.seed == 3 and variant.tasks == ("kl",) and variant.protect_last == 1
     assert variant.heal.steps == 7 and variant.heal.method == "distill" and variant.heal.checkpoint_every == 0
     assert variant_config(config, "shortgpt", "none", 2).heal.method == "none"
+    replaceme = variant_config(config, "replaceme", "none", 3)
+    assert (replaceme.metric, replaceme.mode, replaceme.patch) == ("angular_last", "block", "lstsq")
+    assert variant_config(CompareConfig(out="c", patch="diag"), "layerprune", "none", 1).patch == "diag"
 
 
 def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):
@@ -23,8 +28,38 @@ def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):
     summary = json.loads((out / "compare.json").read_text())
     assert len(summary["results"]) == 2 * len(METHODS)
     for result in summary["results"].values():
-        assert set(result["quality_retained"]) == {"1", "2"}
-    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+        assert set(result["quality_retained"]) == {"1", "2"} == set(result["quality_retained_unseen"])
+        assert all(0 < q <= 1.5 for q in result["quality_retained_unseen"].values())
+    assert summary["unseen_data"] == "embedded:news"
+    for plot in ("compare.png", "compare_unseen.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     table = (out / "compare.md").read_text()
     assert "| layerprune + healing |" in table and "| shortgpt + no healing |" in table
+    assert "| replaceme + no healing |" in table and "embedded:news: -1 | -2 |" in table
     assert not (out / "cache").exists()
+
+
+def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, text_file, monkeypatch):
+    """Iterative variants are read off after each removal: the unseen domain is measured then too."""
+    from layerprune.compare import Domain, run_variant, unseen_domain
+    from layerprune.config import DataConfig
+    from layerprune.models import load_model
+    from layerprune.pipeline import build_inputs
+
+    config = CompareConfig(out="unused", model=str(tiny_dir), device="cpu", counts=(1, 3), unseen_data=str(text_file),
+                           data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=2, train_blocks=2,
+                                           eval_blocks=2, batch_size=2))
+    teacher, tokenizer = load_model(config.model, device="cpu")
+    inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores=False)
+    domain = unseen_domain(config, teacher, tokenizer)
+    depths = []
+    monkeypatch.setattr(Domain, "quality_retained",
+                        lambda self, student, teacher: depths.append(student.config.num_hidden_layers) or 1.0)
+    quality = run_variant(inputs, config, "iterative-bi", "none", {"targets": None, "domain": domain},
+                          progress=False)
+    assert depths == [5, 3] and set(quality["unseen"]) == {1, 3}
+    # the same text as held-out: the unseen figures equal the held-out ones
+    monkeypatch.undo()
+    quality = run_variant(inputs, config, "shortgpt", "none", {"targets": None, "domain": domain},
+                          progress=False)
+    assert quality["unseen"] == pytest.approx(quality["held_out"])

@@ -67,3 +67,14 @@ def test_topk_kl_equals_full_kl_when_k_covers_the_vocabulary():
     full = kl_loss(s, t, torch.ones(2, 3))
     topk = topk_kl_loss(s, values, indices, t.logsumexp(-1), torch.ones(2, 3))
     assert topk.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_relative_mse_does_not_depend_on_the_hidden_scale():
+    s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    raw, rel = mse_loss(s, t, mask), mse_loss(s, t, mask, relative=True)
+    assert mse_loss(10 * s, 10 * t, mask).item() == pytest.approx(100 * raw.item(), rel=1e-5)
+    assert mse_loss(10 * s, 10 * t, mask, relative=True).item() == pytest.approx(rel.item(), rel=1e-5)
+    assert mse_loss(torch.zeros_like(t), t, mask, relative=True).item() == pytest.approx(1.0, rel=1e-6)
+    terms = joint_loss(kl_loss(s, t, mask), [s], [t], s, t, mask, LossWeights(relative_mse=True))
+    assert terms["mse"].item() == pytest.approx(rel.item(), rel=1e-6)

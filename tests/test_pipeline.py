@@ -110,3 +110,18 @@ def test_nan_in_the_model_stops_with_the_iteration_named(tiny_dir, text_file, tm
     with pytest.raises(LayerpruneError, match="iteration 1: .*not finite"):
         prune(config(tiny_dir, text_file, tmp_path / "o", remove=1), progress=False)
     assert not (tmp_path / "o" / "history.json").exists()
+
+
+@pytest.mark.parametrize("metric,mode", [("nll", "iterative"), ("angular_last", "block")])
+def test_a_patched_run_records_its_patch_and_saves_a_plain_model(tiny_dir, text_file, tmp_path, metric, mode):
+    out = tmp_path / "o"
+    history = prune(config(tiny_dir, text_file, out, metric=metric, mode=mode, remove=2, patch="lstsq"),
+                    progress=False)
+    check_output_folder(out, depth=4, removed=2)
+    for record in history.iterations:
+        assert record.patch["kind"] == "lstsq"
+        for folded in record.patch["folded"]:
+            assert folded["tokens"] == 8 * 32 and folded["deviation"] > 0
+    plain = prune(config(tiny_dir, text_file, tmp_path / "plain", metric=metric, mode=mode, remove=2),
+                  progress=False)
+    assert plain.iterations[0].patch is None

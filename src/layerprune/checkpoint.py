@@ -71,6 +71,7 @@ class IterationRecord:
     timings: dict[str, float]
     shortlist: list[int] | None = None
     block_start: int | None = None
+    patch: dict | None = None
 
     def to_json(self) -> dict:
         data = {**asdict(self), "eval": asdict(self.eval), "heal": self.heal.to_json() if self.heal else None}

@@ -15,8 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import (CompareConfig, EvalConfig, PruneConfig, ScoreConfig, field_types, flag_of, from_dict, merge,
-                     read_yaml)
+from .config import CompareConfig, EvalConfig, PruneConfig, ScoreConfig
+from .options import field_types, flag_of, from_dict, merge, read_yaml
 from .errors import LayerpruneError
 
 EXIT_USER_ERROR = 2

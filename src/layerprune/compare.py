@@ -15,53 +15,92 @@ import copy
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import check_output
-from .config import CompareConfig, PruneConfig, Recipe, to_dict
+from .config import CompareConfig, PruneConfig, Recipe
+from .data import load_corpus
 from .errors import LayerpruneError
 from .io import write_json, write_text
 from .models import load_model
+from .options import to_dict
 from .pipeline import Loop, RunInputs, build_inputs, check_names, run_removals, teacher_cache_dir
 from .report import plot_quality
 from .surgery import num_layers
 from .targets import TeacherTargets
+from .tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
 
 log = logging.getLogger(__name__)
 
-# name -> (metric, mode); "layerprune" is the paper's method (quality metric, iterative).
+# name -> (metric, mode, patch); "layerprune" is the paper's method (quality metric, iterative) with the
+# comparison's --patch; ReplaceMe is Gromov's block choice with a least-squares patch, as published.
 METHODS = {
-    "shortgpt": ("bi", "one-shot"),
-    "iterative-bi": ("bi", "iterative"),
-    "angular-block": ("angular_last", "block"),
-    "sleb-nll": ("nll", "iterative"),
-    "layerprune": ("quality", "iterative"),
+    "shortgpt": ("bi", "one-shot", "none"),
+    "iterative-bi": ("bi", "iterative", "none"),
+    "angular-block": ("angular_last", "block", "none"),
+    "sleb-nll": ("nll", "iterative", "none"),
+    "replaceme": ("angular_last", "block", "lstsq"),
+    "layerprune": ("quality", "iterative", None),
 }
 
 
 def variant_config(config: CompareConfig, method: str, heal: str, count: int) -> PruneConfig:
     """The prune configuration of one variant: the comparison's recipe with this method's metric
     and mode. A comparison is not resumable (each variant is short): no healing checkpoints."""
-    metric, mode = METHODS[method]
+    metric, mode, patch = METHODS[method]
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(Recipe)}
-    return PruneConfig(**{**shared, "heal": dataclasses.replace(config.heal, method=heal, checkpoint_every=0)},
+    return PruneConfig(**{**shared, "heal": dataclasses.replace(config.heal, method=heal, checkpoint_every=0),
+                          "patch": patch or config.patch},
                        metric=metric, mode=mode, remove=count, final_tasks=(), measure_speed=False)
 
 
-def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str,
-                targets: TeacherTargets | None, progress: bool) -> dict[int, float]:
-    """Quality retained (held-out) after removing each count of layers."""
-    _, mode = METHODS[method]
+@dataclass(frozen=True)
+class Domain:
+    """Held-out tasks on a second text, with the teacher's scores on them."""
+
+    name: str
+    tasks: list
+    teacher_scores: dict
+
+    def quality_retained(self, student, teacher) -> float:
+        return quality_retained(evaluate_tasks(student, self.tasks, teacher), self.teacher_scores)
+
+
+def unseen_domain(config: CompareConfig, teacher, tokenizer) -> Domain | None:
+    """The eval tasks on the held-out part of `unseen_data`; none of it is trained or scored on."""
+    if config.unseen_data is None:
+        return None
+    corpus = load_corpus(dataclasses.replace(config.data, source=config.unseen_data), tokenizer)
+    tasks = build_tasks(config.eval_tasks, TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"],
+                                                    config.data.batch_size, config.seed))
+    return Domain(config.unseen_data, tasks, evaluate_tasks(teacher, tasks, teacher))
+
+
+def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: dict,
+                progress: bool) -> dict[str, dict[int, float]]:
+    """Quality retained after removing each count of layers: held-out text ("held_out") and the
+    unseen domain ("unseen"). `shared`: the teacher-target cache and the unseen domain."""
+    mode = METHODS[method][1]
     counts = sorted(config.counts)
+    domain: Domain | None = shared["domain"]
+    unseen: dict[int, float] = {}
 
     def run(count: int):
-        loop = Loop(copy.deepcopy(inputs.teacher), targets=targets)
+        def on_record(record, student):
+            removed = count if mode != "iterative" else record.iteration
+            if domain is not None and removed in counts:
+                unseen[removed] = domain.quality_retained(student, inputs.teacher)
+
+        loop = Loop(copy.deepcopy(inputs.teacher), targets=shared["targets"], after_each=on_record)
         return run_removals(inputs, variant_config(config, method, heal, count), count, loop, progress)
 
     if mode == "iterative":
         records = run(max(counts))
-        return {n: records[n - 1].eval.quality_retained for n in counts}
-    return {n: run(n)[0].eval.quality_retained for n in counts}
+        held_out = {n: records[n - 1].eval.quality_retained for n in counts}
+    else:
+        held_out = {n: run(n)[0].eval.quality_retained for n in counts}
+    return {"held_out": held_out, **({"unseen": unseen} if domain is not None else {})}
 
 
 def compare(config: CompareConfig, progress: bool = True) -> dict:
@@ -76,6 +115,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
     variant_config(config, config.methods[0], config.healing[0], max(counts)).layers_to_remove(num_layers(teacher))
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods)
+    domain = unseen_domain(config, teacher, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     targets = None
     if "distill" in config.healing and config.heal.teacher_cache:
@@ -86,31 +126,46 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
         for heal in config.healing:
             name = f"{method} + {'healing' if heal == 'distill' else 'no healing'}"
             start = time.perf_counter()
-            results[name] = {"method": method, "heal": heal,
-                             "quality_retained": run_variant(inputs, config, method, heal, targets, progress),
-                             "seconds": time.perf_counter() - start}
-            log.info("%s: %s (%.0fs)", name, {n: round(q, 3) for n, q in results[name]["quality_retained"].items()},
+            quality = run_variant(inputs, config, method, heal, {"targets": targets, "domain": domain}, progress)
+            results[name] = {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
+                             "quality_retained": quality["held_out"], "seconds": time.perf_counter() - start}
+            if "unseen" in quality:
+                results[name]["quality_retained_unseen"] = quality["unseen"]
+            log.info("%s: %s (%.0fs)", name, {n: round(q, 3) for n, q in quality["held_out"].items()},
                      results[name]["seconds"])
     if targets is not None:
         targets.close()
     summary = {"model": config.model or "embedded:SmolLM2-135M-Instruct", "counts": counts,
-               "eval_tasks": list(config.eval_tasks), "teacher_eval": inputs.teacher_eval, "results": results,
+               "eval_tasks": list(config.eval_tasks), "data": config.data.source or "embedded:wiki",
+               "unseen_data": config.unseen_data, "teacher_eval": inputs.teacher_eval, "results": results,
                "config": to_dict(config)}
     write_json(out / "compare.json", summary)
     write_text(out / "compare.md", markdown(summary))
-    plot_quality({name: [(0, 1.0), *sorted(r["quality_retained"].items())] for name, r in results.items()},
-                 out / "compare.png", f"quality retained on held-out text ({', '.join(config.eval_tasks)})")
+    tasks = ", ".join(config.eval_tasks)
+    for key, file, text in (("quality_retained", "compare.png", summary["data"]),
+                            ("quality_retained_unseen", "compare_unseen.png", config.unseen_data)):
+        curves = {name: [(0, 1.0), *sorted(r[key].items())] for name, r in results.items() if key in r}
+        if curves:
+            plot_quality(curves, out / file, f"quality retained on held-out {text} ({tasks})")
     return summary
 
 
 def markdown(summary: dict) -> str:
     counts = summary["counts"]
+    unseen = summary.get("unseen_data")
+    head = " | ".join(f"-{n}" for n in counts)
     lines = [f"# Depth-pruning methods on {summary['model']}", "",
-             f"Quality retained on held-out text (mean of {', '.join(summary['eval_tasks'])} relative to the "
-             "original; 1.0 = the original).", "",
-             "| method | " + " | ".join(f"-{n} layers" for n in counts) + " | seconds |",
-             "| --- | " + " | ".join("---" for _ in counts) + " | --- |"]
+             f"Quality retained (mean of {', '.join(summary['eval_tasks'])} relative to the original; 1.0 = the "
+             f"original) on held-out {summary['data']} text" + (f" and on {unseen}, a domain nothing is trained or "
+                                                                  "scored on" if unseen else "") + ".", "",
+             f"| method | {summary['data']}: {head} |" + (f" {unseen}: {head} |" if unseen else "") + " seconds |",
+             "| --- |" + " --- |" * (len(counts) * (2 if unseen else 1)) + " --- |"]
     for name, r in summary["results"].items():
         cells = " | ".join(f"{r['quality_retained'][n]:.3f}" for n in counts)
+        if unseen:
+            cells += " | " + " | ".join(f"{r['quality_retained_unseen'][n]:.3f}" for n in counts)
         lines.append(f"| {name} | {cells} | {r['seconds']:.0f} |")
-    return "\n".join(lines) + "\n\n![quality retained against layers removed](compare.png)\n"
+    plots = ["![quality retained against layers removed](compare.png)"]
+    if unseen:
+        plots.append(f"![quality retained on {unseen}](compare_unseen.png)")
+    return "\n".join(lines) + "\n\n" + "\n".join(plots) + "\n"

@@ -5,8 +5,8 @@ its flag) in `metadata`, so the CLI generates every option from here and a
 YAML file (`--config run.yaml`, nested `data:` and `heal:` sections) fills
 the same fields. The precedence is defaults < YAML < flags. Configs are
 frozen, so the exact object that produced a result is what a run writes to
-`config.yaml`, and `layerprune prune --config OUT/config.yaml --out NEW`
-repeats it.
+`config.yaml` (options.py turns configs into YAML and back), and
+`layerprune prune --config OUT/config.yaml --out NEW` repeats it.
 
 Structural checks live in `validate()`; names of metrics and tasks are
 checked by the modules that own those registries (importance.py, tasks/).
@@ -15,20 +15,18 @@ checked by the modules that own those registries (importance.py, tasks/).
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from .errors import LayerpruneError
+from .options import flag_of
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("iterative", "one-shot", "block")
 HEAL_METHODS = ("distill", "none")
 TRAINABLE = ("neighbours", "all", "lora")
-COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "layerprune")
+COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "replaceme", "layerprune")
+PATCHES = ("none", "lstsq", "diag")
 
 
 def opt(default, help: str, flag: str | None = None, **kw):
@@ -111,6 +109,8 @@ class HealConfig:
     temperature: float = opt(1.0, "softmax temperature of the KL term")
     w_mse: float = opt(1.0, "weight of the MSE on mapped intermediate hidden states")
     w_final: float = opt(1.0, "weight of the MSE on the final (normed) hidden state")
+    mse_scale: str = opt("raw", "raw: hidden-state MSE as in the paper (its size depends on the model); relative: "
+                                "divided by the teacher state's mean square, so the weights mean the same on any model")
     mse_layers: tuple[int, ...] | None = opt(None, "comma-separated ORIGINAL layer indices whose outputs the MSE "
                                                    "term matches (default: the layer just above each cut)")
     trainable: str = opt("neighbours", "what trains: neighbours of the removed layer, all layers, or lora adapters")
@@ -131,6 +131,7 @@ class HealConfig:
         _one_of(self.method, HEAL_METHODS, "healing method")
         _one_of(self.trainable, TRAINABLE, "trainable set")
         _one_of(self.mixed_precision, ("no", "bf16", "fp16"), "mixed precision")
+        _one_of(self.mse_scale, ("raw", "relative"), "MSE scale")
         _non_negative(self, ("steps", "final_steps", "warmup_steps", "radius", "checkpoint_every"), "heal ")
         _positive(self, ("batch_size", "grad_accum", "lora_r", "log_every", "teacher_topk"), "heal ")
         for name in ("lr", "temperature"):
@@ -192,6 +193,8 @@ class Recipe(ModelConfig):
     protect_first: int = opt(0, "never remove the first N layers")
     protect_last: int = opt(0, "never remove the last N layers")
     shortlist: int | None = opt(None, "score only the N layers Block Influence ranks lowest with the expensive metric")
+    patch: str = opt("none", "closed-form linear patch at each cut, folded into the layer below: lstsq (a full "
+                             "matrix), diag (a diagonal) or none; the removal metrics then score patched candidates")
     heal: HealConfig = opt(HealConfig(), "")
 
     def validate(self) -> None:
@@ -203,6 +206,7 @@ class Recipe(ModelConfig):
         if not self.eval_tasks:
             raise LayerpruneError("no evaluation tasks given", "name at least one task with --eval-tasks")
         _non_negative(self, ("protect_first", "protect_last"))
+        _one_of(self.patch, PATCHES, "patch")
         if self.shortlist is not None:
             _positive(self, ("shortlist",))
         self.heal.validate()
@@ -268,6 +272,8 @@ class CompareConfig(Recipe):
     counts: tuple[int, ...] = opt((2, 4, 6), "comma-separated layer counts to remove", flag="--remove")
     methods: tuple[str, ...] = opt(COMPARE_METHODS, "comma-separated subset of the methods")
     healing: tuple[str, ...] = opt(HEAL_METHODS[::-1], "none, distill or both")
+    unseen_data: str | None = opt("embedded:news", "a second held-out text, of a domain nothing is trained or "
+                                                   "scored on; quality retained is reported on it too")
 
     def validate(self) -> None:
         super().validate()
@@ -278,110 +284,3 @@ class CompareConfig(Recipe):
             raise LayerpruneError(f"unknown method(s) {unknown}", f"use some of {', '.join(COMPARE_METHODS)}")
         for heal in self.healing:
             _one_of(heal, HEAL_METHODS, "healing")
-
-
-# ---------------------------------------------------------------- dicts, YAML, flags
-
-
-def flag_of(cls, name: str) -> str:
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    return f.metadata.get("flag") or "--" + name.replace("_", "-")
-
-
-def field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _strip_none(kind):
-    """`X | None` -> (X, True); X -> (X, False)."""
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return kind, False
-
-
-def coerce(kind, value, where: str):
-    """A YAML or flag value as the field's type: tuples from lists or comma-separated text."""
-    kind, optional = _strip_none(kind)
-    if value is None:
-        if optional:
-            return None
-        raise LayerpruneError(f"{where} cannot be empty", f"give a value for {where}")
-    try:
-        if typing.get_origin(kind) is tuple:
-            item = typing.get_args(kind)[0]
-            parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
-            return tuple(coerce(item, part, where) for part in parts)
-        if kind is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                raise ValueError(value)
-            return value.lower() in ("true", "yes", "1")
-        if isinstance(value, str) and kind is not str:
-            return kind(value)
-        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (kind, int) if kind is float else kind):
-            raise TypeError(value)
-        return kind(value)
-    except (TypeError, ValueError) as err:
-        raise LayerpruneError(f"{where} must be {getattr(kind, '__name__', kind)}, got {value!r}",
-                              f"give {where} a value of that type") from err
-
-
-def from_dict(cls, values: dict, where: str = ""):
-    """Build a (nested) config from plain values, as read from YAML or JSON; unknown keys are errors."""
-    if not isinstance(values, dict):
-        raise LayerpruneError(f"config section {where or 'top'} is not a mapping", "write key: value lines")
-    hints = field_types(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise LayerpruneError(f"unknown config key(s) {unknown}{' in ' + where if where else ''}",
-                              f"use the keys of {cls.__name__}: {', '.join(hints)}")
-    built = {}
-    for name, value in values.items():
-        if dataclasses.is_dataclass(hints[name]):
-            built[name] = from_dict(hints[name], value or {}, f"{where}{name}.")
-        else:
-            built[name] = coerce(hints[name], value, f"{where}{name}")
-    return cls(**built)
-
-
-def to_dict(config) -> dict:
-    """Plain values (tuples as lists), the form written to config.yaml and history.json."""
-    def plain(value):
-        if isinstance(value, (tuple, list)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(config))
-
-
-def merge(base: dict, override: dict) -> dict:
-    """`override` on top of `base`, section by section."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def read_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise LayerpruneError(f"cannot read config file {path} ({err.strerror or err})", "check the --config path") \
-            from err
-    try:
-        values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise LayerpruneError(f"{path} is not valid YAML ({str(err).splitlines()[0]})", "fix the file") from err
-    if not isinstance(values, dict):
-        raise LayerpruneError(f"{path} does not hold a mapping of options", "write one `key: value` per line")
-    return values
-
-
-def to_yaml(config) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -163,7 +163,8 @@ def loss_step(job: HealJob, model, student, teacher, blocks: torch.Tensor, targe
     """The function `(ids, rows) -> loss terms` this healing uses, chosen once. With `targets`
     the teacher is not run and the frozen bottom of the student runs once per block; without,
     every micro-batch runs the teacher and the whole student (the reference)."""
-    weights = LossWeights(job.config.w_kl, job.config.w_mse, job.config.w_final, job.config.temperature)
+    weights = LossWeights(job.config.w_kl, job.config.w_mse, job.config.w_final, job.config.temperature,
+                          job.config.mse_scale == "relative")
     pairs = job.pairs
 
     def straightforward(ids, rows):

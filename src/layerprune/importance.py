@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .activations import layer_states, run_from
 from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
+from .patch import capture_mlp_outputs, patched_state
 from .surgery import layer_view, num_layers
 from .tasks import Batch, Task, collect_stats, forward_logits, nll_stats, perplexity_summary, quality_retained
 
@@ -68,6 +69,7 @@ class ScoringContext:
     teacher: object = None
     teacher_scores: dict | None = None
     candidates: Sequence[int] | None = None   # current indices worth scoring; None = all
+    patches: dict | None = None               # candidate i -> its linear patch T (patch.py); None = plain cuts
     reuse_prefix: bool = True
     progress: bool = True
 
@@ -102,21 +104,29 @@ def score_angular_last(model, ctx: ScoringContext) -> list[float]:
 
 
 def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher=None,
-                    reuse_prefix: bool = True, progress: bool = True) -> tuple[dict, dict]:
+                    reuse_prefix: bool = True, progress: bool = True, patches: dict | None = None
+                    ) -> tuple[dict, dict]:
     """Task stats of the current model and of each candidate "current minus layer i", collected by
     the tasks' own loop: per batch, one pass captures the states entering every layer, and each
-    candidate runs from its cached state. Returns (current_stats[task], stats[i][task])."""
+    candidate runs from its cached state. With `patches`, candidate i is "minus layer i, patched":
+    the same pass captures the MLP output of layer i-1, so the patched state costs no layer pass.
+    Returns (current_stats[task], stats[i][task])."""
+    patches = patches or {}
+    if patches and not reuse_prefix:
+        raise ValueError("patched candidates are scored from cached states only")
     depth = num_layers(model)
     batches = {id(task.batches): len(task.batches) for task in tasks if task.run is None}
     bar = tqdm(total=sum(batches.values()) * len(candidates), desc="scoring layers", unit="cand",
                disable=not progress, leave=False)
 
     def outputs(batch: Batch):
-        states, logits = layer_states(model, batch.input_ids, batch.attention_mask)
+        with capture_mlp_outputs(model, {i - 1 for i in patches}) as mlp:
+            states, logits = layer_states(model, batch.input_ids, batch.attention_mask)
         yield "current", logits
         for i in candidates:
             if reuse_prefix:
-                logits = run_from(model, i, states[i], range(i + 1, depth), batch.input_ids, batch.attention_mask)
+                start = patched_state(states[i], mlp[i - 1], patches[i]) if i in patches else states[i]
+                logits = run_from(model, i, start, range(i + 1, depth), batch.input_ids, batch.attention_mask)
             else:
                 with layer_view(model, [k for k in range(depth) if k != i]):
                     logits = forward_logits(model, batch)
@@ -133,7 +143,8 @@ def _removal_scores(model, ctx: ScoringContext, tasks: list[Task], value: Callab
     """importance_i = value(current) - value(current minus i); unscored layers get NaN."""
     depth = num_layers(model)
     candidates = list(range(depth)) if ctx.candidates is None else list(ctx.candidates)
-    current, per_candidate = candidate_stats(model, tasks, candidates, ctx.teacher, ctx.reuse_prefix, ctx.progress)
+    current, per_candidate = candidate_stats(model, tasks, candidates, ctx.teacher, ctx.reuse_prefix, ctx.progress,
+                                             ctx.patches)
     base = value({t.name: t.summary(current[t.name]) for t in tasks})
     if not math.isfinite(base):
         raise NonFiniteError(f"the current model's outputs are not finite ({base}) while scoring layers",

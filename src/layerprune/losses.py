@@ -43,10 +43,17 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, tea
     return _masked_token_mean(per_token, mask) * temperature ** 2
 
 
-def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over hidden dimensions, averaged over unmasked tokens."""
-    per_token = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
-    return _masked_token_mean(per_token, mask)
+def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor,
+             relative: bool = False) -> torch.Tensor:
+    """Mean squared error over hidden dimensions, averaged over unmasked tokens. `relative`
+    divides it by the teacher state's mean square over the same tokens, so it no longer depends
+    on the model's hidden-state scale (SmolLM2's raw MSE is 2-3 where its KL is 0.1): a student
+    that outputs zeros scores 1, whatever the model."""
+    teacher = teacher_hidden.float()
+    error = _masked_token_mean((student_hidden.float() - teacher).pow(2).mean(-1), mask)
+    if not relative:
+        return error
+    return error / _masked_token_mean(teacher.pow(2).mean(-1), mask).clamp_min(1e-12)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class LossWeights:
     mse: float = 1.0
     final: float = 1.0
     temperature: float = 1.0
+    relative_mse: bool = False
 
 
 def joint_loss(kl: torch.Tensor, student_hidden: list, teacher_hidden: list, student_final, teacher_final, mask,
@@ -65,7 +73,8 @@ def joint_loss(kl: torch.Tensor, student_hidden: list, teacher_hidden: list, stu
     `student_hidden[j]` is compared with `teacher_hidden[j]` (the caller maps layers).
     Returns every term and their weighted sum under "loss"."""
     zero = kl.new_zeros(())
-    mse = sum((mse_loss(s, t, mask) for s, t in zip(student_hidden, teacher_hidden)), zero)
-    final = mse_loss(student_final, teacher_final, mask) if weights.final else zero
+    relative = weights.relative_mse
+    mse = sum((mse_loss(s, t, mask, relative) for s, t in zip(student_hidden, teacher_hidden)), zero)
+    final = mse_loss(student_final, teacher_final, mask, relative) if weights.final else zero
     loss = weights.kl * kl + weights.mse * mse + weights.final * final
     return {"loss": loss, "kl": kl, "mse": mse, "final_mse": final}

@@ -19,22 +19,25 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import checkpoint
 from .checkpoint import Evaluation, History, IterationRecord, PendingIteration, ResumePoint
-from .config import PruneConfig, Recipe, to_dict, to_yaml
+from .config import PruneConfig, Recipe
 from .data import Corpus, load_corpus
 from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
 from .heal import HealLog, heal, plan
-from .importance import ScoringContext, Selection, check_metric, select_layers
+from .importance import REMOVAL_METRICS, ScoringContext, Selection, check_metric, select_layers
 from .io import write_json, write_text
 from .models import check_context, load_model, save_model
+from .options import to_dict, to_yaml
+from .patch import candidate_patches, cut, effective_kind
 from .report import write_loss_log, write_report
 from .speed import compare_speed
-from .surgery import check_cut_supported, num_layers, original_indices, remove_layers
+from .surgery import check_cut_supported, num_layers, original_indices
 from .targets import TeacherTargets
 from .tasks import Task, TaskData, blocks_to_batches, build_tasks, check_task_name, evaluate_tasks, quality_retained
 
@@ -67,6 +70,7 @@ class Loop:
     targets: TeacherTargets | None = None
     out: Path | None = None
     resume: ResumePoint = field(default_factory=ResumePoint)
+    after_each: Callable[[IterationRecord, torch.nn.Module], None] | None = None  # e.g. compare's second domain
 
     def resumed(self, iteration: int) -> tuple[PendingIteration | None, dict | None]:
         pending = self.resume.pending
@@ -87,6 +91,7 @@ def check_names(config: Recipe, metric: str | None) -> None:
 
 def build_inputs(config: Recipe, teacher, tokenizer, final_tasks=(), teacher_scores: bool = True) -> RunInputs:
     check_cut_supported(teacher)
+    effective_kind(teacher, config.patch)
     check_context(teacher, config.data.seq_len)
     corpus = load_corpus(config.data, tokenizer)
     bs = config.data.batch_size
@@ -115,6 +120,9 @@ def _kl_and_ppl(evaluation: Evaluation) -> dict:
 def _select(inputs: RunInputs, config: PruneConfig, student, count: int, iteration: int, progress: bool):
     ctx = ScoringContext(inputs.calib_batches, inputs.importance_tasks, inputs.teacher, inputs.teacher_scores,
                          config.removable(num_layers(student)), progress=progress)
+    if config.patch != "none" and config.metric in REMOVAL_METRICS and config.mode != "block":
+        ctx.patches = candidate_patches(student, ctx.candidates, inputs.corpus.blocks["train"], config.patch,
+                                        config.data.batch_size, progress)
     try:
         return select_layers(student, config.metric, config.mode, count, ctx, config.shortlist)
     except NonFiniteError as err:
@@ -167,7 +175,8 @@ def _iteration(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: Pend
                progress: bool) -> IterationRecord:
     """Cut, heal, evaluate: one record."""
     originals = original_indices(loop.student)
-    removed = remove_layers(loop.student, pending.selection.drop)
+    removed, patched = cut(loop.student, pending.selection.drop, inputs.corpus.blocks["train"], config.patch,
+                           config.data.batch_size, progress)
     t0 = time.perf_counter()
     heal_log = _heal(inputs, config, loop, pending, config.heal.steps, progress)
     heal_s = time.perf_counter() - t0
@@ -180,7 +189,7 @@ def _iteration(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: Pend
         pending.iteration, {str(originals[i]): (None if s != s else s) for i, s in enumerate(selection.scores)},
         selection.drop, removed, num_layers(loop.student), evaluation, heal_log,
         {"score_s": pending.score_s, "heal_s": heal_s, "eval_s": time.perf_counter() - t0},
-        selection.shortlist, selection.block_start)
+        selection.shortlist, selection.block_start, patched)
 
 
 def run_removals(inputs: RunInputs, config: PruneConfig, count: int, loop: Loop, progress: bool = True
@@ -199,6 +208,8 @@ def run_removals(inputs: RunInputs, config: PruneConfig, count: int, loop: Loop,
         record = _iteration(inputs, config, loop, pending, progress)
         loop.records.append(record)
         _log_iteration(inputs, record, last)
+        if loop.after_each is not None:
+            loop.after_each(record, loop.student)
         if loop.out is not None:
             checkpoint.save_checkpoint(loop.out, to_dict(config), loop.records, loop.student)
     return loop.records

@@ -1,0 +1,279 @@
+"""The closed-form linear patch at a cut (ReplaceMe, arXiv 2505.02819; LinearPatch, 2505.24680).
+
+When current layers j..k are removed (j >= 1), the layer below the cut,
+j-1, outputs O = Y + M: Y is the residual stream after its attention (and
+everything else that is not its MLP), M its MLP output as it enters the
+residual stream. The removed block's output L is approximated by Y + M T,
+where T minimises ||M T - (L - Y)||^2 + alpha ||T - I||^2 over training
+tokens (never those that score or evaluate). Y is never needed on its own:
+L - Y = L - O + M.
+
+The fit needs only Gram matrices, accumulated in float64 over batches, so
+memory does not grow with the data: G = M^T M and C = M^T (L - O + M);
+T = (G + alpha I)^-1 (C + alpha I). alpha is RIDGE times the mean of G's
+diagonal, plus a floor, so a singular Gram (an MLP that outputs zeros) gives
+T = I, never NaN weights.
+
+T is folded into weights, so the result is a plain HF model of the same
+architecture: every projection that writes M (the MLP's down projection, each
+expert's and the shared expert's) is multiplied by T on its output side,
+biases too. Where M passes through a norm before the residual add (Gemma2/3,
+OLMo2, EXAONE4: `post_feedforward_layernorm`), only a diagonal T folds, into
+that norm's scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import PATCHES
+from .errors import LayerpruneError
+from .surgery import find_layers, text_config
+
+log = logging.getLogger(__name__)
+
+KINDS = PATCHES
+RIDGE = 1e-4          # relative to the mean diagonal of M^T M
+RIDGE_FLOOR = 1e-12   # absolute, so that an all-zero M still solves to T = I
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
+POST_MLP_NORMS = ("post_feedforward_layernorm",)
+# Names of the projections that write the MLP's output, by the last part of the parameter name.
+OUTPUT_PROJECTIONS = ("down_proj", "fc2", "dense_4h_to_h", "c_proj", "w2")
+
+
+@dataclass
+class MlpPath:
+    """Where one layer's MLP output enters the residual stream. `writer`'s output is M; a patch
+    folds into `projections` (parameter, the axis of size hidden) or, where `norm` is set, into
+    that norm's scale (diagonal only)."""
+
+    writer: nn.Module
+    projections: list[tuple[nn.Parameter, int]] = field(default_factory=list)
+    norm: nn.Module | None = None
+
+
+def _output_axis(param: nn.Parameter, hidden: int, name: str) -> int:
+    axes = [a for a in range(param.dim()) if param.shape[a] == hidden]
+    if param.dim() == 1:
+        return 0
+    if len(axes) != 1:
+        raise LayerpruneError(f"cannot tell which axis of {name} {tuple(param.shape)} is the hidden size {hidden}",
+                              "use --patch none for this model")
+    return axes[0]
+
+
+def mlp_path(layer: nn.Module, hidden: int) -> MlpPath | None:
+    """The MLP output path of one decoder layer, or None if this layer has none we know."""
+    norm = next((getattr(layer, n) for n in POST_MLP_NORMS if isinstance(getattr(layer, n, None), nn.Module)), None)
+    mlp = next((getattr(layer, n) for n in MLP_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
+    if mlp is None and isinstance(getattr(layer, "fc2", None), nn.Linear):  # OPT: the MLP sits in the layer
+        mlp = layer.fc2
+        projections = [(p, _output_axis(p, hidden, f"fc2.{n}")) for n, p in mlp.named_parameters()]
+        return MlpPath(mlp, projections, norm)
+    if mlp is None:
+        return None
+    projections = []
+    for name, param in mlp.named_parameters():
+        parts = name.split(".")
+        last = parts[-2] if parts[-1] in ("weight", "bias") else parts[-1].removesuffix("_bias")
+        if last in OUTPUT_PROJECTIONS:
+            projections.append((param, _output_axis(param, hidden, name)))
+    if not projections and norm is None:
+        return None
+    return MlpPath(norm if norm is not None else mlp, projections, norm)
+
+
+def paths(model: nn.Module) -> list[MlpPath | None]:
+    hidden = text_config(model).hidden_size
+    return [mlp_path(layer, hidden) for layer in find_layers(model).layers]
+
+
+def effective_kind(model: nn.Module, kind: str) -> str:
+    """The patch this model takes for `kind`: a post-MLP norm allows only a diagonal one. Refuses,
+    in one line, an architecture where neither fold applies."""
+    if kind == "none":
+        return kind
+    found = paths(model)
+    if any(p is None for p in found[:-1]):
+        config = text_config(model)
+        raise LayerpruneError(f"--patch {kind}: {type(model).__name__} ({config.model_type}) has no MLP output "
+                              "projection or post-MLP norm that a linear patch can be folded into",
+                              "use --patch none for this architecture")
+    return "diag" if any(p.norm is not None for p in found[:-1]) else kind
+
+
+@contextmanager
+def capture_mlp_outputs(model: nn.Module, layers) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, `record[k]` is layer k's MLP output M from the latest forward pass."""
+    found = paths(model)
+    record: dict[int, torch.Tensor] = {}
+    def hook(k):
+        return lambda module, args, out: record.__setitem__(k, out[0] if isinstance(out, tuple) else out)
+
+    handles = [found[k].writer.register_forward_hook(hook(k)) for k in layers]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Gram:
+    """Float64 sums over training tokens for the patch of one cut: G = M^T M, C = M^T (L - O + M)
+    (their diagonals only, for a diagonal patch)."""
+
+    mm: torch.Tensor
+    mr: torch.Tensor
+    tokens: int = 0
+
+    def add(self, m: torch.Tensor, r: torch.Tensor) -> None:
+        m, r = m.reshape(-1, m.shape[-1]).double(), r.reshape(-1, r.shape[-1]).double()
+        if self.mm.dim() == 1:
+            self.mm += (m * m).sum(0)
+            self.mr += (m * r).sum(0)
+        else:
+            self.mm += m.T @ m
+            self.mr += m.T @ r
+        self.tokens += len(m)
+
+
+def solve(gram: Gram) -> torch.Tensor:
+    """T from the Gram sums; a vector for a diagonal patch. Ridge towards the identity."""
+    diagonal = gram.mm.dim() == 1
+    scale = (gram.mm if diagonal else gram.mm.diagonal()).mean().item()
+    alpha = RIDGE * max(scale, 0.0) + RIDGE_FLOOR
+    for _ in range(6):  # an ill-conditioned system: raise the ridge until the solution is finite
+        if diagonal:
+            t = (gram.mr + alpha) / (gram.mm + alpha)
+        else:
+            eye = torch.eye(len(gram.mm), dtype=torch.float64, device=gram.mm.device)
+            t = torch.linalg.solve(gram.mm + alpha * eye, gram.mr + alpha * eye)
+        if torch.isfinite(t).all():
+            return t
+        alpha *= 1000.0
+    return torch.ones_like(gram.mr) if diagonal else torch.eye(len(gram.mm), dtype=torch.float64)
+
+
+def _norm_offset(norm: nn.Module, hidden: int) -> float:
+    """0 for a norm that scales by its weight, 1 for one that scales by 1 + weight (Gemma)."""
+    weight = norm.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.zero_()
+        probe = norm(torch.ones(1, hidden, dtype=weight.dtype, device=weight.device))
+        weight.copy_(saved)
+    return 0.0 if probe.abs().max().item() == 0 else 1.0
+
+
+@torch.no_grad()
+def fold(model: nn.Module, layer: int, t: torch.Tensor) -> None:
+    """Make layer `layer` write M T instead of M, in its own weights."""
+    path = paths(model)[layer]
+    hidden = text_config(model).hidden_size
+    if path.norm is not None:
+        if t.dim() != 1:
+            raise ValueError("a post-MLP norm takes only a diagonal patch")
+        offset = _norm_offset(path.norm, hidden)
+        weight = path.norm.weight
+        weight.copy_(((offset + weight.double()) * t.to(weight.device) - offset).to(weight.dtype))
+        bias = getattr(path.norm, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_((bias.double() * t.to(bias.device)).to(bias.dtype))
+        return
+    matrix = torch.diag(t) if t.dim() == 1 else t
+    for param, axis in path.projections:
+        moved = param.double().movedim(axis, -1)  # the hidden (output) axis last: rows times T
+        param.copy_((moved @ matrix.to(param.device)).movedim(-1, axis).to(param.dtype))
+
+
+@torch.no_grad()
+def fit(model: nn.Module, runs: list[tuple[int, int]], blocks: torch.Tensor, kind: str, batch_size: int = 4,
+        progress: bool = True) -> dict[tuple[int, int], Gram]:
+    """Gram sums for each run (first, last) of current layers to be removed together, from one
+    pass of `model` over training `blocks` [N, T]. Runs starting at layer 0 have no layer below
+    to patch and are skipped."""
+    from .activations import capture
+
+    runs = [(a, b) for a, b in runs if a >= 1]
+    hidden = text_config(model).hidden_size
+    device = next(model.parameters()).device
+
+    def empty():
+        size = (hidden,) if kind == "diag" else (hidden, hidden)
+        return Gram(torch.zeros(size, dtype=torch.float64, device=device),
+                    torch.zeros(size, dtype=torch.float64, device=device))
+
+    grams = {run: empty() for run in runs}
+    if not runs:
+        return grams
+    bar = tqdm(range(0, len(blocks), batch_size), desc="fitting the patch", unit="batch", disable=not progress,
+               leave=False)
+    for start in bar:
+        ids = blocks[start:start + batch_size].to(device)
+        with capture(model) as states, capture_mlp_outputs(model, {a - 1 for a, _ in runs}) as mlp:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        for (a, b), gram in grams.items():
+            m = mlp[a - 1]
+            gram.add(m, states["states"][b + 1] - states["states"][a] + m)
+    return grams
+
+
+def contiguous_runs(drop: list[int]) -> list[tuple[int, int]]:
+    """[3, 4, 7] -> [(3, 4), (7, 7)]: each run of adjacent layers is one cut."""
+    runs: list[list[int]] = []
+    for layer in sorted(drop):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return [(a, b) for a, b in runs]
+
+
+def deviation(t: torch.Tensor) -> float:
+    """How far a patch is from doing nothing: max |T - I|."""
+    eye = torch.ones_like(t) if t.dim() == 1 else torch.eye(len(t), dtype=t.dtype, device=t.device)
+    return float((t - eye).abs().max())
+
+
+def cut(model: nn.Module, drop: list[int], blocks: torch.Tensor, kind: str, batch_size: int = 4,
+        progress: bool = True) -> tuple[list[int], dict | None]:
+    """Remove current layers `drop`; with a patch, fit it on training `blocks` first (the removed
+    layers are needed for that) and fold it into the layer below each cut. Returns the removed
+    layers' original indices and what was patched (None without a patch)."""
+    from .surgery import original_indices, remove_layers
+
+    kind = effective_kind(model, kind)
+    grams = fit(model, contiguous_runs(drop), blocks, kind, batch_size, progress) if kind != "none" else {}
+    originals = original_indices(model)
+    removed = remove_layers(model, drop)
+    folded = []
+    for (first, _), gram in grams.items():
+        t = solve(gram)
+        below = first - 1 - sum(1 for d in drop if d < first - 1)
+        fold(model, below, t)
+        folded.append({"layer_original": originals[first - 1], "tokens": gram.tokens, "deviation": deviation(t)})
+    return removed, ({"kind": kind, "folded": folded} if kind != "none" else None)
+
+
+def candidate_patches(model: nn.Module, candidates, blocks: torch.Tensor, kind: str, batch_size: int = 4,
+                      progress: bool = True) -> dict[int, torch.Tensor]:
+    """T for each candidate "current minus layer i" (i >= 1), all from one pass over `blocks`."""
+    kind = effective_kind(model, kind)
+    grams = fit(model, [(i, i) for i in candidates], blocks, kind, batch_size, progress)
+    return {first: solve(gram) for (first, _), gram in grams.items()}
+
+
+def patched_state(state: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """O + M (T - I) = Y + M T: the state leaving the patched layer below a cut."""
+    if t.dim() == 1:
+        return state + (m.double() * (t - 1)).to(state.dtype)
+    eye = torch.eye(len(t), dtype=t.dtype, device=t.device)
+    return state + (m.double() @ (t - eye)).to(state.dtype)

@@ -90,6 +90,9 @@ def check_names(config: Recipe, metric: str | None) -> None:
 
 
 def build_inputs(config: Recipe, teacher, tokenizer, final_tasks=(), teacher_scores: bool = True) -> RunInputs:
+    """Everything the loop measures against, from the loaded teacher. Whatever the model or the
+    data cannot do (an architecture no cut or patch suits, blocks longer than its context, a task
+    the text cannot feed) fails here, before any heavy work."""
     check_cut_supported(teacher)
     effective_kind(teacher, config.patch)
     check_context(teacher, config.data.seq_len)
@@ -118,6 +121,8 @@ def _kl_and_ppl(evaluation: Evaluation) -> dict:
 
 
 def _select(inputs: RunInputs, config: PruneConfig, student, count: int, iteration: int, progress: bool):
+    """Score the removable layers and choose; with a patch, the removal metrics score patched
+    candidates, their patches fitted on training blocks."""
     ctx = ScoringContext(inputs.calib_batches, inputs.importance_tasks, inputs.teacher, inputs.teacher_scores,
                          config.removable(num_layers(student)), progress=progress)
     if config.patch != "none" and config.metric in REMOVAL_METRICS and config.mode != "block":

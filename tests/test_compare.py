@@ -63,3 +63,12 @@ def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, t
     quality = run_variant(inputs, config, "shortgpt", "none", {"targets": None, "domain": domain},
                           progress=False)
     assert quality["unseen"] == pytest.approx(quality["held_out"])
+
+
+def test_a_patch_the_method_does_not_define_is_named():
+    from layerprune.compare import variant_name
+
+    assert variant_name(CompareConfig(out="c", patch="lstsq"), "layerprune", "distill") == \
+        "layerprune + lstsq patch + healing"
+    assert variant_name(CompareConfig(out="c", patch="lstsq"), "replaceme", "none") == "replaceme + no healing"
+    assert variant_name(CompareConfig(out="c"), "layerprune", "none") == "layerprune + no healing"

@@ -77,6 +77,12 @@ def unseen_domain(config: CompareConfig, teacher, tokenizer) -> Domain | None:
     return Domain(config.unseen_data, tasks, evaluate_tasks(teacher, tasks, teacher))
 
 
+def variant_name(config: CompareConfig, method: str, heal: str) -> str:
+    """"layerprune + lstsq patch + healing": a patch the method does not itself define is named."""
+    patch = f" + {config.patch} patch" if METHODS[method][2] is None and config.patch != "none" else ""
+    return f"{method}{patch} + {'healing' if heal == 'distill' else 'no healing'}"
+
+
 def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: dict,
                 progress: bool) -> dict[str, dict[int, float]]:
     """Quality retained after removing each count of layers: held-out text ("held_out") and the
@@ -124,7 +130,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     results: dict[str, dict] = {}
     for method in config.methods:
         for heal in config.healing:
-            name = f"{method} + {'healing' if heal == 'distill' else 'no healing'}"
+            name = variant_name(config, method, heal)
             start = time.perf_counter()
             quality = run_variant(inputs, config, method, heal, {"targets": targets, "domain": domain}, progress)
             results[name] = {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,7 +68,7 @@ def plot_quality(curves: dict[str, list[tuple[int, float]]], path: Path, title: 
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel("layers removed")
     ax.set_ylabel("quality retained (held-out, teacher = 1)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 60), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -90,6 +90,7 @@ CATALOGUE = {
     "all loss weights zero": (lambda p: ["--w-kl", "0", "--w-mse", "0", "--w-final", "0"], "not all zero"),
     "unknown trainable set": (lambda p: ["--trainable", "everything"], "unknown trainable set"),
     "unknown patch": (lambda p: ["--patch", "cubic"], "unknown patch"),
+    "unknown patch target": (lambda p: ["--patch-target", "student"], "unknown patch target"),
     "missing mc file": (lambda p: ["--final-tasks", "mc:" + str(p.tmp / "q.jsonl")], "does not exist"),
     "no output folder": (lambda p: ["--out", ""], "no output folder given"),
     "out is a file": (lambda p: ["--out", p.file("file-out", "x")], "is a file"),

@@ -72,3 +72,15 @@ def test_a_patch_the_method_does_not_define_is_named():
         "layerprune + lstsq patch + healing"
     assert variant_name(CompareConfig(out="c", patch="lstsq"), "replaceme", "none") == "replaceme + no healing"
     assert variant_name(CompareConfig(out="c"), "layerprune", "none") == "layerprune + no healing"
+    taught = CompareConfig(out="c", patch="lstsq", patch_target="teacher")
+    assert variant_name(taught, "layerprune", "none") == "layerprune + lstsq patch (to the teacher) + no healing"
+
+
+def test_replaceme_runs_as_published_whatever_the_comparison_patch():
+    from layerprune.compare import variant_config
+
+    taught = CompareConfig(out="c", patch="diag", patch_target="teacher")
+    replaceme = variant_config(taught, "replaceme", "none", 2)
+    assert (replaceme.patch, replaceme.patch_target, replaceme.mode) == ("lstsq", "layer", "block")
+    ours = variant_config(taught, "layerprune", "distill", 2)
+    assert (ours.patch, ours.patch_target, ours.heal.method) == ("diag", "teacher", "distill")

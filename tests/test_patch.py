@@ -120,3 +120,31 @@ def test_patched_candidates_score_what_the_patched_cut_gives():
         patch.cut(cut, [i], blocks(), "lstsq", progress=False)
         direct = collect_stats(cut, tasks)[None]["perplexity"]
         assert stats[i]["perplexity"]["nll_sum"] == pytest.approx(direct["nll_sum"], rel=1e-4)
+
+
+def _teacher_gap(student, teacher, layer, ids):
+    """Squared distance between the student's state leaving current `layer` and the teacher's
+    state at the depth it stands for."""
+    from layerprune.activations import capture
+    from layerprune.surgery import original_indices
+
+    with torch.no_grad(), capture(student) as s, capture(teacher) as t:
+        student(input_ids=ids, use_cache=False)
+        teacher(input_ids=ids, use_cache=False)
+    return float((s["states"][layer + 1] - t["states"][original_indices(student)[layer] + 1]).pow(2).sum())
+
+
+def test_a_patch_fitted_to_the_teacher_also_absorbs_earlier_cuts():
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    # On the original model both targets are the same states: the same patch.
+    same = patch.candidate_patches(student, [3], blocks(), "lstsq", progress=False)[3]
+    taught = patch.candidate_patches(student, [3], blocks(), "lstsq", progress=False, teacher=teacher)[3]
+    torch.testing.assert_close(taught, same)
+    patch.cut(student, [2], blocks(), "lstsq", progress=False)      # original layer 2 gone, patched
+    gaps = {}
+    for target in ("layer", "teacher"):
+        cut = copy.deepcopy(student)
+        patch.cut(cut, [3], blocks(), "lstsq", progress=False, teacher=teacher if target == "teacher" else None)
+        gaps[target] = _teacher_gap(cut, teacher, 2, blocks())  # current layer 2 stands for original 4
+    assert gaps["teacher"] < 0.99 * gaps["layer"]

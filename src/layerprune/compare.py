@@ -50,8 +50,9 @@ def variant_config(config: CompareConfig, method: str, heal: str, count: int) ->
     and mode. A comparison is not resumable (each variant is short): no healing checkpoints."""
     metric, mode, patch = METHODS[method]
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(Recipe)}
+    published = {"patch": patch, "patch_target": "layer"} if patch else {}
     return PruneConfig(**{**shared, "heal": dataclasses.replace(config.heal, method=heal, checkpoint_every=0),
-                          "patch": patch or config.patch},
+                          **published},
                        metric=metric, mode=mode, remove=count, final_tasks=(), measure_speed=False)
 
 
@@ -80,6 +81,8 @@ def unseen_domain(config: CompareConfig, teacher, tokenizer) -> Domain | None:
 def variant_name(config: CompareConfig, method: str, heal: str) -> str:
     """"layerprune + lstsq patch + healing": a patch the method does not itself define is named."""
     patch = f" + {config.patch} patch" if METHODS[method][2] is None and config.patch != "none" else ""
+    if patch and config.patch_target == "teacher":
+        patch += " (to the teacher)"
     return f"{method}{patch} + {'healing' if heal == 'distill' else 'no healing'}"
 
 

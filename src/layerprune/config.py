@@ -27,6 +27,7 @@ HEAL_METHODS = ("distill", "none")
 TRAINABLE = ("neighbours", "all", "lora")
 COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "replaceme", "layerprune")
 PATCHES = ("none", "lstsq", "diag")
+PATCH_TARGETS = ("layer", "teacher")
 
 
 def opt(default, help: str, flag: str | None = None, **kw):
@@ -195,6 +196,9 @@ class Recipe(ModelConfig):
     shortlist: int | None = opt(None, "score only the N layers Block Influence ranks lowest with the expensive metric")
     patch: str = opt("none", "closed-form linear patch at each cut, folded into the layer below: lstsq (a full "
                              "matrix), diag (a diagonal) or none; the removal metrics then score patched candidates")
+    patch_target: str = opt("layer", "what the patch reproduces: layer (the removed layers' output in the current "
+                                     "model, as ReplaceMe) or teacher (the original's state at that depth, which "
+                                     "also absorbs what earlier cuts left)")
     heal: HealConfig = opt(HealConfig(), "")
 
     def validate(self) -> None:
@@ -207,6 +211,7 @@ class Recipe(ModelConfig):
             raise LayerpruneError("no evaluation tasks given", "name at least one task with --eval-tasks")
         _non_negative(self, ("protect_first", "protect_last"))
         _one_of(self.patch, PATCHES, "patch")
+        _one_of(self.patch_target, PATCH_TARGETS, "patch target")
         if self.shortlist is not None:
             _positive(self, ("shortlist",))
         self.heal.validate()

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .config import PATCHES
 from .errors import LayerpruneError
-from .surgery import find_layers, text_config
+from .surgery import find_layers, original_indices, text_config
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,13 @@ def fold(model: nn.Module, layer: int, t: torch.Tensor) -> None:
 
 @torch.no_grad()
 def fit(model: nn.Module, runs: list[tuple[int, int]], blocks: torch.Tensor, kind: str, batch_size: int = 4,
-        progress: bool = True) -> dict[tuple[int, int], Gram]:
+        progress: bool = True, teacher: nn.Module | None = None) -> dict[tuple[int, int], Gram]:
     """Gram sums for each run (first, last) of current layers to be removed together, from one
     pass of `model` over training `blocks` [N, T]. Runs starting at layer 0 have no layer below
-    to patch and are skipped."""
+    to patch and are skipped. With `teacher` (the original model), L is the teacher's state
+    after the original layer that the run's last layer stands for, not the current model's:
+    after earlier cuts the two differ, and fitting the teacher's makes the patch absorb that
+    difference too (one teacher pass more)."""
     from .activations import capture
 
     runs = [(a, b) for a, b in runs if a >= 1]
@@ -214,15 +217,22 @@ def fit(model: nn.Module, runs: list[tuple[int, int]], blocks: torch.Tensor, kin
     grams = {run: empty() for run in runs}
     if not runs:
         return grams
+    originals = original_indices(model)
     bar = tqdm(range(0, len(blocks), batch_size), desc="fitting the patch", unit="batch", disable=not progress,
                leave=False)
     for start in bar:
         ids = blocks[start:start + batch_size].to(device)
         with capture(model) as states, capture_mlp_outputs(model, {a - 1 for a, _ in runs}) as mlp:
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        targets = lambda b: states["states"][b + 1]  # noqa: E731
+        if teacher is not None:
+            with capture(teacher) as taught:
+                teacher(input_ids=ids.to(next(teacher.parameters()).device),
+                        attention_mask=torch.ones_like(ids), use_cache=False)
+            targets = lambda b: taught["states"][originals[b] + 1].to(device)  # noqa: E731
         for (a, b), gram in grams.items():
             m = mlp[a - 1]
-            gram.add(m, states["states"][b + 1] - states["states"][a] + m)
+            gram.add(m, targets(b) - states["states"][a] + m)
     return grams
 
 
@@ -244,14 +254,14 @@ def deviation(t: torch.Tensor) -> float:
 
 
 def cut(model: nn.Module, drop: list[int], blocks: torch.Tensor, kind: str, batch_size: int = 4,
-        progress: bool = True) -> tuple[list[int], dict | None]:
+        progress: bool = True, teacher: nn.Module | None = None) -> tuple[list[int], dict | None]:
     """Remove current layers `drop`; with a patch, fit it on training `blocks` first (the removed
-    layers are needed for that) and fold it into the layer below each cut. Returns the removed
-    layers' original indices and what was patched (None without a patch)."""
-    from .surgery import original_indices, remove_layers
+    layers are needed for that; `teacher` as in `fit`) and fold it into the layer below each cut.
+    Returns the removed layers' original indices and what was patched (None without a patch)."""
+    from .surgery import remove_layers
 
     kind = effective_kind(model, kind)
-    grams = fit(model, contiguous_runs(drop), blocks, kind, batch_size, progress) if kind != "none" else {}
+    grams = fit(model, contiguous_runs(drop), blocks, kind, batch_size, progress, teacher) if kind != "none" else {}
     originals = original_indices(model)
     removed = remove_layers(model, drop)
     folded = []
@@ -264,10 +274,10 @@ def cut(model: nn.Module, drop: list[int], blocks: torch.Tensor, kind: str, batc
 
 
 def candidate_patches(model: nn.Module, candidates, blocks: torch.Tensor, kind: str, batch_size: int = 4,
-                      progress: bool = True) -> dict[int, torch.Tensor]:
+                      progress: bool = True, teacher: nn.Module | None = None) -> dict[int, torch.Tensor]:
     """T for each candidate "current minus layer i" (i >= 1), all from one pass over `blocks`."""
     kind = effective_kind(model, kind)
-    grams = fit(model, [(i, i) for i in candidates], blocks, kind, batch_size, progress)
+    grams = fit(model, [(i, i) for i in candidates], blocks, kind, batch_size, progress, teacher)
     return {first: solve(gram) for (first, _), gram in grams.items()}
 
 

@@ -120,6 +120,11 @@ def _kl_and_ppl(evaluation: Evaluation) -> dict:
     return {key: value for key, value in picked.items() if value is not None}
 
 
+def _patch_teacher(inputs: RunInputs, config: PruneConfig):
+    """The model whose states a patch reproduces when not the current student's own (--patch-target)."""
+    return inputs.teacher if config.patch_target == "teacher" else None
+
+
 def _select(inputs: RunInputs, config: PruneConfig, student, count: int, iteration: int, progress: bool):
     """Score the removable layers and choose; with a patch, the removal metrics score patched
     candidates, their patches fitted on training blocks."""
@@ -127,7 +132,7 @@ def _select(inputs: RunInputs, config: PruneConfig, student, count: int, iterati
                          config.removable(num_layers(student)), progress=progress)
     if config.patch != "none" and config.metric in REMOVAL_METRICS and config.mode != "block":
         ctx.patches = candidate_patches(student, ctx.candidates, inputs.corpus.blocks["train"], config.patch,
-                                        config.data.batch_size, progress)
+                                        config.data.batch_size, progress, _patch_teacher(inputs, config))
     try:
         return select_layers(student, config.metric, config.mode, count, ctx, config.shortlist)
     except NonFiniteError as err:
@@ -181,7 +186,7 @@ def _iteration(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: Pend
     """Cut, heal, evaluate: one record."""
     originals = original_indices(loop.student)
     removed, patched = cut(loop.student, pending.selection.drop, inputs.corpus.blocks["train"], config.patch,
-                           config.data.batch_size, progress)
+                           config.data.batch_size, progress, _patch_teacher(inputs, config))
     t0 = time.perf_counter()
     heal_log = _heal(inputs, config, loop, pending, config.heal.steps, progress)
     heal_s = time.perf_counter() - t0

@@ -84,3 +84,24 @@ def test_replaceme_runs_as_published_whatever_the_comparison_patch():
     assert (replaceme.patch, replaceme.patch_target, replaceme.mode) == ("lstsq", "layer", "block")
     ours = variant_config(taught, "layerprune", "distill", 2)
     assert (ours.patch, ours.patch_target, ours.heal.method) == ("diag", "teacher", "distill")
+
+
+def test_separate_comparisons_merge_into_one_table_only_on_the_same_inputs(tmp_path):
+    from layerprune.compare import merge, write_comparison
+    from layerprune.errors import LayerpruneError
+
+    def summary(name, quality, data="embedded:wiki"):
+        return {"model": "m", "counts": [1, 2], "eval_tasks": ["kl"], "data": data, "unseen_data": None,
+                "teacher_eval": {"kl": {"score": 1.0}}, "config": {"methods": [name]},
+                "results": {name: {"method": name, "heal": "none", "patch": "none", "seconds": 1.0,
+                                   "quality_retained": {"1": quality, "2": quality / 2}}}}
+
+    merged = merge([summary("a", 0.9), summary("b", 0.8)])
+    assert list(merged["results"]) == ["a", "b"] and merged["results"]["b"]["config"] == {"methods": ["b"]}
+    write_comparison(tmp_path, merged)
+    assert "| b | 0.800 | 0.400 | 1 |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    with pytest.raises(LayerpruneError, match="differ in data"):
+        merge([summary("a", 0.9), summary("b", 0.8, data="embedded:news")])
+    with pytest.raises(LayerpruneError, match="more than one"):
+        merge([summary("a", 0.9), summary("a", 0.8)])

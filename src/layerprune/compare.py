@@ -148,15 +148,47 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
                "eval_tasks": list(config.eval_tasks), "data": config.data.source or "embedded:wiki",
                "unseen_data": config.unseen_data, "teacher_eval": inputs.teacher_eval, "results": results,
                "config": to_dict(config)}
+    write_comparison(out, summary)
+    return summary
+
+
+def write_comparison(out: Path, summary: dict) -> None:
+    """compare.json, compare.md and the plots of one summary."""
     write_json(out / "compare.json", summary)
     write_text(out / "compare.md", markdown(summary))
-    tasks = ", ".join(config.eval_tasks)
+    tasks = ", ".join(summary["eval_tasks"])
     for key, file, text in (("quality_retained", "compare.png", summary["data"]),
-                            ("quality_retained_unseen", "compare_unseen.png", config.unseen_data)):
-        curves = {name: [(0, 1.0), *sorted(r[key].items())] for name, r in results.items() if key in r}
+                            ("quality_retained_unseen", "compare_unseen.png", summary.get("unseen_data"))):
+        curves = {name: [(0, 1.0), *sorted(r[key].items())]
+                  for name, r in summary["results"].items() if key in r}
         if curves:
             plot_quality(curves, out / file, f"quality retained on held-out {text} ({tasks})")
-    return summary
+
+
+# What must agree for two comparisons' variants to stand in one table.
+SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval")
+
+
+def merge(summaries: list[dict]) -> dict:
+    """One table from comparisons run separately (e.g. one variant per machine): they must share
+    the model, data, counts, tasks and the teacher's held-out scores; each variant keeps the
+    config it ran with."""
+    first = summaries[0]
+    for other in summaries[1:]:
+        differ = [key for key in SAME_INPUTS if other.get(key) != first.get(key)]
+        if differ:
+            raise LayerpruneError(f"comparisons differ in {', '.join(differ)}",
+                                  "merge only comparisons run on the same model, data, counts and tasks")
+    results: dict[str, dict] = {}
+    for summary in summaries:
+        for name, result in summary["results"].items():
+            if name in results:
+                raise LayerpruneError(f"variant {name!r} is in more than one comparison", "merge each variant once")
+            counts = {key: {int(n): q for n, q in result[key].items()}  # JSON keys are strings
+                      for key in ("quality_retained", "quality_retained_unseen") if key in result}
+            results[name] = {**result, **counts, "config": summary["config"]}
+    return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results,
+            "config": [summary["config"] for summary in summaries]}
 
 
 def markdown(summary: dict) -> str:

@@ -148,3 +148,15 @@ def test_a_patch_fitted_to_the_teacher_also_absorbs_earlier_cuts():
         patch.cut(cut, [3], blocks(), "lstsq", progress=False, teacher=teacher if target == "teacher" else None)
         gaps[target] = _teacher_gap(cut, teacher, 2, blocks())  # current layer 2 stands for original 4
     assert gaps["teacher"] < 0.99 * gaps["layer"]
+
+
+def test_a_cut_reuses_the_patch_its_candidate_scoring_fitted(monkeypatch):
+    model = tiny_model("llama")
+    fitted = patch.candidate_patches(model, [1, 2, 3], blocks(), "lstsq", progress=False)
+    refit = copy.deepcopy(model)
+    _, info = patch.cut(refit, [2], blocks(), "lstsq", progress=False)
+    monkeypatch.setattr(patch, "fit", lambda *a, **k: pytest.fail("the candidate's patch was fitted again"))
+    _, reused = patch.cut(model, [2], blocks(), "lstsq", progress=False, fitted=fitted)
+    assert reused == info
+    for name, value in refit.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name

@@ -187,8 +187,7 @@ def merge(summaries: list[dict]) -> dict:
             counts = {key: {int(n): q for n, q in result[key].items()}  # JSON keys are strings
                       for key in ("quality_retained", "quality_retained_unseen") if key in result}
             results[name] = {**result, **counts, "config": summary["config"]}
-    return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results,
-            "config": [summary["config"] for summary in summaries]}
+    return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results}
 
 
 def markdown(summary: dict) -> str:

@@ -254,22 +254,31 @@ def deviation(t: torch.Tensor) -> float:
 
 
 def cut(model: nn.Module, drop: list[int], blocks: torch.Tensor, kind: str, batch_size: int = 4,
-        progress: bool = True, teacher: nn.Module | None = None) -> tuple[list[int], dict | None]:
+        progress: bool = True, teacher: nn.Module | None = None, fitted: dict[int, torch.Tensor] | None = None
+        ) -> tuple[list[int], dict | None]:
     """Remove current layers `drop`; with a patch, fit it on training `blocks` first (the removed
     layers are needed for that; `teacher` as in `fit`) and fold it into the layer below each cut.
-    Returns the removed layers' original indices and what was patched (None without a patch)."""
+    `fitted`: the patches `candidate_patches` already solved for single-layer cuts of this model on
+    the same blocks; a cut among them is not fitted again. Returns the removed layers' original
+    indices and what was patched (None without a patch)."""
     from .surgery import remove_layers
 
     kind = effective_kind(model, kind)
-    grams = fit(model, contiguous_runs(drop), blocks, kind, batch_size, progress, teacher) if kind != "none" else {}
+    runs = [(a, b) for a, b in contiguous_runs(drop) if a >= 1]
+    if kind == "none":
+        patches = {}
+    elif fitted and all(a == b and a in fitted for a, b in runs):
+        patches = {run: fitted[run[0]] for run in runs}
+    else:
+        patches = {run: solve(gram) for run, gram in fit(model, runs, blocks, kind, batch_size, progress,
+                                                          teacher).items()}
     originals = original_indices(model)
     removed = remove_layers(model, drop)
     folded = []
-    for (first, _), gram in grams.items():
-        t = solve(gram)
+    for (first, _), t in patches.items():
         below = first - 1 - sum(1 for d in drop if d < first - 1)
         fold(model, below, t)
-        folded.append({"layer_original": originals[first - 1], "tokens": gram.tokens, "deviation": deviation(t)})
+        folded.append({"layer_original": originals[first - 1], "tokens": blocks.numel(), "deviation": deviation(t)})
     return removed, ({"kind": kind, "folded": folded} if kind != "none" else None)
 
 

@@ -127,14 +127,15 @@ def _patch_teacher(inputs: RunInputs, config: PruneConfig):
 
 def _select(inputs: RunInputs, config: PruneConfig, student, count: int, iteration: int, progress: bool):
     """Score the removable layers and choose; with a patch, the removal metrics score patched
-    candidates, their patches fitted on training blocks."""
+    candidates, their patches fitted on training blocks. Returns the selection and those patches
+    (None when candidates were not patched), which the cut then reuses."""
     ctx = ScoringContext(inputs.calib_batches, inputs.importance_tasks, inputs.teacher, inputs.teacher_scores,
                          config.removable(num_layers(student)), progress=progress)
     if config.patch != "none" and config.metric in REMOVAL_METRICS and config.mode != "block":
         ctx.patches = candidate_patches(student, ctx.candidates, inputs.corpus.blocks["train"], config.patch,
                                         config.data.batch_size, progress, _patch_teacher(inputs, config))
     try:
-        return select_layers(student, config.metric, config.mode, count, ctx, config.shortlist)
+        return select_layers(student, config.metric, config.mode, count, ctx, config.shortlist), ctx.patches
     except NonFiniteError as err:
         raise NonFiniteError(f"iteration {iteration}: {err.problem}; the last checkpoint holds the state before it",
                              err.fix) from err
@@ -182,11 +183,11 @@ def teacher_cache_dir(out: Path | None) -> Path:
 
 
 def _iteration(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIteration,
-               progress: bool) -> IterationRecord:
-    """Cut, heal, evaluate: one record."""
+               progress: bool, fitted: dict | None = None) -> IterationRecord:
+    """Cut (reusing the candidates' `fitted` patches), heal, evaluate: one record."""
     originals = original_indices(loop.student)
     removed, patched = cut(loop.student, pending.selection.drop, inputs.corpus.blocks["train"], config.patch,
-                           config.data.batch_size, progress, _patch_teacher(inputs, config))
+                           config.data.batch_size, progress, _patch_teacher(inputs, config), fitted)
     t0 = time.perf_counter()
     heal_log = _heal(inputs, config, loop, pending, config.heal.steps, progress)
     heal_s = time.perf_counter() - t0
@@ -209,13 +210,14 @@ def run_removals(inputs: RunInputs, config: PruneConfig, count: int, loop: Loop,
     last = count if config.mode == "iterative" else 1
     for iteration in range(len(loop.records) + 1, last + 1):
         pending, _ = loop.resumed(iteration)
+        fitted = None  # a resumed iteration refits its patch: the same blocks give the same T
         if pending is not None:
             log.info("iteration %d: resuming its healing at step %d", iteration, pending.step)
         else:
             t0 = time.perf_counter()
-            selection = _select(inputs, config, loop.student, count, iteration, progress)
+            selection, fitted = _select(inputs, config, loop.student, count, iteration, progress)
             pending = PendingIteration(iteration, selection, time.perf_counter() - t0)
-        record = _iteration(inputs, config, loop, pending, progress)
+        record = _iteration(inputs, config, loop, pending, progress, fitted)
         loop.records.append(record)
         _log_iteration(inputs, record, last)
         if loop.after_each is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import multiprocessing as mp
 import resource
@@ -30,7 +31,7 @@ def setup(calib_blocks=16, train_blocks=32, seq_len=256):
     torch.manual_seed(0)
     model, tokenizer = load_model(None, "float32", "auto")
     corpus = load_corpus(DataConfig(seq_len=seq_len, calib_blocks=calib_blocks, train_blocks=train_blocks,
-                                    eval_blocks=4), tokenizer)
+                                    eval_blocks=4), tokenizer, patch_pool=True)
     return model, tokenizer, corpus
 
 
@@ -125,7 +126,7 @@ def phase_scoring(args) -> dict:
     }
 
 
-def _heal_run(model, corpus, targets, steps, topk, tmp):
+def _heal_run(model, blocks, targets, steps, topk, tmp):
     from layerprune.config import HealConfig
     from layerprune.heal import heal, plan
     from layerprune.surgery import remove_layers
@@ -133,9 +134,11 @@ def _heal_run(model, corpus, targets, steps, topk, tmp):
     student = copy.deepcopy(model)
     remove_layers(student, [17])
     config = HealConfig(steps=steps, batch_size=2, grad_accum=2, teacher_topk=topk)
-    job = plan(student, config, steps, iteration=1, seed=0, dropped=[17])
+    # cached targets go with the frozen-prefix cache: the pair a multi-pass healing uses
+    job = dataclasses.replace(plan(student, config, steps, iteration=1, seed=0, dropped=[17]),
+                              prefix_cache=targets is not None)
     start = time.perf_counter()
-    log = heal(student, model, corpus.blocks["train"], job, targets, progress=False)
+    log = heal(student, model, blocks, job, targets, progress=False)
     return time.perf_counter() - start, log
 
 
@@ -148,19 +151,19 @@ def phase_healing(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         # the MSE term matches the layer above the cut: original 18 (a run adds such layers lazily)
-        targets = compute_targets(model, corpus.blocks["train"], f"{tmp}/t", 256, progress=False, layers=[18])
+        train = corpus.patch_blocks
+        targets = compute_targets(model, train, f"{tmp}/t", 256, progress=False, layers=[18])
         targets_s = time.perf_counter() - start
-        straight_s, straight = _heal_run(model, corpus, None, args.heal_steps, 256, tmp)
-        cached_s, cached = _heal_run(model, corpus, targets, args.heal_steps, 256, tmp)
+        straight_s, straight = _heal_run(model, train, None, args.heal_steps, 256, tmp)
+        cached_s, cached = _heal_run(model, train, targets, args.heal_steps, 256, tmp)
         # The same with 2 steps: the difference is the cost of the extra steps alone, without the
         # once-per-healing work (Accelerate set-up; the frozen prefix states of every training block).
-        straight_2, _ = _heal_run(model, corpus, None, 2, 256, tmp)
-        cached_2, _ = _heal_run(model, corpus, targets, 2, 256, tmp)
+        straight_2, _ = _heal_run(model, train, None, 2, 256, tmp)
+        cached_2, _ = _heal_run(model, train, targets, 2, 256, tmp)
         # exactness: the whole vocabulary in the cache, on few blocks (the cache is then large)
-        small = copy.copy(corpus)
-        small.blocks = {**corpus.blocks, "train": corpus.blocks["train"][:4]}
+        small = train[:4]
         vocab = model.get_output_embeddings().weight.shape[0]
-        full = compute_targets(model, small.blocks["train"], f"{tmp}/full", vocab, progress=False)
+        full = compute_targets(model, small, f"{tmp}/full", vocab, progress=False)
         _, exact_cached = _heal_run(model, small, full, 2, vocab, tmp)
         _, exact_straight = _heal_run(model, small, None, 2, vocab, tmp)
     diff = max(abs(a[k] - b[k]) for a, b in zip(exact_cached.rows, exact_straight.rows)
@@ -258,7 +261,7 @@ def phase_patch(args) -> dict:
     plain = score_quality(model, ctx)
     plain_s = time.perf_counter() - start
     start = time.perf_counter()
-    ctx.patches = patch.candidate_patches(model, candidates, corpus.blocks["train"], "lstsq", progress=False)
+    ctx.patches = patch.candidate_patches(model, candidates, corpus.patch_blocks, "lstsq", progress=False)
     fit_s = time.perf_counter() - start
     patched = score_quality(model, ctx)
     patched_s = time.perf_counter() - start
@@ -269,7 +272,7 @@ def phase_patch(args) -> dict:
         if name == "plain":
             remove_layers(student, [layer])
         else:
-            patch.cut(student, [layer], corpus.blocks["train"], "lstsq", progress=False)
+            patch.cut(student, [layer], corpus.patch_blocks, "lstsq", progress=False)
         retained[name] = quality_retained(evaluate_tasks(student, held_out, model), teacher_eval)
     return {"round": f"{len(candidates)} candidates, {args.calib_blocks} x 256 calibration tokens; patches fitted "
                      f"on {len(corpus.blocks['train'])} x 256 training tokens",

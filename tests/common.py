@@ -103,7 +103,7 @@ class TinyTokenizer:
         return VOCAB
 
 
-def make_text_file(path, docs: int = 30, words: int = 150, seed: int = 0):
+def make_text_file(path, docs: int = 100, words: int = 60, seed: int = 0):
     import random
 
     rng = random.Random(seed)

@@ -1,6 +1,7 @@
 """Bad input: one line naming the problem and the fix, exit code 2, no output folder. The
 catalogue is the one table CATALOGUE; the README's count is checked against it."""
 
+import gzip
 import json
 import re
 import shutil
@@ -71,12 +72,19 @@ CATALOGUE = {
     "protection makes target impossible": (lambda p: ["--protect-first", "3", "--protect-last", "3"], "unprotected"),
     "blocks longer than the context": (lambda p: ["--seq-len", "512"], "longer than the model's context"),
     "empty data": (lambda p: ["--data", p.file("empty.txt", "")], "holds no text"),
+    "unreachable dataset id": (lambda p: ["--data", "nobody-here/no-such-dataset"], "cannot reach dataset"),
+    "corrupt shard mid-stream": (lambda p: ["--data", p.file("bad.jsonl.gz", gzip.compress(
+        ("".join('{"text": "row %d of text"}\n' % i for i in range(20000))).encode())[:300])], "is corrupt after"),
+    "healing budget beyond the data": (lambda p: ["--heal", "distill", "--heal-tokens", "100000000"],
+                                       "training split holds"),
+    "cache budget too small for one block": (lambda p: ["--cache-disk", "1e-9"], "cannot hold"),
+    "both healing budgets": (lambda p: ["--heal-tokens", "1000", "--heal-steps", "2"], "give the healing budget once"),
     "too-short data": (lambda p: ["--data", p.file("short.txt", "one\n\ntwo\n\nthree")], "block(s) of 32"),
     "binary data": (lambda p: ["--data", p.file("binary.txt", b"\x00\x01\x02" * 100)], "looks binary"),
     "non-UTF-8 data": (lambda p: ["--data", p.file("latin.txt", "caf\xe9 ".encode("latin-1") * 100)],
                        "not valid UTF-8"),
     "jsonl without the field": (lambda p: ["--data", p.file("d.jsonl", '{"body": "x"}\n')], "no string field"),
-    "data folder": (lambda p: ["--data", p.folder("a-folder")], "is a folder"),
+    "data folder": (lambda p: ["--data", p.folder("a-folder")], "holds no .txt"),
     "missing data file": (lambda p: ["--data", str(p.tmp / "none.txt")], "does not exist"),
     "unknown data type": (lambda p: ["--data", p.file("d.csv", "a,b\n")], "unsupported data file type"),
     "unknown metric": (lambda p: ["--metric", "magic"], "unknown metric"),

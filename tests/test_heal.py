@@ -123,19 +123,23 @@ def test_non_finite_loss_stops_and_keeps_weights():
 
 
 @pytest.mark.parametrize("trainable", ["neighbours", "all"])
-def test_cached_targets_give_the_straightforward_loss(tmp_path, trainable):
+def test_every_cache_combination_gives_the_straightforward_loss(tmp_path, trainable):
+    """Teacher targets cached or online, frozen-prefix states cached or online: the same losses."""
     teacher = tiny_model("llama")
     data = blocks()
     runs = {}
-    for name in ("straight", "cached"):
+    for targets_cached, prefix_cached in ((False, False), (True, False), (False, True), (True, True)):
         student = pruned(teacher, [3])
-        targets = TeacherTargets.open(tmp_path / "t", teacher, data, topk=96, progress=False) \
-            if name == "cached" else None
-        runs[name] = heal(student, teacher, data, job_for(student, quick(trainable=trainable, grad_accum=2), [3]),
-                          targets, progress=False)
-    for a, b in zip(runs["straight"].rows, runs["cached"].rows):
-        for key in ("loss", "kl", "mse", "final_mse"):
-            assert a[key] == pytest.approx(b[key], abs=1e-4)
+        targets = TeacherTargets.open(tmp_path / f"t{prefix_cached}", teacher, data, topk=96, progress=False) \
+            if targets_cached else None
+        job = job_for(student, quick(trainable=trainable, grad_accum=2, steps=10), [3], prefix_cache=prefix_cached)
+        runs[targets_cached, prefix_cached] = heal(student, teacher, data, job, targets, progress=False)
+    reference = runs[False, False]
+    assert len(reference.rows) == 10   # 40 micro-batches of 2 over 16 blocks: the text is passed 2.5 times
+    for name, run in runs.items():
+        for a, b in zip(reference.rows, run.rows):
+            for key in ("loss", "kl", "mse", "final_mse"):
+                assert a[key] == pytest.approx(b[key], abs=1e-4), (name, key)
 
 
 @pytest.mark.parametrize("trainable", ["neighbours", "lora"])

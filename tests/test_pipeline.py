@@ -125,3 +125,18 @@ def test_a_patched_run_records_its_patch_and_saves_a_plain_model(tiny_dir, text_
     plain = prune(config(tiny_dir, text_file, tmp_path / "plain", metric=metric, mode=mode, remove=2),
                   progress=False)
     assert plain.iterations[0].patch is None
+
+
+@pytest.mark.parametrize("train_data", ["stream", "reuse"])
+def test_each_removal_heals_on_fresh_text_or_on_the_same(tiny_dir, text_file, tmp_path, train_data):
+    heal = HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1, train_data=train_data, final_steps=1)
+    history = prune(config(tiny_dir, text_file, tmp_path / "o", metric="bi", remove=2, heal=heal), progress=False)
+    texts = [record.heal.text for record in history.iterations] + [history.final_heal.text]
+    assert [t["blocks"] for t in texts] == [4, 4, 2]
+    if train_data == "stream":   # one stretch after the other, the final healing after both
+        assert texts[0]["start"] == [0, 0] and texts[1]["start"] == texts[0]["end"]
+        assert texts[2]["start"] == texts[1]["end"] != texts[0]["end"]
+    else:
+        assert all(t["start"] == [0, 0] for t in texts) and texts[0]["end"] == texts[1]["end"]
+        assert "teacher targets cached" in texts[0]["caches"]
+    assert "read once" in texts[0]["caches"] or train_data == "reuse"

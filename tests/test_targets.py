@@ -1,6 +1,10 @@
 import torch
 
-from layerprune.targets import TeacherTargets
+import pytest
+
+from layerprune.config import HealConfig
+from layerprune.errors import LayerpruneError
+from layerprune.targets import TeacherTargets, check_budgets, plan_caches, target_bytes_per_block
 
 from common import tiny_model
 
@@ -50,3 +54,41 @@ def test_a_complete_cache_is_reopened_a_different_one_recomputed_and_close_delet
     handle.remove()
     other.close()
     assert not (tmp_path / "t").exists()
+
+
+def test_bfloat16_states_are_stored_in_bfloat16(tmp_path):
+    teacher = tiny_model("llama").to(torch.bfloat16)
+    data = blocks(4, 8)
+    targets = TeacherTargets.open(tmp_path / "t", teacher, data, topk=5, progress=False, layers=[2])
+    assert targets.final.itemsize == 2 and targets.layers[2].itemsize == 2
+    taken = targets.take(torch.tensor([1]), [2], "cpu")
+    assert taken["final"].dtype == torch.bfloat16
+    with torch.no_grad():
+        from layerprune.activations import prefix_state
+
+        expected = prefix_state(teacher, 3, data[1:2], torch.ones_like(data[1:2]))
+    assert torch.equal(taken["layers"][0], expected)
+
+
+class TestCachePolicy:
+    def test_caches_only_what_is_read_again_within_budgets(self, tmp_path):
+        teacher = tiny_model("llama")
+        plan = plan_caches(HealConfig(), teacher, 32, 1000, tmp_path, reused=False)
+        assert not plan.targets and not plan.prefix and "read once" in plan.why
+        plan = plan_caches(HealConfig(train_data="reuse"), teacher, 32, 1000, tmp_path, reused=True)
+        assert plan.targets and not plan.prefix
+        plan = plan_caches(HealConfig(epochs=2), teacher, 32, 1000, tmp_path, reused=False)
+        assert plan.targets and plan.prefix
+        size = target_bytes_per_block(teacher, 32, 256)
+        tight = HealConfig(epochs=2, cache_disk=999 * size / 2**30, cache_memory=1e-6)
+        plan = plan_caches(tight, teacher, 32, 1000, tmp_path, reused=False)
+        assert not plan.targets and "exceed --cache-disk" in plan.why
+        assert not plan.prefix and "exceed --cache-memory" in plan.why
+        plan = plan_caches(HealConfig(epochs=2, teacher_cache=False), teacher, 32, 1000, tmp_path, reused=True)
+        assert not plan.targets and not plan.prefix
+
+    def test_a_budget_too_small_for_one_block_is_refused(self):
+        teacher = tiny_model("llama")
+        with pytest.raises(LayerpruneError, match="--cache-disk 1e-09 GiB cannot hold"):
+            check_budgets(HealConfig(cache_disk=1e-9), teacher, 32)
+        check_budgets(HealConfig(cache_disk=1.0, cache_memory=1.0), teacher, 32)

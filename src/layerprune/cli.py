@@ -135,11 +135,15 @@ COMMANDS = {"prune": run_prune, "score": run_score, "eval": run_eval, "compare":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from accelerate import PartialState
+
+    # Under `accelerate launch` every process runs the command; the main one alone reports progress.
+    args.quiet = args.quiet or not PartialState().is_main_process
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    for noisy in ("transformers", "accelerate", "gensim", "smart_open"):
+    for noisy in ("transformers", "accelerate", "gensim", "smart_open", "datasets", "huggingface_hub", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](config_from_args(args.config_class, args), args)

@@ -18,14 +18,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate import PartialState
+
 from .checkpoint import check_output
 from .config import CompareConfig, PruneConfig, Recipe
-from .data import load_corpus
+from .data import StreamPosition, load_corpus
+from .sources import probe
 from .errors import LayerpruneError
 from .io import write_json, write_text
 from .models import load_model
 from .options import to_dict
-from .pipeline import Loop, RunInputs, build_inputs, check_names, run_removals, teacher_cache_dir
+from .pipeline import Loop, RunInputs, build_inputs, check_names, healing_blocks, run_removals, teacher_cache_dir
 from .report import plot_quality
 from .surgery import num_layers
 from .targets import TeacherTargets
@@ -121,14 +124,20 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     if (out / "compare.json").exists():
         raise LayerpruneError(f"{out} already holds a comparison", "choose another --out")
     counts = sorted(set(config.counts))
+    probe(config.data)
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
-    variant_config(config, config.methods[0], config.healing[0], max(counts)).layers_to_remove(num_layers(teacher))
+    deepest = variant_config(config, config.methods[0], "distill", max(counts))
+    deepest.layers_to_remove(num_layers(teacher))
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods)
+    if "distill" in config.healing:
+        inputs.corpus.train.check_holds(healing_blocks(deepest, max(counts)), progress)
     domain = unseen_domain(config, teacher, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     targets = None
-    if "distill" in config.healing and config.heal.teacher_cache:
-        targets = TeacherTargets.open(teacher_cache_dir(out), teacher, inputs.corpus.blocks["train"],
+    if "distill" in config.healing and config.heal.teacher_cache and config.heal.train_data == "reuse":
+        # Every variant heals on the same blocks: one cache for all of them.
+        pool = inputs.corpus.train.span(StreamPosition(), config.heal.blocks_per_removal(config.data.seq_len))
+        targets = TeacherTargets.open(teacher_cache_dir(out), teacher, pool,
                                       config.heal.teacher_topk, config.data.batch_size, progress)
     results: dict[str, dict] = {}
     for method in config.methods:
@@ -148,7 +157,8 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
                "eval_tasks": list(config.eval_tasks), "data": config.data.source or "embedded:wiki",
                "unseen_data": config.unseen_data, "teacher_eval": inputs.teacher_eval, "results": results,
                "config": to_dict(config)}
-    write_comparison(out, summary)
+    if PartialState().is_main_process:
+        write_comparison(out, summary)
     return summary
 
 

@@ -28,6 +28,9 @@ TRAINABLE = ("neighbours", "all", "lora")
 COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "replaceme", "layerprune")
 PATCHES = ("none", "lstsq", "diag")
 PATCH_TARGETS = ("layer", "teacher")
+TRAIN_DATA = ("stream", "reuse")
+# The healing budget when neither --heal-tokens nor --heal-steps is given.
+DEFAULT_HEAL_STEPS = 30
 
 
 def opt(default, help: str, flag: str | None = None, **kw):
@@ -59,27 +62,45 @@ def _one_of(value, allowed, what: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Where text comes from and how it is cut into token blocks.
+    """Where text comes from and how much of it each use reads.
 
     `source=None` is the embedded English Wikipedia sample. Documents are split
     by a hash of their identity, so calibration, training and held-out text
-    never overlap and the split does not depend on file order.
+    never overlap and the split does not depend on file order. Budgets are in
+    tokens, rounded down to whole blocks of `seq_len`; the `*_blocks` options
+    are the same budgets in blocks and, when given, take precedence.
     """
 
-    source: str | None = opt(None, "text source: a .txt/.jsonl/.parquet file, embedded:wiki (default), "
-                                   "embedded:news, or a HF dataset id where the network allows", flag="--data")
+    source: str | None = opt(None, "text source: a .txt/.jsonl/.jsonl.gz/.parquet file, a folder or glob of such "
+                                   "shards, embedded:wiki (default), embedded:news, or a HF dataset id (streamed) "
+                                   "where the network allows", flag="--data")
     text_field: str = opt("text", "the text field of .jsonl/.parquet/HF data")
     seq_len: int = opt(256, "tokens per block")
-    calib_blocks: int = opt(8, "calibration blocks, used to score layers")
-    train_blocks: int = opt(64, "training blocks, used for healing")
-    eval_blocks: int = opt(8, "held-out blocks, used only for evaluation")
+    calib_tokens: int = opt(2048, "calibration tokens, used to score layers")
+    eval_tokens: int = opt(2048, "held-out tokens, used only for evaluation")
+    patch_tokens: int = opt(16384, "training tokens the linear patch of each cut is fitted on (with --patch)")
+    calib_blocks: int | None = opt(None, "the calibration budget in blocks (instead of --calib-tokens)")
+    eval_blocks: int | None = opt(None, "the held-out budget in blocks (instead of --eval-tokens)")
+    train_blocks: int | None = opt(None, "the patch-fitting budget in blocks (instead of --patch-tokens)")
     batch_size: int = opt(4, "blocks per forward pass when scoring and evaluating")
 
+    def blocks(self, use: str) -> int:
+        """Blocks of `seq_len` tokens for one use: calib, eval or patch."""
+        alias = {"calib": self.calib_blocks, "eval": self.eval_blocks, "patch": self.train_blocks}[use]
+        return alias if alias is not None else getattr(self, f"{use}_tokens") // self.seq_len
+
     def validate(self) -> None:
-        _positive(self, ("seq_len", "calib_blocks", "train_blocks", "eval_blocks", "batch_size"))
+        _positive(self, ("seq_len", "calib_tokens", "eval_tokens", "patch_tokens", "batch_size"))
+        for name in ("calib_blocks", "eval_blocks", "train_blocks"):
+            if getattr(self, name) is not None:
+                _positive(self, (name,))
         if self.seq_len < 8:
             raise LayerpruneError(f"seq_len {self.seq_len} is too short to measure anything",
                                   "use --seq-len 8 or more (256 is the default)")
+        for use in ("calib", "eval", "patch"):
+            if self.blocks(use) < 1:
+                raise LayerpruneError(f"--{use}-tokens {getattr(self, use + '_tokens')} is less than one block of "
+                                      f"{self.seq_len} tokens", f"raise --{use}-tokens or lower --seq-len")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,7 +119,13 @@ class HealConfig:
     """
 
     method: str = opt("distill", "healing after each removal: distill (the paper's) or none", flag="--heal")
-    steps: int = opt(30, "optimizer steps of healing after each removal", flag="--heal-steps")
+    tokens: int | None = opt(None, f"training tokens per removal (default: {DEFAULT_HEAL_STEPS} steps' worth, "
+                                   "batch x grad accum x seq-len each)", flag="--heal-tokens")
+    steps: int | None = opt(None, "the healing budget in optimizer steps per removal, instead of --heal-tokens",
+                            flag="--heal-steps")
+    epochs: int = opt(1, "passes over each removal's training tokens", flag="--heal-epochs")
+    train_data: str = opt("stream", "stream: each removal heals on fresh text, continuing the training stream; "
+                                    "reuse: every removal heals on the same first tokens (the paper's setting)")
     final_steps: int = opt(0, "extra healing steps after the last removal", flag="--heal-final-steps")
     batch_size: int = opt(2, "global micro-batch of training blocks", flag="--heal-batch-size")
     grad_accum: int = opt(2, "micro-batches per optimizer step", flag="--heal-grad-accum")
@@ -118,8 +145,12 @@ class HealConfig:
     radius: int = opt(2, "neighbours trained on each side of the cut")
     lora_r: int = opt(16, "LoRA rank (with --trainable lora)")
     lora_alpha: int = opt(32, "LoRA alpha (with --trainable lora)")
-    teacher_cache: bool = opt(True, "cache the teacher's targets and the frozen prefix (off: run the teacher "
-                                    "and the whole student every healing step)")
+    teacher_cache: bool = opt(True, "cache the teacher's targets and the frozen prefix's states where healing "
+                                    "revisits text, within the cache budgets (off: always run them online)")
+    cache_memory: float | None = opt(None, "GiB of RAM the frozen-prefix cache may hold (default: a quarter of "
+                                           "the memory available at the start)")
+    cache_disk: float | None = opt(None, "GiB of disk the teacher-target cache may fill (default: half the free "
+                                         "space of the output folder's disk)")
     teacher_topk: int = opt(256, "teacher logits kept per token in the target cache (KL over these)")
     mixed_precision: str = opt("no", "no, bf16 or fp16 autocast for healing")
     gradient_checkpointing: bool = opt(False, "trade compute for memory when healing")
@@ -128,13 +159,37 @@ class HealConfig:
     checkpoint_every: int = opt(10, "checkpoint healing every N steps (0: only between iterations)",
                                 flag="--heal-checkpoint-every")
 
+    def blocks_per_removal(self, seq_len: int) -> int:
+        """Distinct training blocks each removal heals on."""
+        if self.tokens is not None:
+            return -(-self.tokens // seq_len)
+        steps = DEFAULT_HEAL_STEPS if self.steps is None else self.steps
+        return steps * self.batch_size * self.grad_accum
+
+    def steps_per_removal(self, seq_len: int) -> int:
+        """Optimizer steps of one healing: every pass over its blocks, in whole steps."""
+        if self.steps is not None and self.epochs == 1:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum
+        return -(-self.epochs * self.blocks_per_removal(seq_len) // per_step)
+
     def validate(self) -> None:
         _one_of(self.method, HEAL_METHODS, "healing method")
         _one_of(self.trainable, TRAINABLE, "trainable set")
         _one_of(self.mixed_precision, ("no", "bf16", "fp16"), "mixed precision")
         _one_of(self.mse_scale, ("raw", "relative"), "MSE scale")
-        _non_negative(self, ("steps", "final_steps", "warmup_steps", "radius", "checkpoint_every"), "heal ")
-        _positive(self, ("batch_size", "grad_accum", "lora_r", "log_every", "teacher_topk"), "heal ")
+        _one_of(self.train_data, TRAIN_DATA, "training data mode")
+        _non_negative(self, ("final_steps", "warmup_steps", "radius", "checkpoint_every"), "heal ")
+        _positive(self, ("batch_size", "grad_accum", "lora_r", "log_every", "teacher_topk", "epochs"), "heal ")
+        if self.steps is not None and self.tokens is not None:
+            raise LayerpruneError("both --heal-steps and --heal-tokens given", "give the healing budget once")
+        for name in ("steps", "tokens"):
+            if getattr(self, name) is not None:
+                _non_negative(self, (name,), "heal ")
+        for name in ("cache_memory", "cache_disk"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise LayerpruneError(f"{flag_of(HealConfig, name)} must be a positive number of GiB, got "
+                                      f"{getattr(self, name)}", "give e.g. 4, or --no-teacher-cache to cache nothing")
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise LayerpruneError(f"heal {name} must be > 0, got {getattr(self, name)}",

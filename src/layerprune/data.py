@@ -1,217 +1,220 @@
-"""Text sources, the embedded corpora, the three splits, and token blocks.
+"""The three splits of any source, and token blocks read from them as streams.
 
-Documents are assigned to splits by a hash of their identity (an article
-title, a line number), never by position, so calibration, training and
-held-out text never share a document and the split survives reordering.
-Blocks are fixed-length runs of the concatenated split (documents joined by
-EOS), taken evenly across the split so that a few blocks still see many
-documents.
+Sources (sources.py) yield documents one at a time. Each document goes to held-out,
+calibration or training text by a hash of its identity alone (a title, a
+shard and line), so no split needs the whole corpus in memory or sorted, and
+the split survives reordering and sharding.
+
+What is read stays bounded by the budgets, never by the corpus:
+- calibration and held-out blocks (`held_blocks`) are read round-robin: each
+  document gives its first `seq_len` tokens, then, only if the budget is not
+  met, its next ones in a second pass, so a few blocks still span many
+  documents;
+- training text (`TrainStream`) is a stream of blocks from a position (a
+  document index and a token offset), so healing reads as much as its budget
+  and a checkpoint stores where the stream stands.
 """
 
 from __future__ import annotations
 
-import bz2
-import glob
 import hashlib
-import json
+import itertools
 import logging
-import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable, Iterator
 
-import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .config import DataConfig
 from .errors import LayerpruneError
+from .sources import documents
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("calib", "train", "eval")
-# Shares of documents per split, in hash order: held-out first, then calibration.
+# Shares of documents per split, by hash: held-out first, then calibration, the rest training.
 EVAL_SHARE, CALIB_SHARE = 0.1, 0.1
-EMBEDDED = ("embedded:wiki", "embedded:news")
+# Documents kept as text for the held-out tasks that sample passages (continuation, copy).
+TASK_DOCS = 32
+
+def split_of(identity: str) -> str:
+    """The split a document belongs to, from its identity alone."""
+    fraction = int(hashlib.sha1(identity.encode("utf-8")).hexdigest()[:8], 16) / 16**8
+    return "eval" if fraction < EVAL_SHARE else "calib" if fraction < EVAL_SHARE + CALIB_SHARE else "train"
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """A document's token ids, EOS-terminated so blocks never join two documents silently."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+
+
+def _budget_error(split: str, tokens: int, seq_len: int, needed: int) -> LayerpruneError:
+    flag = {"calib": "--calib-tokens", "eval": "--eval-tokens", "train": "--heal-tokens"}[split]
+    return LayerpruneError(
+        f"the {split} split has {tokens} tokens: {tokens // seq_len} block(s) of {seq_len}, {needed} needed",
+        f"give more text, or lower {flag} / --seq-len")
+
+
+# ---------------------------------------------------------------- held-out and calibration blocks
+
+
+def held_blocks(source: str | None, split: str, tokenizer, config: DataConfig, count: int
+                ) -> tuple[torch.Tensor, list[str]]:
+    """`count` blocks of the split, read round-robin (pass p takes tokens [p*L, (p+1)*L) of every
+    document), and the texts of up to TASK_DOCS of its documents for passage tasks."""
+    length = config.seq_len
+    needed = count * length
+    ids: list[int] = []
+    texts: list[str] = []
+    for p in range(needed // length + 1):   # a pass adds >= 1 token per document, or the split is spent
+        added, read = 0, 0
+        for identity, text in documents(source, config.text_field):
+            read += 1
+            if split_of(identity) != split:
+                continue
+            if p == 0 and len(texts) < TASK_DOCS:
+                texts.append(text)
+            if len(ids) >= needed:
+                if len(texts) >= TASK_DOCS or p > 0:
+                    break
+                continue
+            piece = encode(tokenizer, text)[p * length:(p + 1) * length]
+            ids.extend(piece)
+            added += len(piece)
+        if len(ids) >= needed or not added:
+            break
+    if not read:
+        raise LayerpruneError(f"the data source {source or 'embedded:wiki'} holds no text",
+                              "give a file with text in it")
+    if len(ids) < needed:
+        raise _budget_error(split, len(ids), length, count)
+    return torch.tensor(ids[:needed], dtype=torch.long).view(count, length), texts
+
+
+# ---------------------------------------------------------------- the training stream
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """`count` training blocks, read afresh by each `read()`: a healing's text is streamed every
+    time it is needed, never held whole."""
+
+    read: Callable[[], Iterator[torch.Tensor]]
+    count: int
+
+    @classmethod
+    def of(cls, blocks: "Blocks | torch.Tensor") -> "Blocks":
+        """Blocks as they are, or blocks already in memory [n, seq_len]."""
+        return blocks if isinstance(blocks, Blocks) else cls(lambda: iter(blocks), len(blocks))
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where the training stream stands: `doc` documents of the source are behind it (of every
+    split) and `token` tokens of the next one are consumed. JSON: [doc, token]."""
+
+    doc: int = 0
+    token: int = 0
+
+    def to_json(self) -> list[int]:
+        return [self.doc, self.token]
+
+    @classmethod
+    def from_json(cls, data) -> "StreamPosition":
+        return cls(*data) if data is not None else cls()
+
+
+@dataclass(frozen=True)
+class TrainStream:
+    """Training text as blocks of `seq_len` tokens, read from a position on: nothing but the
+    current document and one block is held in memory."""
+
+    source: str | None
+    text_field: str
+    tokenizer: object
+    seq_len: int
+
+    def blocks(self, start: StreamPosition = StreamPosition()) -> Iterator[tuple[torch.Tensor, StreamPosition]]:
+        """(block, position after it), in order, until the split runs out."""
+        buffer: list[int] = []
+        for index, (identity, text) in enumerate(documents(self.source, self.text_field)):
+            if index < start.doc or split_of(identity) != "train":
+                continue
+            ids = encode(self.tokenizer, text)
+            offset = start.token if index == start.doc else 0
+            buffer.extend(ids[offset:])
+            while len(buffer) >= self.seq_len:
+                block, buffer = buffer[:self.seq_len], buffer[self.seq_len:]
+                # Whatever is left after a block lies in this document (a block is emitted as
+                # soon as one fits), so the position is this document and its consumed tokens.
+                yield torch.tensor(block, dtype=torch.long), StreamPosition(index, len(ids) - len(buffer))
+
+    def span(self, start: StreamPosition, count: int) -> Blocks:
+        """The `count` blocks from `start`, readable as often as needed."""
+        return Blocks(lambda: (block for block, _ in itertools.islice(self.blocks(start), count)), count)
+
+    def advance(self, start: StreamPosition, count: int) -> StreamPosition:
+        """The position `count` blocks after `start` (reading, not keeping, them)."""
+        return self.take(count, start, keep=False)[1]
+
+    def take(self, count: int, start: StreamPosition = StreamPosition(), keep: bool = True
+             ) -> tuple[torch.Tensor | None, StreamPosition]:
+        """The next `count` blocks [count, seq_len] from `start` (None unless `keep`), and the
+        position after them."""
+        taken, seen, position = [], 0, start
+        for block, position in self.blocks(start):
+            seen += 1
+            if keep:
+                taken.append(block)
+            if seen == count:
+                break
+        if seen < count:
+            raise _budget_error("train", seen * self.seq_len, self.seq_len, count)
+        return (torch.stack(taken) if keep else None), position
+
+    def check_holds(self, count: int, progress: bool = True) -> None:
+        """Fail now, before any heavy work, if the training split holds fewer than `count` blocks
+        (the stream is read once, counting, and nothing is kept)."""
+        if count <= 0:
+            return
+        seen = 0
+        with tqdm(total=count, desc="checking the training text", unit="block", disable=not progress,
+                  leave=False) as bar:
+            for _ in self.blocks():
+                seen += 1
+                bar.update(1)
+                if seen == count:
+                    return
+        raise LayerpruneError(
+            f"the training split holds {seen} block(s) of {self.seq_len} tokens; this run heals on {count}",
+            "give more text, lower --heal-tokens or the layers removed, or pass --train-data reuse")
+
+
+# ---------------------------------------------------------------- what a run reads
 
 
 @dataclass
 class Corpus:
-    """Documents and token blocks per split; blocks are LongTensor [n, seq_len]."""
+    """Calibration and held-out blocks [n, seq_len] with some of their documents' texts, a fixed
+    pool of training blocks for fitting patches, and the training stream healing reads."""
 
+    blocks: dict[str, torch.Tensor]
     docs: dict[str, list[str]]
-    blocks: dict[str, torch.Tensor] = field(default_factory=dict)
+    train: TrainStream
     source: str = ""
+    patch_blocks: torch.Tensor | None = field(default=None, repr=False)
 
 
-def _gensim_data_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise LayerpruneError("the embedded corpus needs the gensim package", "run `pip install gensim`")
-    return Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
-
-
-_MARKUP = [
-    (re.compile(r"'{2,}"), ""),                       # bold and italic quotes
-    (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),  # headings keep their words
-    (re.compile(r"^[\*#:;]+\s*", re.M), ""),          # list and indent markers
-    (re.compile(r"[ \t]+"), " "),
-    (re.compile(r"\n\s*\n\s*"), "\n\n"),
-]
-
-
-def clean_wiki(raw: str) -> str:
-    """Wiki markup to plain paragraphs: gensim strips links, templates and tables; we strip the rest."""
-    from gensim.corpora.wikicorpus import filter_wiki
-
-    text = filter_wiki(raw)
-    for pattern, repl in _MARKUP:
-        text = pattern.sub(repl, text)
-    return "\n".join(line.strip() for line in text.split("\n")).strip()
-
-
-def wiki_documents() -> list[tuple[str, str]]:
-    """(title, text) of the English Wikipedia sample shipped with gensim."""
-    from gensim.corpora.wikicorpus import extract_pages
-
-    files = sorted(glob.glob(str(_gensim_data_dir() / "enwiki-latest-pages-articles*.bz2")))
-    if not files:
-        raise LayerpruneError("the Wikipedia sample is missing from gensim", "reinstall gensim")
-    docs = []
-    with bz2.BZ2File(files[0]) as handle:
-        for title, raw, _ in extract_pages(handle, filter_namespaces=("0",)):
-            if raw.lstrip().lower().startswith("#redirect"):
-                continue
-            text = clean_wiki(raw)
-            if len(text) > 500:
-                docs.append((title, text))
-    return docs
-
-
-def news_documents() -> list[tuple[str, str]]:
-    """The Lee news corpus shipped with gensim: one article per line."""
-    path = _gensim_data_dir() / "lee_background.cor"
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return [(f"lee-{i}", line.strip()) for i, line in enumerate(lines) if line.strip()]
-
-
-def _read_text_file(path: Path) -> str:
-    raw = path.read_bytes()
-    if b"\x00" in raw[:4096]:
-        raise LayerpruneError(f"{path} looks binary, not text", "give a UTF-8 .txt, .jsonl or .parquet file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise LayerpruneError(f"{path} is not valid UTF-8 (byte {err.start})",
-                              "convert it, e.g. `iconv -f latin1 -t utf-8`") from err
-
-
-def file_documents(path: Path, text_field: str) -> list[tuple[str, str]]:
-    """Documents of a local file: .txt (paragraphs split by blank lines), .jsonl or .parquet (rows)."""
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".md", ".text"):
-        paragraphs = re.split(r"\n\s*\n", _read_text_file(path))
-        return [(f"{path.name}#{i}", p.strip()) for i, p in enumerate(paragraphs) if p.strip()]
-    if suffix in (".jsonl", ".json"):
-        docs = []
-        for number, line in enumerate(_read_text_file(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LayerpruneError(f"{path} line {number} is not JSON ({err.msg})",
-                                      "give one JSON object per line") from err
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise LayerpruneError(f"{path} line {number} has no string field {text_field!r}",
-                                      "name the text field with --text-field")
-            docs.append((f"{path.name}#{number}", record[text_field]))
-        return docs
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as err:  # pyarrow raises several types for a bad file
-            raise LayerpruneError(f"cannot read {path} as parquet ({err})", "check the file") from err
-        if text_field not in table.column_names:
-            raise LayerpruneError(f"{path} has no column {text_field!r} (it has {table.column_names})",
-                                  "name the text column with --text-field")
-        return [(f"{path.name}#{i}", t) for i, t in enumerate(table.column(text_field).to_pylist()) if t]
-    raise LayerpruneError(f"unsupported data file type {suffix!r}", "use .txt, .jsonl or .parquet")
-
-
-def hub_documents(name: str, text_field: str) -> list[tuple[str, str]]:
-    """A dataset from the HF hub (where the network allows): `name` or `name:config`, train split."""
-    try:
-        import datasets
-    except ImportError as err:
-        raise LayerpruneError("HF datasets need the `datasets` package", "run `pip install datasets`") from err
-    repo, _, subset = name.partition(":")
-    try:
-        dataset = datasets.load_dataset(repo, subset or None, split="train")
-    except Exception as err:  # hub, network and script errors come in many types
-        raise LayerpruneError(f"cannot load dataset {name!r} ({str(err).splitlines()[0] if str(err) else err})",
-                              "give a local .txt/.jsonl/.parquet file, or a dataset reachable from here") from err
-    if text_field not in dataset.column_names:
-        raise LayerpruneError(f"dataset {name!r} has no column {text_field!r}", "name it with --text-field")
-    return [(f"{name}#{i}", t) for i, t in enumerate(dataset[text_field]) if t]
-
-
-def documents(source: str | None, text_field: str = "text") -> list[tuple[str, str]]:
-    if source in (None, "embedded:wiki"):
-        return wiki_documents()
-    if source == "embedded:news":
-        return news_documents()
-    path = Path(source)
-    if path.exists():
-        if path.is_dir():
-            raise LayerpruneError(f"{source} is a folder", "give one .txt, .jsonl or .parquet file")
-        return file_documents(path, text_field)
-    if os.path.sep in source or path.suffix:
-        raise LayerpruneError(f"data file {source} does not exist", "check the path given to --data")
-    return hub_documents(source, text_field)
-
-
-def split_documents(docs: list[tuple[str, str]]) -> dict[str, list[str]]:
-    """Hash-ordered split by document identity: held-out, calibration, training."""
-    if len(docs) < 3:
-        raise LayerpruneError(f"the data has {len(docs)} document(s); three splits need at least 3",
-                              "give more text (documents are paragraphs of .txt, rows of .jsonl/.parquet)")
-    ordered = sorted(docs, key=lambda d: hashlib.sha1(d[0].encode("utf-8")).hexdigest())
-    n_eval = max(1, round(EVAL_SHARE * len(docs)))
-    n_calib = max(1, round(CALIB_SHARE * len(docs)))
-    texts = [text for _, text in ordered]
-    return {"eval": texts[:n_eval], "calib": texts[n_eval:n_eval + n_calib], "train": texts[n_eval + n_calib:]}
-
-
-def token_blocks(texts: list[str], tokenizer, seq_len: int, count: int, split: str) -> torch.Tensor:
-    """`count` blocks of `seq_len` tokens taken evenly across the concatenated documents."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-    available = len(ids) // seq_len
-    if available < count:
-        raise LayerpruneError(
-            f"the {split} split has {len(ids)} tokens: {available} block(s) of {seq_len}, {count} needed",
-            f"give more text, or lower --{split}-blocks / --seq-len")
-    starts = np.linspace(0, available - 1, count).round().astype(int) * seq_len
-    flat = torch.tensor(ids, dtype=torch.long)
-    return torch.stack([flat[s:s + seq_len] for s in starts])
-
-
-def load_corpus(config: DataConfig, tokenizer) -> Corpus:
-    docs = documents(config.source, config.text_field)
-    if not docs or not any(text.strip() for _, text in docs):
-        raise LayerpruneError(f"the data source {config.source or 'embedded:wiki'} holds no text",
-                              "give a file with text in it")
-    splits = split_documents(docs)
-    counts = {"calib": config.calib_blocks, "train": config.train_blocks, "eval": config.eval_blocks}
-    blocks = {split: token_blocks(splits[split], tokenizer, config.seq_len, counts[split], split) for split in SPLITS}
-    log.info("data %s: %d documents; blocks %s of %d tokens", config.source or "embedded:wiki", len(docs),
-             {k: len(v) for k, v in blocks.items()}, config.seq_len)
-    return Corpus(docs=splits, blocks=blocks, source=config.source or "embedded:wiki")
+def load_corpus(config: DataConfig, tokenizer, patch_pool: bool = False) -> Corpus:
+    """The calibration and held-out blocks of the budgets, and the training stream. The patch
+    pool (the first --patch-tokens of training text) is read only where `patch_pool`."""
+    source = config.source or "embedded:wiki"
+    blocks, docs = {}, {}
+    for split in ("calib", "eval"):
+        blocks[split], docs[split] = held_blocks(config.source, split, tokenizer, config, config.blocks(split))
+    stream = TrainStream(config.source, config.text_field, tokenizer, config.seq_len)
+    pool = stream.take(config.blocks("patch"))[0] if patch_pool else None
+    log.info("data %s: blocks %s of %d tokens", source, {k: len(v) for k, v in blocks.items()}, config.seq_len)
+    return Corpus(blocks, docs, stream, source, pool)

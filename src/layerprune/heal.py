@@ -18,7 +18,9 @@ not depend on the number of processes.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .activations import capture, injected, prefix_state
 from .config import HealConfig
+from .data import Blocks
 from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point, poisoned
 from .losses import LossWeights, joint_loss, kl_loss, topk_kl_loss
@@ -35,6 +38,10 @@ from .surgery import find_layers, num_layers, original_indices
 from .targets import TeacherTargets
 
 log = logging.getLogger(__name__)
+
+# Blocks held at once to shuffle a healing's text: consecutive blocks of one document are spread
+# over many steps, and memory does not grow with the healing budget.
+SHUFFLE_BLOCKS = 1024
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class HealJob:
     cuts: list[int]
     pairs: list[tuple[int, int]]
     layers: list[int]
+    prefix_cache: bool = False
     resume: dict | None = None
     on_checkpoint: Callable[[dict], None] | None = None
 
@@ -66,6 +74,7 @@ class HealLog:
     resumed_at_step: int | None = None
     held_out_before: dict = field(default_factory=dict)
     held_out_after: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)   # which training text: stream positions, blocks, caches used
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -138,31 +147,30 @@ def set_trainable(student, layers: list[int], config: HealConfig):
 class FrozenPrefix:
     """The state entering layer `start` for each training block, computed the first time the block
     is drawn and then kept: the layers below `start` are frozen, so it never changes during a
-    healing. Only drawn blocks cost anything (a short healing on a large training set touches
-    few), and each block runs alone, so its state does not depend on the order of drawing (a
-    resumed healing computes the same bits)."""
+    healing. Used only when a healing passes over its blocks more than once, within
+    --cache-memory (targets.plan_caches). Each block runs alone, so its state does not depend on
+    the order of drawing (a resumed healing computes the same bits)."""
 
-    def __init__(self, student, start: int, blocks: torch.Tensor):
-        self.student, self.start, self.blocks, self.states = student, start, blocks, {}
+    def __init__(self, student, start: int):
+        self.student, self.start, self.states = student, start, {}
 
     @torch.no_grad()
-    def __call__(self, rows: torch.Tensor, device) -> torch.Tensor:
-        rows = rows.tolist()
-        missing = [row for row in rows if row not in self.states]
-        if missing:
-            training = self.student.training
-            self.student.eval()
-            for row in missing:
-                ids = self.blocks[row:row + 1].to(device)
-                self.states[row] = prefix_state(self.student, self.start, ids, torch.ones_like(ids))[0]
-            self.student.train(training)
-        return torch.stack([self.states[row] for row in rows])
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        training = self.student.training
+        self.student.eval()
+        for row, block in zip(rows.tolist(), ids):
+            if row not in self.states:
+                block = block[None]
+                self.states[row] = prefix_state(self.student, self.start, block, torch.ones_like(block))[0]
+        self.student.train(training)
+        return torch.stack([self.states[row] for row in rows.tolist()])
 
 
-def loss_step(job: HealJob, model, student, teacher, blocks: torch.Tensor, targets: TeacherTargets | None):
+def loss_step(job: HealJob, model, student, teacher, targets: TeacherTargets | None):
     """The function `(ids, rows) -> loss terms` this healing uses, chosen once. With `targets`
-    the teacher is not run and the frozen bottom of the student runs once per block; without,
-    every micro-batch runs the teacher and the whole student (the reference)."""
+    the teacher is not run; with `job.prefix_cache` the frozen bottom of the student runs once
+    per block; with neither, every micro-batch runs the teacher and the whole student (the
+    reference)."""
     weights = LossWeights(job.config.w_kl, job.config.w_mse, job.config.w_final, job.config.temperature,
                           job.config.mse_scale == "relative")
     pairs = job.pairs
@@ -177,33 +185,60 @@ def loss_step(job: HealJob, model, student, teacher, blocks: torch.Tensor, targe
         return joint_loss(kl, [s_rec["states"][k + 1] for k, _ in pairs], [t_rec["states"][o + 1] for _, o in pairs],
                           s_rec["final"], t_rec["final"], mask, weights)
 
-    if targets is None:
+    if targets is None and not job.prefix_cache:
         return straightforward
     start = 0 if job.config.trainable == "lora" else min(job.layers)
-    prefix = FrozenPrefix(student, start, blocks)
+    prefix = FrozenPrefix(student, start) if job.prefix_cache else \
+        lambda rows, ids: prefix_state(student, start, ids, torch.ones_like(ids))
     depth = num_layers(student)
+
+    def teacher_side(ids, rows, mask):
+        """(KL of student logits, target states of the pairs, target final state)."""
+        if targets is not None:
+            t = targets.take(rows, [o for _, o in pairs], ids.device)
+            return (lambda s: topk_kl_loss(s, t["values"], t["indices"], t["lse"], mask, weights.temperature),
+                    t["layers"], t["final"])
+        with torch.no_grad(), capture(teacher, final=True) as t_rec:
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return (lambda s: kl_loss(s, t_logits, mask, weights.temperature),
+                [t_rec["states"][o + 1] for _, o in pairs], t_rec["final"])
 
     def cached(ids, rows):
         mask = torch.ones_like(ids)
-        t = targets.take(rows, [o for _, o in pairs], ids.device)
-        with injected(student, start, prefix(rows, ids.device), range(start, depth)), \
-                capture(student, final=True) as s_rec:
+        kl_of, t_layers, t_final = teacher_side(ids, rows, mask)
+        with torch.no_grad():
+            entering = prefix(rows, ids)
+        with injected(student, start, entering, range(start, depth)), capture(student, final=True) as s_rec:
             s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        kl = topk_kl_loss(s_logits, t["values"], t["indices"], t["lse"], mask, weights.temperature)
-        return joint_loss(kl, [s_rec["states"][k - start + 1] for k, _ in pairs], t["layers"], s_rec["final"],
-                          t["final"], mask, weights)
+        return joint_loss(kl_of(s_logits), [s_rec["states"][k - start + 1] for k, _ in pairs], t_layers,
+                          s_rec["final"], t_final, mask, weights)
 
     return cached
 
 
-def _cycle(loader):
-    while True:
-        yield from loader
+class TrainingRows(torch.utils.data.IterableDataset):
+    """(row, block) of a healing's text, pass after pass without end (the loop draws exactly
+    steps x accumulation micro-batches), shuffled within SHUFFLE_BLOCKS; the order is fixed by
+    the seed, so a resumed healing replays it."""
+
+    def __init__(self, text: Blocks | torch.Tensor, seed: int):
+        self.text, self.seed = Blocks.of(text), seed
+
+    def __iter__(self):
+        for epoch in itertools.count():
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            buffer = []
+            for row, block in enumerate(self.text.read()):
+                buffer.append((row, block))
+                if len(buffer) >= SHUFFLE_BLOCKS:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+            rng.shuffle(buffer)
+            yield from buffer
 
 
-def heal(student, teacher, blocks: torch.Tensor, job: HealJob, targets: TeacherTargets | None = None,
+def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: TeacherTargets | None = None,
          progress: bool = True) -> HealLog:
-    """Train `student` in place for `job.steps` optimizer steps on training `blocks` [N, T].
+    """Train `student` in place for `job.steps` optimizer steps on the training `text`.
 
     Every `checkpoint_every` steps and after the last, `job.on_checkpoint(state)` receives what
     `resume=state` needs to continue from that step exactly as if never interrupted."""
@@ -229,27 +264,26 @@ def heal(student, teacher, blocks: torch.Tensor, job: HealJob, targets: TeacherT
     if targets is not None:
         targets.extend(teacher, [o for _, o in job.pairs], progress)
     model = set_trainable(student, job.layers, config)
-    terms_of = loss_step(job, model, student, teacher, blocks, targets)
+    terms_of = loss_step(job, model, student, teacher, targets)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, job.steps), job.steps)
-    generator = torch.Generator().manual_seed(job.seed)
-    loader = torch.utils.data.DataLoader(torch.arange(len(blocks)), batch_size=config.batch_size, shuffle=True,
-                                         generator=generator, drop_last=len(blocks) >= config.batch_size)
+    loader = torch.utils.data.DataLoader(TrainingRows(text, job.seed), batch_size=config.batch_size)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
-    rows, batches, done = [], _cycle(loader), 0
+    rows, batches, done = [], iter(loader), 0
     if job.resume is not None:
         rows, done = _restore(job.resume, accelerator.unwrap_model(model), optimizer, scheduler, batches, config)
     bar = tqdm(total=job.steps, initial=done, desc=f"healing (iteration {job.iteration})", unit="step",
                disable=not (progress and accelerator.is_main_process), leave=False)
     for step in range(done + 1, job.steps + 1):
-        sums = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "final_mse": 0.0}
+        keys = ("loss", "kl", "mse", "final_mse")
+        sums = torch.zeros(len(keys), device=accelerator.device)   # read back once per step, not per term
         for _ in range(config.grad_accum):
-            block_rows = next(batches)
-            ids = blocks[block_rows.cpu()].to(accelerator.device)
+            block_rows, ids = next(batches)
+            ids = ids.to(accelerator.device)
             with accelerator.accumulate(model):
                 terms = terms_of(ids, block_rows)
                 terms["loss"] = poisoned("healing", terms["loss"])
@@ -263,8 +297,8 @@ def heal(student, teacher, blocks: torch.Tensor, job: HealJob, targets: TeacherT
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            for key in sums:
-                sums[key] += terms[key].detach().item() / config.grad_accum
+            sums += torch.stack([terms[key].detach().float() for key in keys]) / config.grad_accum
+        sums = dict(zip(keys, sums.tolist()))
         rows.append({"iteration": job.iteration, "step": step, "lr": scheduler.get_last_lr()[0], **sums})
         bar.update(1)
         every = config.checkpoint_every

@@ -27,7 +27,8 @@ from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
 from .patch import capture_mlp_outputs, patched_state
 from .surgery import layer_view, num_layers
-from .tasks import Batch, Task, collect_stats, forward_logits, nll_stats, perplexity_summary, quality_retained
+from .tasks import (Batch, Task, collect_stats, forward_logits, my_share, nll_stats, perplexity_summary,
+                    quality_retained, summed_over_processes)
 
 
 # ---------------------------------------------------------------- pure math
@@ -80,11 +81,12 @@ def state_distances(model, batches: list[Batch], distance: Callable, span: int =
     device = next(model.parameters()).device
     depth = num_layers(model)
     totals = torch.zeros(depth - span + 1)
-    for batch in batches:
+    for batch in my_share(batches):
         batch = batch.to(device)
         states, _ = layer_states(model, batch.input_ids, batch.attention_mask)
         for l in range(depth - span + 1):
             totals[l] += distance(states[l], states[l + span], batch.attention_mask).item()
+    totals = summed_over_processes({None: {"distances": {"sum": totals}}})[None]["distances"]["sum"]
     if not torch.isfinite(totals).all():
         raise NonFiniteError("hidden states are not finite while scoring layers",
                              "the model is broken; check its weights, or use float32")

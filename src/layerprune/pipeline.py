@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ import torch
 from . import checkpoint
 from .checkpoint import Evaluation, History, IterationRecord, PendingIteration, ResumePoint
 from .config import PruneConfig, Recipe
-from .data import Corpus, load_corpus
+from .data import Corpus, StreamPosition, load_corpus
+from .sources import probe
 from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
 from .heal import HealLog, heal, plan
@@ -38,7 +40,7 @@ from .patch import candidate_patches, cut, effective_kind
 from .report import write_loss_log, write_report
 from .speed import compare_speed
 from .surgery import check_cut_supported, num_layers, original_indices
-from .targets import TeacherTargets
+from .targets import TeacherTargets, check_budgets, plan_caches
 from .tasks import Task, TaskData, blocks_to_batches, build_tasks, check_task_name, evaluate_tasks, quality_retained
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class Loop:
     targets: TeacherTargets | None = None
     out: Path | None = None
     resume: ResumePoint = field(default_factory=ResumePoint)
+    position: StreamPosition = StreamPosition()   # where the next healing's fresh text starts
     after_each: Callable[[IterationRecord, torch.nn.Module], None] | None = None  # e.g. compare's second domain
 
     def resumed(self, iteration: int) -> tuple[PendingIteration | None, dict | None]:
@@ -96,7 +99,10 @@ def build_inputs(config: Recipe, teacher, tokenizer, final_tasks=(), teacher_sco
     check_cut_supported(teacher)
     effective_kind(teacher, config.patch)
     check_context(teacher, config.data.seq_len)
-    corpus = load_corpus(config.data, tokenizer)
+    check_budgets(config.heal, teacher, config.data.seq_len)
+    # compare's replaceme fits its published patch whatever --patch says
+    patching = config.patch != "none" or "replaceme" in getattr(config, "methods", ())
+    corpus = load_corpus(config.data, tokenizer, patch_pool=patching)
     bs = config.data.batch_size
     importance = build_tasks(config.tasks, TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"], bs,
                                                     config.seed))
@@ -132,7 +138,7 @@ def _select(inputs: RunInputs, config: PruneConfig, student, count: int, iterati
     ctx = ScoringContext(inputs.calib_batches, inputs.importance_tasks, inputs.teacher, inputs.teacher_scores,
                          config.removable(num_layers(student)), progress=progress)
     if config.patch != "none" and config.metric in REMOVAL_METRICS and config.mode != "block":
-        ctx.patches = candidate_patches(student, ctx.candidates, inputs.corpus.blocks["train"], config.patch,
+        ctx.patches = candidate_patches(student, ctx.candidates, inputs.corpus.patch_blocks, config.patch,
                                         config.data.batch_size, progress, _patch_teacher(inputs, config))
     try:
         return select_layers(student, config.metric, config.mode, count, ctx, config.shortlist), ctx.patches
@@ -141,18 +147,56 @@ def _select(inputs: RunInputs, config: PruneConfig, student, count: int, iterati
                              err.fix) from err
 
 
-def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIteration, steps: int,
+def healing_blocks(config: Recipe, count: int) -> int:
+    """Training blocks a run of `count` removals streams through, or, reusing its text, reads."""
+    per_removal = config.heal.blocks_per_removal(config.data.seq_len)
+    final = config.heal.final_steps * config.heal.batch_size * config.heal.grad_accum
+    if config.heal.method == "none":
+        return 0
+    if config.heal.train_data == "reuse":
+        return max(per_removal, final)
+    return count * per_removal + final
+
+
+def last_position(records: list[IterationRecord]) -> StreamPosition:
+    """Where the training stream stood after the recorded healings (resume)."""
+    ends = [r.heal.text["end"] for r in records if r.heal is not None and r.heal.text.get("end")]
+    return StreamPosition.from_json(ends[-1]) if ends else StreamPosition()
+
+
+def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIteration, final: bool,
           progress: bool) -> HealLog | None:
-    """Heal after the removal `pending` describes (already made); checkpoints carry `pending`."""
-    if config.heal.method == "none" or steps == 0:
+    """Heal after the removal `pending` describes (already made); checkpoints carry `pending`.
+    The text is the next stretch of the training stream, or its first blocks again with
+    --train-data reuse; caches are used only where that text is read again (targets.plan_caches)."""
+    heal_config, seq_len = config.heal, config.data.seq_len
+    steps = heal_config.final_steps if final else heal_config.steps_per_removal(seq_len)
+    if heal_config.method == "none" or steps == 0:
         return None
-    train = inputs.corpus.blocks["train"]
-    job = plan(loop.student, config.heal, steps, pending.iteration, config.seed + pending.iteration,
+    count = heal_config.final_steps * heal_config.batch_size * heal_config.grad_accum if final else \
+        heal_config.blocks_per_removal(seq_len)
+    reuse = heal_config.train_data == "reuse"
+    stream = inputs.corpus.train
+    start = StreamPosition() if reuse else loop.position
+    end = stream.advance(start, count)
+    text = stream.span(start, count)
+    folder = teacher_cache_dir(loop.out) if loop.out is not None else Path(tempfile.mkdtemp(prefix="layerprune-"))
+    caches = plan_caches(heal_config, inputs.teacher, seq_len, count, folder, reused=reuse)
+    job = plan(loop.student, heal_config, steps, pending.iteration, config.seed + pending.iteration,
                pending.selection.drop)
-    if config.heal.teacher_cache and loop.targets is None:
-        loop.targets = TeacherTargets.open(teacher_cache_dir(loop.out), inputs.teacher, train,
-                                           config.heal.teacher_topk, config.data.batch_size, progress,
-                                           [o for _, o in job.pairs])
+    job = dataclasses.replace(job, prefix_cache=caches.prefix)
+    targets, own_targets = None, False
+    if caches.targets and reuse and (loop.targets is None or loop.targets.blocks.count == count):
+        if loop.targets is None:
+            loop.targets = TeacherTargets.open(folder, inputs.teacher, text, heal_config.teacher_topk,
+                                               config.data.batch_size, progress)
+        targets = loop.targets
+    elif caches.targets and not reuse:   # read again only within this healing: a cache of its own
+        targets, own_targets = TeacherTargets.open(folder / f"iteration-{pending.iteration}", inputs.teacher, text,
+                                                   heal_config.teacher_topk, config.data.batch_size, progress), True
+    log.info("healing iteration %d: %d steps on %d blocks (%s text from document %d); %s", pending.iteration, steps,
+             count, "the same" if reuse else "fresh", start.doc, caches.why if targets or not caches.targets
+             else "teacher online: the shared target cache holds other blocks")
     _, state = loop.resumed(pending.iteration)
     if state is None:
         pending.held_out_before = _kl_and_ppl(evaluate(inputs, loop.student))
@@ -160,18 +204,33 @@ def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIt
     if loop.out is not None:
         as_dict = to_dict(config)
         save = lambda heal_state: checkpoint.save_heal_checkpoint(loop.out, as_dict, pending, heal_state)  # noqa: E731
-    result = heal(loop.student, inputs.teacher, train, dataclasses.replace(job, resume=state, on_checkpoint=save),
-                  loop.targets, progress)
+    try:
+        result = heal(loop.student, inputs.teacher, text, dataclasses.replace(job, resume=state, on_checkpoint=save),
+                      targets, progress)
+    finally:
+        if own_targets:
+            targets.close()
     result.held_out_before = pending.held_out_before
+    result.text = {"start": start.to_json(), "end": end.to_json(), "blocks": count, "epochs": heal_config.epochs,
+                   "caches": caches.why}
+    if not reuse:
+        loop.position = end
     if loop.out is not None and _is_main_process():
         write_loss_log(loop.out / "logs" / "heal.csv", result.rows)
     return result
 
 
 def _is_main_process() -> bool:
+    """Under `accelerate launch` every process runs the whole loop, and only this one writes."""
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
 
 
 def teacher_cache_dir(out: Path | None) -> Path:
@@ -186,10 +245,10 @@ def _iteration(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: Pend
                progress: bool, fitted: dict | None = None) -> IterationRecord:
     """Cut (reusing the candidates' `fitted` patches), heal, evaluate: one record."""
     originals = original_indices(loop.student)
-    removed, patched = cut(loop.student, pending.selection.drop, inputs.corpus.blocks["train"], config.patch,
+    removed, patched = cut(loop.student, pending.selection.drop, inputs.corpus.patch_blocks, config.patch,
                            config.data.batch_size, progress, _patch_teacher(inputs, config), fitted)
     t0 = time.perf_counter()
-    heal_log = _heal(inputs, config, loop, pending, config.heal.steps, progress)
+    heal_log = _heal(inputs, config, loop, pending, final=False, progress=progress)
     heal_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     evaluation = evaluate(inputs, loop.student)
@@ -223,7 +282,9 @@ def run_removals(inputs: RunInputs, config: PruneConfig, count: int, loop: Loop,
         if loop.after_each is not None:
             loop.after_each(record, loop.student)
         if loop.out is not None:
-            checkpoint.save_checkpoint(loop.out, to_dict(config), loop.records, loop.student)
+            if _is_main_process():
+                checkpoint.save_checkpoint(loop.out, to_dict(config), loop.records, loop.student)
+            _wait_for_everyone()
     return loop.records
 
 
@@ -276,14 +337,20 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     config.validate()
     check_names(config, config.metric)
     out = Path(config.out)
-    point = checkpoint.resume_point(to_dict(config), out, resume, overwrite)
+    # The main process decides (and empties the folder on --overwrite); the others then read the same.
+    point = checkpoint.resume_point(to_dict(config), out, resume, overwrite) if _is_main_process() else None
+    _wait_for_everyone()
+    point = point or checkpoint.resume_point(to_dict(config), out, resume, overwrite=False)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    probe(config.data)
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
     depth = num_layers(teacher)
     count = config.layers_to_remove(depth)  # depth checks before any heavy work
     inputs = build_inputs(config, teacher, tokenizer, config.final_tasks, config.metric == "quality")
-    loop = Loop(copy.deepcopy(teacher), list(point.records), out=out, resume=point)
+    inputs.corpus.train.check_holds(healing_blocks(config, count), progress)
+    loop = Loop(copy.deepcopy(teacher), list(point.records), out=out, resume=point,
+                position=last_position(point.records))
     if point.folder is not None:
         checkpoint.restore_student(loop.student, point.folder, point.records)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,18 +361,21 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     if config.heal.final_steps:
         final, _ = loop.resumed(count + 1)
         final = final or PendingIteration(count + 1, Selection([], []))
-        final_heal = _heal(inputs, config, loop, final, config.heal.final_steps, progress)
+        final_heal = _heal(inputs, config, loop, final, final=True, progress=progress)
     final_eval, suite, teacher_suite = final_evaluation(inputs, loop.student)
     speed = compare_speed(teacher, loop.student) if config.measure_speed else {}
     history = History(to_dict(config), config.model or "embedded:SmolLM2-135M-Instruct", depth,
                       num_layers(loop.student), [layer for r in records for layer in r.removed_original],
                       original_indices(loop.student), teacher_suite, records, final_heal, final_eval, suite,
                       time.perf_counter() - started)
-    save_result(out, loop.student, tokenizer, history, speed, config)
+    if _is_main_process():
+        save_result(out, loop.student, tokenizer, history, speed, config)
     if loop.targets is not None:
         loop.targets.close()
-    shutil.rmtree(out / "cache", ignore_errors=True)  # a cache an interrupted process left and this one never opened
-    checkpoint.clear(out)
+    _wait_for_everyone()
+    if _is_main_process():
+        shutil.rmtree(out / "cache", ignore_errors=True)  # a cache an interrupted process left, never reopened
+        checkpoint.clear(out)
     log.info("saved %d-layer model to %s (removed original layers %s) in %.0fs", history.final_layers, out,
              history.removed_original, history.seconds)
     return history

@@ -17,7 +17,8 @@ from typing import Callable
 from ..errors import LayerpruneError
 from . import choice, copying, lm_eval
 from .base import Batch, Task, TaskData, blocks_to_batches
-from .engine import collect_stats, evaluate_tasks, forward_logits, quality_retained, summaries
+from .engine import (collect_stats, evaluate_tasks, forward_logits, my_share, quality_retained, summaries,
+                     summed_over_processes)
 from .stats import accuracy_stats, accuracy_summary, kl_stats, kl_summary, nll_stats, perplexity_summary
 
 
@@ -72,5 +73,6 @@ def build_tasks(names, data: TaskData) -> list[Task]:
 
 
 __all__ = ["Batch", "Task", "TaskData", "TASKS", "blocks_to_batches", "build_tasks", "check_task_name",
-           "collect_stats", "evaluate_tasks", "forward_logits", "quality_retained", "summaries",
+           "collect_stats", "evaluate_tasks", "forward_logits", "my_share", "quality_retained", "summaries",
+           "summed_over_processes",
            "nll_stats", "perplexity_summary"]

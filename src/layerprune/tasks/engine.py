@@ -6,6 +6,10 @@ compares with it. A caller may ask for several model variants per batch
 (`outputs`): importance scoring yields the current model and every
 candidate "minus layer i" from one set of cached states, and all of their
 statistics accumulate here. Quality retained is defined here, once.
+
+Under `accelerate launch` each process runs its share of the batches and the
+sums are added across processes (Accelerate's `gather_object`), so every
+process holds the same totals and removes the same layer.
 """
 
 from __future__ import annotations
@@ -38,6 +42,29 @@ def add_stats(total: dict[str, float], new: dict[str, float]) -> None:
         total[key] = total.get(key, 0.0) + value
 
 
+def my_share(items: list) -> list:
+    """This process's share of `items` (all of them in a single process)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return items[state.process_index::state.num_processes]
+
+
+def summed_over_processes(totals: dict) -> dict:
+    """{variant: {task: sums}} added over every process, in process order, on every process."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    if PartialState().num_processes == 1:
+        return totals
+    merged: dict = {}
+    for part in gather_object([totals]):
+        for key, tasks in part.items():
+            for name, sums in tasks.items():
+                add_stats(merged.setdefault(key, {}).setdefault(name, {}), sums)
+    return merged
+
+
 @torch.no_grad()
 def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | None = None) -> dict:
     """Summed task statistics per variant: {variant: {task name: sums}}. Without `outputs`, the
@@ -49,14 +76,14 @@ def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | Non
         needs_teacher = any(task.needs_teacher for task in group)
         if needs_teacher and teacher is None:
             raise ValueError(f"tasks {[t.name for t in group]} need a teacher model")
-        for batch in batches:
+        for batch in my_share(batches):
             batch = batch.to(device)
             teacher_logits = forward_logits(teacher, batch) if needs_teacher else None
             for key, logits in outputs(batch):
                 sums = totals.setdefault(key, {})
                 for task in group:
                     add_stats(sums.setdefault(task.name, {}), task.stats(logits, batch, teacher_logits))
-    return totals
+    return summed_over_processes(totals)
 
 
 def summaries(tasks: list[Task], sums: dict) -> dict[str, dict[str, float]]:

@@ -108,6 +108,7 @@ def main() -> None:
         for _ in range(args.repeats):   # interleaved, so drift on the machine hits every case alike
             for name, (data, tokens) in runs.items():
                 results[name].append(run_once(model, data, tokens, tmp / "out"))
+                print(f"  run: {name}: {results[name][-1]}", flush=True)
     median = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in results.items()}
     print(f"files: {args.big_mb:g} MB and {args.small_mb:g} MB of jsonl; 2 removals with healing; "
           f"median of {args.repeats} runs")

@@ -112,10 +112,13 @@ class HealConfig:
     of the removed layer trained, AdamW, cosine with 8 warm-up steps, weight
     decay 0.05, clipping 0.3. Two defaults differ, because the paper trains a
     whole epoch of its corpus per iteration and we default to a budget of
-    `steps` that fits minutes on a CPU: lr 5e-4 (paper 1e-4) and two
+    30 steps that fits minutes on a CPU: lr 5e-4 (paper 1e-4) and two
     neighbours on each side of the cut (paper: the adjacent layers). On
     SmolLM2 with 30 steps these lowered held-out KL to the teacher by 35%
-    after one removal, against 19% with lr 1e-4 and one neighbour.
+    after one removal, against 19% with lr 1e-4 and one neighbour (measured
+    when healing reused 64 training blocks). The budget is in tokens per
+    removal (`tokens`, or `steps` of batch x accumulation blocks); by default
+    each removal reads fresh text from the training stream (`train_data`).
     """
 
     method: str = opt("distill", "healing after each removal: distill (the paper's) or none", flag="--heal")

@@ -180,23 +180,12 @@ def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIt
     start = StreamPosition() if reuse else loop.position
     end = stream.advance(start, count)
     text = stream.span(start, count)
-    folder = teacher_cache_dir(loop.out) if loop.out is not None else Path(tempfile.mkdtemp(prefix="layerprune-"))
-    caches = plan_caches(heal_config, inputs.teacher, seq_len, count, folder, reused=reuse)
+    caches, targets, owned = _caches(inputs, config, loop, text, pending.iteration, progress)
     job = plan(loop.student, heal_config, steps, pending.iteration, config.seed + pending.iteration,
                pending.selection.drop)
     job = dataclasses.replace(job, prefix_cache=caches.prefix)
-    targets, own_targets = None, False
-    if caches.targets and reuse and (loop.targets is None or loop.targets.blocks.count == count):
-        if loop.targets is None:
-            loop.targets = TeacherTargets.open(folder, inputs.teacher, text, heal_config.teacher_topk,
-                                               config.data.batch_size, progress)
-        targets = loop.targets
-    elif caches.targets and not reuse:   # read again only within this healing: a cache of its own
-        targets, own_targets = TeacherTargets.open(folder / f"iteration-{pending.iteration}", inputs.teacher, text,
-                                                   heal_config.teacher_topk, config.data.batch_size, progress), True
     log.info("healing iteration %d: %d steps on %d blocks (%s text from document %d); %s", pending.iteration, steps,
-             count, "the same" if reuse else "fresh", start.doc, caches.why if targets or not caches.targets
-             else "teacher online: the shared target cache holds other blocks")
+             count, "the same" if reuse else "fresh", start.doc, caches.why)
     _, state = loop.resumed(pending.iteration)
     if state is None:
         pending.held_out_before = _kl_and_ppl(evaluate(inputs, loop.student))
@@ -208,7 +197,7 @@ def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIt
         result = heal(loop.student, inputs.teacher, text, dataclasses.replace(job, resume=state, on_checkpoint=save),
                       targets, progress)
     finally:
-        if own_targets:
+        if owned:
             targets.close()
     result.held_out_before = pending.held_out_before
     result.text = {"start": start.to_json(), "end": end.to_json(), "blocks": count, "epochs": heal_config.epochs,
@@ -218,6 +207,32 @@ def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIt
     if loop.out is not None and _is_main_process():
         write_loss_log(loop.out / "logs" / "heal.csv", result.rows)
     return result
+
+
+def _caches(inputs: RunInputs, config: PruneConfig, loop: Loop, text, iteration: int, progress: bool):
+    """What this healing caches (targets.plan_caches), with the teacher targets it reads, if any,
+    and whether they are this healing's own (to close after it). Reused text shares one cache
+    across the run (`loop.targets`); text read again only within this healing gets its own."""
+    heal_config, reuse = config.heal, config.heal.train_data == "reuse"
+    folder = teacher_cache_dir(loop.out) if loop.out is not None else None
+    caches = plan_caches(heal_config, inputs.teacher, config.data.seq_len, text.count,
+                         folder or Path(tempfile.gettempdir()), reused=reuse)
+    if not caches.targets:
+        return caches, None, False
+
+    def open_at(path):
+        return TeacherTargets.open(path, inputs.teacher, text, heal_config.teacher_topk, config.data.batch_size,
+                                   progress)
+
+    if not reuse:
+        return caches, open_at((folder or Path(tempfile.mkdtemp(prefix="layerprune-"))) / f"iteration-{iteration}"), \
+            True
+    if loop.targets is None:
+        loop.targets = open_at(folder or Path(tempfile.mkdtemp(prefix="layerprune-")))
+    if loop.targets.blocks.count != text.count:   # e.g. a final healing of another length
+        return dataclasses.replace(caches, targets=False,
+                                   targets_why="teacher online: the run's target cache holds other blocks"), None, False
+    return caches, loop.targets, False
 
 
 def _is_main_process() -> bool:

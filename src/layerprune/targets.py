@@ -274,7 +274,12 @@ class CachePlan:
 
     targets: bool
     prefix: bool
-    why: str
+    targets_why: str
+    prefix_why: str
+
+    @property
+    def why(self) -> str:
+        return f"{self.targets_why}; {self.prefix_why}"
 
 
 def plan_caches(config: HealConfig, teacher, seq_len: int, blocks: int, folder: Path, reused: bool) -> CachePlan:
@@ -284,7 +289,7 @@ def plan_caches(config: HealConfig, teacher, seq_len: int, blocks: int, folder: 
     memory = config.cache_memory * GIB if config.cache_memory is not None else memory
     disk = config.cache_disk * GIB if config.cache_disk is not None else disk
     if not config.teacher_cache:
-        return CachePlan(False, False, "teacher and frozen prefix online (--no-teacher-cache)")
+        return CachePlan(False, False, "teacher online (--no-teacher-cache)", "frozen prefix online (--no-teacher-cache)")
     revisit = config.epochs > 1 or reused
     target_size = blocks * target_bytes_per_block(teacher, seq_len, config.teacher_topk)
     prefix_size = blocks * prefix_bytes_per_block(teacher, seq_len)
@@ -303,4 +308,4 @@ def plan_caches(config: HealConfig, teacher, seq_len: int, blocks: int, folder: 
                                f"--cache-memory ({memory / GIB:.2f} GiB)"
     else:
         prefix, why_p = True, f"frozen-prefix states cached in RAM ({prefix_size / GIB:.2f} GiB of {memory / GIB:.2f})"
-    return CachePlan(targets, prefix, f"{why_t}; {why_p}")
+    return CachePlan(targets, prefix, why_t, why_p)

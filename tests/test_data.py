@@ -118,12 +118,21 @@ class TestBlocks:
         span = stream.span(middle, 7)
         assert [b.tolist() for b in span.read()] == rest.tolist() == [b.tolist() for b in span.read()]
 
+    def test_the_check_remembers_where_healings_end(self, tmp_path, monkeypatch):
+        text = make_text_file(tmp_path / "c.txt", docs=40, words=30)
+        stream = TrainStream(str(text), "text", TinyTokenizer(), 16)
+        expected = [stream.advance(StreamPosition(), n) for n in (4, 8, 11)]
+        stream.check_holds([4, 8, 11], progress=False)
+        monkeypatch.setattr(TrainStream, "take", lambda *a, **k: pytest.fail("the stream was read again"))
+        assert [stream.advance(StreamPosition(), 4), stream.advance(expected[0], 4),
+                stream.advance(expected[1], 3)] == expected
+
     def test_stream_that_runs_out(self, tmp_path):
         text = make_text_file(tmp_path / "c.txt", docs=5, words=5)
         stream = TrainStream(str(text), "text", TinyTokenizer(), 16)
         with pytest.raises(LayerpruneError, match="training split holds .* this run heals on 10000"):
-            stream.check_holds(10000, progress=False)
-        stream.check_holds(1, progress=False)
+            stream.check_holds([5, 10000], progress=False)
+        stream.check_holds([1], progress=False)
 
     def test_blocks_of_a_tensor(self):
         import torch

@@ -28,10 +28,10 @@ from .errors import LayerpruneError
 from .io import write_json, write_text
 from .models import load_model
 from .options import to_dict
-from .pipeline import Loop, RunInputs, build_inputs, check_names, healing_blocks, run_removals, teacher_cache_dir
+from .pipeline import Loop, RunInputs, build_inputs, check_names, healing_offsets, run_removals, teacher_cache_dir
 from .report import plot_quality
 from .surgery import num_layers
-from .targets import TeacherTargets
+from .targets import TeacherTargets, plan_caches
 from .tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,14 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     deepest.layers_to_remove(num_layers(teacher))
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods)
     if "distill" in config.healing:
-        inputs.corpus.train.check_holds(healing_blocks(deepest, max(counts)), progress)
+        inputs.corpus.train.check_holds(healing_offsets(deepest, max(counts)), progress)
     domain = unseen_domain(config, teacher, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     targets = None
-    if "distill" in config.healing and config.heal.teacher_cache and config.heal.train_data == "reuse":
-        # Every variant heals on the same blocks: one cache for all of them.
-        pool = inputs.corpus.train.span(StreamPosition(), config.heal.blocks_per_removal(config.data.seq_len))
+    pool = inputs.corpus.train.span(StreamPosition(), config.heal.blocks_per_removal(config.data.seq_len))
+    if "distill" in config.healing and config.heal.train_data == "reuse" and \
+            plan_caches(config.heal, teacher, config.data.seq_len, pool.count, out, reused=True).targets:
+        # Every variant heals on the same blocks: one cache for all of them, within the budget.
         targets = TeacherTargets.open(teacher_cache_dir(out), teacher, pool,
                                       config.heal.teacher_topk, config.data.batch_size, progress)
     results: dict[str, dict] = {}

@@ -169,6 +169,10 @@ class HealConfig:
         steps = DEFAULT_HEAL_STEPS if self.steps is None else self.steps
         return steps * self.batch_size * self.grad_accum
 
+    def final_blocks(self) -> int:
+        """Training blocks of the extra healing after the last removal."""
+        return self.final_steps * self.batch_size * self.grad_accum
+
     def steps_per_removal(self, seq_len: int) -> int:
         """Optimizer steps of one healing: every pass over its blocks, in whole steps."""
         if self.steps is not None and self.epochs == 1:

@@ -32,11 +32,11 @@ from .sources import documents
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("calib", "train", "eval")
 # Shares of documents per split, by hash: held-out first, then calibration, the rest training.
 EVAL_SHARE, CALIB_SHARE = 0.1, 0.1
 # Documents kept as text for the held-out tasks that sample passages (continuation, copy).
 TASK_DOCS = 32
+
 
 def split_of(identity: str) -> str:
     """The split a document belongs to, from its identity alone."""
@@ -129,12 +129,15 @@ class StreamPosition:
 @dataclass(frozen=True)
 class TrainStream:
     """Training text as blocks of `seq_len` tokens, read from a position on: nothing but the
-    current document and one block is held in memory."""
+    current document and one block is held in memory. `check_holds` remembers where the stream
+    stands at the block offsets a run will start and end its healings, so finding a healing's end
+    costs no second read of its text."""
 
     source: str | None
     text_field: str
     tokenizer: object
     seq_len: int
+    _known: dict = field(default_factory=dict, compare=False, repr=False)   # blocks from the start -> position
 
     def blocks(self, start: StreamPosition = StreamPosition()) -> Iterator[tuple[torch.Tensor, StreamPosition]]:
         """(block, position after it), in order, until the split runs out."""
@@ -143,20 +146,25 @@ class TrainStream:
             if index < start.doc or split_of(identity) != "train":
                 continue
             ids = encode(self.tokenizer, text)
-            offset = start.token if index == start.doc else 0
-            buffer.extend(ids[offset:])
-            while len(buffer) >= self.seq_len:
-                block, buffer = buffer[:self.seq_len], buffer[self.seq_len:]
+            buffer.extend(ids[start.token if index == start.doc else 0:])
+            used = 0
+            while len(buffer) - used >= self.seq_len:
+                used += self.seq_len
                 # Whatever is left after a block lies in this document (a block is emitted as
                 # soon as one fits), so the position is this document and its consumed tokens.
-                yield torch.tensor(block, dtype=torch.long), StreamPosition(index, len(ids) - len(buffer))
+                yield (torch.tensor(buffer[used - self.seq_len:used], dtype=torch.long),
+                       StreamPosition(index, len(ids) - (len(buffer) - used)))
+            del buffer[:used]
 
     def span(self, start: StreamPosition, count: int) -> Blocks:
         """The `count` blocks from `start`, readable as often as needed."""
         return Blocks(lambda: (block for block, _ in itertools.islice(self.blocks(start), count)), count)
 
     def advance(self, start: StreamPosition, count: int) -> StreamPosition:
-        """The position `count` blocks after `start` (reading, not keeping, them)."""
+        """The position `count` blocks after `start`: remembered by `check_holds`, else read."""
+        offsets = {position: offset for offset, position in self._known.items()}
+        if start in offsets and offsets[start] + count in self._known:
+            return self._known[offsets[start] + count]
         return self.take(count, start, keep=False)[1]
 
     def take(self, count: int, start: StreamPosition = StreamPosition(), keep: bool = True
@@ -174,21 +182,26 @@ class TrainStream:
             raise _budget_error("train", seen * self.seq_len, self.seq_len, count)
         return (torch.stack(taken) if keep else None), position
 
-    def check_holds(self, count: int, progress: bool = True) -> None:
-        """Fail now, before any heavy work, if the training split holds fewer than `count` blocks
-        (the stream is read once, counting, and nothing is kept)."""
-        if count <= 0:
+    def check_holds(self, offsets: list[int], progress: bool = True) -> None:
+        """Fail now, before any heavy work, if the training split holds fewer blocks than the
+        largest of `offsets` (blocks from the start); read once, counting, keeping only the
+        positions at `offsets`."""
+        wanted, needed = set(offsets), max(offsets, default=0)
+        self._known[0] = StreamPosition()
+        if needed <= 0:
             return
         seen = 0
-        with tqdm(total=count, desc="checking the training text", unit="block", disable=not progress,
+        with tqdm(total=needed, desc="checking the training text", unit="block", disable=not progress,
                   leave=False) as bar:
-            for _ in self.blocks():
+            for _, position in self.blocks():
                 seen += 1
                 bar.update(1)
-                if seen == count:
+                if seen in wanted:
+                    self._known[seen] = position
+                if seen == needed:
                     return
         raise LayerpruneError(
-            f"the training split holds {seen} block(s) of {self.seq_len} tokens; this run heals on {count}",
+            f"the training split holds {seen} block(s) of {self.seq_len} tokens; this run heals on {needed}",
             "give more text, lower --heal-tokens or the layers removed, or pass --train-data reuse")
 
 

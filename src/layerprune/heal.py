@@ -156,14 +156,15 @@ class FrozenPrefix:
 
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        training = self.student.training
-        self.student.eval()
-        for row, block in zip(rows.tolist(), ids):
-            if row not in self.states:
-                block = block[None]
+        rows = rows.tolist()
+        missing = [(row, block[None]) for row, block in zip(rows, ids) if row not in self.states]
+        if missing:
+            training = self.student.training
+            self.student.eval()
+            for row, block in missing:
                 self.states[row] = prefix_state(self.student, self.start, block, torch.ones_like(block))[0]
-        self.student.train(training)
-        return torch.stack([self.states[row] for row in rows.tolist()])
+            self.student.train(training)
+        return torch.stack([self.states[row] for row in rows])
 
 
 def loss_step(job: HealJob, model, student, teacher, targets: TeacherTargets | None):
@@ -278,8 +279,8 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
         rows, done = _restore(job.resume, accelerator.unwrap_model(model), optimizer, scheduler, batches, config)
     bar = tqdm(total=job.steps, initial=done, desc=f"healing (iteration {job.iteration})", unit="step",
                disable=not (progress and accelerator.is_main_process), leave=False)
+    keys = ("loss", "kl", "mse", "final_mse")
     for step in range(done + 1, job.steps + 1):
-        keys = ("loss", "kl", "mse", "final_mse")
         sums = torch.zeros(len(keys), device=accelerator.device)   # read back once per step, not per term
         for _ in range(config.grad_accum):
             block_rows, ids = next(batches)

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from .activations import layer_states, run_from
@@ -27,8 +28,7 @@ from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
 from .patch import capture_mlp_outputs, patched_state
 from .surgery import layer_view, num_layers
-from .tasks import (Batch, Task, collect_stats, forward_logits, my_share, nll_stats, perplexity_summary,
-                    quality_retained, summed_over_processes)
+from .tasks import Batch, Task, collect_stats, forward_logits, my_share, nll_stats, perplexity_summary, quality_retained
 
 
 # ---------------------------------------------------------------- pure math
@@ -86,7 +86,7 @@ def state_distances(model, batches: list[Batch], distance: Callable, span: int =
         states, _ = layer_states(model, batch.input_ids, batch.attention_mask)
         for l in range(depth - span + 1):
             totals[l] += distance(states[l], states[l + span], batch.attention_mask).item()
-    totals = summed_over_processes({None: {"distances": {"sum": totals}}})[None]["distances"]["sum"]
+    totals = reduce(totals, reduction="sum")   # each process ran its share of the batches
     if not torch.isfinite(totals).all():
         raise NonFiniteError("hidden states are not finite while scoring layers",
                              "the model is broken; check its weights, or use float32")

@@ -147,15 +147,15 @@ def _select(inputs: RunInputs, config: PruneConfig, student, count: int, iterati
                              err.fix) from err
 
 
-def healing_blocks(config: Recipe, count: int) -> int:
-    """Training blocks a run of `count` removals streams through, or, reusing its text, reads."""
-    per_removal = config.heal.blocks_per_removal(config.data.seq_len)
-    final = config.heal.final_steps * config.heal.batch_size * config.heal.grad_accum
+def healing_offsets(config: Recipe, count: int) -> list[int]:
+    """Where, in blocks from the start of the training stream, the healings of a run of `count`
+    removals end: one after the other, or, reusing the text, each from the start."""
     if config.heal.method == "none":
-        return 0
+        return []
+    per_removal, final = config.heal.blocks_per_removal(config.data.seq_len), config.heal.final_blocks()
     if config.heal.train_data == "reuse":
-        return max(per_removal, final)
-    return count * per_removal + final
+        return [per_removal, final]
+    return [per_removal * i for i in range(1, count + 1)] + [count * per_removal + final]
 
 
 def last_position(records: list[IterationRecord]) -> StreamPosition:
@@ -173,8 +173,7 @@ def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIt
     steps = heal_config.final_steps if final else heal_config.steps_per_removal(seq_len)
     if heal_config.method == "none" or steps == 0:
         return None
-    count = heal_config.final_steps * heal_config.batch_size * heal_config.grad_accum if final else \
-        heal_config.blocks_per_removal(seq_len)
+    count = heal_config.final_blocks() if final else heal_config.blocks_per_removal(seq_len)
     reuse = heal_config.train_data == "reuse"
     stream = inputs.corpus.train
     start = StreamPosition() if reuse else loop.position
@@ -363,7 +362,7 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     depth = num_layers(teacher)
     count = config.layers_to_remove(depth)  # depth checks before any heavy work
     inputs = build_inputs(config, teacher, tokenizer, config.final_tasks, config.metric == "quality")
-    inputs.corpus.train.check_holds(healing_blocks(config, count), progress)
+    inputs.corpus.train.check_holds(healing_offsets(config, count), progress)
     loop = Loop(copy.deepcopy(teacher), list(point.records), out=out, resume=point,
                 position=last_position(point.records))
     if point.folder is not None:

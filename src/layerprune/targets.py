@@ -103,6 +103,7 @@ def _batches(blocks: Blocks, batch_size: int, device, desc: str, progress: bool)
                 bar.update(batch_size)
         if batch:
             yield start, start + len(batch), torch.stack(batch).to(device)
+            bar.update(len(batch))
 
 
 @dataclass

@@ -17,8 +17,7 @@ from typing import Callable
 from ..errors import LayerpruneError
 from . import choice, copying, lm_eval
 from .base import Batch, Task, TaskData, blocks_to_batches
-from .engine import (collect_stats, evaluate_tasks, forward_logits, my_share, quality_retained, summaries,
-                     summed_over_processes)
+from .engine import collect_stats, evaluate_tasks, forward_logits, my_share, quality_retained, summaries
 from .stats import accuracy_stats, accuracy_summary, kl_stats, kl_summary, nll_stats, perplexity_summary
 
 
@@ -74,5 +73,4 @@ def build_tasks(names, data: TaskData) -> list[Task]:
 
 __all__ = ["Batch", "Task", "TaskData", "TASKS", "blocks_to_batches", "build_tasks", "check_task_name",
            "collect_stats", "evaluate_tasks", "forward_logits", "my_share", "quality_retained", "summaries",
-           "summed_over_processes",
            "nll_stats", "perplexity_summary"]

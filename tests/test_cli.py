@@ -99,6 +99,7 @@ CATALOGUE = {
     "unknown trainable set": (lambda p: ["--trainable", "everything"], "unknown trainable set"),
     "unknown patch": (lambda p: ["--patch", "cubic"], "unknown patch"),
     "unknown patch target": (lambda p: ["--patch-target", "student"], "unknown patch target"),
+    "unknown gguf type": (lambda p: ["--gguf-type", "q2_k"], "unknown --gguf-type"),
     "missing mc file": (lambda p: ["--final-tasks", "mc:" + str(p.tmp / "q.jsonl")], "does not exist"),
     "no output folder": (lambda p: ["--out", ""], "no output folder given"),
     "out is a file": (lambda p: ["--out", p.file("file-out", "x")], "is a file"),

@@ -2,11 +2,13 @@
 
 import json
 
+import gguf
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from layerprune.cli import main
+from layerprune.models import smollm2_gguf_path
 
 from common import check_output_folder
 
@@ -36,3 +38,14 @@ def test_prune_smollm2_by_two_layers_with_quality_and_healing(tmp_path):
     ppl = history["final_eval"]["tasks"]["perplexity"]["perplexity"]
     teacher_ppl = history["teacher_eval"]["perplexity"]["perplexity"]
     assert teacher_ppl < ppl < 3 * teacher_ppl  # two layers cost something, not everything
+
+    # The embedded default is a GGUF, so the run also wrote model.gguf: two blocks fewer, about their
+    # share of the file smaller, and transformers reads it as a 28-layer model that generates.
+    source, written = smollm2_gguf_path(), out / "model.gguf"
+    reader = gguf.GGUFReader(written)
+    assert reader.fields["llama.block_count"].contents() == 28
+    block_bytes = sum(t.n_bytes for t in gguf.GGUFReader(source).tensors if t.name.startswith("blk.0."))
+    assert abs(source.stat().st_size - written.stat().st_size - 2 * block_bytes) < 0.01 * block_bytes
+    read = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(read(ids).logits).all()

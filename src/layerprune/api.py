@@ -1,14 +1,23 @@
-"""Public one-shot functions beside the pruning loop: rank the layers once, evaluate a model."""
+"""Public one-shot functions beside the pruning loop: rank the layers once, evaluate a model,
+write a finished run's model as GGUF."""
 
 from __future__ import annotations
 
-from .config import EvalConfig, ScoreConfig
+import logging
+from pathlib import Path
+
+from .checkpoint import HISTORY, read_history
+from .config import EvalConfig, ExportConfig, ScoreConfig
 from .data import load_corpus
 from .errors import LayerpruneError
+from .gguf_export import CONVERT_HINT, GGUF_NAME, ExportSummary, source_of, write_gguf
 from .importance import ScoringContext, check_metric, score_layers
 from .models import check_context, check_same_vocabulary, load_model
+from .report import set_card_section
 from .surgery import original_indices
 from .tasks import TaskData, blocks_to_batches, build_tasks, check_task_name, evaluate_tasks, quality_retained
+
+log = logging.getLogger(__name__)
 
 
 def score(config: ScoreConfig | None = None, progress: bool = True) -> list[dict]:
@@ -55,3 +64,24 @@ def evaluate(config: EvalConfig | None = None) -> dict:
         result["quality_retained"] = quality_retained(result["tasks"], result["teacher_tasks"])
         result["quality_retained_tasks"] = list(config.tasks)
     return result
+
+
+def export_gguf(run_dir: str | Path, config: ExportConfig | None = None, progress: bool = True) -> ExportSummary:
+    """A finished run's model as GGUF, from the GGUF file the run started from. Written into the
+    run folder (the default), it also gets a section in the model card."""
+    config, run = config or ExportConfig(), Path(run_dir)
+    config.validate()
+    if not (run / HISTORY).is_file():
+        raise LayerpruneError(f"{run} holds no finished layerprune run (no {HISTORY})",
+                              "give the --out folder of a run that has finished")
+    history = read_history(run)
+    source = Path(config.source) if config.source else source_of(history.model)
+    if source is None:
+        raise LayerpruneError(f"the run's model {history.model} is not a GGUF file, so there is no GGUF to follow",
+                              f"{CONVERT_HINT}, or pass --source if it was converted from one")
+    output = Path(config.output) if config.output else run / GGUF_NAME
+    summary = write_gguf(source, run, history.kept_original, output, config.gguf_type, progress)
+    if output.resolve().parent == run.resolve():
+        set_card_section(run, summary.card())
+    log.info(summary.log_line())
+    return summary

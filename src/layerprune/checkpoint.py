@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 FOLDER, HEAL_FOLDER, HISTORY = "checkpoint", "heal-checkpoint", "history.json"
 FILES = {FOLDER: ("state.json", "student.safetensors"), HEAL_FOLDER: ("state.json", "heal.pt")}
 # Options that change no removal, weight or score: a resumed run may set them differently.
-NO_RESULT_OPTIONS = {"measure_speed": None, "heal": {"checkpoint_every": None}}
+NO_RESULT_OPTIONS = {"measure_speed": None, "gguf": None, "gguf_type": None, "heal": {"checkpoint_every": None}}
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The command line: every option is generated from the config dataclasses (config.py), so a
 default or a help text lives in one place. `--config run.yaml` loads a whole config and flags
-override it. Only invocation options (--config, --resume, --overwrite, --quiet, --debug) are
-declared here.
+override it. Only invocation options (--config, --resume, --overwrite, --quiet, --debug, and
+export-gguf's RUN_DIR) are declared here.
 
 Every user error arrives here as a LayerpruneError and leaves as one line on
 stderr with exit code 2; `--debug` shows the traceback instead.
@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import CompareConfig, EvalConfig, PruneConfig, ScoreConfig
+from .config import CompareConfig, EvalConfig, ExportConfig, PruneConfig, ScoreConfig
 from .options import field_types, flag_of, from_dict, merge, read_yaml
 from .errors import LayerpruneError
 
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
              "Runs ShortGPT (one-shot BI), iterative BI, angular block removal (Gromov et al.), SLEB-style "
              "iterative NLL and the paper's method on the same model, data and budgets; writes compare.json, "
              "compare.md and compare.png.")
+    p = _command(sub, "export-gguf", ExportConfig, "write a finished run's model as GGUF, from the GGUF it started "
+                 "from", "Copies the source GGUF's metadata and unchanged tensors bit for bit, renumbered past the "
+                 "cut, and quantises the tensors the run changed back to their type (else Q8_0).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished prune run")
     return parser
 
 
@@ -130,7 +134,15 @@ def run_compare(config: CompareConfig, args) -> int:
     return 0 if summary["results"] else 1
 
 
-COMMANDS = {"prune": run_prune, "score": run_score, "eval": run_eval, "compare": run_compare}
+def run_export(config: ExportConfig, args) -> int:
+    from .api import export_gguf
+
+    export_gguf(args.run_dir, config, progress=not args.quiet)  # its log line says what was written
+    return 0
+
+
+COMMANDS = {"prune": run_prune, "score": run_score, "eval": run_eval, "compare": run_compare,
+            "export-gguf": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    for noisy in ("transformers", "accelerate", "gensim", "smart_open", "datasets", "huggingface_hub", "fsspec"):
+    for noisy in ("transformers", "accelerate", "gensim", "smart_open", "datasets", "huggingface_hub", "fsspec",
+                  "gguf"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](config_from_args(args.config_class, args), args)

@@ -29,6 +29,7 @@ COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "rep
 PATCHES = ("none", "lstsq", "diag")
 PATCH_TARGETS = ("layer", "teacher")
 TRAIN_DATA = ("stream", "reuse")
+GGUF_TYPES = ("source", "q8_0", "f16", "f32")
 # The healing budget when neither --heal-tokens nor --heal-steps is given.
 DEFAULT_HEAL_STEPS = 30
 
@@ -39,6 +40,13 @@ def opt(default, help: str, flag: str | None = None, **kw):
     if dataclasses.is_dataclass(default):
         return field(default_factory=type(default), metadata=metadata)
     return field(default=default, metadata=metadata, **kw)
+
+
+def _gguf_type():
+    """One declaration for `prune` and `export-gguf`."""
+    return opt("source", "the type of the tensors the run changed, in model.gguf: source (their type in the source "
+                         "GGUF where gguf can quantise it, else Q8_0), or q8_0, f16, f32 (larger, closer to the HF "
+                         "folder)")
 
 
 def _positive(obj, names, prefix: str = "") -> None:
@@ -293,10 +301,14 @@ class PruneConfig(Recipe):
                                        "tasks of the final report's suite (also mmlu, mc:FILE.jsonl)")
     measure_speed: bool = opt(True, "measure prefill/decode speed of original and pruned for the report",
                               flag="--speed")
+    gguf: bool = opt(True, "also write model.gguf when the model came from a .gguf file (the embedded default "
+                           "did); --no-gguf skips it, `layerprune export-gguf` writes it later")
+    gguf_type: str = _gguf_type()
 
     def validate(self) -> None:
         super().validate()
         _one_of(self.mode, MODES, "mode")
+        _one_of(self.gguf_type, GGUF_TYPES, "--gguf-type")
         if self.mode == "block" and self.metric not in ("angular", "angular_last", "bi"):
             raise LayerpruneError(f"block mode needs a hidden-state metric, not {self.metric!r}",
                                   "use --metric angular_last (Gromov et al.) or bi with --mode block")
@@ -351,3 +363,17 @@ class CompareConfig(Recipe):
             raise LayerpruneError(f"unknown method(s) {unknown}", f"use some of {', '.join(COMPARE_METHODS)}")
         for heal in self.healing:
             _one_of(heal, HEAL_METHODS, "healing")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """`layerprune export-gguf RUN_DIR`: a finished run's model as GGUF, from the GGUF it started from."""
+
+    source: str | None = opt(None, "the .gguf file the run started from (default: the model named in the run's "
+                                   "history.json)")
+    output: str | None = opt(None, "the GGUF file to write (default: RUN_DIR/model.gguf, and the model card "
+                                   "gains a GGUF section)")
+    gguf_type: str = _gguf_type()
+
+    def validate(self) -> None:
+        _one_of(self.gguf_type, GGUF_TYPES, "--gguf-type")

@@ -20,13 +20,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_text(path: Path, text: str) -> None:
+def write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` writes a temporary file next to `path`, which then replaces `path` whole.
+    A failed write leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 def write_json(path: Path, data, indent: int | None = 2) -> None:

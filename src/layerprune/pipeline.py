@@ -34,10 +34,11 @@ from .faults import crash_point
 from .heal import HealLog, heal, plan
 from .importance import REMOVAL_METRICS, ScoringContext, Selection, check_metric, select_layers
 from .io import write_json, write_text
+from .gguf_export import GGUF_NAME, open_source, source_of, write_gguf
 from .models import check_context, load_model, save_model
 from .options import to_dict, to_yaml
 from .patch import candidate_patches, cut, effective_kind
-from .report import write_loss_log, write_report
+from .report import set_card_section, write_loss_log, write_report
 from .speed import compare_speed
 from .surgery import check_cut_supported, num_layers, original_indices
 from .targets import TeacherTargets, check_budgets, plan_caches
@@ -324,15 +325,28 @@ def final_evaluation(inputs: RunInputs, student) -> tuple[Evaluation, Evaluation
             Evaluation(suite, quality_retained(suite, teacher), list(suite)), teacher)
 
 
-def save_result(out: Path, student, tokenizer, history: History, speed: dict, config: PruneConfig) -> None:
-    """Model files, config.yaml and reports first (via a staging folder), history last: its
-    presence means complete."""
+def save_result(out: Path, student, tokenizer, history: History, speed: dict, config: PruneConfig
+                ) -> LayerpruneError | None:
+    """Model files, config.yaml, reports and model.gguf first (via a staging folder), history
+    last: its presence means complete. A GGUF that cannot be written is returned, not raised:
+    the HF folder is still the result."""
     stage = out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
+    gguf_problem = None
     try:
         save_model(student, tokenizer, stage)
         write_text(stage / "config.yaml", to_yaml(config))
         write_report(stage, history, speed)
+        source = source_of(config.model) if config.gguf else None
+        if source is not None:
+            try:
+                summary = write_gguf(source, stage, history.kept_original, stage / GGUF_NAME, config.gguf_type,
+                                     progress=log.isEnabledFor(logging.INFO))
+                summary.path = str(out / GGUF_NAME)  # where it is once the staging folder is moved in
+                set_card_section(stage, summary.card())
+                log.info(summary.log_line())
+            except LayerpruneError as err:
+                gguf_problem = err
     except OSError as err:
         shutil.rmtree(stage, ignore_errors=True)
         raise LayerpruneError(f"cannot write the result into {out} ({err.strerror or err})",
@@ -343,6 +357,7 @@ def save_result(out: Path, student, tokenizer, history: History, speed: dict, co
         crash_point("final")
     stage.rmdir()
     write_json(out / checkpoint.HISTORY, history.to_json())
+    return gguf_problem
 
 
 def prune(config: PruneConfig, progress: bool = True, resume: bool = False, overwrite: bool = False) -> History:
@@ -358,6 +373,7 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     probe(config.data)
+    _check_gguf_export(config)
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
     depth = num_layers(teacher)
     count = config.layers_to_remove(depth)  # depth checks before any heavy work
@@ -382,8 +398,7 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
                       num_layers(loop.student), [layer for r in records for layer in r.removed_original],
                       original_indices(loop.student), teacher_suite, records, final_heal, final_eval, suite,
                       time.perf_counter() - started)
-    if _is_main_process():
-        save_result(out, loop.student, tokenizer, history, speed, config)
+    gguf_problem = save_result(out, loop.student, tokenizer, history, speed, config) if _is_main_process() else None
     if loop.targets is not None:
         loop.targets.close()
     _wait_for_everyone()
@@ -392,4 +407,17 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
         checkpoint.clear(out)
     log.info("saved %d-layer model to %s (removed original layers %s) in %.0fs", history.final_layers, out,
              history.removed_original, history.seconds)
+    if gguf_problem is not None:
+        raise gguf_problem
     return history
+
+
+def _check_gguf_export(config: PruneConfig) -> None:
+    """Say at the start, not after hours, that model.gguf will not be written (the run goes on:
+    its HF folder is still a result; the error comes again at the end)."""
+    source = source_of(config.model) if config.gguf else None
+    if source is not None and _is_main_process():
+        try:
+            open_source(source)
+        except LayerpruneError as err:
+            log.warning("model.gguf will not be written: %s", err)

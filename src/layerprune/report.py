@@ -224,6 +224,18 @@ def write_report(out: Path, history: "History", speed: dict) -> dict:
     return rep
 
 
+def set_card_section(folder: Path, section: str) -> None:
+    """Put a `## Title` section into the model card (README.md), replacing one of the same title."""
+    card = Path(folder) / "README.md"
+    title = section.split("\n", 1)[0]
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    start = text.find(f"\n{title}\n")
+    if start >= 0:
+        end = text.find("\n## ", start + len(title) + 2)
+        text = text[:start] + (text[end:] if end >= 0 else "\n")
+    write_text(card, text.rstrip("\n") + "\n\n" + section)
+
+
 def write_loss_log(path: Path, rows: list[dict]) -> None:
     """Add per-step healing rows to a CSV; TensorBoard too where it is installed. Rows of the same
     iteration already there (a resumed run heals that iteration to its end again) are replaced."""

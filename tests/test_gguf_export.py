@@ -212,6 +212,15 @@ def test_unsupported_architecture_still_writes_the_folder_then_fails(capsys, mon
         export_gguf(out, progress=False)
 
 
+def test_tensor_types_it_cannot_read_are_named(capsys, monkeypatch, tmp_path, source):
+    out = tmp_path / "out"
+    assert main(prune_args(source, make_text_file(tmp_path / "c.txt"), out, "--no-gguf")) == 0
+    unreadable = {Q.Q4_1}
+    monkeypatch.setattr(gguf_export, "_handles", lambda qtype, quantise: qtype not in unreadable)
+    one_line_error(capsys, ["export-gguf", str(out)], "cannot read the tensor types Q4_1")
+    assert not list(out.glob("*.gguf")) and not list(out.glob(".*.tmp"))
+
+
 def test_export_errors_are_one_line(capsys, tmp_path, tiny_dir, text_file):
     one_line_error(capsys, ["export-gguf", str(tmp_path)], "no finished layerprune run")
     out = tmp_path / "hf-run"

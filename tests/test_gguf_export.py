@@ -16,26 +16,27 @@ from layerprune import gguf_export
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 
-from common import check_output_folder, make_text_file, tiny_model
+from common import CONFIGS, check_output_folder, make_text_file
 
 Q = gguf.GGMLQuantizationType
 # Byte-level BPE over all 256 bytes plus two merges: enough for transformers' and llama.cpp's gpt2 tokenizer.
 TOKENS = ["<unk>", "<s>", "</s>"] + [bytes_to_unicode()[b] for b in range(256)] + ["he", "ll"]
 PER_LAYER = "llama.test_per_layer"  # a per-layer array the export must cut like the blocks
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
 
 
 def source_type(name: str):
-    """A mix of what real files hold: Q8_0 and Q4_1 matrices, F32 norms."""
-    if name.endswith("norm.weight"):
+    """A mix of what real files hold: Q8_0 and Q4_1 matrices, F32 norms and biases."""
+    if name.endswith("norm.weight") or name.endswith(".bias"):
         return Q.F32
     return Q.Q4_1 if "ffn_" in name else Q.Q8_0
 
 
-def write_tiny_gguf(path, model):
-    """`model` as a llama GGUF, each tensor quantised to `source_type`, via the same HF-to-GGUF
+def write_tiny_gguf(path, model, arch="llama"):
+    """`model` as a GGUF of `arch`, each tensor quantised to `source_type`, via the same HF-to-GGUF
     layout the export uses (which transformers must read back as `model`: test_source_reads_back)."""
     config, layers = model.config, model.config.num_hidden_layers
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_name("tiny llama")
     writer.add_block_count(layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -46,7 +47,11 @@ def write_tiny_gguf(path, model):
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_vocab_size(len(TOKENS))
-    writer.add_key_value(PER_LAYER, list(range(layers)), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_key_value(PER_LAYER.replace("llama", arch), list(range(layers)), gguf.GGUFValueType.ARRAY,
+                         gguf.GGUFValueType.INT32)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(TOKENS)
@@ -56,12 +61,12 @@ def write_tiny_gguf(path, model):
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
     writer.add_pad_token_id(0)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    names = gguf.get_tensor_name_map(ARCHS[arch], layers)
     heads = {"head_count": config.num_attention_heads, "head_count_kv": config.num_key_value_heads}
     for hf_name, tensor in model.state_dict().items():
         base, suffix = hf_name.rsplit(".", 1)
         name = f"{names.get_name(base)}.{suffix}"
-        rows = gguf_export.LAYOUTS["llama"](name, tensor.numpy(), lambda _, key: heads[key])
+        rows = gguf_export.LAYOUTS[arch](name, tensor.numpy(), lambda _, key: heads[key])
         writer.add_tensor(name, gguf.quants.quantize(rows, source_type(name)), raw_dtype=source_type(name))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -88,16 +93,14 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def gguf_name_of(hf_name, layers):
+def gguf_name_of(hf_name, layers, arch="llama"):
     base, suffix = hf_name.rsplit(".", 1)
-    return f"{gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers).get_name(base)}.{suffix}"
+    return f"{gguf.get_tensor_name_map(ARCHS[arch], layers).get_name(base)}.{suffix}"
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    model = tiny_model("llama", layers=6)
-    model.resize_token_embeddings(len(TOKENS))
-    return model
+    return tiny("llama")
 
 
 @pytest.fixture
@@ -108,10 +111,25 @@ def source(tmp_path, tiny_llama):
 IDS = torch.tensor([[5, 40, 77, 120, 200, 33, 9, 250]])
 
 
-def test_source_reads_back_as_the_model(source, tiny_llama):
-    """The HF-to-GGUF layout (the rotary permutation of q and k) is the inverse of transformers' reading."""
+def tiny(arch):
+    torch.manual_seed(0)
+    config = CONFIGS[arch]()
+    if arch == "qwen3":
+        config.head_dim = 128  # transformers reads no head_dim from a qwen3 GGUF: 128, every Qwen3's
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.resize_token_embeddings(len(TOKENS))
+    return model
+
+
+@pytest.mark.parametrize("arch", list(gguf_export.LAYOUTS))
+def test_source_reads_back_as_the_model(tmp_path, arch):
+    """The HF-to-GGUF layout of every architecture the export handles (for llama, the rotary
+    permutation of q and k) is the inverse of transformers' reading."""
+    model = tiny(arch)
+    source = write_tiny_gguf(tmp_path / f"{arch}.gguf", model, arch)
     read = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    expected = round_trip(tiny_llama, lambda name: source_type(gguf_name_of(name, 6)))
+    assert type(read) is type(model)
+    expected = round_trip(model, lambda name: source_type(gguf_name_of(name, 6, arch)))
     torch.testing.assert_close(logits(read, IDS), logits(expected, IDS), rtol=0, atol=1e-5)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .errors import LayerpruneError
 from .io import write_file
+from .models import first_line, smollm2_gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,6 @@ class ExportSummary:
     requantised: dict[str, list[str]] = field(default_factory=dict)  # "Q4_1 -> Q4_1": tensor names
     source_bytes: int = 0
     written_bytes: int = 0
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
     def log_line(self) -> str:
         changed = sum(len(names) for names in self.requantised.values())
@@ -127,7 +125,8 @@ def open_source(path: Path):
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as err:
-        raise LayerpruneError(f"cannot read {path} as GGUF ({err})", "pass the original .gguf file") from err
+        raise LayerpruneError(f"cannot read {path} as GGUF ({first_line(err)})",
+                              "pass the original .gguf file") from err
     arch = _field(reader, "general.architecture")
     if arch not in LAYOUTS:
         raise LayerpruneError(f"GGUF export does not handle the architecture {arch!r} of {Path(path).name} "
@@ -147,8 +146,6 @@ def _field(reader, key: str, default=None):
 def source_of(model: str | None) -> Path | None:
     """The GGUF file a run's model came from (history's `model`), or None for an HF model."""
     if model is None or model.startswith("embedded:"):
-        from .models import smollm2_gguf_path
-
         return smollm2_gguf_path()
     return Path(model) if model.endswith(".gguf") else None
 
@@ -157,7 +154,8 @@ def source_of(model: str | None) -> Path | None:
 
 
 class _HFWeights:
-    """The saved HF weights, read one tensor at a time from (possibly sharded) safetensors."""
+    """The saved HF weights, read one tensor at a time from (possibly sharded) safetensors, each
+    file opened once."""
 
     def __init__(self, folder: Path):
         from safetensors import safe_open
@@ -170,13 +168,13 @@ class _HFWeights:
                 files = {name: "model.safetensors" for name in handle.keys()}
         else:
             raise LayerpruneError(f"{folder} holds no safetensors weights", "export a finished layerprune run")
-        self.folder, self.files, self._open = folder, files, safe_open
+        self.files = files
+        self._handles = {file: safe_open(folder / file, "pt") for file in set(files.values())}
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         self.tied = bool(config.get("tie_word_embeddings", False))
 
     def get(self, name: str) -> torch.Tensor:
-        with self._open(self.folder / self.files[name], "pt") as handle:
-            return handle.get_tensor(name)
+        return self._handles[self.files[name]].get_tensor(name)
 
 
 def _hf_names_by_gguf(arch: str, blocks: int, hf_names) -> dict[str, str]:
@@ -276,7 +274,7 @@ class _Export:
                 if not np.array_equal(original, value):
                     plan.changed, plan.out_type = True, _written_type(tensor.tensor_type, shape, self.changed_type)
             plans.append(plan)
-        missing = sorted(set(self.weights.files) - used - {"lm_head.weight"})
+        missing = sorted(set(self.weights.files) - used)
         if missing:
             raise LayerpruneError(f"the HF weights {', '.join(missing[:3])} have no tensor in the source GGUF",
                                   "export with the GGUF file the run started from")

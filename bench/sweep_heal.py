@@ -9,6 +9,11 @@ by it would tune on the numbers the README reports.
 
     python bench/sweep_heal.py --out runs/sweep                  # all variants, 2 removals
     python bench/sweep_heal.py --out runs/sweep --variants default,lr-1e-3
+    python bench/sweep_heal.py --out runs/budget --skip 1000 --variants default,steps-120 --reuse runs/sweep
+
+`--reuse DIR` takes a variant's finished run from an earlier sweep when its config is the same,
+and only evaluates it again: a new validation window (a larger `--skip`, needed by the longer
+budgets) then costs no second run of the variants already trained.
 """
 
 from __future__ import annotations
@@ -16,16 +21,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
+import shutil
 from pathlib import Path
 
-from layerprune import DataConfig, HealConfig, PruneConfig, prune
+import yaml
+
+from layerprune import DataConfig, PruneConfig, prune
 from layerprune.data import StreamPosition, load_corpus
 from layerprune.models import load_model
+from layerprune.options import to_dict
 from layerprune.tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
 
 TASKS = ("perplexity", "token_accuracy", "kl")
-# name -> (top-level overrides, heal overrides): one change from the default each.
+# name -> (top-level overrides, heal overrides): one change from the default each, unless noted.
 VARIANTS = {
     "default": ({}, {}),
     "lr-1e-3": ({}, {"lr": 1e-3}),
@@ -34,6 +42,11 @@ VARIANTS = {
     "relative-mse-kl-led": ({}, {"mse_scale": "relative", "w_kl": 1.0, "w_mse": 0.1, "w_final": 0.1}),
     "trainable-all": ({}, {"trainable": "all"}),
     "patch-lstsq": ({"patch": "lstsq"}, {}),
+    # the two changes that led alone, together
+    "patch-lstsq-lr-1e-3": ({"patch": "lstsq"}, {"lr": 1e-3}),
+    # the healing budget per removal (default 30 steps): how quality grows with compute
+    "steps-60": ({}, {"steps": 60}),
+    "steps-120": ({}, {"steps": 120}),
 }
 
 
@@ -43,6 +56,33 @@ def variant_config(name: str, out: Path, remove: int) -> PruneConfig:
     return dataclasses.replace(base, heal=dataclasses.replace(base.heal, **heal), **top)
 
 
+def reusable(previous: Path | None, config: PruneConfig) -> Path | None:
+    """An earlier sweep's finished run of exactly this config (its `out` aside), if there is one."""
+    if previous is None:
+        return None
+    folder = previous / Path(config.out).name
+    if not (folder / "history.json").is_file() or not (folder / "config.yaml").is_file():
+        return None
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    wanted = to_dict(config)
+    saved.pop("out"), wanted.pop("out")
+    return folder if saved == wanted else None
+
+
+def run_variant(config: PruneConfig, previous: Path | None) -> dict:
+    """Train the variant, or copy an identical finished run; its removals, held-out figure, seconds."""
+    folder = reusable(previous, config)
+    if folder is None:
+        history = prune(config, progress=False, overwrite=True)
+        return {"held_out": history.final_eval.quality_retained, "removed": history.removed_original,
+                "seconds": history.seconds}
+    shutil.copytree(folder, config.out, dirs_exist_ok=True)
+    saved = json.loads((folder / "history.json").read_text())
+    print(f"reusing {folder} (same config)", flush=True)
+    return {"held_out": saved["final_eval"]["quality_retained"], "removed": saved["removed_original"],
+            "seconds": saved["seconds"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -50,12 +90,18 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--skip", type=int, default=400, help="training-stream blocks before the validation ones")
     parser.add_argument("--blocks", type=int, default=32, help="validation blocks")
+    parser.add_argument("--reuse", type=Path, help="an earlier sweep's --out whose identical finished runs are reused")
     args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
 
     teacher, tokenizer = load_model(None, device="cpu")
     data = DataConfig()
     stream = load_corpus(data, tokenizer).train
-    healed = args.remove * HealConfig().blocks_per_removal(data.seq_len)
+    healed = args.remove * max(variant_config(n, args.out, args.remove).heal.blocks_per_removal(data.seq_len)
+                               for n in names)
     if args.skip < healed:
         raise SystemExit(f"--skip {args.skip} is inside the {healed} blocks the runs heal on")
     validation = stream.take(args.blocks, stream.advance(StreamPosition(), args.skip))[0]
@@ -65,16 +111,13 @@ def main() -> None:
     results = args.out / "sweep.json"
     if results.is_file():
         rows = json.loads(results.read_text())
-    for name in args.variants.split(","):
+    for name in names:
         if name in rows:
             continue
-        started = time.perf_counter()
-        history = prune(variant_config(name, args.out, args.remove), progress=False, overwrite=True)
+        row = run_variant(variant_config(name, args.out, args.remove), args.reuse)
         student, _ = load_model(str(args.out / name), device="cpu")
         scores = evaluate_tasks(student, tasks, teacher)
-        rows[name] = {"validation": quality_retained(scores, reference),
-                      "validation_kl": scores["kl"]["kl"], "held_out": history.final_eval.quality_retained,
-                      "removed": history.removed_original, "seconds": time.perf_counter() - started}
+        rows[name] = {"validation": quality_retained(scores, reference), "validation_kl": scores["kl"]["kl"], **row}
         args.out.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(rows, indent=2))
         print(name, rows[name], flush=True)

@@ -2,7 +2,8 @@ import csv
 import json
 
 from layerprune import DataConfig, HealConfig, PruneConfig, prune
-from layerprune.report import speed_table, write_loss_log
+from layerprune.options import to_dict
+from layerprune.report import recipe, speed_table, write_loss_log
 
 from common import check_output_folder
 
@@ -28,8 +29,17 @@ def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
     assert speed["repeats"] == 5 and speed["pruned"]["min"] <= speed["pruned"]["median"] <= speed["pruned"]["max"]
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "metric: quality" in card and "mean of perplexity, token_accuracy, kl" in card
+    assert ("Recipe: Layers chosen by the `quality` metric (iterative, on perplexity, token_accuracy over 128 "
+            "calibration tokens); healing after each removal: 2 AdamW steps of 2 x 1 x 32 tokens") in card
     text = (out / "report.md").read_text()
     assert "median [min-max] of 5 interleaved runs" in text and "Suite quality retained" in text
+
+
+def test_recipe_names_the_patch_and_a_run_without_healing():
+    patched = to_dict(PruneConfig(out="o", remove=1, patch="diag", heal=HealConfig(method="none")))
+    text = recipe(patched)
+    assert "patched by a diagonal fitted in closed form on 16384 training tokens" in text and "no healing" in text
+    assert "patched" not in recipe(to_dict(PruneConfig(out="o", remove=1)))
 
 
 def test_speed_table_shows_median_and_spread():

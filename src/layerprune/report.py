@@ -22,7 +22,9 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .config import PruneConfig  # noqa: E402
 from .io import write_json, write_text  # noqa: E402
+from .options import from_dict  # noqa: E402
 
 if TYPE_CHECKING:
     from .checkpoint import History
@@ -186,6 +188,33 @@ def markdown(rep: dict, history: "History", plots: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recipe(config: dict) -> str:
+    """The run's recipe in words: what chose the layers, what patched the cuts, how healing trained.
+    A card reader should not have to decode config.yaml to know how the model was made."""
+    c = from_dict(PruneConfig, config)
+    heal, seq = c.heal, c.data.seq_len
+    parts = [f"Layers chosen by the `{c.metric}` metric ({c.mode}"
+             + (f", on {', '.join(c.tasks)} over {c.data.blocks('calib') * seq} calibration tokens)"
+                if c.metric in ("quality", "nll") else ")")]
+    if c.patch != "none":
+        kind = "least-squares matrix" if c.patch == "lstsq" else "diagonal"
+        parts.append(f"each cut patched by a {kind} fitted in closed form on {c.data.blocks('patch') * seq} training "
+                     "tokens and folded into the layer below")
+    if heal.method == "none":
+        parts.append("no healing")
+    else:
+        trained = {"neighbours": f"the {heal.radius} layers on each side of the cut", "all": "every layer",
+                   "lora": f"LoRA adapters of rank {heal.lora_r}"}[heal.trainable]
+        final = f", then {heal.final_steps} more steps after the last removal" if heal.final_steps else ""
+        parts.append(
+            f"healing after each removal: {heal.steps_per_removal(seq)} AdamW steps of {heal.batch_size} x "
+            f"{heal.grad_accum} x {seq} tokens ({'fresh' if heal.train_data == 'stream' else 'the same'} text "
+            f"each removal), lr {heal.lr:g}, {trained} trained{final}; loss {heal.w_kl:g} x KL to the original's "
+            f"logits + {heal.w_mse:g} x MSE of mapped hidden states + {heal.w_final:g} x MSE of the final state "
+            f"({heal.mse_scale} MSE)")
+    return "Recipe: " + "; ".join(parts) + "."
+
+
 def model_card(rep: dict, config_yaml: str) -> str:
     base = rep["model"]
     return (
@@ -197,7 +226,7 @@ def model_card(rep: dict, config_yaml: str) -> str:
         f"importance metric ({rep['config']['mode']}), and healing by "
         f"{'distillation from the original after each removal' if rep['config']['heal']['method'] == 'distill' else 'nothing (no healing)'}."
         f" `config.json` keeps the original index of every kept layer in `layerprune_original_layers`.\n\n"
-        f"{headline(rep)}\n\n"
+        f"{recipe(rep['config'])}\n\n{headline(rep)}\n\n"
         + "\n".join(task_table(rep["teacher_eval"], rep["final_eval"]))
         + "\n\nLoad it like any causal LM:\n\n```python\nfrom transformers import AutoModelForCausalLM\n"
         "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n```\n\n"

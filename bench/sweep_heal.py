@@ -1,10 +1,10 @@
 """A recipe sweep for the healing defaults, judged on text the reported figures never use.
 
-Each variant changes one thing from the current default recipe and runs `layerprune prune
---remove N` on the embedded defaults (same data, budget and seed). It is judged on validation
-blocks cut from the training split past everything the runs heal on (the training stream's
-blocks from `--skip` on): quality retained (perplexity, token accuracy, KL to the original) there
-chooses. The held-out figure each run reports is printed beside it, for reading only: choosing
+Each variant changes one thing from the recipe the sweep began from (the default then, with no
+patch) and runs `layerprune prune --remove N` on the embedded defaults (same data, budget and
+seed). It is judged on validation blocks cut from the training split past everything the runs heal
+on (the training stream's blocks from `--skip` on): quality retained (perplexity, token accuracy,
+KL to the original) there chooses. The held-out figure each run reports is printed beside it, for reading only: choosing
 by it would tune on the numbers the README reports.
 
     python bench/sweep_heal.py --out runs/sweep                  # all variants, 2 removals
@@ -52,7 +52,9 @@ VARIANTS = {
 
 def variant_config(name: str, out: Path, remove: int) -> PruneConfig:
     top, heal = VARIANTS[name]
-    base = PruneConfig(out=str(out / name), remove=remove, measure_speed=False, gguf=False, final_tasks=TASKS)
+    # The recipe the sweep began from (the default then): no patch. Its outcome made lstsq the default.
+    base = PruneConfig(out=str(out / name), remove=remove, measure_speed=False, gguf=False, final_tasks=TASKS,
+                       patch="none")
     return dataclasses.replace(base, heal=dataclasses.replace(base.heal, **heal), **top)
 
 

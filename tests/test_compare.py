@@ -34,7 +34,7 @@ def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):
     for plot in ("compare.png", "compare_unseen.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     table = (out / "compare.md").read_text()
-    assert "| layerprune + healing |" in table and "| shortgpt + no healing |" in table
+    assert "| layerprune + lstsq patch + healing |" in table and "| shortgpt + no healing |" in table
     assert "| replaceme + no healing |" in table and "embedded:news: -1 | -2 |" in table
     assert not (out / "cache").exists()
 
@@ -71,7 +71,7 @@ def test_a_patch_the_method_does_not_define_is_named():
     assert variant_name(CompareConfig(out="c", patch="lstsq"), "layerprune", "distill") == \
         "layerprune + lstsq patch + healing"
     assert variant_name(CompareConfig(out="c", patch="lstsq"), "replaceme", "none") == "replaceme + no healing"
-    assert variant_name(CompareConfig(out="c"), "layerprune", "none") == "layerprune + no healing"
+    assert variant_name(CompareConfig(out="c", patch="none"), "layerprune", "none") == "layerprune + no healing"
     taught = CompareConfig(out="c", patch="lstsq", patch_target="teacher")
     assert variant_name(taught, "layerprune", "none") == "layerprune + lstsq patch (to the teacher) + no healing"
 

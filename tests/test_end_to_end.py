@@ -25,6 +25,7 @@ def test_prune_smollm2_by_two_layers_with_quality_and_healing(tmp_path):
     assert history["original_layers"] == 30 and history["final_layers"] == 28
     assert len(history["iterations"]) == 2
     assert all(entry["heal"]["steps"] == 2 for entry in history["iterations"])
+    assert all(entry["patch"]["kind"] == "lstsq" for entry in history["iterations"])  # the default recipe
     check_output_folder(out, depth=28, removed=2)
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -122,8 +122,8 @@ def test_a_patched_run_records_its_patch_and_saves_a_plain_model(tiny_dir, text_
         assert record.patch["kind"] == "lstsq"
         for folded in record.patch["folded"]:
             assert folded["tokens"] == 8 * 32 and folded["deviation"] > 0
-    plain = prune(config(tiny_dir, text_file, tmp_path / "plain", metric=metric, mode=mode, remove=2),
-                  progress=False)
+    plain = prune(config(tiny_dir, text_file, tmp_path / "plain", metric=metric, mode=mode, remove=2,
+                         patch="none"), progress=False)
     assert plain.iterations[0].patch is None
 
 

@@ -30,7 +30,9 @@ def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "metric: quality" in card and "mean of perplexity, token_accuracy, kl" in card
     assert ("Recipe: Layers chosen by the `quality` metric (iterative, on perplexity, token_accuracy over 128 "
-            "calibration tokens); healing after each removal: 2 AdamW steps of 2 x 1 x 32 tokens") in card
+            "calibration tokens); each cut patched by a least-squares matrix fitted in closed form on 256 training "
+            "tokens and folded into the layer below; healing after each removal: 2 AdamW steps of 2 x 1 x 32 "
+            "tokens") in card
     text = (out / "report.md").read_text()
     assert "median [min-max] of 5 interleaved runs" in text and "Suite quality retained" in text
 
@@ -39,7 +41,7 @@ def test_recipe_names_the_patch_and_a_run_without_healing():
     patched = to_dict(PruneConfig(out="o", remove=1, patch="diag", heal=HealConfig(method="none")))
     text = recipe(patched)
     assert "patched by a diagonal fitted in closed form on 16384 training tokens" in text and "no healing" in text
-    assert "patched" not in recipe(to_dict(PruneConfig(out="o", remove=1)))
+    assert "patched" not in recipe(to_dict(PruneConfig(out="o", remove=1, patch="none")))
 
 
 def test_speed_table_shows_median_and_spread():

@@ -30,7 +30,7 @@ def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "metric: quality" in card and "mean of perplexity, token_accuracy, kl" in card
     assert ("Recipe: Layers chosen by the `quality` metric (iterative, on perplexity, token_accuracy over 128 "
-            "calibration tokens); each cut patched by a least-squares matrix fitted in closed form on 256 training "
+            "calibration tokens); each cut patched by a least-squares linear map fitted in closed form on 256 training "
             "tokens and folded into the layer below; healing after each removal: 2 AdamW steps of 2 x 1 x 32 "
             "tokens") in card
     text = (out / "report.md").read_text()
@@ -40,7 +40,8 @@ def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
 def test_recipe_names_the_patch_and_a_run_without_healing():
     patched = to_dict(PruneConfig(out="o", remove=1, patch="diag", heal=HealConfig(method="none")))
     text = recipe(patched)
-    assert "patched by a diagonal fitted in closed form on 16384 training tokens" in text and "no healing" in text
+    assert "patched by a least-squares diagonal scaling fitted in closed form on 16384 training tokens" in text
+    assert "no healing" in text
     assert "patched" not in recipe(to_dict(PruneConfig(out="o", remove=1, patch="none")))
 
 

@@ -197,9 +197,10 @@ def recipe(config: dict) -> str:
              + (f", on {', '.join(c.tasks)} over {c.data.blocks('calib') * seq} calibration tokens)"
                 if c.metric in ("quality", "nll") else ")")]
     if c.patch != "none":
-        kind = "least-squares matrix" if c.patch == "lstsq" else "diagonal"
-        parts.append(f"each cut patched by a {kind} fitted in closed form on {c.data.blocks('patch') * seq} training "
-                     "tokens and folded into the layer below")
+        # lstsq becomes a diagonal where the MLP output passes a norm (Gemma): "linear map" covers both.
+        kind = "linear map" if c.patch == "lstsq" else "diagonal scaling"
+        parts.append(f"each cut patched by a least-squares {kind} fitted in closed form on "
+                     f"{c.data.blocks('patch') * seq} training tokens and folded into the layer below")
     if heal.method == "none":
         parts.append("no healing")
     else:

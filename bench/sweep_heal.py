@@ -47,6 +47,7 @@ VARIANTS = {
     # the healing budget per removal (default 30 steps): how quality grows with compute
     "steps-60": ({}, {"steps": 60}),
     "steps-120": ({}, {"steps": 120}),
+    "steps-480": ({}, {"steps": 480}),  # about 70 min at -2 on 2 CPU cores: a GPU run
 }
 
 

@@ -4,8 +4,8 @@ Each variant changes one thing from the recipe the sweep began from (the default
 patch) and runs `layerprune prune --remove N` on the embedded defaults (same data, budget and
 seed). It is judged on validation blocks cut from the training split past everything the runs heal
 on (the training stream's blocks from `--skip` on): quality retained (perplexity, token accuracy,
-KL to the original) there chooses. The held-out figure each run reports is printed beside it, for reading only: choosing
-by it would tune on the numbers the README reports.
+KL to the original) there chooses. The held-out figure each run reports is printed beside it, for
+reading only: choosing by it would tune on the numbers the README reports.
 
     python bench/sweep_heal.py --out runs/sweep                  # all variants, 2 removals
     python bench/sweep_heal.py --out runs/sweep --variants default,lr-1e-3
@@ -47,8 +47,7 @@ VARIANTS = {
     # the healing budget per removal (default 30 steps): how quality grows with compute
     "steps-60": ({}, {"steps": 60}),
     "steps-120": ({}, {"steps": 120}),
-    # 8x: at -2 it heals on 1,920 of the embedded wiki's 2,323 training blocks (--skip 1950 fits);
-    # about 35 min on 2 CPU cores
+    # 8x: at -2 it heals on 1,920 of the embedded wiki's 2,323 training blocks (--skip 1950 fits)
     "steps-240": ({}, {"steps": 240}),
 }
 
@@ -69,9 +68,7 @@ def reusable(previous: Path | None, config: PruneConfig) -> Path | None:
     if not (folder / "history.json").is_file() or not (folder / "config.yaml").is_file():
         return None
     saved = yaml.safe_load((folder / "config.yaml").read_text())
-    wanted = to_dict(config)
-    saved.pop("out"), wanted.pop("out")
-    return folder if saved == wanted else None
+    return folder if {**saved, "out": config.out} == to_dict(config) else None
 
 
 def run_variant(config: PruneConfig, previous: Path | None) -> dict:

@@ -193,9 +193,10 @@ def recipe(config: dict) -> str:
     A card reader should not have to decode config.yaml to know how the model was made."""
     c = from_dict(PruneConfig, config)
     heal, seq = c.heal, c.data.seq_len
-    parts = [f"Layers chosen by the `{c.metric}` metric ({c.mode}"
-             + (f", on {', '.join(c.tasks)} over {c.data.blocks('calib') * seq} calibration tokens)"
-                if c.metric in ("quality", "nll") else ")")]
+    # The removal metrics measure calibration text: `quality` on the chosen tasks, `nll` on its NLL alone.
+    measured = {"quality": ", ".join(c.tasks), "nll": "NLL"}.get(c.metric)
+    calib = f", on {measured} over {c.data.blocks('calib') * seq} calibration tokens" if measured else ""
+    parts = [f"Layers chosen by the `{c.metric}` metric ({c.mode}{calib})"]
     if c.patch != "none":
         # lstsq becomes a diagonal where the MLP output passes a norm (Gemma): "linear map" covers both.
         kind = "linear map" if c.patch == "lstsq" else "diagonal scaling"

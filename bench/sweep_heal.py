@@ -1,7 +1,7 @@
 """A recipe sweep for the healing defaults, judged on text the reported figures never use.
 
-Each variant changes one thing from the recipe the sweep began from (the default then, with no
-patch) and runs `layerprune prune --remove N` on the embedded defaults (same data, budget and
+Each variant changes one thing from the recipe the sweep began from (the default then: no patch,
+raw MSE with KL/100, no healing guard) and runs `layerprune prune --remove N` on the embedded defaults (same data, budget and
 seed). It is judged on validation blocks cut from the training split past everything the runs heal
 on (the training stream's blocks from `--skip` on): quality retained (perplexity, token accuracy,
 KL to the original) there chooses. The held-out figure each run reports is printed beside it, for
@@ -10,6 +10,8 @@ reading only: choosing by it would tune on the numbers the README reports.
     python bench/sweep_heal.py --out runs/sweep                  # all variants, 2 removals
     python bench/sweep_heal.py --out runs/sweep --variants default,lr-1e-3
     python bench/sweep_heal.py --out runs/budget --skip 1000 --variants default,steps-120 --reuse runs/sweep
+    python bench/sweep_heal.py --model gemma-3-270m-q4_k_m.gguf --out runs/sweep-gemma --remove 1 --skip 400 \
+        --variants patch-lstsq,patch-lstsq-relative-mse-guard
 
 `--reuse DIR` takes a variant's finished run from an earlier sweep when its config is the same,
 and only evaluates it again: a new validation window (a larger `--skip`, needed by the longer
@@ -49,15 +51,24 @@ VARIANTS = {
     "steps-120": ({}, {"steps": 120}),
     # 8x: at -2 it heals on 1,920 of the embedded wiki's 2,323 training blocks (--skip 1950 fits)
     "steps-240": ({}, {"steps": 240}),
+    # the recipe that transfers across families: scale-free MSE, KL at full weight, the healing guard
+    "patch-lstsq-raw-guard": ({"patch": "lstsq"}, {"guard": True}),
+    "patch-lstsq-relative-mse": ({"patch": "lstsq"}, {"mse_scale": "relative", "w_kl": 1.0}),
+    "patch-lstsq-relative-mse-guard": ({"patch": "lstsq"}, {"mse_scale": "relative", "w_kl": 1.0, "guard": True}),
+    "patch-lstsq-channel-mse": ({"patch": "lstsq"}, {"mse_scale": "channel", "w_kl": 1.0}),
+    "patch-lstsq-channel-mse-guard": ({"patch": "lstsq"}, {"mse_scale": "channel", "w_kl": 1.0, "guard": True}),
 }
+# The recipe the sweep began from (the default then): no patch, the paper's raw MSE with KL/100, no guard.
+# Its outcome made lstsq the default, and the second family (Gemma-3) made relative MSE and the guard so.
+ORIGIN = {"patch": "none"}
+ORIGIN_HEAL = {"mse_scale": "raw", "w_kl": 0.01, "guard": False}
 
 
-def variant_config(name: str, out: Path, remove: int) -> PruneConfig:
+def variant_config(name: str, out: Path, remove: int, model: str | None = None) -> PruneConfig:
     top, heal = VARIANTS[name]
-    # The recipe the sweep began from (the default then): no patch. Its outcome made lstsq the default.
-    base = PruneConfig(out=str(out / name), remove=remove, measure_speed=False, gguf=False, final_tasks=TASKS,
-                       patch="none")
-    return dataclasses.replace(base, heal=dataclasses.replace(base.heal, **heal), **top)
+    base = PruneConfig(model=model, out=str(out / name), remove=remove, measure_speed=False, gguf=False,
+                       final_tasks=TASKS, **ORIGIN)
+    return dataclasses.replace(base, heal=dataclasses.replace(base.heal, **{**ORIGIN_HEAL, **heal}), **top)
 
 
 def reusable(previous: Path | None, config: PruneConfig) -> Path | None:
@@ -89,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--remove", type=int, default=2)
+    parser.add_argument("--model", help="a .gguf file or HF folder (default: the embedded SmolLM2)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--skip", type=int, default=400, help="training-stream blocks before the validation ones")
     parser.add_argument("--blocks", type=int, default=32, help="validation blocks")
@@ -99,13 +111,14 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
 
-    teacher, tokenizer = load_model(None, device="cpu")
+    teacher, tokenizer = load_model(args.model, device="cpu")
     data = DataConfig()
     stream = load_corpus(data, tokenizer).train
+    # the runs heal on these blocks, and the guarded ones hold back validation blocks just past them
     healed = args.remove * max(variant_config(n, args.out, args.remove).heal.blocks_per_removal(data.seq_len)
-                               for n in names)
+                               for n in names) + data.blocks("val")
     if args.skip < healed:
-        raise SystemExit(f"--skip {args.skip} is inside the {healed} blocks the runs heal on")
+        raise SystemExit(f"--skip {args.skip} is inside the {healed} blocks the runs heal on or guard with")
     validation = stream.take(args.blocks, stream.advance(StreamPosition(), args.skip))[0]
     tasks = build_tasks(TASKS, TaskData(tokenizer, validation, [], data.batch_size, 0))
     reference = evaluate_tasks(teacher, tasks, teacher)
@@ -116,7 +129,7 @@ def main() -> None:
     for name in names:
         if name in rows:
             continue
-        row = run_variant(variant_config(name, args.out, args.remove), args.reuse)
+        row = run_variant(variant_config(name, args.out, args.remove, args.model), args.reuse)
         student, _ = load_model(str(args.out / name), device="cpu")
         scores = evaluate_tasks(student, tasks, teacher)
         rows[name] = {"validation": quality_retained(scores, reference), "validation_kl": scores["kl"]["kl"], **row}

@@ -26,6 +26,9 @@ def test_prune_smollm2_by_two_layers_with_quality_and_healing(tmp_path):
     assert len(history["iterations"]) == 2
     assert all(entry["heal"]["steps"] == 2 for entry in history["iterations"])
     assert all(entry["patch"]["kind"] == "lstsq" for entry in history["iterations"])  # the default recipe
+    for entry in history["iterations"]:   # every healing guarded, none leaving validation KL worse
+        guard = entry["heal"]["guard"]
+        assert guard["kl_after"] <= guard["kl_before"] and len(guard["checks"]) >= 1
     check_output_folder(out, depth=28, removed=2)
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -72,9 +72,33 @@ def test_topk_kl_equals_full_kl_when_k_covers_the_vocabulary():
 def test_relative_mse_does_not_depend_on_the_hidden_scale():
     s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    raw, rel = mse_loss(s, t, mask), mse_loss(s, t, mask, relative=True)
+    raw, rel = mse_loss(s, t, mask), mse_loss(s, t, mask, "relative")
     assert mse_loss(10 * s, 10 * t, mask).item() == pytest.approx(100 * raw.item(), rel=1e-5)
-    assert mse_loss(10 * s, 10 * t, mask, relative=True).item() == pytest.approx(rel.item(), rel=1e-5)
-    assert mse_loss(torch.zeros_like(t), t, mask, relative=True).item() == pytest.approx(1.0, rel=1e-6)
-    terms = joint_loss(kl_loss(s, t, mask), [s], [t], s, t, mask, LossWeights(relative_mse=True))
+    assert mse_loss(10 * s, 10 * t, mask, "relative").item() == pytest.approx(rel.item(), rel=1e-5)
+    assert mse_loss(torch.zeros_like(t), t, mask, "relative").item() == pytest.approx(1.0, rel=1e-6)
+    terms = joint_loss(kl_loss(s, t, mask), [s], [t], s, t, mask, LossWeights(mse_scale="relative"))
     assert terms["mse"].item() == pytest.approx(rel.item(), rel=1e-6)
+
+
+def test_channel_mse_weighs_every_channel_alike():
+    """A channel 1000x larger than the rest (a massive activation) dominates raw and relative MSE
+    but counts as one channel of eight in the per-channel form."""
+    torch.manual_seed(0)
+    t = torch.randn(2, 6, 8)
+    t[..., 3] *= 1000
+    mask = torch.ones(2, 6)
+    off_big, off_small = t.clone(), t.clone()
+    off_big[..., 3] += 0.1 * t[..., 3]        # 10% error in the massive channel
+    off_small[..., 0] += 0.1 * t[..., 0]      # 10% error in an ordinary one
+    for scale in ("raw", "relative"):
+        assert mse_loss(off_big, t, mask, scale) > 1e4 * mse_loss(off_small, t, mask, scale)
+    big, small = mse_loss(off_big, t, mask, "channel"), mse_loss(off_small, t, mask, "channel")
+    assert big.item() == pytest.approx(small.item(), rel=1e-4)
+    assert big.item() == pytest.approx(0.01 / 8, rel=1e-4)
+    assert mse_loss(torch.zeros_like(t), t, mask, "channel").item() == pytest.approx(1.0, rel=1e-5)
+    assert mse_loss(10 * off_big, 10 * t, mask, "channel").item() == pytest.approx(big.item(), rel=1e-5)
+    masked = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6])
+    wild = off_small.clone()
+    wild[0, 3:] = 1e6   # masked tokens change nothing
+    assert mse_loss(wild, t, masked, "channel").item() == pytest.approx(
+        mse_loss(off_small, t, masked, "channel").item(), rel=1e-5)

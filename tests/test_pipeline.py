@@ -59,7 +59,7 @@ def test_healing_runs_in_the_loop_and_logs(tiny_dir, text_file, tmp_path):
     heal = history.iterations[0].heal
     assert heal.steps == 2 and "kl" in heal.held_out_after and "kl" in heal.held_out_before
     rows = (out / "logs" / "heal.csv").read_text().splitlines()
-    assert rows[0].startswith("iteration,step") and len(rows) == 1 + 4
+    assert rows[0].startswith("iteration,attempt,step") and len(rows) >= 1 + 4
     assert not (out / "cache").exists()
 
 
@@ -141,3 +141,52 @@ def test_each_removal_heals_on_fresh_text_or_on_the_same(tiny_dir, text_file, tm
         assert "teacher targets cached" in texts[0]["caches"] and "teacher targets cached" in texts[1]["caches"]
         assert "holds other blocks" in texts[2]["caches"]   # the final healing's 2 blocks are not the cache's 4
     assert "read once" in texts[0]["caches"] or train_data == "reuse"
+
+
+class TestHealingGuard:
+    def test_every_healing_records_its_guard_and_the_user_lr_starts_it(self, tiny_dir, text_file, tmp_path):
+        out = tmp_path / "o"
+        heal = HealConfig(steps=4, batch_size=2, grad_accum=1, warmup_steps=1, lr=3e-4, checkpoint_every=2)
+        history = prune(config(tiny_dir, text_file, out, metric="bi", remove=2, heal=heal), progress=False)
+        first = history.iterations[0].heal.guard
+        assert first["checks"][0]["lr"] == 3e-4 and first["checks"][0]["attempt"] == 0
+        for record in history.iterations:
+            guard = record.heal.guard
+            assert guard["kl_after"] <= guard["kl_before"]
+            assert {"kl_before", "best", "retries", "lr_won", "checks", "outcome"} <= set(guard)
+        saved = json.loads((out / "history.json").read_text())
+        assert saved["iterations"][1]["heal"]["guard"] == history.iterations[1].heal.guard
+        assert "Every healing was guarded" in (out / "README.md").read_text()
+        assert "Healing guard" in (out / "report.md").read_text()
+
+    def test_a_guard_that_rolls_back_every_retry_keeps_the_cut_and_warns(self, tiny_dir, text_file, tmp_path,
+                                                                          caplog):
+        heal = HealConfig(steps=4, batch_size=2, grad_accum=1, warmup_steps=1, lr=5.0, checkpoint_every=2,
+                          guard_retries=1)
+        out = tmp_path / "o"
+        with caplog.at_level("WARNING", logger="layerprune"):
+            history = prune(config(tiny_dir, text_file, out, metric="bi", remove=1, heal=heal), progress=False)
+        guard = history.iterations[0].heal.guard
+        assert guard["outcome"] == "unhealed" and guard["retries"] == 1 and guard["kl_after"] == guard["kl_before"]
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("the unhealed cut is kept" in line and "\n" not in line for line in warned)
+        assert "the unhealed cut is kept" in (out / "README.md").read_text()
+        # the held-out figures before and after the healing are the cut's
+        assert history.iterations[0].heal.held_out_after["kl"] == pytest.approx(
+            history.iterations[0].heal.held_out_before["kl"], rel=1e-5)
+
+    def test_validation_is_past_all_healed_text(self, tiny_dir, text_file, tmp_path):
+        """The guard's blocks follow the last healing's text in the training stream."""
+        from layerprune.data import load_corpus
+        from layerprune.heal_text import healing_offsets, validation_blocks
+
+        cfg = config(tiny_dir, text_file, tmp_path / "o", metric="bi", remove=2, heal=QUICK_HEAL)
+        _, tokenizer = load_model(str(tiny_dir), device="cpu")
+        corpus = load_corpus(cfg.data, tokenizer)
+        blocks = validation_blocks(cfg, corpus, 2, progress=False)
+        end = max(healing_offsets(cfg, 2))
+        expected = corpus.train.take(end + len(blocks))[0][end:]
+        assert len(blocks) == cfg.data.blocks("val") and (blocks == expected).all()
+        unguarded = config(tiny_dir, text_file, tmp_path / "o", metric="bi", remove=2,
+                           heal=HealConfig(steps=2, batch_size=2, grad_accum=1, guard=False))
+        assert validation_blocks(unguarded, corpus, 2, progress=False) is None

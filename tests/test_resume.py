@@ -45,8 +45,10 @@ def reference(tmp_path_factory):
 
 
 # Scoring rounds pass 6 + 5 + 4 candidates (one batch each); each of the 3 healings runs 3 steps, the
-# final healing 2; healing checkpoints come after steps 2 and 3 (2 and 2 for the final one). Each kill
-# names the healing the resumed run must continue mid-way, (iteration or "final", step), or None.
+# final healing 2; healing checkpoints come after steps 2 and 3 (2 and 2 for the final one). The guard
+# finds the third healing worse than its cut and retries it twice (healing steps 7-9, 10-12, 13-15),
+# so the final healing's steps are 16 and 17. Each kill names the healing the resumed run must
+# continue mid-way, (iteration or "final", step within its attempt), or None.
 KILLS = [
     ("scoring:3", None),
     ("healing:2", (1, 2)),            # right after the first healing checkpoint
@@ -56,7 +58,9 @@ KILLS = [
     ("scoring:9", None),
     ("healing:5", (2, 2)),
     ("checkpoint:3", (3, 3)),
-    ("healing:11", ("final", 2)),
+    ("healing:15", (3, 3)),           # the last retry done: the guard's rollback is taken again
+    ("healing:11", (3, 2)),           # in the guard's first retry of the third healing
+    ("healing:17", ("final", 2)),
     ("final:2", ("final", 2)),        # while moving the finished files into place
 ]
 
@@ -81,6 +85,8 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, kill_at, res
     ref = json.loads((ref_out / "history.json").read_text())
     got = json.loads((out / "history.json").read_text())
     assert got["removed_original"] == ref["removed_original"]
+    assert [e["heal"]["guard"] for e in got["iterations"]] == [e["heal"]["guard"] for e in ref["iterations"]]
+    assert ref["iterations"][2]["heal"]["guard"]["retries"] == 2   # the retries are exercised
     assert resumed_healings(got) == (dict([resumes]) if resumes else {})
     assert (out / "logs" / "heal.csv").read_text() == (ref_out / "logs" / "heal.csv").read_text()
     a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))

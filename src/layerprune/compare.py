@@ -28,7 +28,8 @@ from .errors import LayerpruneError
 from .io import write_json, write_text
 from .models import load_model
 from .options import to_dict
-from .pipeline import Loop, RunInputs, build_inputs, check_names, healing_offsets, run_removals, teacher_cache_dir
+from .heal_text import validation_blocks
+from .pipeline import Loop, RunInputs, build_inputs, check_names, run_removals, teacher_cache_dir
 from .report import plot_quality
 from .surgery import num_layers
 from .targets import TeacherTargets, plan_caches
@@ -92,7 +93,8 @@ def variant_name(config: CompareConfig, method: str, heal: str) -> str:
 def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: dict,
                 progress: bool) -> dict[str, dict[int, float]]:
     """Quality retained after removing each count of layers: held-out text ("held_out") and the
-    unseen domain ("unseen"). `shared`: the teacher-target cache and the unseen domain."""
+    unseen domain ("unseen"). `shared`: the teacher-target cache, the unseen domain and the healing
+    guard's validation blocks."""
     mode = METHODS[method][1]
     counts = sorted(config.counts)
     domain: Domain | None = shared["domain"]
@@ -104,7 +106,8 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
             if domain is not None and removed in counts:
                 unseen[removed] = domain.quality_retained(student, inputs.teacher)
 
-        loop = Loop(copy.deepcopy(inputs.teacher), targets=shared["targets"], after_each=on_record)
+        loop = Loop(copy.deepcopy(inputs.teacher), targets=shared["targets"], after_each=on_record,
+                    validation=shared["validation"] if heal == "distill" else None)
         return run_removals(inputs, variant_config(config, method, heal, count), count, loop, progress)
 
     if mode == "iterative":
@@ -129,8 +132,9 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     deepest = variant_config(config, config.methods[0], "distill", max(counts))
     deepest.layers_to_remove(num_layers(teacher))
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods)
-    if "distill" in config.healing:
-        inputs.corpus.train.check_holds(healing_offsets(deepest, max(counts)), progress)
+    # Every variant is guarded on the same blocks, past the deepest variant's healed text.
+    validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if "distill" in config.healing \
+        else None
     domain = unseen_domain(config, teacher, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     targets = None
@@ -141,11 +145,12 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
         targets = TeacherTargets.open(teacher_cache_dir(out), teacher, pool,
                                       config.heal.teacher_topk, config.data.batch_size, progress)
     results: dict[str, dict] = {}
+    shared = {"targets": targets, "domain": domain, "validation": validation}
     for method in config.methods:
         for heal in config.healing:
             name = variant_name(config, method, heal)
             start = time.perf_counter()
-            quality = run_variant(inputs, config, method, heal, {"targets": targets, "domain": domain}, progress)
+            quality = run_variant(inputs, config, method, heal, shared, progress)
             results[name] = {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
                              "quality_retained": quality["held_out"], "seconds": time.perf_counter() - start}
             if "unseen" in quality:

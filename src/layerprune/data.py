@@ -182,10 +182,10 @@ class TrainStream:
             raise _budget_error("train", seen * self.seq_len, self.seq_len, count)
         return (torch.stack(taken) if keep else None), position
 
-    def check_holds(self, offsets: list[int], progress: bool = True) -> None:
+    def check_holds(self, offsets: list[int], progress: bool = True, held_back: int = 0) -> None:
         """Fail now, before any heavy work, if the training split holds fewer blocks than the
-        largest of `offsets` (blocks from the start); read once, counting, keeping only the
-        positions at `offsets`."""
+        largest of `offsets` (blocks from the start; the last `held_back` of them validation);
+        read once, counting, keeping only the positions at `offsets`."""
         wanted, needed = set(offsets), max(offsets, default=0)
         self._known[0] = StreamPosition()
         if needed <= 0:
@@ -200,6 +200,12 @@ class TrainStream:
                     self._known[seen] = position
                 if seen == needed:
                     return
+        if held_back:
+            raise LayerpruneError(
+                f"the training split holds {seen} block(s) of {self.seq_len} tokens; this run heals on "
+                f"{needed - held_back} and holds back {held_back} past them to guard healing",
+                "give more text, lower --heal-tokens, --val-tokens or the layers removed, pass --train-data reuse, "
+                "or --no-heal-guard")
         raise LayerpruneError(
             f"the training split holds {seen} block(s) of {self.seq_len} tokens; this run heals on {needed}",
             "give more text, lower --heal-tokens or the layers removed, or pass --train-data reuse")

@@ -18,6 +18,7 @@ not depend on the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
@@ -27,12 +28,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .activations import capture, injected, prefix_state
 from .config import HealConfig
 from .data import Blocks
 from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point, poisoned
-from .losses import LossWeights, joint_loss, kl_loss, topk_kl_loss
+from .guard import ABORT_FACTOR, RETRY_LR_FACTOR, Guard, load_trained, trained_state
+from .heal_loss import loss_step
 from .models import check_same_vocabulary
 from .surgery import find_layers, num_layers, original_indices
 from .targets import TeacherTargets
@@ -60,6 +61,11 @@ class HealJob:
     prefix_cache: bool = False
     resume: dict | None = None
     on_checkpoint: Callable[[dict], None] | None = None
+    lr: float | None = None   # the learning rate to start from (None: config.lr); the guard may lower it
+
+    @property
+    def start_lr(self) -> float:
+        return self.config.lr if self.lr is None else self.lr
 
 
 @dataclass
@@ -75,11 +81,13 @@ class HealLog:
     held_out_before: dict = field(default_factory=dict)
     held_out_after: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)   # which training text: stream positions, blocks, caches used
+    guard: dict | None = None   # guard.GuardLog: validation KL before, at each check, kept; retries; lr that won
 
     def to_json(self) -> dict:
         data = asdict(self)
-        if self.resumed_at_step is None:
-            del data["resumed_at_step"]
+        for key in ("resumed_at_step", "guard"):
+            if data[key] is None:
+                del data[key]
         data["mse_pairs"] = [list(pair) for pair in self.mse_pairs]
         data["first_loss"] = self.rows[0]["loss"] if self.rows else None
         data["last_loss"] = self.rows[-1]["loss"] if self.rows else None
@@ -144,79 +152,6 @@ def set_trainable(student, layers: list[int], config: HealConfig):
     return student
 
 
-class FrozenPrefix:
-    """The state entering layer `start` for each training block, computed the first time the block
-    is drawn and then kept: the layers below `start` are frozen, so it never changes during a
-    healing. Used only when a healing passes over its blocks more than once, within
-    --cache-memory (targets.plan_caches). Each block runs alone, so its state does not depend on
-    the order of drawing (a resumed healing computes the same bits)."""
-
-    def __init__(self, student, start: int):
-        self.student, self.start, self.states = student, start, {}
-
-    @torch.no_grad()
-    def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        rows = rows.tolist()
-        missing = [(row, block[None]) for row, block in zip(rows, ids) if row not in self.states]
-        if missing:
-            training = self.student.training
-            self.student.eval()
-            for row, block in missing:
-                self.states[row] = prefix_state(self.student, self.start, block, torch.ones_like(block))[0]
-            self.student.train(training)
-        return torch.stack([self.states[row] for row in rows])
-
-
-def loss_step(job: HealJob, model, student, teacher, targets: TeacherTargets | None):
-    """The function `(ids, rows) -> loss terms` this healing uses, chosen once. With `targets`
-    the teacher is not run; with `job.prefix_cache` the frozen bottom of the student runs once
-    per block; with neither, every micro-batch runs the teacher and the whole student (the
-    reference)."""
-    weights = LossWeights(job.config.w_kl, job.config.w_mse, job.config.w_final, job.config.temperature,
-                          job.config.mse_scale == "relative")
-    pairs = job.pairs
-
-    def straightforward(ids, rows):
-        mask = torch.ones_like(ids)
-        with torch.no_grad(), capture(teacher, final=True) as t_rec:
-            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        with capture(student, final=True) as s_rec:
-            s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        kl = kl_loss(s_logits, t_logits, mask, weights.temperature)
-        return joint_loss(kl, [s_rec["states"][k + 1] for k, _ in pairs], [t_rec["states"][o + 1] for _, o in pairs],
-                          s_rec["final"], t_rec["final"], mask, weights)
-
-    if targets is None and not job.prefix_cache:
-        return straightforward
-    start = 0 if job.config.trainable == "lora" else min(job.layers)
-    prefix = FrozenPrefix(student, start) if job.prefix_cache else \
-        lambda rows, ids: prefix_state(student, start, ids, torch.ones_like(ids))
-    depth = num_layers(student)
-
-    def teacher_side(ids, rows, mask):
-        """(KL of student logits, target states of the pairs, target final state)."""
-        if targets is not None:
-            t = targets.take(rows, [o for _, o in pairs], ids.device)
-            return (lambda s: topk_kl_loss(s, t["values"], t["indices"], t["lse"], mask, weights.temperature),
-                    t["layers"], t["final"])
-        with torch.no_grad(), capture(teacher, final=True) as t_rec:
-            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return (lambda s: kl_loss(s, t_logits, mask, weights.temperature),
-                [t_rec["states"][o + 1] for _, o in pairs], t_rec["final"])
-
-    def cached(ids, rows):
-        mask = torch.ones_like(ids)
-        kl_of, t_layers, t_final = teacher_side(ids, rows, mask)
-        with torch.no_grad():
-            entering = prefix(rows, ids)
-        with injected(student, start, entering, range(start, depth)), capture(student, final=True) as s_rec:
-            s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return joint_loss(kl_of(s_logits), [s_rec["states"][k - start + 1] for k, _ in pairs], t_layers,
-                          s_rec["final"], t_final, mask, weights)
-
-    return cached
-
-
 class TrainingRows(torch.utils.data.IterableDataset):
     """(row, block) of a healing's text, pass after pass without end (the loop draws exactly
     steps x accumulation micro-batches), shuffled within SHUFFLE_BLOCKS; the order is fixed by
@@ -238,20 +173,18 @@ class TrainingRows(torch.utils.data.IterableDataset):
 
 
 def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: TeacherTargets | None = None,
-         progress: bool = True) -> HealLog:
+         progress: bool = True, guard: Guard | None = None) -> HealLog:
     """Train `student` in place for `job.steps` optimizer steps on the training `text`.
 
-    Every `checkpoint_every` steps and after the last, `job.on_checkpoint(state)` receives what
+    With a `guard`, the healing is watched on validation text and retried at a lower learning
+    rate when it makes the model worse (guard.py); it ends on the best state seen. Every
+    `checkpoint_every` steps and after the last, `job.on_checkpoint(state)` receives what
     `resume=state` needs to continue from that step exactly as if never interrupted."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
-    from transformers import get_cosine_schedule_with_warmup
 
     config = job.config
     check_same_vocabulary(student, teacher)
-    # Adam's moment estimates decay into subnormal floats, which x86 CPUs compute up to 100x
-    # slower; flushing them to zero changes no result that matters and keeps steps fast.
-    torch.set_flush_denormal(True)
     set_seed(job.seed)
     device = next(student.parameters()).device
     # sync_with_dataloader=False: an optimizer step is always exactly `grad_accum` micro-batches, also
@@ -269,24 +202,125 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, job.steps), job.steps)
+    optimizer = torch.optim.AdamW(params, lr=job.start_lr, weight_decay=config.weight_decay)
     loader = torch.utils.data.DataLoader(TrainingRows(text, job.seed), batch_size=config.batch_size)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    model.train()
-    rows, batches, done = [], iter(loader), 0
-    if job.resume is not None:
-        rows, done = _restore(job.resume, accelerator.unwrap_model(model), optimizer, scheduler, batches, config)
-    bar = tqdm(total=job.steps, initial=done, desc=f"healing (iteration {job.iteration})", unit="step",
-               disable=not (progress and accelerator.is_main_process), leave=False)
-    keys = ("loss", "kl", "mse", "final_mse")
-    for step in range(done + 1, job.steps + 1):
-        sums = torch.zeros(len(keys), device=accelerator.device)   # read back once per step, not per term
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    inner = accelerator.unwrap_model(model)
+    resume, rows, first = job.resume, [], 0
+    if resume is not None:
+        rows, first = list(resume["rows"]), resume.get("attempt", 0)
+        if guard is not None:
+            guard.restore(resume["guard"])
+    elif guard is not None:
+        guard.start(inner, job.start_lr)
+    attempts = guard.retries + 1 if guard is not None else 1
+    with flushed_denormals():
+        for attempt in range(first, attempts):
+            lr = job.start_lr * RETRY_LR_FACTOR ** attempt
+            step_of = _Attempt(job, accelerator, model, optimizer, params, loader, terms_of, guard, attempt, lr)
+            if resume is not None and attempt == first:
+                step_of.restore(resume, inner)
+            rows = step_of.run(rows, progress)
+            if guard is None or not guard.failed([r for r in rows if r.get("attempt", 0) == attempt]):
+                break
+            if attempt + 1 < attempts:
+                load_trained(inner, guard.best_state)
+                log.info("healing iteration %d made validation KL worse (%s): retrying from the best state at "
+                         "lr %.3g", job.iteration, guard.log.checks[-1]["kl"], lr * RETRY_LR_FACTOR)
+    model.eval()
+    guard_log = guard.finish(inner, attempt) if guard is not None else None
+    if config.gradient_checkpointing:
+        inner.gradient_checkpointing_disable()
+    if config.trainable == "lora":
+        inner.merge_and_unload()
+    student.requires_grad_(False)
+    accelerator.free_memory()
+    return HealLog(job.steps, job.layers, job.pairs, rows, resume["step"] if resume is not None else None,
+                   guard=guard_log.to_json() if guard_log is not None else None)
+
+
+@contextlib.contextmanager
+def flushed_denormals():
+    """Adam's moment estimates decay into subnormal floats, which x86 CPUs compute up to 100x
+    slower; flushing them to zero while healing changes no result that matters and keeps steps
+    fast. The setting is the process's, so it is put back to torch's default afterwards."""
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if supported:
+            torch.set_flush_denormal(False)
+
+
+class _Attempt:
+    """One pass of `job.steps` optimizer steps at one learning rate: a fresh optimizer state and
+    schedule, the data order from the start (a retry sees the same text), checks and checkpoints
+    at every `checkpoint_every` steps and the last."""
+
+    KEYS = ("loss", "kl", "mse", "final_mse")
+
+    def __init__(self, job, accelerator, model, optimizer, params, loader, terms_of, guard, attempt, lr):
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.job, self.accelerator, self.model, self.optimizer = job, accelerator, model, optimizer
+        self.params, self.terms_of, self.guard, self.attempt, self.lr = params, terms_of, guard, attempt, lr
+        inner = optimizer.optimizer
+        inner.state.clear()
+        for group in inner.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        schedule = get_cosine_schedule_with_warmup(inner, min(job.config.warmup_steps, job.steps), job.steps)
+        self.scheduler = accelerator.prepare_scheduler(schedule)
+        self.batches, self.done, self.ended = iter(loader), 0, False
+
+    def restore(self, state: dict, inner) -> None:
+        """Continue a checkpointed attempt at its step, the data order replayed."""
+        _restore(state, inner, self.optimizer, self.scheduler)
+        self.done, self.ended = state["step"], state.get("ended", False)
+        for _ in range(self.done * self.job.config.grad_accum):
+            next(self.batches)
+        log.info("healing resumed at step %d", self.done)
+
+    def run(self, rows: list[dict], progress: bool) -> list[dict]:
+        job, config, accelerator = self.job, self.job.config, self.accelerator
+        if self.ended:
+            return rows
+        retry = f", retry {self.attempt} at lr {self.lr:.3g}" if self.attempt else ""
+        bar = tqdm(total=job.steps, initial=self.done, desc=f"healing (iteration {job.iteration}{retry})",
+                   unit="step", disable=not (progress and accelerator.is_main_process), leave=False)
+        inner = accelerator.unwrap_model(self.model)
+        every = config.checkpoint_every
+        self.model.train()
+        for step in range(self.done + 1, job.steps + 1):
+            row = self._step(step)
+            rows.append(row)
+            bar.update(1)
+            at_check = step == job.steps or (every and step % every == 0)
+            if at_check and self.guard is not None:
+                self.ended = not self.guard.check(inner, self.attempt, step, self.lr)
+                self.model.train()
+            if job.on_checkpoint is not None and at_check and every:
+                if accelerator.is_main_process:
+                    job.on_checkpoint(self._state(step, rows, inner))
+                accelerator.wait_for_everyone()
+            crash_point("healing")
+            if step % config.log_every == 0 or step == job.steps:
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if self.ended:
+                log.info("healing iteration %d: validation KL %.4f at step %d is over %.1fx the cut's %.4f; "
+                         "ending this attempt", job.iteration, self.guard.log.checks[-1]["kl"], step, ABORT_FACTOR,
+                         self.guard.log.kl_before)
+                break
+        bar.close()
+        return rows
+
+    def _step(self, step: int) -> dict:
+        job, config, accelerator = self.job, self.job.config, self.accelerator
+        sums = torch.zeros(len(self.KEYS), device=accelerator.device)   # read back once per step, not per term
         for _ in range(config.grad_accum):
-            block_rows, ids = next(batches)
+            block_rows, ids = next(self.batches)
             ids = ids.to(accelerator.device)
-            with accelerator.accumulate(model):
-                terms = terms_of(ids, block_rows)
+            with accelerator.accumulate(self.model):
+                terms = self.terms_of(ids, block_rows)
                 terms["loss"] = poisoned("healing", terms["loss"])
                 if not torch.isfinite(terms["loss"]):
                     raise NonFiniteError(f"non-finite healing loss ({terms['loss'].item()}) at iteration "
@@ -294,53 +328,30 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
                                          "this step", "lower --heal-lr, use float32, or check the data")
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            sums += torch.stack([terms[key].detach().float() for key in keys]) / config.grad_accum
-        sums = dict(zip(keys, sums.tolist()))
-        rows.append({"iteration": job.iteration, "step": step, "lr": scheduler.get_last_lr()[0], **sums})
-        bar.update(1)
-        every = config.checkpoint_every
-        if job.on_checkpoint is not None and every and (step % every == 0 or step == job.steps):
-            if accelerator.is_main_process:
-                job.on_checkpoint(_state(step, rows, accelerator.unwrap_model(model), optimizer, scheduler))
-            accelerator.wait_for_everyone()
-        crash_point("healing")
-        if step % config.log_every == 0 or step == job.steps:
-            bar.set_postfix(loss=f"{sums['loss']:.4f}")
-    bar.close()
-    model.eval()
-    inner = accelerator.unwrap_model(model)
-    if config.gradient_checkpointing:
-        inner.gradient_checkpointing_disable()
-    if config.trainable == "lora":
-        inner.merge_and_unload()
-    student.requires_grad_(False)
-    accelerator.free_memory()
-    return HealLog(job.steps, job.layers, job.pairs, rows, done if job.resume is not None else None)
+                    accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            sums += torch.stack([terms[key].detach().float() for key in self.KEYS]) / config.grad_accum
+        return {"iteration": job.iteration, "attempt": self.attempt, "step": step,
+                "lr": self.scheduler.get_last_lr()[0], **dict(zip(self.KEYS, sums.tolist()))}
+
+    def _state(self, step: int, rows: list[dict], inner) -> dict:
+        """Everything a healing changes as it goes; the frozen rest of the model is not included."""
+        state = {"step": step, "attempt": self.attempt, "ended": self.ended, "rows": list(rows),
+                 "rng": torch.get_rng_state(), "trainable": trained_state(inner),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.guard is not None:
+            state["guard"] = self.guard.state()
+        return state
 
 
-def _state(step: int, rows: list[dict], model, optimizer, scheduler) -> dict:
-    """Everything a healing changes as it goes; the frozen rest of the model is not included."""
-    return {"step": step, "rows": list(rows), "rng": torch.get_rng_state(),
-            "trainable": {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-
-
-def _restore(state: dict, model, optimizer, scheduler, batches, config: HealConfig) -> tuple[list[dict], int]:
+def _restore(state: dict, model, optimizer, scheduler) -> None:
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if trainable.keys() != state["trainable"].keys():
         raise LayerpruneError("the healing checkpoint does not match the layers this healing trains",
                               "pass --overwrite to start afresh")
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(state["trainable"][name])
+    load_trained(model, state["trainable"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
-    for _ in range(state["step"] * config.grad_accum):  # replay the data order up to the step reached
-        next(batches)
-    log.info("healing resumed at step %d", state["step"])
-    return list(state["rows"]), state["step"]

@@ -44,25 +44,45 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, tea
 
 
 def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor,
-             relative: bool = False) -> torch.Tensor:
-    """Mean squared error over hidden dimensions, averaged over unmasked tokens. `relative`
-    divides it by the teacher state's mean square over the same tokens, so it no longer depends
-    on the model's hidden-state scale (SmolLM2's raw MSE is 2-3 where its KL is 0.1): a student
-    that outputs zeros scores 1, whatever the model."""
+             scale: str = "raw") -> torch.Tensor:
+    """Mean squared error over hidden dimensions, averaged over unmasked tokens.
+
+    - raw: as it is; its size depends on the model's hidden-state scale (SmolLM2's is 2-3 where
+      its KL is 0.1).
+    - relative: divided by the teacher state's mean square over the same tokens, so a student that
+      outputs zeros scores 1, whatever the model. A few massive-activation channels (hundreds of
+      times the rest, as Qwen, Gemma and Llama models carry) still dominate both sides.
+    - channel: each channel's error divided by that channel's own mean square, then averaged over
+      channels, so every channel counts alike and a student that outputs zeros again scores 1."""
     teacher = teacher_hidden.float()
-    error = _masked_token_mean((student_hidden.float() - teacher).pow(2).mean(-1), mask)
-    if not relative:
+    squared = (student_hidden.float() - teacher).pow(2)
+    if scale == "channel":
+        weights = mask.to(torch.float32).unsqueeze(-1)
+        count = weights.sum().clamp_min(1.0)
+        error = (squared * weights).sum((0, 1)) / count
+        power = (teacher.pow(2) * weights).sum((0, 1)) / count
+        # a channel the teacher leaves near zero is measured against a thousandth of the median
+        # channel's power (the median: massive channels would lift a mean far above the rest)
+        return (error / torch.maximum(power, 1e-3 * power.median() + 1e-12)).mean()
+    error = _masked_token_mean(squared.mean(-1), mask)
+    if scale == "raw":
         return error
     return error / _masked_token_mean(teacher.pow(2).mean(-1), mask).clamp_min(1e-12)
 
 
 @dataclass(frozen=True)
 class LossWeights:
+    """The loss's share of a HealConfig (`of`): the weights, temperature and MSE scale."""
+
     kl: float = 0.01
     mse: float = 1.0
     final: float = 1.0
     temperature: float = 1.0
-    relative_mse: bool = False
+    mse_scale: str = "raw"
+
+    @classmethod
+    def of(cls, config) -> "LossWeights":
+        return cls(config.w_kl, config.w_mse, config.w_final, config.temperature, config.mse_scale)
 
 
 def joint_loss(kl: torch.Tensor, student_hidden: list, teacher_hidden: list, student_final, teacher_final, mask,
@@ -73,8 +93,8 @@ def joint_loss(kl: torch.Tensor, student_hidden: list, teacher_hidden: list, stu
     `student_hidden[j]` is compared with `teacher_hidden[j]` (the caller maps layers).
     Returns every term and their weighted sum under "loss"."""
     zero = kl.new_zeros(())
-    relative = weights.relative_mse
-    mse = sum((mse_loss(s, t, mask, relative) for s, t in zip(student_hidden, teacher_hidden)), zero)
-    final = mse_loss(student_final, teacher_final, mask, relative) if weights.final else zero
+    scale = weights.mse_scale
+    mse = sum((mse_loss(s, t, mask, scale) for s, t in zip(student_hidden, teacher_hidden)), zero)
+    final = mse_loss(student_final, teacher_final, mask, scale) if weights.final else zero
     loss = weights.kl * kl + weights.mse * mse + weights.final * final
     return {"loss": loss, "kl": kl, "mse": mse, "final_mse": final}

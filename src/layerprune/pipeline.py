@@ -4,9 +4,11 @@
 (`RunInputs`). The loop's state is explicit (`Loop`: the student, its
 records, the teacher-target cache, where checkpoints go). `run_removals` is
 the public seam: "run these removals with this config from these inputs";
-`prune` and `compare` both call it. Input errors surface before the output
-folder is touched, and the folder gets `history.json` only at the very end,
-so a folder that looks finished is finished.
+`prune` and `compare` both call it. Which text each healing reads, and the
+healing guard's validation text, is heal_text.py's; writing the finished
+folder is saving.py's. Input errors surface before the output folder is
+touched, and the folder gets `history.json` only at the very end, so a
+folder that looks finished is finished.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -30,15 +31,16 @@ from .config import PruneConfig, Recipe
 from .data import Corpus, StreamPosition, load_corpus
 from .sources import probe
 from .errors import LayerpruneError, NonFiniteError
-from .faults import crash_point
+from .guard import Guard, GuardLog
 from .heal import HealLog, heal, plan
+from .heal_text import carried_lr, last_position, validation_blocks
 from .importance import REMOVAL_METRICS, ScoringContext, Selection, check_metric, select_layers
-from .io import write_json, write_text
-from .gguf_export import GGUF_NAME, open_source, source_of, write_gguf
-from .models import check_context, load_model, save_model
-from .options import to_dict, to_yaml
+from .gguf_export import open_source, source_of
+from .models import check_context, load_model
+from .options import to_dict
 from .patch import candidate_patches, cut, effective_kind
-from .report import set_card_section, write_loss_log, write_report
+from .report import write_loss_log
+from .saving import save_result
 from .speed import compare_speed
 from .surgery import check_cut_supported, num_layers, original_indices
 from .targets import TeacherTargets, check_budgets, plan_caches
@@ -74,6 +76,8 @@ class Loop:
     out: Path | None = None
     resume: ResumePoint = field(default_factory=ResumePoint)
     position: StreamPosition = StreamPosition()   # where the next healing's fresh text starts
+    validation: torch.Tensor | None = None   # the healing guard's blocks (None: healing unguarded)
+    lr: float | None = None   # the next healing's starting lr: the last guarded one's winner (None: --heal-lr)
     after_each: Callable[[IterationRecord, torch.nn.Module], None] | None = None  # e.g. compare's second domain
 
     def resumed(self, iteration: int) -> tuple[PendingIteration | None, dict | None]:
@@ -148,23 +152,6 @@ def _select(inputs: RunInputs, config: PruneConfig, student, count: int, iterati
                              err.fix) from err
 
 
-def healing_offsets(config: Recipe, count: int) -> list[int]:
-    """Where, in blocks from the start of the training stream, the healings of a run of `count`
-    removals end: one after the other, or, reusing the text, each from the start."""
-    if config.heal.method == "none":
-        return []
-    per_removal, final = config.heal.blocks_per_removal(config.data.seq_len), config.heal.final_blocks()
-    if config.heal.train_data == "reuse":
-        return [per_removal, final]
-    return [per_removal * i for i in range(1, count + 1)] + [count * per_removal + final]
-
-
-def last_position(records: list[IterationRecord]) -> StreamPosition:
-    """Where the training stream stood after the recorded healings (resume)."""
-    ends = [r.heal.text["end"] for r in records if r.heal is not None and r.heal.text.get("end")]
-    return StreamPosition.from_json(ends[-1]) if ends else StreamPosition()
-
-
 def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIteration, final: bool,
           progress: bool) -> HealLog | None:
     """Heal after the removal `pending` describes (already made); checkpoints carry `pending`.
@@ -183,7 +170,9 @@ def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIt
     caches, targets, owned = _caches(inputs, config, loop, text, pending.iteration, progress)
     job = plan(loop.student, heal_config, steps, pending.iteration, config.seed + pending.iteration,
                pending.selection.drop)
-    job = dataclasses.replace(job, prefix_cache=caches.prefix)
+    job = dataclasses.replace(job, prefix_cache=caches.prefix, lr=loop.lr)
+    guard = None if loop.validation is None else \
+        Guard(inputs.teacher, loop.validation, config.data.batch_size, heal_config.guard_retries)
     log.info("healing iteration %d: %d steps on %d blocks (%s text from document %d); %s", pending.iteration, steps,
              count, "the same" if reuse else "fresh", start.doc, caches.why)
     _, state = loop.resumed(pending.iteration)
@@ -195,7 +184,7 @@ def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIt
         save = lambda heal_state: checkpoint.save_heal_checkpoint(loop.out, as_dict, pending, heal_state)  # noqa: E731
     try:
         result = heal(loop.student, inputs.teacher, text, dataclasses.replace(job, resume=state, on_checkpoint=save),
-                      targets, progress)
+                      targets, progress, guard)
     finally:
         if owned:
             targets.close()
@@ -204,6 +193,11 @@ def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIt
                    "caches": caches.why}
     if not reuse:
         loop.position = end
+    if result.guard is not None:
+        guarded = GuardLog(**result.guard)
+        loop.lr = guarded.next_lr()
+        (log.warning if guarded.outcome == "unhealed" else log.info)("healing iteration %d: %s", pending.iteration,
+                                                                      guarded.sentence())
     if loop.out is not None and _is_main_process():
         write_loss_log(loop.out / "logs" / "heal.csv", result.rows)
     return result
@@ -325,41 +319,6 @@ def final_evaluation(inputs: RunInputs, student) -> tuple[Evaluation, Evaluation
             Evaluation(suite, quality_retained(suite, teacher), list(suite)), teacher)
 
 
-def save_result(out: Path, student, tokenizer, history: History, speed: dict, config: PruneConfig
-                ) -> LayerpruneError | None:
-    """Model files, config.yaml, reports and model.gguf first (via a staging folder), history
-    last: its presence means complete. A GGUF that cannot be written is returned, not raised:
-    the HF folder is still the result."""
-    stage = out / ".staging"
-    shutil.rmtree(stage, ignore_errors=True)
-    gguf_problem = None
-    try:
-        save_model(student, tokenizer, stage)
-        write_text(stage / "config.yaml", to_yaml(config))
-        write_report(stage, history, speed)
-        source = source_of(config.model) if config.gguf else None
-        if source is not None:
-            try:
-                summary = write_gguf(source, stage, history.kept_original, stage / GGUF_NAME, config.gguf_type,
-                                     progress=log.isEnabledFor(logging.INFO))
-                summary.path = str(out / GGUF_NAME)  # where it is once the staging folder is moved in
-                set_card_section(stage, summary.card())
-                log.info(summary.log_line())
-            except LayerpruneError as err:
-                gguf_problem = err
-    except OSError as err:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise LayerpruneError(f"cannot write the result into {out} ({err.strerror or err})",
-                              "free disk space or choose another --out, then rerun the same command: "
-                              "it resumes from the last checkpoint") from err
-    for item in stage.iterdir():
-        os.replace(item, out / item.name)
-        crash_point("final")
-    stage.rmdir()
-    write_json(out / checkpoint.HISTORY, history.to_json())
-    return gguf_problem
-
-
 def prune(config: PruneConfig, progress: bool = True, resume: bool = False, overwrite: bool = False) -> History:
     """Run a whole pruning job and write the output folder. An unfinished run of the same
     configuration in `config.out` is continued from its last checkpoint."""
@@ -378,9 +337,9 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     depth = num_layers(teacher)
     count = config.layers_to_remove(depth)  # depth checks before any heavy work
     inputs = build_inputs(config, teacher, tokenizer, config.final_tasks, config.metric == "quality")
-    inputs.corpus.train.check_holds(healing_offsets(config, count), progress)
+    validation = validation_blocks(config, inputs.corpus, count, progress)
     loop = Loop(copy.deepcopy(teacher), list(point.records), out=out, resume=point,
-                position=last_position(point.records))
+                position=last_position(point.records), validation=validation, lr=carried_lr(point.records))
     if point.folder is not None:
         checkpoint.restore_student(loop.student, point.folder, point.records)
     out.mkdir(parents=True, exist_ok=True)

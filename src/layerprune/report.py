@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .config import PruneConfig  # noqa: E402
+from .guard import GuardLog  # noqa: E402
 from .io import write_json, write_text  # noqa: E402
 from .options import from_dict  # noqa: E402
 
@@ -183,9 +184,21 @@ def markdown(rep: dict, history: "History", plots: dict) -> str:
               if heal is not None and "kl" in heal.held_out_before else "-")
         lines.append(f"| {record.iteration} | {record.removed_original} | {record.layers_after} | "
                      f"{record.eval.quality_retained:.3f} | {kl} | {sum(record.timings.values()):.0f} |")
+    guarded = guard_lines(history)
+    if guarded:
+        lines += ["", "## Healing guard (KL to the original on validation text from the training split)", "",
+                  *guarded]
     lines += speed_table(rep["speed"])
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def guard_lines(history: "History") -> list[str]:
+    """One line per guarded healing: what it did to validation KL, and what was kept."""
+    heals = [(f"iteration {r.iteration}", r.heal) for r in history.iterations]
+    heals.append(("final healing", history.final_heal))
+    return [f"- {name}: {GuardLog(**heal.guard).sentence()}" for name, heal in heals
+            if heal is not None and heal.guard]
 
 
 def recipe(config: dict) -> str:
@@ -213,12 +226,16 @@ def recipe(config: dict) -> str:
             f"{heal.grad_accum} x {seq} tokens ({'fresh' if heal.train_data == 'stream' else 'the same'} text "
             f"each removal), lr {heal.lr:g}, {trained} trained{final}; loss {heal.w_kl:g} x KL to the original's "
             f"logits + {heal.w_mse:g} x MSE of mapped hidden states + {heal.w_final:g} x MSE of the final state "
-            f"({heal.mse_scale} MSE)")
+            f"({heal.mse_scale} MSE)" + (f", guarded on {c.data.blocks('val') * seq} validation tokens with up to "
+                                         f"{heal.guard_retries} lower-lr retries" if heal.guard else ""))
     return "Recipe: " + "; ".join(parts) + "."
 
 
-def model_card(rep: dict, config_yaml: str) -> str:
+def model_card(rep: dict, config_yaml: str, guarded: list[str] = ()) -> str:
     base = rep["model"]
+    guard = ("Every healing was guarded: KL to the original was measured on validation text from the training "
+             "split before, during and after it, and the best state was kept (the unhealed cut included).\n\n"
+             + "\n".join(guarded) + "\n\n") if guarded else ""
     return (
         f"---\nlibrary_name: transformers\ntags:\n- layerprune\n- depth-pruning\n- distillation\n"
         f"base_model: {base}\n---\n\n"
@@ -228,7 +245,7 @@ def model_card(rep: dict, config_yaml: str) -> str:
         f"importance metric ({rep['config']['mode']}), and healing by "
         f"{'distillation from the original after each removal' if rep['config']['heal']['method'] == 'distill' else 'nothing (no healing)'}."
         f" `config.json` keeps the original index of every kept layer in `layerprune_original_layers`.\n\n"
-        f"{recipe(rep['config'])}\n\n{headline(rep)}\n\n"
+        f"{recipe(rep['config'])}\n\n{guard}{headline(rep)}\n\n"
         + "\n".join(task_table(rep["teacher_eval"], rep["final_eval"]))
         + "\n\nLoad it like any causal LM:\n\n```python\nfrom transformers import AutoModelForCausalLM\n"
         "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n```\n\n"
@@ -251,7 +268,8 @@ def write_report(out: Path, history: "History", speed: dict) -> dict:
     rep = summary(history, speed)
     write_json(out / "report.json", rep)
     write_text(out / "report.md", markdown(rep, history, plots))
-    write_text(out / "README.md", model_card(rep, (out / "config.yaml").read_text(encoding="utf-8")))
+    write_text(out / "README.md", model_card(rep, (out / "config.yaml").read_text(encoding="utf-8"),
+                                             guard_lines(history)))
     return rep
 
 

@@ -1,0 +1,52 @@
+"""Which training text each healing of a run reads, and the healing guard's validation text.
+
+Healings read the training stream one after the other (or its first blocks again, with
+`--train-data reuse`); the guard's validation blocks lie just past the last of them, so they are
+training-split text that no step trains on and that is never the held-out text. Everything is
+located before any heavy work, so a stream too short for the run fails at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import IterationRecord
+from .config import Recipe
+from .data import Corpus, StreamPosition
+from .guard import GuardLog
+
+
+def healing_offsets(config: Recipe, count: int) -> list[int]:
+    """Where, in blocks from the start of the training stream, the healings of a run of `count`
+    removals end: one after the other, or, reusing the text, each from the start."""
+    if config.heal.method == "none":
+        return []
+    per_removal, final = config.heal.blocks_per_removal(config.data.seq_len), config.heal.final_blocks()
+    if config.heal.train_data == "reuse":
+        return [per_removal, final]
+    return [per_removal * i for i in range(1, count + 1)] + [count * per_removal + final]
+
+
+def validation_blocks(config: Recipe, corpus: Corpus, count: int, progress: bool) -> torch.Tensor | None:
+    """Check, before any heavy work, that the training stream holds every healing of a run of
+    `count` removals and, when healing is guarded, the validation blocks just past them; return
+    those blocks. Past all healed text, they are training-split text no step trains on."""
+    offsets = healing_offsets(config, count)
+    if not (offsets and config.heal.guard):
+        corpus.train.check_holds(offsets, progress)
+        return None
+    end, size = max(offsets), config.data.blocks("val")
+    corpus.train.check_holds([*offsets, end + size], progress, held_back=size)
+    return corpus.train.take(size, corpus.train.advance(StreamPosition(), end))[0]
+
+
+def carried_lr(records: list[IterationRecord]) -> float | None:
+    """The lr the next healing starts from: what the guard settled on last (resume)."""
+    guarded = [r.heal.guard for r in records if r.heal is not None and r.heal.guard]
+    return GuardLog(**guarded[-1]).next_lr() if guarded else None
+
+
+def last_position(records: list[IterationRecord]) -> StreamPosition:
+    """Where the training stream stood after the recorded healings (resume)."""
+    ends = [r.heal.text["end"] for r in records if r.heal is not None and r.heal.text.get("end")]
+    return StreamPosition.from_json(ends[-1]) if ends else StreamPosition()

@@ -1,0 +1,57 @@
+"""Writing a finished run: the model folder, config.yaml, reports, the model card and model.gguf
+through a staging folder, then history.json last, whose presence alone means complete."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from . import checkpoint
+from .checkpoint import History
+from .config import PruneConfig
+from .errors import LayerpruneError
+from .faults import crash_point
+from .gguf_export import GGUF_NAME, source_of, write_gguf
+from .io import write_json, write_text
+from .models import save_model
+from .options import to_yaml
+from .report import set_card_section, write_report
+
+log = logging.getLogger(__name__)
+
+
+def save_result(out: Path, student, tokenizer, history: History, speed: dict, config: PruneConfig
+                ) -> LayerpruneError | None:
+    """Model files, config.yaml, reports and model.gguf first (via a staging folder), history
+    last: its presence means complete. A GGUF that cannot be written is returned, not raised:
+    the HF folder is still the result."""
+    stage = out / ".staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    gguf_problem = None
+    try:
+        save_model(student, tokenizer, stage)
+        write_text(stage / "config.yaml", to_yaml(config))
+        write_report(stage, history, speed)
+        source = source_of(config.model) if config.gguf else None
+        if source is not None:
+            try:
+                summary = write_gguf(source, stage, history.kept_original, stage / GGUF_NAME, config.gguf_type,
+                                     progress=log.isEnabledFor(logging.INFO))
+                summary.path = str(out / GGUF_NAME)  # where it is once the staging folder is moved in
+                set_card_section(stage, summary.card())
+                log.info(summary.log_line())
+            except LayerpruneError as err:
+                gguf_problem = err
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise LayerpruneError(f"cannot write the result into {out} ({err.strerror or err})",
+                              "free disk space or choose another --out, then rerun the same command: "
+                              "it resumes from the last checkpoint") from err
+    for item in stage.iterdir():
+        os.replace(item, out / item.name)
+        crash_point("final")
+    stage.rmdir()
+    write_json(out / checkpoint.HISTORY, history.to_json())
+    return gguf_problem

@@ -147,12 +147,12 @@ def test_readme_states_the_catalogue_size():
 def test_full_disk_while_saving_is_one_line_and_resumable(capsys, monkeypatch, tiny_dir, text_file, tmp_path):
     import errno
 
-    from layerprune import pipeline
+    from layerprune import saving
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "save_model", no_space)
+    monkeypatch.setattr(saving, "save_model", no_space)
     out = tmp_path / "out"
     code, lines = run(capsys, *common(tiny_dir, text_file, out), "--remove", "1", "--metric", "bi")
     assert code == 2 and "No space left on device" in lines[0] and "resumes" in lines[0]

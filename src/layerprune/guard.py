@@ -132,9 +132,15 @@ class Guard:
             self.log.best, self.best_state = point, trained_state(model)
         return kl <= ABORT_FACTOR * self.log.kl_before
 
-    def failed(self, rows: list[dict]) -> bool:
-        """Whether the attempt whose rows these are ended worse than the cut or with a rising loss."""
-        return self.log.checks[-1]["kl"] > self.log.kl_before or loss_rises(rows)
+    def failure(self, rows: list[dict]) -> str | None:
+        """Why the attempt whose rows these are failed (it ended worse than the cut, or its loss
+        rose), or None."""
+        last = self.log.checks[-1]["kl"]
+        if last > self.log.kl_before:
+            return f"validation KL {last:.4f} is above the cut's {self.log.kl_before:.4f}"
+        if loss_rises(rows):
+            return "its training loss rose"
+        return None
 
     def finish(self, model, retries: int) -> GuardLog:
         """Keep the best state seen (load it unless the model holds it) and say what happened."""

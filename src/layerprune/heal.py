@@ -217,16 +217,17 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     with flushed_denormals():
         for attempt in range(first, attempts):
             lr = job.start_lr * RETRY_LR_FACTOR ** attempt
-            step_of = _Attempt(job, accelerator, model, optimizer, params, loader, terms_of, guard, attempt, lr)
+            current = _Attempt(job, accelerator, model, optimizer, params, loader, terms_of, guard, attempt, lr)
             if resume is not None and attempt == first:
-                step_of.restore(resume, inner)
-            rows = step_of.run(rows, progress)
-            if guard is None or not guard.failed([r for r in rows if r.get("attempt", 0) == attempt]):
+                current.restore(resume, inner)
+            rows = current.run(rows, progress)
+            why = guard.failure([r for r in rows if r["attempt"] == attempt]) if guard is not None else None
+            if why is None:
                 break
             if attempt + 1 < attempts:
                 load_trained(inner, guard.best_state)
-                log.info("healing iteration %d made validation KL worse (%s): retrying from the best state at "
-                         "lr %.3g", job.iteration, guard.log.checks[-1]["kl"], lr * RETRY_LR_FACTOR)
+                log.info("healing iteration %d at lr %.3g failed (%s): retrying from the best state at lr %.3g",
+                         job.iteration, lr, why, lr * RETRY_LR_FACTOR)
     model.eval()
     guard_log = guard.finish(inner, attempt) if guard is not None else None
     if config.gradient_checkpointing:

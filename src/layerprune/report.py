@@ -92,8 +92,12 @@ def plot_heal(history: "History", path: Path) -> bool:
     starts = [i for i in range(1, len(rows)) if rows[i]["iteration"] != rows[i - 1]["iteration"]]
     for s in starts:
         ax.axvline(s + 0.5, color="grey", linestyle=":", linewidth=1)
+    retries = [i for i in range(1, len(rows)) if rows[i]["iteration"] == rows[i - 1]["iteration"]
+               and rows[i].get("attempt", 0) != rows[i - 1].get("attempt", 0)]
+    for s in retries:
+        ax.axvline(s + 0.5, color="red", linestyle="--", linewidth=1)
     ax.set_yscale("log")
-    ax.set_xlabel("healing step (dotted: next removal)")
+    ax.set_xlabel("healing step (dotted: next removal; red dashed: the guard's retry at a lower lr)")
     ax.set_ylabel("loss")
     ax.set_title("healing losses")
     ax.legend(fontsize=8)
@@ -307,8 +311,8 @@ def write_loss_log(path: Path, rows: list[dict]) -> None:
     except ImportError:
         return
     board = SummaryWriter(str(path.parent / "tensorboard"))
-    for row in rows:
-        global_step = row["iteration"] * 100000 + row["step"]
+    for row in rows:   # one healing's attempts (guard retries) follow each other on the axis
+        global_step = row["iteration"] * 100000 + row.get("attempt", 0) * 10000 + row["step"]
         for key in ("loss", "kl", "mse", "final_mse", "lr"):
             board.add_scalar(f"heal/{key}", row[key], global_step)
     board.close()

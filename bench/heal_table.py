@@ -36,7 +36,7 @@ def table(run: Path, unhealed: Path | None) -> str:
     plain = records(unhealed) if unhealed is not None else []
     plain_by_cut = {tuple(cut): row for cut, row in zip(removed_so_far(plain), plain)}
     lines = ["| removed | layers (original) | held-out KL before -> after healing | validation KL before -> kept "
-             "(guard) | retries, lr kept | quality retained, healed | without healing |",
+             "(guard) | retries, lr kept | quality retained, healed | the same layers, never healed |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for count, (cut, row) in enumerate(zip(removed_so_far(healed), healed), start=1):
         heal = row.get("heal") or {}

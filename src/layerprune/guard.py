@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .losses import kl_loss
 
 # Each retry's learning rate, relative to the attempt before it.
 RETRY_LR_FACTOR = 0.25
@@ -34,21 +33,26 @@ ABORT_FACTOR = 1.5
 RISE_FACTOR = 1.25
 
 
-@torch.no_grad()
-def validation_kl(student, teacher, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean per-token KL(original || student) over `blocks` [n, seq_len], in eval mode."""
+def kl_task(blocks: torch.Tensor, batch_size: int):
+    """The held-out `kl` task on the validation blocks: the project's one KL evaluation, which
+    also splits its batches across processes under `accelerate launch`."""
+    from .tasks import TaskData, build_tasks
+
+    return build_tasks(["kl"], TaskData(None, blocks, [], batch_size))[0]
+
+
+def validation_kl(student, teacher, blocks_or_task, batch_size: int = 4) -> float:
+    """Mean per-token KL(original || student) over validation blocks [n, seq_len] (or their
+    `kl_task`), in eval mode."""
+    from .tasks import evaluate_tasks
+
+    task = kl_task(blocks_or_task, batch_size) if isinstance(blocks_or_task, torch.Tensor) else blocks_or_task
     training = student.training
     student.eval()
-    device = next(student.parameters()).device
-    total = 0.0
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start:start + batch_size].to(device)
-        mask = torch.ones_like(ids)
-        t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        s_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        total += kl_loss(s_logits, t_logits, mask).item() * len(ids)
-    student.train(training)
-    return total / len(blocks)
+    try:
+        return evaluate_tasks(student, [task], teacher)["kl"]["kl"]
+    finally:
+        student.train(training)
 
 
 def loss_rises(rows: list[dict]) -> bool:
@@ -110,12 +114,12 @@ class Guard:
     """The guard of one healing: measure, remember the best, decide whether an attempt failed."""
 
     def __init__(self, teacher, blocks: torch.Tensor, batch_size: int, retries: int):
-        self.teacher, self.blocks, self.batch_size, self.retries = teacher, blocks, batch_size, retries
+        self.teacher, self.task, self.retries = teacher, kl_task(blocks, batch_size), retries
         self.log: GuardLog | None = None
         self.best_state: dict[str, torch.Tensor] = {}
 
     def measure(self, model) -> float:
-        return validation_kl(model, self.teacher, self.blocks, self.batch_size)
+        return validation_kl(model, self.teacher, self.task)
 
     def start(self, model, lr: float) -> None:
         """The unhealed cut: the first best state."""

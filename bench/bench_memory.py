@@ -7,6 +7,7 @@ Printed side by side from the same invocation, medians of `--repeats` runs:
 
     python bench/bench_memory.py                 # 400 MB and 4 MB files, 16K and 1M healing tokens
     python bench/bench_memory.py --repeats 1 --big-mb 40
+    python bench/bench_memory.py --only document # one 50 MB document beside 50 MB of 2 KB documents
 """
 
 from __future__ import annotations
@@ -53,6 +54,21 @@ def make_jsonl(path: Path, megabytes: float, seed: int = 0) -> Path:
     return path
 
 
+def make_one_document(path: Path, megabytes: float, seed: int = 0) -> Path:
+    """One row holding `megabytes` of random words, the first document of the training split (so
+    healing reads it), among 200 rows of 2 KB that give the calibration and held-out text."""
+    from layerprune.data import split_of
+
+    rng = random.Random(seed)
+    words = ["river", "stone", "light", "night", "song", "tree", "cloud", "sea", "alpha", "beta", "gamma", "delta"]
+    rows = [json.dumps({"text": " ".join(rng.choices(words, k=350))}) + "\n" for _ in range(200)]
+    first_train = next(n for n in range(1, 100) if split_of(f"{path.name}#{n}") == "train")  # lines count from 1
+    count = int(megabytes * 2**20 / 5.5)   # about 5.5 characters per word with its space
+    huge = json.dumps({"text": " ".join(rng.choices(words, k=count))}) + "\n"
+    path.write_text("".join(rows[:first_train - 1]) + huge + "".join(rows[first_train - 1:]), encoding="utf-8")
+    return path
+
+
 def folder_bytes(folder: Path) -> int:
     total = 0
     for root, _, files in os.walk(folder):
@@ -96,31 +112,48 @@ def main() -> None:
     parser.add_argument("--small-mb", type=float, default=4)
     parser.add_argument("--small-tokens", type=int, default=16_384)
     parser.add_argument("--large-tokens", type=int, default=1_048_576)
+    parser.add_argument("--one-doc-mb", type=float, default=50, help="the single-document file's size")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=("size", "document"), default=None,
+                        help="size: the data-size and budget cases alone; document: the one-document case alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_model(tmp / "tiny")
-        big, small = make_jsonl(tmp / "big.jsonl", args.big_mb), make_jsonl(tmp / "small.jsonl", args.small_mb)
-        runs = {"big file, small budget": (big, args.small_tokens), "big file, large budget": (big, args.large_tokens),
-                "small file, large budget": (small, args.large_tokens)}
+        runs = {}
+        if args.only != "document":
+            big, small = make_jsonl(tmp / "big.jsonl", args.big_mb), make_jsonl(tmp / "small.jsonl", args.small_mb)
+            runs.update({"big file, small budget": (big, args.small_tokens),
+                         "big file, large budget": (big, args.large_tokens),
+                         "small file, large budget": (small, args.large_tokens)})
+        if args.only != "size":
+            one = make_one_document(tmp / "one.jsonl", args.one_doc_mb)
+            many = make_jsonl(tmp / "many.jsonl", args.one_doc_mb)
+            runs.update({"one document, small budget": (one, args.small_tokens),
+                         "many documents, small budget": (many, args.small_tokens)})
         results: dict[str, list[dict]] = {name: [] for name in runs}
         for _ in range(args.repeats):   # interleaved, so drift on the machine hits every case alike
             for name, (data, tokens) in runs.items():
                 results[name].append(run_once(model, data, tokens, tmp / "out"))
                 print(f"  run: {name}: {results[name][-1]}", flush=True)
     median = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in results.items()}
-    print(f"files: {args.big_mb:g} MB and {args.small_mb:g} MB of jsonl; 2 removals with healing; "
-          f"median of {args.repeats} runs")
-    print(f"{'run':28s} {'heal tokens/removal':>20s} {'peak RSS MB':>12s} {'peak disk MB':>13s} {'seconds':>8s}")
+    print(f"files: {args.big_mb:g} MB and {args.small_mb:g} MB of jsonl (2 KB rows), and {args.one_doc_mb:g} MB as one "
+          f"row and as 2 KB rows; 2 removals with healing; median of {args.repeats} runs")
+    print(f"{'run':30s} {'heal tokens/removal':>20s} {'peak RSS MB':>12s} {'peak disk MB':>13s} {'seconds':>8s}")
     for name, (_, tokens) in runs.items():
         m = median[name]
-        print(f"{name:28s} {tokens:>20,d} {m['rss_mb']:>12.0f} {m['disk_mb']:>13.1f} {m['seconds']:>8.1f}")
-    budget = median["big file, large budget"]["rss_mb"] - median["big file, small budget"]["rss_mb"]
-    size = median["big file, large budget"]["rss_mb"] - median["small file, large budget"]["rss_mb"]
-    print(f"peak RSS, large minus small budget (same {args.big_mb:g} MB file): {budget:+.0f} MB (target < 200)")
-    print(f"peak RSS, big minus small file (same budget): {size:+.0f} MB (target < 200)")
-    print(f"peak disk, large budget: {median['big file, large budget']['disk_mb']:.1f} MB (target < 1024)")
+        print(f"{name:30s} {tokens:>20,d} {m['rss_mb']:>12.0f} {m['disk_mb']:>13.1f} {m['seconds']:>8.1f}")
+    if args.only != "document":
+        budget = median["big file, large budget"]["rss_mb"] - median["big file, small budget"]["rss_mb"]
+        size = median["big file, large budget"]["rss_mb"] - median["small file, large budget"]["rss_mb"]
+        print(f"peak RSS, large minus small budget (same {args.big_mb:g} MB file): {budget:+.0f} MB (target < 200)")
+        print(f"peak RSS, big minus small file (same budget): {size:+.0f} MB (target < 200)")
+        print(f"peak disk, large budget: {median['big file, large budget']['disk_mb']:.1f} MB (target < 1024)")
+    if args.only != "size":
+        one, many = median["one document, small budget"], median["many documents, small budget"]
+        print(f"peak RSS, one document minus many of the same {args.one_doc_mb:g} MB: "
+              f"{one['rss_mb'] - many['rss_mb']:+.0f} MB (target < 200); seconds {one['seconds']:.0f} vs "
+              f"{many['seconds']:.0f}")
 
 
 if __name__ == "__main__":

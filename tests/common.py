@@ -141,8 +141,13 @@ def check_output_folder(out: Path, depth: int, removed: int | None = None) -> di
     """What every finished run must leave: a complete history, a model of `depth` layers that
     reloads with nothing missing, gives finite logits and generates the same with and without a
     KV cache, its original-layer map, config.yaml, and a report with every key. Returns history.json."""
+    from layerprune.io import file_entry
+
     history = json.loads((out / "history.json").read_text())
     assert history["status"] == "complete" and history["final_layers"] == depth
+    assert "model.safetensors" in history["files"] and "config.yaml" in history["files"]
+    for name, entry in history["files"].items():   # history.json refers to what it describes
+        assert file_entry(out / name) == entry, name
     if removed is not None:
         assert len(history["removed_original"]) == removed
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)

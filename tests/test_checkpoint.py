@@ -47,39 +47,101 @@ class TestRecords:
 
 class TestResumeDecision:
     def test_fresh_start_and_resume_without_a_run(self, tmp_path):
-        assert resume_point(CONFIG, tmp_path / "o", resume=False, overwrite=False).folder is None
+        assert resume_point(CONFIG, tmp_path / "o", resume=False).folder is None
         with pytest.raises(LayerpruneError, match="no unfinished run"):
-            resume_point(CONFIG, tmp_path / "o", resume=True, overwrite=False)
+            resume_point(CONFIG, tmp_path / "o", resume=True)
 
     def test_resumes_the_healing_in_flight_and_refuses_another_config(self, tmp_path):
         model = tiny_model("llama")
         save_checkpoint(tmp_path, CONFIG, [record()], model)
         pending = PendingIteration(2, Selection([0.1] * 5, [3]), 1.0, {"kl": 0.2})
         save_heal_checkpoint(tmp_path, CONFIG, pending, {"step": 2, "rows": []})
-        point = resume_point(CONFIG, tmp_path, resume=False, overwrite=False)
+        point = resume_point(CONFIG, tmp_path, resume=False)
         assert point.records == [record()] and point.pending.iteration == 2 and point.pending.step == 2
         assert point.heal_state == {"step": 2, "rows": []}
         unimportant = {**CONFIG, "measure_speed": False, "heal": {"steps": 3, "checkpoint_every": 5}}
-        assert resume_point(unimportant, tmp_path, resume=True, overwrite=False).pending is not None
+        assert resume_point(unimportant, tmp_path, resume=True).pending is not None
         with pytest.raises(LayerpruneError, match="different configuration"):
-            resume_point({**CONFIG, "heal": {"steps": 4, "checkpoint_every": 2}}, tmp_path, False, False)
+            resume_point({**CONFIG, "heal": {"steps": 4, "checkpoint_every": 2}}, tmp_path, False)
 
     def test_a_recorded_iteration_drops_its_healing_checkpoint(self, tmp_path):
         model = tiny_model("llama")
         save_heal_checkpoint(tmp_path, CONFIG, PendingIteration(1, Selection([0.1], [0])), {"step": 1})
         save_checkpoint(tmp_path, CONFIG, [record()], model)
         assert find_checkpoint(tmp_path, "heal-checkpoint") is None
-        assert resume_point(CONFIG, tmp_path, False, False).pending is None
+        assert resume_point(CONFIG, tmp_path, False).pending is None
 
-    def test_overwrite_refuses_a_foreign_folder_and_finished_runs_are_kept(self, tmp_path):
-        (tmp_path / "mine.txt").write_text("precious")
-        with pytest.raises(LayerpruneError, match="does not hold a layerprune run"):
-            resume_point(CONFIG, tmp_path, False, overwrite=True)
+    def test_a_finished_run_is_kept_and_out_spelled_otherwise_still_resumes(self, tmp_path):
+        model = tiny_model("llama")
+        save_checkpoint(tmp_path, {**CONFIG, "out": "runs/x"}, [record()], model)
+        assert resume_point({**CONFIG, "out": str(tmp_path) + "/"}, tmp_path, True).records == [record()]
         (tmp_path / "history.json").write_text("{}")
         with pytest.raises(LayerpruneError, match="already holds a finished run"):
-            resume_point(CONFIG, tmp_path, False, overwrite=False)
-        resume_point(CONFIG, tmp_path, False, overwrite=True)
-        assert not tmp_path.exists()
+            resume_point(CONFIG, tmp_path, False)
+
+
+class TestVerifiedCheckpoints:
+    """Every checkpoint carries the size and sha256 of its files; a resume checks them first."""
+
+    @pytest.fixture
+    def saved(self, tmp_path):
+        model = tiny_model("llama")
+        remove_layers(model, [1])
+        save_checkpoint(tmp_path, CONFIG, [record()], model)
+        return tmp_path / "checkpoint"
+
+    def test_bytes_changed_inside_the_weights_are_detected(self, saved):
+        weights = saved / "student.safetensors"
+        data = bytearray(weights.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 4096] = bytes(min(4096, len(data) - middle))
+        weights.write_bytes(bytes(data))
+        with pytest.raises(LayerpruneError, match="student.safetensors has changed since it was written"):
+            resume_point(CONFIG, saved.parent, True)
+
+    def test_a_truncated_or_missing_file_is_named(self, saved):
+        weights = saved / "student.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        with pytest.raises(LayerpruneError, match="student.safetensors has changed"):
+            resume_point(CONFIG, saved.parent, True)
+        weights.unlink()
+        with pytest.raises(LayerpruneError, match="student.safetensors is missing"):
+            resume_point(CONFIG, saved.parent, True)
+
+    @pytest.mark.parametrize("state, why", [({}, "no config or entries"),
+                                            ({"config": CONFIG, "entries": [{"iteration": 1}]}, "malformed")])
+    def test_a_structurally_wrong_state_is_one_error(self, saved, state, why):
+        rewrite(saved, "state.json", json.dumps(state))
+        with pytest.raises(LayerpruneError, match=why):
+            resume_point(CONFIG, saved.parent, True)
+
+    def test_a_removal_the_model_does_not_have_is_refused(self, saved):
+        point = resume_point(CONFIG, saved.parent, True)
+        bad = IterationRecord.from_json({**record().to_json(), "removed_current": [42]})
+        with pytest.raises(LayerpruneError, match=r"removes layer\(s\) \[42\]"):
+            restore_student(tiny_model("llama"), point.folder, [bad])
+
+    def test_non_finite_weights_name_the_checkpoint_as_broken(self, saved):
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(saved / "student.safetensors")
+        name = next(iter(weights))
+        weights[name][0] = float("nan")
+        save_file(weights, saved / "student.safetensors")
+        rewrite(saved, None, None)
+        point = resume_point(CONFIG, saved.parent, True)
+        with pytest.raises(LayerpruneError, match="the checkpoint itself is broken"):
+            restore_student(tiny_model("llama"), point.folder, point.records)
+
+
+def rewrite(folder, name, text):
+    """Write a file into a checkpoint and refresh its manifest (a well-formed but wrong checkpoint)."""
+    from layerprune.io import MANIFEST, file_entry
+
+    if name is not None:
+        (folder / name).write_text(text)
+    files = {p.name: file_entry(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}))
 
 
 def test_checkpoint_round_trip_with_tied_embeddings(tmp_path):

@@ -47,6 +47,21 @@ class Paths:
         path.mkdir(exist_ok=True)
         return str(path)
 
+    def user_folder(self):
+        path = Path(self.folder("mine"))
+        (path / "notes.md").write_text("my notes")
+        return str(path)
+
+    def small_embedding(self):
+        from transformers import AutoModelForCausalLM
+
+        path = self.tmp / "small-embedding"
+        shutil.copytree(self.tiny, path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        model.resize_token_embeddings(model.get_input_embeddings().num_embeddings - 8)
+        model.save_pretrained(path)
+        return str(path)
+
     def corrupt_weights(self):
         path = self.tmp / "corrupt-weights"
         shutil.copytree(self.tiny, path)
@@ -106,6 +121,12 @@ CATALOGUE = {
     "missing mc file": (lambda p: ["--final-tasks", "mc:" + str(p.tmp / "q.jsonl")], "does not exist"),
     "no output folder": (lambda p: ["--out", ""], "no output folder given"),
     "out is a file": (lambda p: ["--out", p.file("file-out", "x")], "is a file"),
+    "out under a file": (lambda p: ["--out", str(Path(p.file("file-parent", "x")) / "out")], "Not a directory"),
+    "out is the model folder": (lambda p: ["--out", str(p.tiny)], "holds the model being pruned"),
+    "out holds the user's files": (lambda p: ["--out", p.user_folder()], "holds no layerprune run"),
+    "mse layer beyond the depth": (lambda p: ["--heal", "distill", "--mse-layers", "2,99"], "--mse-layers 99"),
+    "float16 healing on the CPU": (lambda p: ["--heal", "distill", "--dtype", "float16"], "cannot be healed on the CPU"),
+    "tokenizer beyond the embedding": (lambda p: ["--model", p.small_embedding()], "embedding only"),
     "lm-eval task not available offline": (lambda p: ["--final-tasks", "lm_eval:no_such_task"], "not available here"),
     "resume with nothing": (lambda p: ["--resume"], "no unfinished run"),
     "missing config file": (lambda p: ["--config", str(p.tmp / "none.yaml")], "cannot read config file"),
@@ -174,6 +195,16 @@ def test_the_saved_config_yaml_repeats_the_run(tiny_dir, text_file, tmp_path):
     assert {**a["config"], "out": ""} == {**b["config"], "out": ""}
     wa, wb = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_a_yaml_data_source_written_as_the_flag_is_honoured(tmp_path):
+    from layerprune.cli import build_parser, config_from_args
+
+    path = tmp_path / "run.yaml"
+    path.write_text("data: embedded:news\nremove: 1\n")
+    args = build_parser().parse_args(["prune", "--config", str(path), "--seq-len", "64", "--out", "o"])
+    config = config_from_args(args.config_class, args)
+    assert config.data.source == "embedded:news" and config.data.seq_len == 64
 
 
 def test_prune_and_score_commands(capsys, tiny_dir, text_file, tmp_path):

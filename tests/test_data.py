@@ -134,6 +134,36 @@ class TestBlocks:
             stream.check_holds([5, 10000], progress=False)
         stream.check_holds([1], progress=False)
 
+    def test_one_huge_document_is_tokenised_in_bounded_pieces_to_the_same_blocks(self, tmp_path, monkeypatch):
+        from layerprune import data
+
+        words = ["river", "stone", "light", "night", "song", "tree"]
+        docs = [" ".join(words[(i * 7 + j) % 6] for j in range(40)) for i in range(600)]
+        for name in range(100):   # a file name whose one document falls in the training split
+            path = tmp_path / f"one-{name}.txt"
+            path.write_text(" ".join(docs), encoding="utf-8")    # one document of ~140K characters
+            if split_of(next(documents(str(path)))[0]) == "train":
+                break
+        whole = TrainStream(str(path), "text", TinyTokenizer(), 16).take(200)
+        longest = []
+
+        class Counting(TinyTokenizer):
+            def __call__(self, text, add_special_tokens=False):
+                longest.append(len(text))
+                return super().__call__(text, add_special_tokens)
+
+        monkeypatch.setattr(data, "CHUNK_CHARS", 4096)
+        stream = TrainStream(str(path), "text", Counting(), 16)
+        pieces = stream.take(200)
+        assert max(longest) <= 4096
+        assert (pieces[0] == whole[0]).all() and pieces[1] == whole[1]
+        middle = stream.take(100)[1]
+        assert (stream.take(100, middle)[0] == whole[0][100:]).all()   # a position inside the document
+        longest.clear()
+        config = DataConfig(source=str(path), seq_len=16)
+        assert held_blocks(str(path), "train", Counting(), config, 3)[0].shape[0] == 3
+        assert sum(longest) <= 3 * 4096   # each of the 3 passes tokenises one piece, not the whole document
+
     def test_blocks_of_a_tensor(self):
         import torch
 

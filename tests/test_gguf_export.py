@@ -200,6 +200,21 @@ def test_export_gguf_after_the_run_matches_and_no_gguf_writes_none(tmp_path, sou
     assert (tmp_path / "again.gguf").read_bytes() == (out / "model.gguf").read_bytes()
     export_gguf(out, progress=False)
     assert (out / "README.md").read_text().count("## GGUF") == 1
+    check_output_folder(out, depth=5, removed=1)   # history.json lists the new model.gguf and card
+
+
+def test_a_full_disk_while_writing_the_gguf_is_one_line_and_resumes(capsys, monkeypatch, tmp_path, source):
+    from layerprune import faults
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(faults, "_COUNTS", {})
+    monkeypatch.setenv("LAYERPRUNE_FULL_AT", "model.gguf:1")
+    one_line_error(capsys, prune_args(source, make_text_file(tmp_path / "c.txt"), out), "No space left on device")
+    assert not (out / "history.json").exists() and not (out / "model.gguf").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name == ".staging"]
+    monkeypatch.delenv("LAYERPRUNE_FULL_AT")
+    assert main(prune_args(source, make_text_file(tmp_path / "c.txt"), out)) == 0
+    assert (out / "model.gguf").is_file()
 
 
 def test_written_type_follows_the_source_or_the_option_and_falls_back():

@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from . import outdir
 from .checkpoint import HISTORY, read_history
 from .config import EvalConfig, ExportConfig, ScoreConfig
 from .data import load_corpus
 from .errors import LayerpruneError
+from .io import file_entry, write_json
 from .gguf_export import CONVERT_HINT, GGUF_NAME, ExportSummary, source_of, write_gguf
 from .importance import ScoringContext, check_metric, score_layers
 from .models import check_context, check_same_vocabulary, load_model
@@ -80,8 +82,14 @@ def export_gguf(run_dir: str | Path, config: ExportConfig | None = None, progres
         raise LayerpruneError(f"the run's model {history.model} is not a GGUF file, so there is no GGUF to follow",
                               f"{CONVERT_HINT}, or pass --source if it was converted from one")
     output = Path(config.output) if config.output else run / GGUF_NAME
-    summary = write_gguf(source, run, history.kept_original, output, config.gguf_type, progress)
-    if output.resolve().parent == run.resolve():
-        set_card_section(run, summary.card())
+    if output.resolve().parent != run.resolve():
+        summary = write_gguf(source, run, history.kept_original, output, config.gguf_type, progress)
+    else:   # into the run folder: claimed like a run, and history.json lists the new files
+        with outdir.claimed(run, None):
+            summary = write_gguf(source, run, history.kept_original, output, config.gguf_type, progress)
+            set_card_section(run, summary.card())
+            if history.files is not None:
+                history.files.update({name: file_entry(run / name) for name in (output.name, "README.md")})
+                write_json(run / HISTORY, history.to_json())
     log.info(summary.log_line())
     return summary

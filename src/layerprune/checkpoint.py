@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,15 +30,17 @@ from safetensors.torch import load_model, save_model
 from .errors import LayerpruneError
 from .heal import HealLog
 from .importance import Selection
-from .io import remove_folder, write_folder, write_json
-from .surgery import remove_layers
+from .io import remove_folder, verify_folder, write_folder, write_json
+from .surgery import num_layers, remove_layers
 
 log = logging.getLogger(__name__)
 
 FOLDER, HEAL_FOLDER, HISTORY = "checkpoint", "heal-checkpoint", "history.json"
 FILES = {FOLDER: ("state.json", "student.safetensors"), HEAL_FOLDER: ("state.json", "heal.pt")}
 # Options that change no removal, weight or score: a resumed run may set them differently.
-NO_RESULT_OPTIONS = {"measure_speed": None, "gguf": None, "gguf_type": None, "heal": {"checkpoint_every": None}}
+# `out` is among them: the folder is the run's identity however its path is spelled, moved or not.
+NO_RESULT_OPTIONS = {"out": None, "measure_speed": None, "gguf": None, "gguf_type": None,
+                     "heal": {"checkpoint_every": None}}
 
 
 @dataclass
@@ -120,6 +121,7 @@ class History:
     final_suite: Evaluation
     seconds: float
     status: str = "complete"
+    files: dict | None = None   # the result's files beside history.json: name -> {bytes, sha256}
 
     def to_json(self) -> dict:
         return {**asdict(self), "iterations": [r.to_json() for r in self.iterations],
@@ -169,19 +171,43 @@ def clear(out: Path) -> None:
 
 
 def find_checkpoint(out: Path, name: str = FOLDER) -> Path | None:
-    """The newest complete checkpoint: `name/`, or `.name.old/` if a crash came mid-swap."""
+    """The newest checkpoint: `name/`, or `.name.old/` if a crash came mid-swap; verified against
+    its manifest (a damaged or incomplete one is an error, never silently skipped)."""
     for folder in (out / name, out / f".{name}.old"):
-        if all((folder / file).is_file() for file in FILES[name]):
+        if folder.is_dir():
+            verify_folder(folder, FILES[name])
             return folder
     return None
 
 
-def _read_state(folder: Path) -> dict:
+def _damaged(folder: Path, what: str) -> LayerpruneError:
+    return LayerpruneError(f"{folder / 'state.json'} is not a layerprune checkpoint state ({what})",
+                           "restore the folder, or pass --overwrite to start afresh")
+
+
+def _read_state(folder: Path, key: str) -> dict:
     try:
-        return json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise LayerpruneError(f"the checkpoint in {folder} is unreadable ({err})",
                               "pass --overwrite to start afresh") from err
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or key not in state:
+        raise _damaged(folder, f"no config or {key}")
+    return state
+
+
+def _records_of(folder: Path, state: dict) -> list[IterationRecord]:
+    try:
+        return [IterationRecord.from_json(r) for r in state["entries"]]
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise _damaged(folder, f"an iteration record is malformed: {err}") from err
+
+
+def _pending_of(folder: Path, state: dict) -> PendingIteration:
+    try:
+        return PendingIteration.from_json(state["pending"])
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise _damaged(folder, f"the healing in flight is malformed: {err}") from err
 
 
 def _read_heal_state(folder: Path) -> dict:
@@ -209,21 +235,13 @@ class ResumePoint:
 
 
 def check_output(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise LayerpruneError(f"--out {out} is a file", "give a folder path")
     if (out / HISTORY).exists():
         raise LayerpruneError(f"{out} already holds a finished run", "choose another --out, or pass --overwrite")
 
 
-def resume_point(config: dict, out: Path, resume: bool, overwrite: bool) -> ResumePoint:
-    """Decide between a fresh start and a resume of the run in `out`; refuse to mix runs."""
-    if overwrite and out.exists():
-        made_by_us = ((out / HISTORY).exists() or find_checkpoint(out) or find_checkpoint(out, HEAL_FOLDER)
-                      or (out / "logs").exists())
-        if any(out.iterdir()) and not made_by_us:
-            raise LayerpruneError(f"--overwrite refuses to empty {out}: it does not hold a layerprune run",
-                                  "give --out a new or layerprune-made folder")
-        shutil.rmtree(out)
+def resume_point(config: dict, out: Path, resume: bool) -> ResumePoint:
+    """Decide between a fresh start and a resume of the run in `out`; refuse to mix runs. The
+    folder is already claimed (outdir.claim): ours, locked, emptied on --overwrite."""
     check_output(out)
     folder = find_checkpoint(out) if out.exists() else None
     heal_folder = find_checkpoint(out, HEAL_FOLDER) if out.exists() else None
@@ -231,22 +249,35 @@ def resume_point(config: dict, out: Path, resume: bool, overwrite: bool) -> Resu
         if resume:
             raise LayerpruneError(f"there is no unfinished run to resume in {out}", "run without --resume")
         return ResumePoint()
-    states = [_read_state(f) for f in (folder, heal_folder) if f is not None]
+    states = [_read_state(f, key) for f, key in ((folder, "entries"), (heal_folder, "pending")) if f is not None]
     if any(_results_part(state["config"]) != _results_part(config) for state in states):
         raise LayerpruneError(f"{out} holds an unfinished run with a different configuration",
                               "rerun with the same options to continue it, or pass --overwrite to start afresh")
-    records = [IterationRecord.from_json(r) for r in states[0]["entries"]] if folder is not None else []
-    pending = PendingIteration.from_json(states[-1]["pending"]) if heal_folder is not None else None
+    records = _records_of(folder, states[0]) if folder is not None else []
+    pending = _pending_of(heal_folder, states[-1]) if heal_folder is not None else None
     if pending is None or pending.iteration <= len(records):  # none, or of an iteration already recorded
         return ResumePoint(folder, records)
     return ResumePoint(folder, records, pending, _read_heal_state(heal_folder))
 
 
 def restore_student(student, folder: Path, records: list[IterationRecord]) -> None:
-    """Replay the recorded removals on a copy of the original, then load the saved weights."""
+    """Replay the recorded removals on a copy of the original, then load the saved weights;
+    removals the model does not have, weights of another shape or non-finite ones are refused."""
     for record in records:
+        depth = num_layers(student)
+        if not record.removed_current or any(not 0 <= i < depth for i in record.removed_current):
+            raise _damaged(folder, f"iteration {record.iteration} removes layer(s) {record.removed_current} of a "
+                                   f"{depth}-layer model")
         remove_layers(student, record.removed_current)
-    load_model(student, str(folder / "student.safetensors"), strict=True,
-               device=str(next(student.parameters()).device))
+    weights = folder / "student.safetensors"
+    try:
+        load_model(student, str(weights), strict=True, device=str(next(student.parameters()).device))
+    except (RuntimeError, OSError) as err:
+        raise LayerpruneError(f"{weights} does not fit the model its state.json describes "
+                              f"({str(err).splitlines()[0]})", "pass --overwrite to start afresh") from err
+    broken = [name for name, p in student.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise LayerpruneError(f"{weights} holds NaN or inf in {broken[0]} ({len(broken)} tensor(s)): the checkpoint "
+                              "itself is broken", "pass --overwrite to start afresh")
     log.info("resumed after iteration %d (removed original layers %s)", len(records),
              [layer for r in records for layer in r.removed_original])

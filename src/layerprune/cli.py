@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from .config import CompareConfig, EvalConfig, ExportConfig, PruneConfig, ScoreConfig
-from .options import field_types, flag_of, from_dict, merge, read_yaml
+from .options import expand_shorthands, field_types, flag_of, from_dict, merge, read_yaml
 from .errors import LayerpruneError
+from .outdir import write_error
 
 EXIT_USER_ERROR = 2
 PREFIX = "config:"
@@ -45,7 +47,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls, path: str = "", tit
 
 def config_from_args(cls, args: argparse.Namespace):
     """defaults < --config YAML < flags."""
-    values = read_yaml(args.config) if args.config else {}
+    values = expand_shorthands(cls, read_yaml(args.config)) if args.config else {}
     for dest, value in vars(args).items():
         if dest.startswith(PREFIX):
             *sections, name = dest[len(PREFIX):].split(".")
@@ -158,13 +160,28 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "accelerate", "gensim", "smart_open", "datasets", "huggingface_hub", "fsspec",
                   "gguf"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](config_from_args(args.config_class, args), args)
-    except LayerpruneError as err:
+    except (LayerpruneError, OSError) as err:
         if args.debug:
             raise
+        if isinstance(err, OSError):  # one the writers did not name: the file system's own words
+            err = write_error(Path(err.filename or "."), err) or LayerpruneError(
+                f"{err.strerror or err}: {err.filename or ''}".rstrip(": "), "check the path and rerun")
         print(f"layerprune: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("layerprune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        resumable = " (rerun the same command to resume from the last checkpoint)" if args.command == "prune" else ""
+        print(f"layerprune: {stop or 'interrupted'}{resumable}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run stands: writes in flight clean up as on Ctrl-C."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated("terminated")

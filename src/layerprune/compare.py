@@ -20,6 +20,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from . import outdir
 from .checkpoint import check_output
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import StreamPosition, load_corpus
@@ -126,17 +127,22 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     check_output(out)
     if (out / "compare.json").exists():
         raise LayerpruneError(f"{out} already holds a comparison", "choose another --out")
+    with outdir.claimed(out, config.model, main=PartialState().is_main_process):
+        return _compare(config, out, progress)
+
+
+def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     counts = sorted(set(config.counts))
     probe(config.data)
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
     deepest = variant_config(config, config.methods[0], "distill", max(counts))
     deepest.layers_to_remove(num_layers(teacher))
+    config.heal.check_layers(num_layers(teacher))
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods)
     # Every variant is guarded on the same blocks, past the deepest variant's healed text.
     validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if "distill" in config.healing \
         else None
     domain = unseen_domain(config, teacher, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
     targets = None
     pool = inputs.corpus.train.span(StreamPosition(), config.heal.blocks_per_removal(config.data.seq_len))
     if "distill" in config.healing and config.heal.train_data == "reuse" and \

@@ -44,10 +44,45 @@ def split_of(identity: str) -> str:
     return "eval" if fraction < EVAL_SHARE else "calib" if fraction < EVAL_SHARE + CALIB_SHARE else "train"
 
 
+# Characters tokenised at once: a longer document is tokenised piece by piece (split at a space),
+# so one huge document costs no more memory than many small ones.
+CHUNK_CHARS = 1 << 18
+
+
+def _pieces(text: str) -> Iterator[str]:
+    start = 0
+    while len(text) - start > CHUNK_CHARS:
+        cut = text.rfind(" ", start + CHUNK_CHARS // 2, start + CHUNK_CHARS)
+        cut = cut if cut > start and not text[cut - 1].isspace() else start + CHUNK_CHARS
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def token_pieces(tokenizer, text: str) -> Iterator[list[int]]:
+    """A document's token ids in bounded pieces, EOS last so blocks never join two documents
+    silently. A document of up to CHUNK_CHARS characters is one piece, tokenised whole."""
+    for piece in _pieces(text):
+        yield tokenizer(piece, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        yield [tokenizer.eos_token_id]
+
+
 def encode(tokenizer, text: str) -> list[int]:
-    """A document's token ids, EOS-terminated so blocks never join two documents silently."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+    """A document's token ids, EOS-terminated."""
+    return [i for ids in token_pieces(tokenizer, text) for i in ids]
+
+
+def token_window(tokenizer, text: str, start: int, end: int) -> list[int]:
+    """Tokens [start, end) of a document, tokenising no more of it than that needs."""
+    window, seen = [], 0
+    for ids in token_pieces(tokenizer, text):
+        if seen + len(ids) > start:
+            window.extend(ids[max(start - seen, 0):end - seen])
+        seen += len(ids)
+        if seen >= end:
+            break
+    return window
 
 
 def _budget_error(split: str, tokens: int, seq_len: int, needed: int) -> LayerpruneError:
@@ -75,12 +110,12 @@ def held_blocks(source: str | None, split: str, tokenizer, config: DataConfig, c
             if split_of(identity) != split:
                 continue
             if p == 0 and len(texts) < TASK_DOCS:
-                texts.append(text)
+                texts.append(text[:CHUNK_CHARS])   # passage tasks read a document's start
             if len(ids) >= needed:
                 if len(texts) >= TASK_DOCS or p > 0:
                     break
                 continue
-            piece = encode(tokenizer, text)[p * length:(p + 1) * length]
+            piece = token_window(tokenizer, text, p * length, (p + 1) * length)
             ids.extend(piece)
             added += len(piece)
         if len(ids) >= needed or not added:
@@ -145,16 +180,19 @@ class TrainStream:
         for index, (identity, text) in enumerate(documents(self.source, self.text_field)):
             if index < start.doc or split_of(identity) != "train":
                 continue
-            ids = encode(self.tokenizer, text)
-            buffer.extend(ids[start.token if index == start.doc else 0:])
-            used = 0
-            while len(buffer) - used >= self.seq_len:
-                used += self.seq_len
-                # Whatever is left after a block lies in this document (a block is emitted as
-                # soon as one fits), so the position is this document and its consumed tokens.
-                yield (torch.tensor(buffer[used - self.seq_len:used], dtype=torch.long),
-                       StreamPosition(index, len(ids) - (len(buffer) - used)))
-            del buffer[:used]
+            skip, read = (start.token if index == start.doc else 0), 0
+            for ids in token_pieces(self.tokenizer, text):
+                read += len(ids)
+                buffer.extend(ids[skip:])
+                skip = max(skip - len(ids), 0)
+                used = 0
+                while len(buffer) - used >= self.seq_len:
+                    used += self.seq_len
+                    # Whatever is left after a block lies in this document (a block is emitted as
+                    # soon as one fits), so the position is this document and its consumed tokens.
+                    yield (torch.tensor(buffer[used - self.seq_len:used], dtype=torch.long),
+                           StreamPosition(index, read - (len(buffer) - used)))
+                del buffer[:used]
 
     def span(self, start: StreamPosition, count: int) -> Blocks:
         """The `count` blocks from `start`, readable as often as needed."""

@@ -19,3 +19,8 @@ class LayerpruneError(Exception):
 
 class NonFiniteError(LayerpruneError):
     """NaN or inf in scores, states or a healing loss: the run stops and names where."""
+
+
+class WriteError(LayerpruneError):
+    """The file system refused a write (no space, read-only, a file in the path): fatal wherever
+    it happens, even where other problems of an optional output are only reported."""

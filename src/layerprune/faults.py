@@ -2,13 +2,17 @@
 
 `LAYERPRUNE_KILL_AT=site:n` makes the process SIGKILL itself the n-th time it
 passes `crash_point(site)` (scoring, healing, heal-checkpoint, checkpoint,
-final). `LAYERPRUNE_NAN_AT=site:n` turns the n-th value passing
-`poisoned(site, value)` into NaN (healing: one micro-batch's loss). Unset,
-each is one dictionary lookup.
+final); `site:n:SIGTERM` sends that signal instead. `LAYERPRUNE_NAN_AT=site:n`
+turns the n-th value passing `poisoned(site, value)` into NaN (healing: one
+micro-batch's loss). `LAYERPRUNE_FULL_AT=site:n` makes the n-th write passing
+`full_disk_point(site)` fail as on a full disk, after it has written part of
+its temporary file (lock, checkpoint, heal-checkpoint, result, model.gguf,
+heal.csv, history.json). Unset, each is one dictionary lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -20,6 +24,7 @@ def _due(variable: str, site: str) -> bool:
     if not spec:
         return False
     name, _, nth = spec.partition(":")
+    nth = nth.partition(":")[0]
     if name != site:
         return False
     key = (variable, site)
@@ -29,7 +34,13 @@ def _due(variable: str, site: str) -> bool:
 
 def crash_point(site: str) -> None:
     if _due("LAYERPRUNE_KILL_AT", site):
-        os.kill(os.getpid(), signal.SIGKILL)
+        name = os.environ["LAYERPRUNE_KILL_AT"].split(":")[2:] or ["SIGKILL"]
+        os.kill(os.getpid(), getattr(signal, name[0]))
+
+
+def full_disk_point(site: str) -> None:
+    if _due("LAYERPRUNE_FULL_AT", site):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def poisoned(site: str, value):

@@ -1,15 +1,24 @@
 """Atomic writes: a reader, or a resumed run, sees the old version of a file or folder or the
-new one, never half of one. Every module that leaves something on disk writes through here."""
+new one, never half of one. Every module that leaves something on disk writes through here.
+
+A folder written by `write_folder` carries `manifest.json`: the size and sha256 of each of its
+files, which `verify_folder` checks before a resumed run trusts any of them. A failed write
+leaves no temporary file behind and ends in a one-line error naming the path
+(outdir.write_error)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from .faults import crash_point
+from .errors import LayerpruneError
+from .faults import crash_point, full_disk_point
+
+MANIFEST = "manifest.json"
 
 
 def fsync_dir(path: Path) -> None:
@@ -20,18 +29,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _as_write_error(path: Path, err: Exception) -> Exception:
+    from .outdir import write_error
+
+    return write_error(path, err) or err
+
+
 def write_file(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` writes a temporary file next to `path`, which then replaces `path` whole.
     A failed write leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        full_disk_point(path.name)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-    except BaseException:
+        os.replace(tmp, path)
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception) and not isinstance(err, LayerpruneError):
+            raise _as_write_error(path, err) from err
         raise
-    os.replace(tmp, path)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -42,17 +60,39 @@ def write_json(path: Path, data, indent: int | None = 2) -> None:
     write_text(path, json.dumps(data, indent=indent))
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
 def write_folder(out: Path, name: str, write: Callable[[Path], None], site: str) -> None:
-    """`write(tmp)` fills a temporary folder; every file in it is fsynced, then it replaces
-    `out/name`. A crash mid-swap leaves `.name.old`, which readers accept as the previous version."""
+    """`write(tmp)` fills a temporary folder; its manifest is added, every file is fsynced, then
+    it replaces `out/name`. A crash mid-swap leaves `.name.old`, which readers accept as the
+    previous version; a failed write removes the temporary folder."""
     tmp, final, old = out / f".{name}.tmp", out / name, out / f".{name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for path in tmp.iterdir():
-        with open(path, "rb+") as handle:
-            os.fsync(handle.fileno())
-    fsync_dir(tmp)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        full_disk_point(name)
+        files = {path.name: file_entry(path) for path in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}), encoding="utf-8")
+        for path in tmp.iterdir():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and not isinstance(err, LayerpruneError):
+            raise _as_write_error(final, err) from err
+        raise
     crash_point(site)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -62,7 +102,38 @@ def write_folder(out: Path, name: str, write: Callable[[Path], None], site: str)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def verify_folder(folder: Path, needed: tuple[str, ...]) -> None:
+    """Every file `folder`'s manifest names has the size and sha256 it had when written, and the
+    files a reader needs are among them; a one-line error naming the file otherwise."""
+    fix = "restore the file, or pass --overwrite to start afresh"
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+        if not isinstance(files, dict):
+            raise TypeError(files)
+    except FileNotFoundError:
+        raise LayerpruneError(f"the checkpoint {folder} has no {MANIFEST} (it is incomplete, or from a layerprune "
+                              "before checksums)", fix) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LayerpruneError(f"{folder / MANIFEST} is damaged ({err})", fix) from err
+    for name in needed:
+        if name not in files:
+            raise LayerpruneError(f"the checkpoint {folder} does not list {name}", fix)
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise LayerpruneError(f"the checkpoint file {path} is missing", fix)
+        if path.stat().st_size != entry.get("bytes") or sha256(path) != entry.get("sha256"):
+            raise LayerpruneError(f"the checkpoint file {path} has changed since it was written (size or sha256 "
+                                  "differs from its manifest)", fix)
+
+
 def remove_folder(out: Path, name: str) -> None:
-    """A folder written by `write_folder`, with its temporary and previous versions."""
+    """A folder written by `write_folder`, with its temporary and previous versions. Each is
+    renamed away first, so a crash mid-removal never leaves half a checkpoint under its name."""
     for folder in (name, f".{name}.tmp", f".{name}.old"):
-        shutil.rmtree(out / folder, ignore_errors=True)
+        path = out / folder
+        if path.exists():
+            doomed = out / f".{folder.lstrip('.')}.deleting"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)

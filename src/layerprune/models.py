@@ -139,6 +139,14 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto"):
                               "put the tokenizer files next to the model") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Ids the text and the special tokens can produce (an added token past the vocabulary, as GGUF
+    # conversion makes, never comes out of plain text).
+    rows = model.get_input_embeddings().num_embeddings
+    ids = [tokenizer.vocab_size - 1, *(i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id,
+                                                  tokenizer.pad_token_id) if i is not None)]
+    if max(ids) >= rows:
+        raise LayerpruneError(f"the tokenizer of {name!r} gives ids up to {max(ids)} but the model's embedding only "
+                              f"{rows} rows", "give the tokenizer that was trained with this model")
     model.to(torch_device).eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -56,10 +56,31 @@ def coerce(kind, value, where: str):
                               f"give {where} a value of that type") from err
 
 
+def expand_shorthands(cls, values):
+    """A section given as one value (`data: embedded:news`) means what the flag of that name
+    means (`--data`, the section's field whose flag it is): `data: {source: embedded:news}`."""
+    if not isinstance(values, dict):
+        return values
+    hints = field_types(cls)
+    expanded = {}
+    for name, value in values.items():
+        kind = hints.get(name)
+        if kind is not None and dataclasses.is_dataclass(kind):
+            if value is not None and not isinstance(value, dict):
+                owner = [f.name for f in dataclasses.fields(kind) if flag_of(kind, f.name) == "--" + name]
+                if not owner:
+                    raise LayerpruneError(f"config section {name} is not a mapping", "write key: value lines under it")
+                value = {owner[0]: value}
+            value = expand_shorthands(kind, value)
+        expanded[name] = value
+    return expanded
+
+
 def from_dict(cls, values: dict, where: str = ""):
     """Build a (nested) config from plain values, as read from YAML or JSON; unknown keys are errors."""
     if not isinstance(values, dict):
         raise LayerpruneError(f"config section {where or 'top'} is not a mapping", "write key: value lines")
+    values = expand_shorthands(cls, values)
     hints = field_types(cls)
     unknown = sorted(set(values) - set(hints))
     if unknown:

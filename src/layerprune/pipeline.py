@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, outdir
 from .checkpoint import Evaluation, History, IterationRecord, PendingIteration, ResumePoint
 from .config import PruneConfig, Recipe
 from .data import Corpus, StreamPosition, load_corpus
@@ -321,14 +321,19 @@ def final_evaluation(inputs: RunInputs, student) -> tuple[Evaluation, Evaluation
 
 def prune(config: PruneConfig, progress: bool = True, resume: bool = False, overwrite: bool = False) -> History:
     """Run a whole pruning job and write the output folder. An unfinished run of the same
-    configuration in `config.out` is continued from its last checkpoint."""
+    configuration in `config.out` is continued from its last checkpoint. The folder is claimed
+    first (outdir.claim: ours, locked for this run alone); a run that fails before writing
+    anything leaves it as it found it."""
     config.validate()
     check_names(config, config.metric)
     out = Path(config.out)
-    # The main process decides (and empties the folder on --overwrite); the others then read the same.
-    point = checkpoint.resume_point(to_dict(config), out, resume, overwrite) if _is_main_process() else None
+    with outdir.claimed(out, config.model, overwrite, main=_is_main_process()):
+        return _prune(config, out, progress, resume)
+
+
+def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> History:
     _wait_for_everyone()
-    point = point or checkpoint.resume_point(to_dict(config), out, resume, overwrite=False)
+    point = checkpoint.resume_point(to_dict(config), out, resume)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     probe(config.data)
@@ -336,13 +341,13 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
     depth = num_layers(teacher)
     count = config.layers_to_remove(depth)  # depth checks before any heavy work
+    config.heal.check_layers(depth)
     inputs = build_inputs(config, teacher, tokenizer, config.final_tasks, config.metric == "quality")
     validation = validation_blocks(config, inputs.corpus, count, progress)
     loop = Loop(copy.deepcopy(teacher), list(point.records), out=out, resume=point,
                 position=last_position(point.records), validation=validation, lr=carried_lr(point.records))
     if point.folder is not None:
         checkpoint.restore_student(loop.student, point.folder, point.records)
-    out.mkdir(parents=True, exist_ok=True)
     log.info("%s: %d layers, removing %d by %s (%s), healing: %s", config.model or "SmolLM2-135M-Instruct (default)",
              depth, count, config.metric, config.mode, config.heal.method)
     records = run_removals(inputs, config, count, loop, progress)

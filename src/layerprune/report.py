@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from .config import PruneConfig  # noqa: E402
 from .guard import GuardLog  # noqa: E402
-from .io import write_json, write_text  # noqa: E402
+from .io import write_file, write_json, write_text  # noqa: E402
 from .options import from_dict  # noqa: E402
 
 if TYPE_CHECKING:
@@ -300,12 +299,14 @@ def write_loss_log(path: Path, rows: list[dict]) -> None:
         with open(path, newline="", encoding="utf-8") as handle:
             redone = {str(row["iteration"]) for row in rows}
             kept = [row for row in csv.DictReader(handle) if row["iteration"] not in redone]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows([*kept, *rows])
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows([*kept, *rows])
+
+    write_file(path, write)
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

@@ -11,12 +11,13 @@ from pathlib import Path
 from . import checkpoint
 from .checkpoint import History
 from .config import PruneConfig
-from .errors import LayerpruneError
-from .faults import crash_point
+from .errors import LayerpruneError, WriteError
+from .faults import crash_point, full_disk_point
 from .gguf_export import GGUF_NAME, source_of, write_gguf
-from .io import write_json, write_text
+from .io import file_entry, write_json, write_text
 from .models import save_model
 from .options import to_yaml
+from .outdir import write_error
 from .report import set_card_section, write_report
 
 log = logging.getLogger(__name__)
@@ -25,13 +26,14 @@ log = logging.getLogger(__name__)
 def save_result(out: Path, student, tokenizer, history: History, speed: dict, config: PruneConfig
                 ) -> LayerpruneError | None:
     """Model files, config.yaml, reports and model.gguf first (via a staging folder), history
-    last: its presence means complete. A GGUF that cannot be written is returned, not raised:
-    the HF folder is still the result."""
+    last: its presence means complete, and it lists the size and sha256 of every file beside it.
+    A GGUF that cannot be written is returned, not raised: the HF folder is still the result."""
     stage = out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
     gguf_problem = None
     try:
         save_model(student, tokenizer, stage)
+        full_disk_point("result")
         write_text(stage / "config.yaml", to_yaml(config))
         write_report(stage, history, speed)
         source = source_of(config.model) if config.gguf else None
@@ -42,13 +44,18 @@ def save_result(out: Path, student, tokenizer, history: History, speed: dict, co
                 summary.path = str(out / GGUF_NAME)  # where it is once the staging folder is moved in
                 set_card_section(stage, summary.card())
                 log.info(summary.log_line())
+            except WriteError:
+                raise
             except LayerpruneError as err:
                 gguf_problem = err
-    except OSError as err:
+        history.files = {str(item.relative_to(stage)): file_entry(item) for item in sorted(stage.rglob("*"))
+                         if item.is_file()}
+    except Exception as err:
         shutil.rmtree(stage, ignore_errors=True)
-        raise LayerpruneError(f"cannot write the result into {out} ({err.strerror or err})",
-                              "free disk space or choose another --out, then rerun the same command: "
-                              "it resumes from the last checkpoint") from err
+        problem = err if isinstance(err, LayerpruneError) else write_error(out, err)
+        if problem is None:
+            raise
+        raise problem from err
     for item in stage.iterdir():
         os.replace(item, out / item.name)
         crash_point("final")

@@ -79,7 +79,8 @@ def main() -> None:
         ppl = f", perplexity {row['perplexity']:.2f}" if "perplexity" in row else ""
         print(f"{name}: {row['file']}: {row['bytes'] / 1e6:.1f} MB, {row['blocks']} blocks, "
               f"general.name {row['general.name']!r}{ppl}")
-    print(f"size ratio {pruned['bytes'] / source['bytes']:.4f} (blocks ratio {pruned['blocks'] / source['blocks']:.4f})")
+    print(f"size ratio {pruned['bytes'] / source['bytes']:.4f} "
+          f"(blocks ratio {pruned['blocks'] / source['blocks']:.4f})")
     for name, row in rows.items():
         print(f"\n{name} (llama.cpp, greedy) <- {args.prompt!r}\n{row['reply']}")
 

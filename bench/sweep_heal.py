@@ -1,11 +1,12 @@
 """A recipe sweep for the healing defaults, judged on text the reported figures never use.
 
 Each variant changes one thing from the recipe the sweep began from (the default then: no patch,
-raw MSE with KL/100, no healing guard) and runs `layerprune prune --remove N` on the embedded defaults (same data, budget and
-seed). It is judged on validation blocks cut from the training split past everything the runs heal
-on (the training stream's blocks from `--skip` on): quality retained (perplexity, token accuracy,
-KL to the original) there chooses. The held-out figure each run reports is printed beside it, for
-reading only: choosing by it would tune on the numbers the README reports.
+raw MSE with KL/100, no healing guard) and runs `layerprune prune --remove N` on the embedded
+defaults (same data, budget and seed). It is judged on validation blocks cut from the training
+split past everything the runs heal on (the training stream's blocks from `--skip` on): quality
+retained (perplexity, token accuracy, KL to the original) there chooses. The held-out figure each
+run reports is printed beside it, for reading only: choosing by it would tune on the numbers the
+README reports.
 
     python bench/sweep_heal.py --out runs/sweep                  # all variants, 2 removals
     python bench/sweep_heal.py --out runs/sweep --variants default,lr-1e-3

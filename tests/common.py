@@ -159,7 +159,8 @@ def check_output_folder(out: Path, depth: int, removed: int | None = None) -> di
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
         kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+        cached, uncached = model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached)
     assert (out / "config.yaml").is_file()
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report), REPORT_KEYS - set(report)

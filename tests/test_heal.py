@@ -74,7 +74,8 @@ def test_only_the_neighbours_change_bit_for_bit():
     for key, value in student.state_dict().items():
         if not key.startswith(("model.layers.2.", "model.layers.3.")):
             assert torch.equal(value, before[key]), key
-    assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items() if k.startswith("model.layers.2."))
+    assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items()
+               if k.startswith("model.layers.2."))
     assert not any(p.requires_grad for p in student.parameters())
 
 

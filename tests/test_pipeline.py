@@ -190,3 +190,13 @@ class TestHealingGuard:
         unguarded = config(tiny_dir, text_file, tmp_path / "o", metric="bi", remove=2,
                            heal=HealConfig(steps=2, batch_size=2, grad_accum=1, guard=False))
         assert validation_blocks(unguarded, corpus, 2, progress=False) is None
+
+
+def test_the_final_phases_each_say_what_they_do(tiny_dir, text_file, tmp_path, caplog):
+    caplog.set_level("INFO", logger="layerprune")
+    prune(config(tiny_dir, text_file, tmp_path / "o", metric="bi", remove=1, heal=QUICK_HEAL, measure_speed=True,
+                 final_tasks=("perplexity", "copy_generate")), progress=False)
+    said = caplog.text
+    for line in ("final evaluation: perplexity", "  copy_generate: ", "final evaluation done",
+                 "writing the result into", "saved 5-layer model"):
+        assert line in said, line

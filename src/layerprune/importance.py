@@ -84,8 +84,8 @@ def state_distances(model, batches: list[Batch], distance: Callable, span: int =
     for batch in my_share(batches):
         batch = batch.to(device)
         states, _ = layer_states(model, batch.input_ids, batch.attention_mask)
-        for l in range(depth - span + 1):
-            totals[l] += distance(states[l], states[l + span], batch.attention_mask).item()
+        for start in range(depth - span + 1):
+            totals[start] += distance(states[start], states[start + span], batch.attention_mask).item()
     totals = reduce(totals, reduction="sum")   # each process ran its share of the batches
     if not torch.isfinite(totals).all():
         raise NonFiniteError("hidden states are not finite while scoring layers",
@@ -235,9 +235,9 @@ def select_layers(model, metric: str, mode: str, count: int, ctx: ScoringContext
         lambda a, b, m: angular_distance(a, b, m, last_only=metric == "angular_last"))
     by_start = state_distances(model, ctx.batches, distance, span=count)
     allowed = set(ctx.candidates)
-    starts = [l for l in range(len(by_start)) if set(range(l, l + count)) <= allowed]
-    start = min(starts, key=lambda l: by_start[l])
+    starts = [s for s in range(len(by_start)) if set(range(s, s + count)) <= allowed]
+    start = min(starts, key=lambda s: by_start[s])
     scores = [float("nan")] * num_layers(model)
-    for l in starts:
-        scores[l] = by_start[l]
+    for s in starts:
+        scores[s] = by_start[s]
     return Selection(scores, list(range(start, start + count)), block_start=start)

@@ -49,7 +49,8 @@ def write_error(path: Path, err: BaseException) -> WriteError | None:
                 errno.EROFS if "Read-only" in text else errno.EACCES)
     reason = os.strerror(code)
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        fix = "free disk space or choose another --out, then rerun the same command: it resumes from the last checkpoint"
+        fix = ("free disk space or choose another --out, then rerun the same command: it resumes from the last "
+               "checkpoint")
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
         fix = "make the folder writable or choose another --out"
     elif code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):

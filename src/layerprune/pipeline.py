@@ -309,12 +309,15 @@ def _log_iteration(inputs: RunInputs, record: IterationRecord, total: int) -> No
 def final_evaluation(inputs: RunInputs, student) -> tuple[Evaluation, Evaluation, dict]:
     """The final model on the evaluation tasks and on the whole final suite, and the teacher's
     suite scores (its per-iteration scores are reused: the teacher never changes)."""
+    started = time.perf_counter()
+    log.info("final evaluation: %s on held-out text", ", ".join(task.name for task in inputs.final_tasks))
     unseen = [task for task in inputs.final_tasks if task.name not in inputs.teacher_eval]
     teacher = {**inputs.teacher_eval, **evaluate_tasks(inputs.teacher, unseen, inputs.teacher)}
     teacher = {task.name: teacher[task.name] for task in inputs.final_tasks}
     suite = evaluate_tasks(student, inputs.final_tasks, inputs.teacher)
     names = [task.name for task in inputs.eval_tasks]
     scores = {name: suite[name] for name in names}
+    log.info("final evaluation done in %.0fs", time.perf_counter() - started)
     return (Evaluation(scores, quality_retained(scores, teacher), names),
             Evaluation(suite, quality_retained(suite, teacher), list(suite)), teacher)
 
@@ -357,7 +360,7 @@ def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> Hist
         final = final or PendingIteration(count + 1, Selection([], []))
         final_heal = _heal(inputs, config, loop, final, final=True, progress=progress)
     final_eval, suite, teacher_suite = final_evaluation(inputs, loop.student)
-    speed = compare_speed(teacher, loop.student) if config.measure_speed else {}
+    speed = compare_speed(teacher, loop.student, progress=progress) if config.measure_speed else {}
     history = History(to_dict(config), config.model or "embedded:SmolLM2-135M-Instruct", depth,
                       num_layers(loop.student), [layer for r in records for layer in r.removed_original],
                       original_indices(loop.student), teacher_suite, records, final_heal, final_eval, suite,

@@ -239,14 +239,15 @@ def model_card(rep: dict, config_yaml: str, guarded: list[str] = ()) -> str:
     guard = ("Every healing was guarded: KL to the original was measured on validation text from the training "
              "split before, during and after it, and the best state was kept (the unhealed cut included).\n\n"
              + "\n".join(guarded) + "\n\n") if guarded else ""
+    healed_by = ("distillation from the original after each removal" if rep["config"]["heal"]["method"] == "distill"
+                 else "nothing (no healing)")
     return (
         f"---\nlibrary_name: transformers\ntags:\n- layerprune\n- depth-pruning\n- distillation\n"
         f"base_model: {base}\n---\n\n"
         f"# {Path(str(base)).name} pruned to {rep['final_layers']} layers\n\n"
         f"Made with layerprune from `{base}` ({rep['original_layers']} layers) by removing the original layers "
         f"{sorted(rep['removed_original'])} one at a time, each chosen by the `{rep['config']['metric']}` "
-        f"importance metric ({rep['config']['mode']}), and healing by "
-        f"{'distillation from the original after each removal' if rep['config']['heal']['method'] == 'distill' else 'nothing (no healing)'}."
+        f"importance metric ({rep['config']['mode']}), and healing by {healed_by}."
         f" `config.json` keeps the original index of every kept layer in `layerprune_original_layers`.\n\n"
         f"{recipe(rep['config'])}\n\n{guard}{headline(rep)}\n\n"
         + "\n".join(task_table(rep["teacher_eval"], rep["final_eval"]))

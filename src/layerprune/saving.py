@@ -30,6 +30,7 @@ def save_result(out: Path, student, tokenizer, history: History, speed: dict, co
     A GGUF that cannot be written is returned, not raised: the HF folder is still the result."""
     stage = out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
+    log.info("writing the result into %s", out)
     gguf_problem = None
     try:
         save_model(student, tokenizer, stage)

@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from .models import max_positions
 
@@ -48,9 +49,10 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def compare_speed(original, pruned, repeats: int = 5, prompt_tokens: int = 256, new_tokens: int = 32) -> dict:
+def compare_speed(original, pruned, repeats: int = 5, prompt_tokens: int = 256, new_tokens: int = 32,
+                  progress: bool = False) -> dict:
     """{workload: {original, pruned: tokens/s median/min/max; ratio: pruned/original per round,
-    median/min/max; repeats}}."""
+    median/min/max; repeats}}. `progress`: a bar per workload, a tick per round."""
     models = {"original": original, "pruned": pruned}
     work = {name: _workloads(model, prompt_tokens, new_tokens) for name, model in models.items()}
     result = {}
@@ -58,7 +60,7 @@ def compare_speed(original, pruned, repeats: int = 5, prompt_tokens: int = 256, 
         for name in models:  # warm-up: first calls pay for allocation and kernel selection
             work[name][workload][0]()
         rates: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(repeats):
+        for _ in tqdm(range(repeats), desc=f"speed: {workload}", unit="round", disable=not progress, leave=False):
             for name in models:
                 fn, tokens = work[name][workload]
                 rates[name].append(tokens / _seconds(fn))

@@ -33,7 +33,8 @@ MAP_KEY = "layerprune_original_layers"
 # at a later depth another list (say, of 5 multipliers) could have the length of the model by chance.
 LAYER_KEYS_KEY = "layerprune_per_layer_keys"
 # Attribute paths for models whose _no_split_modules does not name the block class.
-KNOWN_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
+KNOWN_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+               "model.language_model.layers")
 # Config scalars that count layers from the bottom; they shrink with the layers below them.
 COUNT_KEYS = ("max_window_layers", "first_k_dense_replace")
 # Config lists of layer indices (which layers are MoE, which stay dense): renumbered to the kept layers.

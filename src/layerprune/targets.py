@@ -290,7 +290,8 @@ def plan_caches(config: HealConfig, teacher, seq_len: int, blocks: int, folder: 
     memory = config.cache_memory * GIB if config.cache_memory is not None else memory
     disk = config.cache_disk * GIB if config.cache_disk is not None else disk
     if not config.teacher_cache:
-        return CachePlan(False, False, "teacher online (--no-teacher-cache)", "frozen prefix online (--no-teacher-cache)")
+        return CachePlan(False, False, "teacher online (--no-teacher-cache)",
+                         "frozen prefix online (--no-teacher-cache)")
     revisit = config.epochs > 1 or reused
     target_size = blocks * target_bytes_per_block(teacher, seq_len, config.teacher_topk)
     prefix_size = blocks * prefix_bytes_per_block(teacher, seq_len)

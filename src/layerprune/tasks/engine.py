@@ -14,11 +14,15 @@ process holds the same totals and removes the same layer.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable, Hashable, Iterator
 
 import torch
 
 from .base import Batch, Task
+
+log = logging.getLogger(__name__)
 
 # outputs(batch) yields (variant key, logits) for each model variant scored on the batch.
 Outputs = Callable[[Batch], Iterator[tuple[Hashable, torch.Tensor]]]
@@ -93,7 +97,12 @@ def summaries(tasks: list[Task], sums: dict) -> dict[str, dict[str, float]]:
 def evaluate_tasks(model, tasks: list[Task], teacher=None) -> dict[str, dict[str, float]]:
     """Summaries per task for one model; tasks that compare with a teacher need `teacher`."""
     collected = summaries(tasks, collect_stats(model, tasks, teacher).get(None, {}))
-    ran = {task.name: task.run(model, teacher) for task in tasks if task.run is not None}
+    ran = {}
+    for task in tasks:
+        if task.run is not None:   # generative and lm-eval tasks: the slow ones, each said as it ends
+            started = time.perf_counter()
+            ran[task.name] = task.run(model, teacher)
+            log.info("  %s: %.0fs", task.name, time.perf_counter() - started)
     return {task.name: ran.get(task.name) or collected[task.name] for task in tasks}
 
 

@@ -197,6 +197,7 @@ def test_the_final_phases_each_say_what_they_do(tiny_dir, text_file, tmp_path, c
     prune(config(tiny_dir, text_file, tmp_path / "o", metric="bi", remove=1, heal=QUICK_HEAL, measure_speed=True,
                  final_tasks=("perplexity", "copy_generate")), progress=False)
     said = caplog.text
-    for line in ("final evaluation: perplexity", "  copy_generate: ", "final evaluation done",
+    for line in ("final evaluation of the original: copy_generate", "final evaluation of the pruned model: perplexity",
+                 "  copy_generate: ", "final evaluation done",
                  "writing the result into", "saved 5-layer model"):
         assert line in said, line

@@ -310,10 +310,13 @@ def final_evaluation(inputs: RunInputs, student) -> tuple[Evaluation, Evaluation
     """The final model on the evaluation tasks and on the whole final suite, and the teacher's
     suite scores (its per-iteration scores are reused: the teacher never changes)."""
     started = time.perf_counter()
-    log.info("final evaluation: %s on held-out text", ", ".join(task.name for task in inputs.final_tasks))
     unseen = [task for task in inputs.final_tasks if task.name not in inputs.teacher_eval]
+    if unseen:
+        log.info("final evaluation of the original: %s on held-out text", ", ".join(task.name for task in unseen))
     teacher = {**inputs.teacher_eval, **evaluate_tasks(inputs.teacher, unseen, inputs.teacher)}
     teacher = {task.name: teacher[task.name] for task in inputs.final_tasks}
+    log.info("final evaluation of the pruned model: %s on held-out text",
+             ", ".join(task.name for task in inputs.final_tasks))
     suite = evaluate_tasks(student, inputs.final_tasks, inputs.teacher)
     names = [task.name for task in inputs.eval_tasks]
     scores = {name: suite[name] for name in names}

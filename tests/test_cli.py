@@ -1,5 +1,5 @@
 """Bad input: one line naming the problem and the fix, exit code 2, no output folder. The
-catalogue is the one table CATALOGUE; the README's count is checked against it."""
+catalogue is the one table CATALOGUE; the count in docs/cli.md is checked against it."""
 
 import gzip
 import json
@@ -15,7 +15,7 @@ from layerprune.cli import main
 
 from common import hf_char_tokenizer, tiny_from_table
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CLI_PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
 def run(capsys, *argv):
@@ -161,8 +161,8 @@ def test_bad_input_gives_one_line_and_no_output(capsys, tiny_dir, text_file, tmp
     assert not (out / "history.json").exists() and not (out / "model.safetensors").exists()
 
 
-def test_readme_states_the_catalogue_size():
-    counts = re.findall(r"(\d+) cases in\s+`tests/test_cli.py`", README.read_text(encoding="utf-8"))
+def test_the_cli_page_states_the_catalogue_size():
+    counts = re.findall(r"(\d+) cases in\s+`tests/test_cli.py`", CLI_PAGE.read_text(encoding="utf-8"))
     assert counts == [str(len(CATALOGUE))]
 
 

@@ -27,8 +27,9 @@ from .data import StreamPosition, load_corpus
 from .sources import probe
 from .errors import LayerpruneError
 from .io import write_json, write_text
-from .models import load_model
+from .models import check_trainable, load_model
 from .options import to_dict
+from .heal import check_mse_layers
 from .heal_text import validation_blocks
 from .pipeline import Loop, RunInputs, build_inputs, check_names, run_removals, teacher_cache_dir
 from .report import plot_quality
@@ -123,6 +124,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     """Run every method x healing variant; write compare.json, compare.md and compare.png to config.out."""
     config.validate()
     check_names(config, None)
+    check_trainable(config.dtype, config.device, "distill" in config.healing)
     out = Path(config.out)
     check_output(out)
     if (out / "compare.json").exists():
@@ -137,7 +139,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
     deepest = variant_config(config, config.methods[0], "distill", max(counts))
     deepest.layers_to_remove(num_layers(teacher))
-    config.heal.check_layers(num_layers(teacher))
+    check_mse_layers(config.heal, num_layers(teacher))
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods)
     # Every variant is guarded on the same blocks, past the deepest variant's healed text.
     validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if "distill" in config.healing \

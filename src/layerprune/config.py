@@ -205,14 +205,6 @@ class HealConfig:
         per_step = self.batch_size * self.grad_accum
         return -(-self.epochs * self.blocks_per_removal(seq_len) // per_step)
 
-    def check_layers(self, depth: int) -> None:
-        """Layer indices against the model's depth, before any work: one out of range would
-        silently switch the MSE term off."""
-        wrong = [i for i in self.mse_layers or () if not 0 <= i < depth]
-        if wrong:
-            raise LayerpruneError(f"--mse-layers {','.join(map(str, wrong))} is not a layer of this {depth}-layer "
-                                  "model", f"give original layer indices from 0 to {depth - 1}")
-
     def validate(self) -> None:
         _one_of(self.method, HEAL_METHODS, "healing method")
         _one_of(self.trainable, TRAINABLE, "trainable set")
@@ -313,16 +305,6 @@ class Recipe(ModelConfig):
         if self.shortlist is not None:
             _positive(self, ("shortlist",))
         self.heal.validate()
-        if self.dtype == "float16" and self.heal.method != "none" and self._on_cpu():
-            raise LayerpruneError("float16 weights cannot be healed on the CPU (the first steps overflow to NaN)",
-                                  "use --dtype float32 or bfloat16, or --heal none")
-
-    def _on_cpu(self) -> bool:
-        if self.device == "cpu":
-            return True
-        import torch
-
-        return self.device == "auto" and not torch.cuda.is_available()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -116,6 +116,14 @@ def trainable_layers(depth: int, cuts: list[int], config: HealConfig) -> list[in
     return sorted(chosen) or [min(cuts[0], depth - 1)]
 
 
+def check_mse_layers(config: HealConfig, depth: int) -> None:
+    """Before any work: an index out of range would silently switch the MSE term off."""
+    wrong = [i for i in config.mse_layers or () if not 0 <= i < depth]
+    if wrong:
+        raise LayerpruneError(f"--mse-layers {','.join(map(str, wrong))} is not a layer of this {depth}-layer model",
+                              f"give original layer indices from 0 to {depth - 1}")
+
+
 def mse_pairs(student, cuts: list[int], config: HealConfig) -> list[tuple[int, int]]:
     """Default: the layer just above the (highest) cut, matched with the teacher layer it came
     from; `mse_layers` names original layers instead."""

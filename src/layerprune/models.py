@@ -44,6 +44,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_trainable(dtype: str, device: str, healing: bool) -> None:
+    """Before any work: float16 weights trained on the CPU overflow to NaN in the first steps."""
+    if healing and dtype == "float16" and resolve_device(device).type == "cpu":
+        raise LayerpruneError("float16 weights cannot be healed on the CPU (the first steps overflow to NaN)",
+                              "use --dtype float32 or bfloat16, or --heal none")
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in _DTYPES:
         raise LayerpruneError(f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")

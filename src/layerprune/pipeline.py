@@ -32,11 +32,11 @@ from .data import Corpus, StreamPosition, load_corpus
 from .sources import probe
 from .errors import LayerpruneError, NonFiniteError
 from .guard import Guard, GuardLog
-from .heal import HealLog, heal, plan
+from .heal import HealLog, check_mse_layers, heal, plan
 from .heal_text import carried_lr, last_position, validation_blocks
 from .importance import REMOVAL_METRICS, ScoringContext, Selection, check_metric, select_layers
 from .gguf_export import open_source, source_of
-from .models import check_context, load_model
+from .models import check_context, check_trainable, load_model
 from .options import to_dict
 from .patch import candidate_patches, cut, effective_kind
 from .report import write_loss_log
@@ -332,6 +332,7 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     anything leaves it as it found it."""
     config.validate()
     check_names(config, config.metric)
+    check_trainable(config.dtype, config.device, config.heal.method != "none")
     out = Path(config.out)
     with outdir.claimed(out, config.model, overwrite, main=_is_main_process()):
         return _prune(config, out, progress, resume)
@@ -347,7 +348,7 @@ def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> Hist
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
     depth = num_layers(teacher)
     count = config.layers_to_remove(depth)  # depth checks before any heavy work
-    config.heal.check_layers(depth)
+    check_mse_layers(config.heal, depth)
     inputs = build_inputs(config, teacher, tokenizer, config.final_tasks, config.metric == "quality")
     validation = validation_blocks(config, inputs.corpus, count, progress)
     loop = Loop(copy.deepcopy(teacher), list(point.records), out=out, resume=point,

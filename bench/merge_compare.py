@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from layerprune.compare import merge, write_comparison
+from layerprune.compare import merge_comparisons, write_comparison
 from layerprune.errors import LayerpruneError
 
 
@@ -22,7 +22,7 @@ def main() -> int:
         missing = [str(run) for run in args.runs if not (run / "compare.json").is_file()]
         if missing:
             raise LayerpruneError(f"no compare.json in {', '.join(missing)}", "pass finished compare output folders")
-        summary = merge([json.loads((run / "compare.json").read_text()) for run in args.runs])
+        summary = merge_comparisons([json.loads((run / "compare.json").read_text()) for run in args.runs])
     except LayerpruneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -87,7 +87,7 @@ def test_replaceme_runs_as_published_whatever_the_comparison_patch():
 
 
 def test_separate_comparisons_merge_into_one_table_only_on_the_same_inputs(tmp_path):
-    from layerprune.compare import merge, write_comparison
+    from layerprune.compare import merge_comparisons, write_comparison
     from layerprune.errors import LayerpruneError
 
     def summary(name, quality, data="embedded:wiki"):
@@ -96,12 +96,12 @@ def test_separate_comparisons_merge_into_one_table_only_on_the_same_inputs(tmp_p
                 "results": {name: {"method": name, "heal": "none", "patch": "none", "seconds": 1.0,
                                    "quality_retained": {"1": quality, "2": quality / 2}}}}
 
-    merged = merge([summary("a", 0.9), summary("b", 0.8)])
+    merged = merge_comparisons([summary("a", 0.9), summary("b", 0.8)])
     assert list(merged["results"]) == ["a", "b"] and merged["results"]["b"]["config"] == {"methods": ["b"]}
     write_comparison(tmp_path, merged)
     assert "| b | 0.800 | 0.400 | 1 |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 0
     with pytest.raises(LayerpruneError, match="differ in data"):
-        merge([summary("a", 0.9), summary("b", 0.8, data="embedded:news")])
+        merge_comparisons([summary("a", 0.9), summary("b", 0.8, data="embedded:news")])
     with pytest.raises(LayerpruneError, match="more than one"):
-        merge([summary("a", 0.9), summary("a", 0.8)])
+        merge_comparisons([summary("a", 0.9), summary("a", 0.8)])

@@ -3,7 +3,7 @@ import yaml
 
 from layerprune.config import DataConfig, HealConfig, PruneConfig
 from layerprune.errors import LayerpruneError
-from layerprune.options import from_dict, merge, to_dict, to_yaml
+from layerprune.options import from_dict, merge_values, to_dict, to_yaml
 
 
 class TestDicts:
@@ -29,5 +29,5 @@ class TestDicts:
         assert data["tasks"] == ["perplexity", "token_accuracy"] and data["heal"]["mse_layers"] is None
 
     def test_merge_overrides_section_by_section(self):
-        assert merge({"a": 1, "heal": {"steps": 2, "lr": 3}}, {"heal": {"steps": 5}}) == {"a": 1, "heal": {"steps": 5,
-                                                                                                       "lr": 3}}
+        merged = merge_values({"a": 1, "heal": {"steps": 2, "lr": 3}}, {"heal": {"steps": 5}})
+        assert merged == {"a": 1, "heal": {"steps": 5, "lr": 3}}

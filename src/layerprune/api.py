@@ -14,7 +14,7 @@ from .errors import LayerpruneError
 from .io import file_entry, write_json
 from .gguf_export import CONVERT_HINT, GGUF_NAME, ExportSummary, source_of, write_gguf
 from .importance import ScoringContext, check_metric, score_layers
-from .models import check_context, check_same_vocabulary, load_model
+from .models import check_context, check_same_vocabulary, load_model, model_name
 from .report import set_card_section
 from .surgery import original_indices
 from .tasks import TaskData, blocks_to_batches, build_tasks, check_task_name, evaluate_tasks, quality_retained
@@ -59,7 +59,7 @@ def evaluate(config: EvalConfig | None = None) -> dict:
     corpus = load_corpus(config.data, tokenizer)
     tasks = build_tasks(config.tasks, TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"],
                                                config.data.batch_size, config.seed))
-    result = {"model": config.model or "embedded:SmolLM2-135M-Instruct", "tasks": evaluate_tasks(net, tasks, ref)}
+    result = {"model": model_name(config.model), "tasks": evaluate_tasks(net, tasks, ref)}
     if ref is not None:
         result["teacher"] = config.teacher
         result["teacher_tasks"] = evaluate_tasks(ref, tasks, ref)

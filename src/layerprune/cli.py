@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .config import CompareConfig, EvalConfig, ExportConfig, PruneConfig, ScoreConfig
-from .options import expand_shorthands, field_types, flag_of, from_dict, merge, read_yaml
+from .options import expand_shorthands, field_types, flag_of, from_dict, merge_values, read_yaml
 from .errors import LayerpruneError
 from .outdir import write_error
 
@@ -54,7 +54,7 @@ def config_from_args(cls, args: argparse.Namespace):
             nested = {name: value}
             for section in reversed(sections):
                 nested = {section: nested}
-            values = merge(values, nested)
+            values = merge_values(values, nested)
     return from_dict(cls, values)
 
 

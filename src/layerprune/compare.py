@@ -24,10 +24,10 @@ from . import outdir
 from .checkpoint import check_output
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import StreamPosition, load_corpus
-from .sources import probe
+from .sources import probe, source_name
 from .errors import LayerpruneError
 from .io import write_json, write_text
-from .models import check_trainable, load_model
+from .models import check_trainable, load_model, model_name
 from .options import to_dict
 from .heal import check_mse_layers
 from .heal_text import validation_blocks
@@ -167,8 +167,8 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                      results[name]["seconds"])
     if targets is not None:
         targets.close()
-    summary = {"model": config.model or "embedded:SmolLM2-135M-Instruct", "counts": counts,
-               "eval_tasks": list(config.eval_tasks), "data": config.data.source or "embedded:wiki",
+    summary = {"model": model_name(config.model), "counts": counts,
+               "eval_tasks": list(config.eval_tasks), "data": source_name(config.data.source),
                "unseen_data": config.unseen_data, "teacher_eval": inputs.teacher_eval, "results": results,
                "config": to_dict(config)}
     if PartialState().is_main_process:
@@ -179,7 +179,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
 def write_comparison(out: Path, summary: dict) -> None:
     """compare.json, compare.md and the plots of one summary."""
     write_json(out / "compare.json", summary)
-    write_text(out / "compare.md", markdown(summary))
+    write_text(out / "compare.md", comparison_markdown(summary))
     tasks = ", ".join(summary["eval_tasks"])
     for key, file, text in (("quality_retained", "compare.png", summary["data"]),
                             ("quality_retained_unseen", "compare_unseen.png", summary.get("unseen_data"))):
@@ -193,7 +193,7 @@ def write_comparison(out: Path, summary: dict) -> None:
 SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval")
 
 
-def merge(summaries: list[dict]) -> dict:
+def merge_comparisons(summaries: list[dict]) -> dict:
     """One table from comparisons run separately (e.g. one variant per machine): they must share
     the model, data, counts, tasks and the teacher's held-out scores; each variant keeps the
     config it ran with."""
@@ -214,7 +214,7 @@ def merge(summaries: list[dict]) -> dict:
     return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results}
 
 
-def markdown(summary: dict) -> str:
+def comparison_markdown(summary: dict) -> str:
     counts = summary["counts"]
     unseen = summary.get("unseen_data")
     head = " | ".join(f"-{n}" for n in counts)

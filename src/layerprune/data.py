@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig
 from .errors import LayerpruneError
-from .sources import documents
+from .sources import documents, source_name
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,6 @@ def token_pieces(tokenizer, text: str) -> Iterator[list[int]]:
         yield tokenizer(piece, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         yield [tokenizer.eos_token_id]
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """A document's token ids, EOS-terminated."""
-    return [i for ids in token_pieces(tokenizer, text) for i in ids]
 
 
 def token_window(tokenizer, text: str, start: int, end: int) -> list[int]:
@@ -267,7 +262,7 @@ class Corpus:
 def load_corpus(config: DataConfig, tokenizer, patch_pool: bool = False) -> Corpus:
     """The calibration and held-out blocks of the budgets, and the training stream. The patch
     pool (the first --patch-tokens of training text) is read only where `patch_pool`."""
-    source = config.source or "embedded:wiki"
+    source = source_name(config.source)
     blocks, docs = {}, {}
     for split in ("calib", "eval"):
         blocks[split], docs[split] = held_blocks(config.source, split, tokenizer, config, config.blocks(split))

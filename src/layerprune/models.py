@@ -23,9 +23,13 @@ from .errors import LayerpruneError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"   # how records name the embedded default (--model unset)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_name(model: str | None) -> str:
+    return model or DEFAULT_MODEL
 
 
 def cache_dir() -> Path:

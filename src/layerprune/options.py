@@ -107,11 +107,12 @@ def to_dict(config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def merge(base: dict, override: dict) -> dict:
+def merge_values(base: dict, override: dict) -> dict:
     """`override` on top of `base`, section by section."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_values(out[key], value) if both else value
     return out
 
 

@@ -33,13 +33,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import PATCHES
 from .errors import LayerpruneError
 from .surgery import find_layers, original_indices, text_config
 
 log = logging.getLogger(__name__)
 
-KINDS = PATCHES
 RIDGE = 1e-4          # relative to the mean diagonal of M^T M
 RIDGE_FLOOR = 1e-12   # absolute, so that an all-zero M still solves to T = I
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")

@@ -36,7 +36,7 @@ from .heal import HealLog, check_mse_layers, heal, plan
 from .heal_text import carried_lr, last_position, validation_blocks
 from .importance import REMOVAL_METRICS, ScoringContext, Selection, check_metric, select_layers
 from .gguf_export import open_source, source_of
-from .models import check_context, check_trainable, load_model
+from .models import check_context, check_trainable, load_model, model_name
 from .options import to_dict
 from .patch import candidate_patches, cut, effective_kind
 from .report import write_loss_log
@@ -120,7 +120,7 @@ def build_inputs(config: Recipe, teacher, tokenizer, final_tasks=(), teacher_sco
                      evaluate_tasks(teacher, eval_tasks, teacher))
 
 
-def evaluate(inputs: RunInputs, student) -> Evaluation:
+def evaluate_student(inputs: RunInputs, student) -> Evaluation:
     scores = evaluate_tasks(student, inputs.eval_tasks, inputs.teacher)
     return Evaluation(scores, quality_retained(scores, inputs.teacher_eval), [t.name for t in inputs.eval_tasks])
 
@@ -177,7 +177,7 @@ def _heal(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: PendingIt
              count, "the same" if reuse else "fresh", start.doc, caches.why)
     _, state = loop.resumed(pending.iteration)
     if state is None:
-        pending.held_out_before = _kl_and_ppl(evaluate(inputs, loop.student))
+        pending.held_out_before = _kl_and_ppl(evaluate_student(inputs, loop.student))
     save = None
     if loop.out is not None:
         as_dict = to_dict(config)
@@ -260,7 +260,7 @@ def _iteration(inputs: RunInputs, config: PruneConfig, loop: Loop, pending: Pend
     heal_log = _heal(inputs, config, loop, pending, final=False, progress=progress)
     heal_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    evaluation = evaluate(inputs, loop.student)
+    evaluation = evaluate_student(inputs, loop.student)
     if heal_log is not None:
         heal_log.held_out_after = _kl_and_ppl(evaluation)
     selection = pending.selection
@@ -355,7 +355,7 @@ def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> Hist
                 position=last_position(point.records), validation=validation, lr=carried_lr(point.records))
     if point.folder is not None:
         checkpoint.restore_student(loop.student, point.folder, point.records)
-    log.info("%s: %d layers, removing %d by %s (%s), healing: %s", config.model or "SmolLM2-135M-Instruct (default)",
+    log.info("%s: %d layers, removing %d by %s (%s), healing: %s", model_name(config.model),
              depth, count, config.metric, config.mode, config.heal.method)
     records = run_removals(inputs, config, count, loop, progress)
     final_heal = None
@@ -365,7 +365,7 @@ def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> Hist
         final_heal = _heal(inputs, config, loop, final, final=True, progress=progress)
     final_eval, suite, teacher_suite = final_evaluation(inputs, loop.student)
     speed = compare_speed(teacher, loop.student, progress=progress) if config.measure_speed else {}
-    history = History(to_dict(config), config.model or "embedded:SmolLM2-135M-Instruct", depth,
+    history = History(to_dict(config), model_name(config.model), depth,
                       num_layers(loop.student), [layer for r in records for layer in r.removed_original],
                       original_indices(loop.student), teacher_suite, records, final_heal, final_eval, suite,
                       time.perf_counter() - started)

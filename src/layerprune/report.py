@@ -167,7 +167,7 @@ def speed_table(speed: dict) -> list[str]:
     return lines
 
 
-def markdown(rep: dict, history: "History", plots: dict) -> str:
+def report_markdown(rep: dict, history: "History", plots: dict) -> str:
     config = rep["config"]
     lines = [
         f"# layerprune report: {rep['model']}", "",
@@ -271,7 +271,7 @@ def write_report(out: Path, history: "History", speed: dict) -> dict:
         plots["heal"] = PLOTS["heal"]
     rep = summary(history, speed)
     write_json(out / "report.json", rep)
-    write_text(out / "report.md", markdown(rep, history, plots))
+    write_text(out / "report.md", report_markdown(rep, history, plots))
     write_text(out / "README.md", model_card(rep, (out / "config.yaml").read_text(encoding="utf-8"),
                                              guard_lines(history)))
     return rep

@@ -24,7 +24,7 @@ from typing import Iterator
 from .config import DataConfig
 from .errors import LayerpruneError
 
-EMBEDDED = ("embedded:wiki", "embedded:news")
+DEFAULT_DATA, NEWS = "embedded:wiki", "embedded:news"   # --data unset means the Wikipedia sample
 SHARD_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
 Document = tuple[str, str]   # (identity, text)
@@ -233,11 +233,15 @@ def hub_documents(name: str, text_field: str) -> Iterator[Document]:
         row = next(stream, None)
 
 
+def source_name(source: str | None) -> str:
+    return source or DEFAULT_DATA
+
+
 def documents(source: str | None, text_field: str = "text") -> Iterator[Document]:
     """Every document of `source`, lazily, in source order."""
-    if source in (None, "embedded:wiki"):
+    if source in (None, DEFAULT_DATA):
         return wiki_documents()
-    if source == "embedded:news":
+    if source == NEWS:
         return news_documents()
     shards = shard_paths(source)
     if shards is None:

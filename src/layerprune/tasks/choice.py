@@ -58,7 +58,7 @@ def choice_batches(items: list[tuple[list[int], list[list[int]], int]], pad_id: 
     return batches
 
 
-def encode(tokenizer, text: str) -> list[int]:
+def token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -68,8 +68,8 @@ def questions_task(name: str, tokenizer, questions: list[dict], samples: int, se
         raise LayerpruneError(f"task {name} has no questions", "give a jsonl file with question/choices/answer")
     rng = random.Random(seed)
     chosen = rng.sample(questions, min(samples, len(questions)))
-    items = [(encode(tokenizer, f"Question: {q['question']}\nAnswer:"),
-              [encode(tokenizer, f" {c}") for c in q["choices"]], int(q["answer"])) for q in chosen]
+    items = [(token_ids(tokenizer, f"Question: {q['question']}\nAnswer:"),
+              [token_ids(tokenizer, f" {c}") for c in q["choices"]], int(q["answer"])) for q in chosen]
     return Task(name, choice_batches(items, tokenizer.pad_token_id or 0), choice_stats, choice_summary)
 
 
@@ -114,7 +114,7 @@ def mmlu_questions() -> list[dict]:
 
 
 def doc_tokens(ctx, minimum: int) -> list[list[int]]:
-    docs = [ids for ids in (encode(ctx.tokenizer, d) for d in ctx.docs) if len(ids) >= minimum]
+    docs = [ids for ids in (token_ids(ctx.tokenizer, d) for d in ctx.docs) if len(ids) >= minimum]
     if len(docs) < 2:
         raise LayerpruneError(f"the text has too few documents of {minimum}+ tokens for this task",
                               "give more or longer documents")

@@ -14,7 +14,7 @@ import random
 import torch
 
 from .base import Task, pad_sequences
-from .choice import doc_tokens, encode
+from .choice import doc_tokens, token_ids
 from .stats import accuracy_stats, accuracy_summary
 
 COPY_SAMPLES, COPY_TOKENS = 16, 32
@@ -24,7 +24,7 @@ def _copy_items(ctx) -> list[tuple[list[int], list[int]]]:
     """(prompt ids ending where the copy starts, paragraph ids)."""
     rng = random.Random(ctx.seed + 1)
     docs = doc_tokens(ctx, COPY_TOKENS)
-    head, tail = encode(ctx.tokenizer, "Repeat the text exactly.\nText: "), encode(ctx.tokenizer, "\nRepeat: ")
+    head, tail = token_ids(ctx.tokenizer, "Repeat the text exactly.\nText: "), token_ids(ctx.tokenizer, "\nRepeat: ")
     items = []
     for _ in range(COPY_SAMPLES):
         doc = docs[rng.randrange(len(docs))]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from layerprune import faults, outdir, pipeline
 from layerprune.cli import main
+from layerprune.errors import write_error
 
 from test_cli import common, run
 
@@ -170,9 +171,9 @@ def test_torch_and_safetensors_full_disk_errors_become_one_line():
                 SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
                                 "message: \"No space left on device\" })"),
                 OSError(errno.ENOSPC, "No space left on device")):
-        problem = outdir.write_error(Path("runs/x"), err)
+        problem = write_error(Path("runs/x"), err)
         assert problem is not None and "No space left on device" in str(problem) and "runs/x" in str(problem)
-    assert outdir.write_error(Path("x"), RuntimeError("a bug")) is None
+    assert write_error(Path("x"), RuntimeError("a bug")) is None
 
 
 def test_sigterm_is_one_line_and_the_run_resumes(tiny_dir, text_file, tmp_path):

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from .config import CompareConfig, EvalConfig, ExportConfig, PruneConfig, ScoreConfig
 from .options import expand_shorthands, field_types, flag_of, from_dict, merge_values, read_yaml
-from .errors import LayerpruneError
-from .outdir import write_error
+from .errors import LayerpruneError, write_error
 
 EXIT_USER_ERROR = 2
 PREFIX = "config:"

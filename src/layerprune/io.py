@@ -4,7 +4,7 @@ new one, never half of one. Every module that leaves something on disk writes th
 A folder written by `write_folder` carries `manifest.json`: the size and sha256 of each of its
 files, which `verify_folder` checks before a resumed run trusts any of them. A failed write
 leaves no temporary file behind and ends in a one-line error naming the path
-(outdir.write_error)."""
+(errors.write_error)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .errors import LayerpruneError
+from .errors import LayerpruneError, write_error
 from .faults import crash_point, full_disk_point
 
 MANIFEST = "manifest.json"
@@ -27,12 +27,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _as_write_error(path: Path, err: Exception) -> Exception:
-    from .outdir import write_error
-
-    return write_error(path, err) or err
 
 
 def write_file(path: Path, write: Callable[[Path], None]) -> None:
@@ -48,7 +42,7 @@ def write_file(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, Exception) and not isinstance(err, LayerpruneError):
-            raise _as_write_error(path, err) from err
+            raise (write_error(path, err) or err) from err
         raise
 
 
@@ -91,7 +85,7 @@ def write_folder(out: Path, name: str, write: Callable[[Path], None], site: str)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, Exception) and not isinstance(err, LayerpruneError):
-            raise _as_write_error(final, err) from err
+            raise (write_error(final, err) or err) from err
         raise
     crash_point(site)
     shutil.rmtree(old, ignore_errors=True)

@@ -58,7 +58,8 @@ def coerce(kind, value, where: str):
 
 def expand_shorthands(cls, values):
     """A section given as one value (`data: embedded:news`) means what the flag of that name
-    means (`--data`, the section's field whose flag it is): `data: {source: embedded:news}`."""
+    means (`--data`, the section's field whose flag it is): `data: {source: embedded:news}`.
+    One level: `from_dict` applies it again inside each section."""
     if not isinstance(values, dict):
         return values
     hints = field_types(cls)
@@ -71,7 +72,6 @@ def expand_shorthands(cls, values):
                 if not owner:
                     raise LayerpruneError(f"config section {name} is not a mapping", "write key: value lines under it")
                 value = {owner[0]: value}
-            value = expand_shorthands(kind, value)
         expanded[name] = value
     return expanded
 

@@ -8,56 +8,32 @@ A run claims `--out` before it writes anything (`claim`):
   whole run: a second run on the folder is refused at once, naming the
   process. The OS drops the lock when the process dies, so a SIGKILL leaves
   no stale lock behind;
-- `.layerprune-run.json`, the run record, marks the folder as ours and gives
-  the run an identity that does not depend on how `--out` is spelled, so the
-  same folder by another path, or a moved one, resumes.
+- `.layerprune-run.json`, the run record, marks the folder as ours. A resume
+  is keyed to the folder and its checkpoints' configuration, never to how
+  `--out` is spelled, so the same folder by another path, or a moved one,
+  resumes.
 OS failures (no space, read-only, a file in the path) become one-line errors
-through `write_error`, which every writer shares.
+through `errors.write_error`, which every writer shares.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import shutil
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LayerpruneError, WriteError
+from .errors import LayerpruneError, write_error
 from .faults import full_disk_point
+from .io import write_json
 
 LOCK, RECORD = ".layerprune.lock", ".layerprune-run.json"
 # What a folder of ours written before run records existed holds (besides a history.json of ours).
 OURS = ("checkpoint/state.json", ".checkpoint.old/state.json", "heal-checkpoint/state.json",
         ".heal-checkpoint.old/state.json")
-
-
-def write_error(path: Path, err: BaseException) -> WriteError | None:
-    """`err` as a one-line error naming `path` and the fix, if it is a failure of the file system
-    (torch and safetensors report a full disk as RuntimeError or SafetensorError); None else."""
-    code = err.errno if isinstance(err, OSError) else None
-    text = str(err)
-    if code is None and not any(sign in text for sign in ("No space left", "os error", "write failed",
-                                                          "Read-only file system", "Permission denied")):
-        return None
-    if code is None:
-        code = (errno.ENOSPC if "No space left" in text or "write failed" in text else
-                errno.EROFS if "Read-only" in text else errno.EACCES)
-    reason = os.strerror(code)
-    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        fix = ("free disk space or choose another --out, then rerun the same command: it resumes from the last "
-               "checkpoint")
-    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "make the folder writable or choose another --out"
-    elif code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-        fix = "a part of the path is a file, not a folder: choose another --out"
-    else:
-        fix = "check the folder and rerun the same command"
-    return WriteError(f"cannot write {path} ({reason})", fix)
 
 
 def holds_our_run(out: Path) -> bool:
@@ -77,10 +53,9 @@ def _same_or_inside(path: Path, folder: Path) -> bool:
 
 @dataclass
 class Claim:
-    """The lock held on `out` and the run's identity; `release()` at the end of the run."""
+    """The lock held on `out`; `release()` at the end of the run."""
 
     out: Path
-    run_id: str
     handle: object | None = None
     fresh: bool = False   # the folder was new or empty when claimed
     made: bool = False    # the folder was made by the claim
@@ -140,14 +115,16 @@ def claim(out: Path, model: str | None, overwrite: bool, need_bytes: int = 0) ->
         handle.flush()
         if overwrite:
             _empty(out)
-        run_id = _record(out)
+        if not (out / RECORD).is_file():
+            write_json(out / RECORD, {"tool": "layerprune"})
         _check_space(out, need_bytes)
     except BaseException as err:
         handle.close()
-        if isinstance(err, OSError) and write_error(out, err) is not None:
-            raise write_error(out, err) from err
+        problem = write_error(out, err) if isinstance(err, OSError) else None
+        if problem is not None:
+            raise problem from err
         raise
-    return Claim(out, run_id, handle, fresh, made)
+    return Claim(out, handle, fresh, made)
 
 
 @contextmanager
@@ -172,19 +149,6 @@ def _empty(out: Path) -> None:
         if item.name == LOCK:
             continue
         shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-
-
-def _record(out: Path) -> str:
-    """The run's identity, kept across resumes; a folder of ours from before records gets one."""
-    from .io import write_json
-
-    path = out / RECORD
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        run_id = uuid.uuid4().hex
-        write_json(path, {"run_id": run_id, "tool": "layerprune"})
-        return run_id
 
 
 def _check_space(out: Path, need_bytes: int) -> None:

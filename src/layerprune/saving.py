@@ -11,13 +11,12 @@ from pathlib import Path
 from . import checkpoint
 from .checkpoint import History
 from .config import PruneConfig
-from .errors import LayerpruneError, WriteError
+from .errors import LayerpruneError, WriteError, write_error
 from .faults import crash_point, full_disk_point
 from .gguf_export import GGUF_NAME, source_of, write_gguf
 from .io import file_entry, write_json, write_text
 from .models import save_model
 from .options import to_yaml
-from .outdir import write_error
 from .report import set_card_section, write_report
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def save_result(out: Path, student, tokenizer, history: History, speed: dict, co
                          if item.is_file()}
     except Exception as err:
         shutil.rmtree(stage, ignore_errors=True)
-        problem = err if isinstance(err, LayerpruneError) else write_error(out, err)
+        problem = None if isinstance(err, LayerpruneError) else write_error(out, err)
         if problem is None:
             raise
         raise problem from err

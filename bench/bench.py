@@ -23,14 +23,14 @@ import time
 import torch
 
 
-def setup(calib_blocks=16, train_blocks=32, seq_len=256):
+def setup(calib_blocks=16, patch_blocks=32, seq_len=256):
     from layerprune.config import DataConfig
     from layerprune.data import load_corpus
     from layerprune.models import load_model
 
     torch.manual_seed(0)
     model, tokenizer = load_model(None, "float32", "auto")
-    corpus = load_corpus(DataConfig(seq_len=seq_len, calib_blocks=calib_blocks, train_blocks=train_blocks,
+    corpus = load_corpus(DataConfig(seq_len=seq_len, calib_blocks=calib_blocks, patch_blocks=patch_blocks,
                                     eval_blocks=4), tokenizer, patch_pool=True)
     return model, tokenizer, corpus
 
@@ -128,7 +128,8 @@ def phase_scoring(args) -> dict:
 
 def _heal_run(model, blocks, targets, steps, topk, tmp):
     from layerprune.config import HealConfig
-    from layerprune.heal import heal, plan
+    from layerprune.heal import heal
+    from layerprune.heal_job import plan
     from layerprune.surgery import remove_layers
 
     student = copy.deepcopy(model)
@@ -146,7 +147,7 @@ def phase_healing(args) -> dict:
     """Healing steps: teacher + full student every step, against cached targets + frozen prefix."""
     from layerprune.targets import compute_targets
 
-    model, _, corpus = setup(train_blocks=args.train_blocks)
+    model, _, corpus = setup(patch_blocks=args.patch_blocks)
     tokens = args.heal_steps * 2 * 2 * 256
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -250,7 +251,7 @@ def phase_patch(args) -> dict:
     from layerprune.surgery import num_layers, remove_layers
     from layerprune.tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
 
-    model, tokenizer, corpus = setup(calib_blocks=args.calib_blocks, train_blocks=args.train_blocks)
+    model, tokenizer, corpus = setup(calib_blocks=args.calib_blocks, patch_blocks=args.patch_blocks)
     tasks = build_tasks(["perplexity", "token_accuracy"], TaskData(tokenizer, corpus.blocks["calib"], [], 4))
     held_out = build_tasks(["perplexity", "token_accuracy", "kl"], TaskData(tokenizer, corpus.blocks["eval"], [], 4))
     reference, teacher_eval = evaluate_tasks(model, tasks, model), evaluate_tasks(model, held_out, model)
@@ -261,9 +262,10 @@ def phase_patch(args) -> dict:
     plain = score_quality(model, ctx)
     plain_s = time.perf_counter() - start
     start = time.perf_counter()
-    ctx.patches = patch.candidate_patches(model, candidates, corpus.patch_blocks, "lstsq", progress=False)
+    how = patch.PatchFit(corpus.patch_blocks, "lstsq", progress=False)
+    patched_ctx = dataclasses.replace(ctx, patches=patch.candidate_patches(model, candidates, how))
     fit_s = time.perf_counter() - start
-    patched = score_quality(model, ctx)
+    patched = score_quality(model, patched_ctx)
     patched_s = time.perf_counter() - start
     picks = {"plain": min(candidates, key=plain.__getitem__), "patched": min(candidates, key=patched.__getitem__)}
     retained = {}
@@ -272,7 +274,7 @@ def phase_patch(args) -> dict:
         if name == "plain":
             remove_layers(student, [layer])
         else:
-            patch.cut(student, [layer], corpus.patch_blocks, "lstsq", progress=False)
+            patch.cut(student, [layer], how)
         retained[name] = quality_retained(evaluate_tasks(student, held_out, model), teacher_eval)
     return {"round": f"{len(candidates)} candidates, {args.calib_blocks} x 256 calibration tokens; patches fitted "
                      f"on {len(corpus.blocks['train'])} x 256 training tokens",
@@ -298,7 +300,7 @@ def main() -> None:
     parser.add_argument("--calib-blocks", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256, help="calibration block length (scoring)")
     parser.add_argument("--batch-size", type=int, default=4, help="calibration blocks per forward (scoring)")
-    parser.add_argument("--train-blocks", type=int, default=32)
+    parser.add_argument("--patch-blocks", type=int, default=32)
     parser.add_argument("--heal-steps", type=int, default=6, help="at least 3")
     parser.add_argument("--shortlist", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=4)

@@ -8,7 +8,8 @@ import torch
 from accelerate import PartialState
 
 from layerprune.config import HealConfig
-from layerprune.heal import heal, plan
+from layerprune.heal import heal
+from layerprune.heal_job import plan
 from layerprune.surgery import remove_layers
 from layerprune.targets import TeacherTargets
 

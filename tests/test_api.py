@@ -3,7 +3,7 @@ import pytest
 from layerprune import DataConfig, EvalConfig, ScoreConfig, evaluate, score
 from layerprune.errors import LayerpruneError
 
-DATA = dict(seq_len=32, calib_blocks=2, train_blocks=2, eval_blocks=2, batch_size=2)
+DATA = dict(seq_len=32, calib_blocks=2, patch_blocks=2, eval_blocks=2, batch_size=2)
 
 
 def test_score_ranks_every_layer_with_original_indices(tiny_dir, text_file):

@@ -6,7 +6,7 @@ import torch
 from layerprune.checkpoint import (Evaluation, History, IterationRecord, PendingIteration, find_checkpoint,
                                    restore_student, resume_point, save_checkpoint, save_heal_checkpoint)
 from layerprune.errors import LayerpruneError
-from layerprune.heal import HealLog
+from layerprune.heal_job import HealLog
 from layerprune.importance import Selection
 from layerprune.surgery import remove_layers
 
@@ -17,7 +17,7 @@ CONFIG = {"model": "m", "measure_speed": True, "heal": {"steps": 3, "checkpoint_
 
 def record(iteration=1, heal=True):
     log = HealLog(3, [1, 2], [(2, 3)], [{"iteration": iteration, "step": 1, "loss": 0.5}],
-                  held_out_before={"kl": 0.3}, held_out_after={"kl": 0.1}) if heal else None
+                  held_out_before={"kl": 0.3}) if heal else None
     return IterationRecord(iteration, {"0": 0.1, "1": None, "2": 0.3}, [1], [1], 5,
                            Evaluation({"kl": {"score": 0.9, "kl": 0.1}}, 0.9, ["kl"]), log,
                            {"score_s": 1.0, "heal_s": 2.0, "eval_s": 0.5}, shortlist=[0, 1])
@@ -30,6 +30,7 @@ class TestRecords:
             again = IterationRecord.from_json(json.loads(json.dumps(rec.to_json())))
             assert again == rec
         assert "block_start" not in record().to_json() and record(heal=False).to_json()["heal"] is None
+        assert record().to_json()["heal"]["held_out_after"] == {"kl": 0.1}   # the iteration's evaluation
 
     def test_pending_iteration_round_trip_keeps_nan_scores(self):
         pending = PendingIteration(2, Selection([float("nan"), 0.5], [1], shortlist=None, block_start=None), 1.5,

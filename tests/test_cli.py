@@ -27,7 +27,7 @@ def run(capsys, *argv):
 def common(tiny_dir, text_file, out):
     """Later flags override earlier ones (argparse keeps the last), so cases can replace any of these."""
     return ["prune", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--device", "cpu",
-            "--seq-len", "32", "--calib-blocks", "2", "--train-blocks", "2", "--eval-blocks", "2", "--heal", "none",
+            "--seq-len", "32", "--calib-blocks", "2", "--patch-blocks", "2", "--eval-blocks", "2", "--heal", "none",
             "--final-tasks", "perplexity", "--no-speed", "--quiet"]
 
 
@@ -169,12 +169,12 @@ def test_the_cli_page_states_the_catalogue_size():
 def test_full_disk_while_saving_is_one_line_and_resumable(capsys, monkeypatch, tiny_dir, text_file, tmp_path):
     import errno
 
-    from layerprune import saving
+    from layerprune import output
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(saving, "save_model", no_space)
+    monkeypatch.setattr(output, "save_model", no_space)
     out = tmp_path / "out"
     code, lines = run(capsys, *common(tiny_dir, text_file, out), "--remove", "1", "--metric", "bi")
     assert code == 2 and "No space left on device" in lines[0] and "resumes" in lines[0]
@@ -187,7 +187,7 @@ def test_full_disk_while_saving_is_one_line_and_resumable(capsys, monkeypatch, t
 def test_the_saved_config_yaml_repeats_the_run(tiny_dir, text_file, tmp_path):
     first = tmp_path / "first"
     argv = common(tiny_dir, text_file, first) + ["--remove", "2", "--heal", "distill", "--heal-steps", "2",
-                                                 "--heal-grad-accum", "1", "--train-blocks", "4"]
+                                                 "--heal-grad-accum", "1", "--patch-blocks", "4"]
     assert main(argv) == 0
     again = tmp_path / "again"
     assert main(["prune", "--config", str(first / "config.yaml"), "--out", str(again), "--quiet"]) == 0
@@ -213,7 +213,7 @@ def test_prune_and_score_commands(capsys, tiny_dir, text_file, tmp_path):
     assert main(common(tiny_dir, text_file, out) + ["--remove", "1", "--metric", "bi"]) == 0
     assert (out / "history.json").exists() and (out / "model.safetensors").exists()
     assert main(["score", "--model", str(tiny_dir), "--data", str(text_file), "--metric", "bi", "--seq-len", "32",
-                 "--calib-blocks", "2", "--train-blocks", "2", "--eval-blocks", "2", "--quiet", "--device", "cpu"]) == 0
+                 "--calib-blocks", "2", "--patch-blocks", "2", "--eval-blocks", "2", "--quiet", "--device", "cpu"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["layer", "current", "bi"] and len(table) == 7
 
@@ -222,7 +222,7 @@ def test_eval_command_prints_a_table_and_writes_json(capsys, tiny_dir, text_file
     target = tmp_path / "eval.json"
     code = main(["eval", "--model", str(tiny_dir), "--teacher", str(tiny_dir), "--data", str(text_file),
                  "--tasks", "perplexity,kl,continuation", "--seq-len", "32", "--calib-blocks", "2",
-                 "--train-blocks", "2", "--eval-blocks", "2", "--json", str(target), "--quiet", "--device", "cpu"])
+                 "--patch-blocks", "2", "--eval-blocks", "2", "--json", str(target), "--quiet", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "quality retained: 1.0000 (mean over perplexity, kl, continuation)" in printed

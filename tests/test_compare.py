@@ -22,7 +22,7 @@ def test_variants_share_the_recipe_and_set_their_method():
 def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):
     out = tmp_path / "cmp"
     code = main(["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--remove", "1,2",
-                 "--seq-len", "32", "--calib-blocks", "2", "--train-blocks", "4", "--eval-blocks", "2",
+                 "--seq-len", "32", "--calib-blocks", "2", "--patch-blocks", "4", "--eval-blocks", "2",
                  "--heal-steps", "1", "--heal-grad-accum", "1", "--quiet", "--device", "cpu"])
     assert code == 0
     summary = json.loads((out / "compare.json").read_text())
@@ -44,10 +44,12 @@ def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, t
     from layerprune.compare import Domain, run_variant, unseen_domain
     from layerprune.config import DataConfig
     from layerprune.models import load_model
-    from layerprune.pipeline import build_inputs
+    from layerprune.inputs import build_inputs
+    from layerprune.run import Shared
+    from layerprune.targets import TargetCache
 
     config = CompareConfig(out="unused", model=str(tiny_dir), device="cpu", counts=(1, 3), unseen_data=str(text_file),
-                           data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=2, train_blocks=2,
+                           data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=2, patch_blocks=2,
                                            eval_blocks=2, batch_size=2))
     teacher, tokenizer = load_model(config.model, device="cpu")
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores=False)
@@ -55,13 +57,12 @@ def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, t
     depths = []
     monkeypatch.setattr(Domain, "quality_retained",
                         lambda self, student, teacher: depths.append(student.config.num_hidden_layers) or 1.0)
-    quality = run_variant(inputs, config, "iterative-bi", "none", {"targets": None, "domain": domain},
-                          progress=False)
+    shared = Shared(TargetCache(config.heal, teacher, 32, 2))
+    quality = run_variant(inputs, config, "iterative-bi", "none", shared, domain, progress=False)
     assert depths == [5, 3] and set(quality["unseen"]) == {1, 3}
     # the same text as held-out: the unseen figures equal the held-out ones
     monkeypatch.undo()
-    quality = run_variant(inputs, config, "shortgpt", "none", {"targets": None, "domain": domain},
-                          progress=False)
+    quality = run_variant(inputs, config, "shortgpt", "none", shared, domain, progress=False)
     assert quality["unseen"] == pytest.approx(quality["held_out"])
 
 

@@ -173,7 +173,7 @@ class TestBlocks:
 
 def test_load_corpus_budgets_in_tokens_and_blocks(tmp_path):
     text = make_text_file(tmp_path / "c.txt")
-    corpus = load_corpus(DataConfig(source=str(text), seq_len=16, calib_tokens=40, eval_blocks=2, train_blocks=3),
+    corpus = load_corpus(DataConfig(source=str(text), seq_len=16, calib_tokens=40, eval_blocks=2, patch_blocks=3),
                          TinyTokenizer(), patch_pool=True)
     assert {k: tuple(v.shape) for k, v in corpus.blocks.items()} == {"calib": (2, 16), "eval": (2, 16)}
     assert tuple(corpus.patch_blocks.shape) == (3, 16)

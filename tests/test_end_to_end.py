@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_prune_smollm2_by_two_layers_with_quality_and_healing(tmp_path):
     out = tmp_path / "smollm2-28"
     code = main(["prune", "--remove", "2", "--metric", "quality", "--out", str(out), "--device", "cpu",
-                 "--seq-len", "64", "--calib-blocks", "2", "--train-blocks", "4", "--eval-blocks", "2",
+                 "--seq-len", "64", "--calib-blocks", "2", "--patch-blocks", "4", "--eval-blocks", "2",
                  "--heal-steps", "2", "--heal-grad-accum", "1", "--quiet"])
     assert code == 0
     history = json.loads((out / "history.json").read_text())

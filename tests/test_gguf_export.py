@@ -135,7 +135,7 @@ def test_source_reads_back_as_the_model(tmp_path, arch):
 
 def prune_args(source, text, out, *extra):
     return ["prune", "--model", str(source), "--data", str(text), "--out", str(out), "--device", "cpu",
-            "--seq-len", "32", "--calib-blocks", "2", "--train-blocks", "8", "--eval-blocks", "2", "--remove", "1",
+            "--seq-len", "32", "--calib-blocks", "2", "--patch-blocks", "8", "--eval-blocks", "2", "--remove", "1",
             "--metric", "bi", "--heal-steps", "3", "--heal-batch-size", "2", "--final-tasks", "perplexity",
             "--no-speed", "--quiet", *extra]
 

@@ -8,7 +8,8 @@ import torch
 
 from layerprune.config import HealConfig
 from layerprune.guard import RETRY_LR_FACTOR, Guard, loss_rises, validation_kl
-from layerprune.heal import heal, plan
+from layerprune.heal import heal
+from layerprune.heal_job import plan
 from layerprune.surgery import find_layers, remove_layers
 
 from common import tiny_model

@@ -6,7 +6,8 @@ import torch
 
 from layerprune.config import HealConfig
 from layerprune.errors import LayerpruneError, NonFiniteError
-from layerprune.heal import HealLog, cut_positions, heal, mse_pairs, plan, trainable_layers
+from layerprune.heal import heal
+from layerprune.heal_job import HealLog, cut_positions, mse_pairs, plan, trainable_layers
 from layerprune.surgery import find_layers, remove_layers
 from layerprune.targets import TeacherTargets
 from layerprune.tasks import TaskData, build_tasks, evaluate_tasks

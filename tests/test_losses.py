@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerprune.losses import LossWeights, joint_loss, kl_loss, mse_loss, topk_kl_loss
+from layerprune.config import HealConfig
+from layerprune.losses import joint_loss, kl_loss, mse_loss, topk_kl_loss
 
 
 def test_kl_matches_a_hand_computation():
@@ -37,7 +38,7 @@ def test_padding_does_not_change_the_loss():
     mask = torch.tensor([[0, 0, 1, 1, 1]])
     s2, hs2 = s.clone(), hs.clone()
     s2[:, :2], hs2[:, :2] = 1e3, -1e3  # garbage at padded positions
-    w = LossWeights()
+    w = HealConfig()
     a = joint_loss(kl_loss(s, t, mask), [hs], [ht], hs, ht, mask, w)
     b = joint_loss(kl_loss(s2, t, mask), [hs2], [ht], hs2, ht, mask, w)
     for key in a:
@@ -48,7 +49,7 @@ def test_all_masked_batch_gives_zero():
     s, t = torch.randn(1, 3, 5), torch.randn(1, 3, 5)
     h = torch.randn(1, 3, 4)
     mask = torch.zeros(1, 3)
-    terms = joint_loss(kl_loss(s, t, mask), [h], [h + 1], h, h + 1, mask, LossWeights())
+    terms = joint_loss(kl_loss(s, t, mask), [h], [h + 1], h, h + 1, mask, HealConfig())
     assert all(v.item() == 0.0 for v in terms.values())
 
 
@@ -56,7 +57,8 @@ def test_joint_loss_weights_each_term():
     s, t = torch.randn(1, 3, 5), torch.randn(1, 3, 5)
     hs, ht, fs, ft = torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     mask = torch.ones(1, 3)
-    terms = joint_loss(kl_loss(s, t, mask), [hs], [ht], fs, ft, mask, LossWeights(kl=0.01, mse=2.0, final=3.0))
+    weights = HealConfig(w_kl=0.01, w_mse=2.0, w_final=3.0, mse_scale="raw")
+    terms = joint_loss(kl_loss(s, t, mask), [hs], [ht], fs, ft, mask, weights)
     expected = 0.01 * kl_loss(s, t, mask) + 2.0 * mse_loss(hs, ht, mask) + 3.0 * mse_loss(fs, ft, mask)
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -76,7 +78,7 @@ def test_relative_mse_does_not_depend_on_the_hidden_scale():
     assert mse_loss(10 * s, 10 * t, mask).item() == pytest.approx(100 * raw.item(), rel=1e-5)
     assert mse_loss(10 * s, 10 * t, mask, "relative").item() == pytest.approx(rel.item(), rel=1e-5)
     assert mse_loss(torch.zeros_like(t), t, mask, "relative").item() == pytest.approx(1.0, rel=1e-6)
-    terms = joint_loss(kl_loss(s, t, mask), [s], [t], s, t, mask, LossWeights(mse_scale="relative"))
+    terms = joint_loss(kl_loss(s, t, mask), [s], [t], s, t, mask, HealConfig(mse_scale="relative"))
     assert terms["mse"].item() == pytest.approx(rel.item(), rel=1e-6)
 
 

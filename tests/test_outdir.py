@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from layerprune import faults, outdir, pipeline
+from layerprune.run import PruneRun
 from layerprune.cli import main
 from layerprune.errors import write_error
 
@@ -88,7 +89,7 @@ def test_a_failed_start_leaves_a_new_folder_as_it_was(capsys, tiny_dir, text_fil
 
 def interrupted_after_first_iteration(monkeypatch, argv):
     """Run until the first iteration is checkpointed, then stop as a Ctrl-C would."""
-    select, calls = pipeline._select, []
+    select, calls = PruneRun._select, []
 
     def stop_at_second(*args, **kwargs):
         calls.append(1)
@@ -96,7 +97,7 @@ def interrupted_after_first_iteration(monkeypatch, argv):
             raise KeyboardInterrupt
         return select(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_select", stop_at_second)
+    monkeypatch.setattr(PruneRun, "_select", stop_at_second)
     assert main(argv) == 130
     monkeypatch.undo()
 

@@ -18,6 +18,11 @@ def blocks(n=8, length=16, seed=1):
     return torch.randint(3, 96, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def how(**kw):
+    """The patch fit every test uses: lstsq on blocks(), quietly."""
+    return patch.PatchFit(blocks(), "lstsq", **{"progress": False, **kw})
+
+
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
@@ -66,7 +71,7 @@ def test_a_layer_that_is_a_linear_map_of_the_mlp_output_is_recovered(arch_name):
 
         handle = find_layers(model).layers[3].register_forward_hook(linear_layer, with_kwargs=True)
         expected = logits(model)
-        removed, info = patch.cut(model, [3], blocks(), "lstsq", batch_size=4, progress=False)
+        removed, info = patch.cut(model, [3], how(batch_size=4))
         handle.remove()
     assert removed == [3] and info["kind"] == kind and info["folded"][0]["layer_original"] == 2
     torch.testing.assert_close(logits(model), expected, rtol=1e-3, atol=1e-3)
@@ -76,10 +81,10 @@ def test_a_zero_mlp_output_gives_the_identity_not_nan():
     model = tiny_model("llama")
     with torch.no_grad():
         find_layers(model).layers[1].mlp.down_proj.weight.zero_()
-    grams = patch.fit(model, [(2, 2)], blocks(), "lstsq", progress=False)
+    grams = patch.fit(model, [(2, 2)], how())
     t = patch.solve(grams[(2, 2)])
     assert torch.equal(t, torch.eye(32, dtype=torch.float64))
-    patch.cut(model, [2], blocks(), "lstsq", progress=False)
+    patch.cut(model, [2], how())
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -95,7 +100,7 @@ def test_runs_and_the_first_layer():
     assert patch.contiguous_runs([7, 3, 4]) == [(3, 4), (7, 7)]
     model = tiny_model("llama")
     before = copy.deepcopy(model.state_dict())
-    removed, info = patch.cut(model, [0], blocks(), "lstsq", progress=False)  # nothing below layer 0
+    removed, info = patch.cut(model, [0], how())  # nothing below layer 0
     assert removed == [0] and info["folded"] == []
     assert torch.equal(model.state_dict()["model.layers.0.mlp.down_proj.weight"],
                        before["model.layers.1.mlp.down_proj.weight"])
@@ -113,11 +118,11 @@ def test_patched_candidates_score_what_the_patched_cut_gives():
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(10)
     tasks = build_tasks(["perplexity"], TaskData(None, blocks(4, 16, seed=5), [], 2))
-    patches = patch.candidate_patches(model, [2, 4], blocks(), "lstsq", progress=False)
+    patches = patch.candidate_patches(model, [2, 4], how())
     _, stats = candidate_stats(model, tasks, [2, 4], patches=patches, progress=False)
     for i in (2, 4):
         cut = copy.deepcopy(model)
-        patch.cut(cut, [i], blocks(), "lstsq", progress=False)
+        patch.cut(cut, [i], how())
         direct = collect_stats(cut, tasks)[None]["perplexity"]
         assert stats[i]["perplexity"]["nll_sum"] == pytest.approx(direct["nll_sum"], rel=1e-4)
 
@@ -138,25 +143,25 @@ def test_a_patch_fitted_to_the_teacher_also_absorbs_earlier_cuts():
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher)
     # On the original model both targets are the same states: the same patch.
-    same = patch.candidate_patches(student, [3], blocks(), "lstsq", progress=False)[3]
-    taught = patch.candidate_patches(student, [3], blocks(), "lstsq", progress=False, teacher=teacher)[3]
+    same = patch.candidate_patches(student, [3], how())[3]
+    taught = patch.candidate_patches(student, [3], how(teacher=teacher))[3]
     torch.testing.assert_close(taught, same)
-    patch.cut(student, [2], blocks(), "lstsq", progress=False)      # original layer 2 gone, patched
+    patch.cut(student, [2], how())      # original layer 2 gone, patched
     gaps = {}
     for target in ("layer", "teacher"):
         cut = copy.deepcopy(student)
-        patch.cut(cut, [3], blocks(), "lstsq", progress=False, teacher=teacher if target == "teacher" else None)
+        patch.cut(cut, [3], how(teacher=teacher if target == "teacher" else None))
         gaps[target] = _teacher_gap(cut, teacher, 2, blocks())  # current layer 2 stands for original 4
     assert gaps["teacher"] < 0.99 * gaps["layer"]
 
 
 def test_a_cut_reuses_the_patch_its_candidate_scoring_fitted(monkeypatch):
     model = tiny_model("llama")
-    fitted = patch.candidate_patches(model, [1, 2, 3], blocks(), "lstsq", progress=False)
+    fitted = patch.candidate_patches(model, [1, 2, 3], how())
     refit = copy.deepcopy(model)
-    _, info = patch.cut(refit, [2], blocks(), "lstsq", progress=False)
+    _, info = patch.cut(refit, [2], how())
     monkeypatch.setattr(patch, "fit", lambda *a, **k: pytest.fail("the candidate's patch was fitted again"))
-    _, reused = patch.cut(model, [2], blocks(), "lstsq", progress=False, fitted=fitted)
+    _, reused = patch.cut(model, [2], how(), fitted=fitted)
     assert reused == info
     for name, value in refit.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name

@@ -1,4 +1,3 @@
-import copy
 import json
 
 import pytest
@@ -6,11 +5,12 @@ import pytest
 from layerprune import DataConfig, HealConfig, PruneConfig, prune
 from layerprune.errors import LayerpruneError
 from layerprune.models import load_model
-from layerprune.pipeline import Loop, build_inputs, run_removals
+from layerprune.inputs import build_inputs
+from layerprune.run import PruneRun
 
 from common import check_output_folder
 
-DATA = dict(seq_len=32, calib_blocks=4, train_blocks=8, eval_blocks=4, batch_size=2)
+DATA = dict(seq_len=32, calib_blocks=4, patch_blocks=8, eval_blocks=4, batch_size=2)
 NO_HEAL = HealConfig(method="none")
 QUICK_HEAL = HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1)
 
@@ -57,7 +57,9 @@ def test_healing_runs_in_the_loop_and_logs(tiny_dir, text_file, tmp_path):
     out = tmp_path / "o"
     history = prune(config(tiny_dir, text_file, out, metric="bi", remove=2, heal=QUICK_HEAL), progress=False)
     heal = history.iterations[0].heal
-    assert heal.steps == 2 and "kl" in heal.held_out_after and "kl" in heal.held_out_before
+    assert heal.steps == 2 and "kl" in history.iterations[0].held_out_after and "kl" in heal.held_out_before
+    saved = json.loads((out / "history.json").read_text())["iterations"][0]["heal"]
+    assert saved["held_out_after"] == history.iterations[0].eval.headline()
     rows = (out / "logs" / "heal.csv").read_text().splitlines()
     assert rows[0].startswith("iteration,attempt,step") and len(rows) >= 1 + 4
     assert not (out / "cache").exists()
@@ -83,12 +85,14 @@ def test_same_seed_same_result(tiny_dir, text_file, tmp_path):
     assert a.final_suite == b.final_suite
 
 
-def test_run_removals_is_the_seam_compare_uses(tiny_dir, text_file, tmp_path):
+def test_a_run_without_a_folder_is_the_run_compare_makes(tiny_dir, text_file, tmp_path):
     """The same removals from the same inputs, without an output folder: nothing written."""
     cfg = config(tiny_dir, text_file, tmp_path / "never", metric="bi", remove=2)
     teacher, tokenizer = load_model(cfg.model, device="cpu")
     inputs = build_inputs(cfg, teacher, tokenizer, (), teacher_scores=False)
-    records = run_removals(inputs, cfg, 2, Loop(copy.deepcopy(teacher)), progress=False)
+    run = PruneRun(cfg, inputs, 2, progress=False).setup()
+    records = [run.step(iteration) for iteration in run.remaining()]
+    assert not (tmp_path / "never").exists() and run.records == records
     history = prune(cfg, progress=False)
     assert [r.removed_original for r in records] == [r.removed_original for r in history.iterations]
     assert records[-1].eval == history.iterations[-1].eval
@@ -172,7 +176,7 @@ class TestHealingGuard:
         assert any("the unhealed cut is kept" in line and "\n" not in line for line in warned)
         assert "the unhealed cut is kept" in (out / "README.md").read_text()
         # the held-out figures before and after the healing are the cut's
-        assert history.iterations[0].heal.held_out_after["kl"] == pytest.approx(
+        assert history.iterations[0].held_out_after["kl"] == pytest.approx(
             history.iterations[0].heal.held_out_before["kl"], rel=1e-5)
 
     def test_validation_is_past_all_healed_text(self, tiny_dir, text_file, tmp_path):

@@ -11,7 +11,7 @@ from common import check_output_folder
 def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
     out = tmp_path / "o"
     config = PruneConfig(out=str(out), model=str(tiny_dir), remove=2, device="cpu",
-                         data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=4, train_blocks=8,
+                         data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=4, patch_blocks=8,
                                          eval_blocks=4, batch_size=2),
                          heal=HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1))
     history = prune(config, progress=False)

@@ -18,7 +18,7 @@ from common import check_output_folder
 def command(tiny_dir, text_file, out):
     return [sys.executable, "-m", "layerprune", "prune", "--model", str(tiny_dir), "--data", str(text_file),
             "--out", str(out), "--device", "cpu", "--remove", "3", "--seq-len", "32", "--calib-blocks", "2",
-            "--train-blocks", "8", "--eval-blocks", "2", "--heal-steps", "3", "--heal-grad-accum", "1",
+            "--patch-blocks", "8", "--eval-blocks", "2", "--heal-steps", "3", "--heal-grad-accum", "1",
             "--heal-final-steps", "2", "--heal-checkpoint-every", "2", "--final-tasks", "perplexity", "--no-speed",
             "--quiet"]
 
@@ -107,7 +107,7 @@ def test_different_configuration_is_refused_and_overwrite_starts_afresh(referenc
 
 def test_resume_without_a_run_is_refused(tiny_dir, text_file, tmp_path):
     config = PruneConfig(out=str(tmp_path / "o"), model=str(tiny_dir), remove=1, metric="bi", device="cpu",
-                         data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=2, train_blocks=2,
+                         data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=2, patch_blocks=2,
                                          eval_blocks=2), heal=HealConfig(method="none"))
     with pytest.raises(LayerpruneError, match="no unfinished run"):
         prune(config, progress=False, resume=True)

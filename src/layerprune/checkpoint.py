@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .errors import LayerpruneError
-from .heal import HealLog
+from .heal_job import HealLog
 from .importance import Selection
 from .io import remove_folder, verify_folder, write_folder, write_json
 from .surgery import num_layers, remove_layers
@@ -56,6 +56,12 @@ class Evaluation:
     def from_json(cls, data: dict) -> "Evaluation":
         return cls(**data)
 
+    def headline(self) -> dict:
+        """Held-out KL to the original and perplexity, where measured: what a healing is judged by."""
+        picked = {"kl": self.tasks.get("kl", {}).get("kl"),
+                  "perplexity": self.tasks.get("perplexity", {}).get("perplexity")}
+        return {key: value for key, value in picked.items() if value is not None}
+
 
 @dataclass
 class IterationRecord:
@@ -74,8 +80,14 @@ class IterationRecord:
     block_start: int | None = None
     patch: dict | None = None
 
+    @property
+    def held_out_after(self) -> dict:
+        """The held-out figures after this iteration's healing: its evaluation's headline."""
+        return self.eval.headline()
+
     def to_json(self) -> dict:
-        data = {**asdict(self), "eval": asdict(self.eval), "heal": self.heal.to_json() if self.heal else None}
+        heal = {**self.heal.to_json(), "held_out_after": self.held_out_after} if self.heal else None
+        data = {**asdict(self), "eval": asdict(self.eval), "heal": heal}
         return {k: v for k, v in data.items() if v is not None or k == "heal"}
 
     @classmethod

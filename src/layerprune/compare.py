@@ -1,8 +1,9 @@
 """`compare`: the paper's method and its baselines on the same model, data and budgets.
 
-One set of inputs (teacher, corpus, tasks, teacher scores) and one teacher-
-target cache serve every variant, through pipeline's public seam
-`run_removals`; each variant starts from a fresh copy of the teacher.
+One set of inputs (teacher, corpus, tasks, teacher scores), one teacher-
+target cache, one validation text and one Accelerator serve every variant:
+each variant is a `PruneRun` on them, starting from a fresh copy of the
+teacher.
 Iterative methods run once to the deepest cut and are read off after each
 removal; one-shot and block methods choose differently for each count, so
 they run once per count. Quality retained is the same measure as in `prune`:
@@ -11,30 +12,29 @@ the mean over --eval-tasks relative to the original.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate import PartialState
-
 from . import outdir
 from .checkpoint import check_output
 from .config import CompareConfig, PruneConfig, Recipe
-from .data import StreamPosition, load_corpus
-from .sources import probe, source_name
+from .data import load_corpus
 from .errors import LayerpruneError
+from .heal import accelerator_for
+from .heal_job import check_mse_layers
+from .heal_text import validation_blocks
+from .inputs import RunInputs, build_inputs, check_names
 from .io import write_json, write_text
 from .models import check_trainable, load_model, model_name
 from .options import to_dict
-from .heal import check_mse_layers
-from .heal_text import validation_blocks
-from .pipeline import Loop, RunInputs, build_inputs, check_names, run_removals, teacher_cache_dir
 from .report import plot_quality
+from .run import PruneRun, Shared, cache_folder, is_main_process
+from .sources import probe, source_name
 from .surgery import num_layers
-from .targets import TeacherTargets, plan_caches
+from .targets import TargetCache
 from .tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
 
 log = logging.getLogger(__name__)
@@ -92,25 +92,23 @@ def variant_name(config: CompareConfig, method: str, heal: str) -> str:
     return f"{method}{patch} + {'healing' if heal == 'distill' else 'no healing'}"
 
 
-def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: dict,
-                progress: bool) -> dict[str, dict[int, float]]:
+def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: Shared,
+                domain: Domain | None, progress: bool) -> dict[str, dict[int, float]]:
     """Quality retained after removing each count of layers: held-out text ("held_out") and the
-    unseen domain ("unseen"). `shared`: the teacher-target cache, the unseen domain and the healing
-    guard's validation blocks."""
+    unseen `domain` ("unseen"), measured after each step that reaches a count."""
     mode = METHODS[method][1]
     counts = sorted(config.counts)
-    domain: Domain | None = shared["domain"]
     unseen: dict[int, float] = {}
 
     def run(count: int):
-        def on_record(record, student):
-            removed = count if mode != "iterative" else record.iteration
+        variant = PruneRun(variant_config(config, method, heal, count), inputs, count, shared=shared,
+                           progress=progress).setup()
+        for iteration in variant.remaining():
+            variant.step(iteration)
+            removed = count if mode != "iterative" else iteration
             if domain is not None and removed in counts:
-                unseen[removed] = domain.quality_retained(student, inputs.teacher)
-
-        loop = Loop(copy.deepcopy(inputs.teacher), targets=shared["targets"], after_each=on_record,
-                    validation=shared["validation"] if heal == "distill" else None)
-        return run_removals(inputs, variant_config(config, method, heal, count), count, loop, progress)
+                unseen[removed] = domain.quality_retained(variant.student, inputs.teacher)
+        return variant.records
 
     if mode == "iterative":
         records = run(max(counts))
@@ -129,7 +127,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     check_output(out)
     if (out / "compare.json").exists():
         raise LayerpruneError(f"{out} already holds a comparison", "choose another --out")
-    with outdir.claimed(out, config.model, main=PartialState().is_main_process):
+    with outdir.claimed(out, config.model, main=is_main_process()):
         return _compare(config, out, progress)
 
 
@@ -140,38 +138,35 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     deepest = variant_config(config, config.methods[0], "distill", max(counts))
     deepest.layers_to_remove(num_layers(teacher))
     check_mse_layers(config.heal, num_layers(teacher))
-    inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods)
+    patching = any(variant_config(config, method, "none", 1).patch != "none" for method in config.methods)
+    inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods,
+                          patch_pool=patching)
+    healing = "distill" in config.healing
     # Every variant is guarded on the same blocks, past the deepest variant's healed text.
-    validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if "distill" in config.healing \
-        else None
+    validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if healing else None
     domain = unseen_domain(config, teacher, tokenizer)
-    targets = None
-    pool = inputs.corpus.train.span(StreamPosition(), config.heal.blocks_per_removal(config.data.seq_len))
-    if "distill" in config.healing and config.heal.train_data == "reuse" and \
-            plan_caches(config.heal, teacher, config.data.seq_len, pool.count, out, reused=True).targets:
-        # Every variant heals on the same blocks: one cache for all of them, within the budget.
-        targets = TeacherTargets.open(teacher_cache_dir(out), teacher, pool,
-                                      config.heal.teacher_topk, config.data.batch_size, progress)
+    # With --train-data reuse every variant heals on the same blocks: one target cache for all of them.
+    shared = Shared(TargetCache(config.heal, teacher, config.data.seq_len, config.data.batch_size, cache_folder(out),
+                                progress), validation,
+                    accelerator_for(config.heal, next(teacher.parameters()).device) if healing else None)
     results: dict[str, dict] = {}
-    shared = {"targets": targets, "domain": domain, "validation": validation}
     for method in config.methods:
         for heal in config.healing:
             name = variant_name(config, method, heal)
             start = time.perf_counter()
-            quality = run_variant(inputs, config, method, heal, shared, progress)
+            quality = run_variant(inputs, config, method, heal, shared, domain, progress)
             results[name] = {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
                              "quality_retained": quality["held_out"], "seconds": time.perf_counter() - start}
             if "unseen" in quality:
                 results[name]["quality_retained_unseen"] = quality["unseen"]
             log.info("%s: %s (%.0fs)", name, {n: round(q, 3) for n, q in quality["held_out"].items()},
                      results[name]["seconds"])
-    if targets is not None:
-        targets.close()
+    shared.targets.close()
     summary = {"model": model_name(config.model), "counts": counts,
                "eval_tasks": list(config.eval_tasks), "data": source_name(config.data.source),
                "unseen_data": config.unseen_data, "teacher_eval": inputs.teacher_eval, "results": results,
                "config": to_dict(config)}
-    if PartialState().is_main_process:
+    if is_main_process():
         write_comparison(out, summary)
     return summary
 

@@ -92,18 +92,18 @@ class DataConfig:
                                 "the healing guard measures KL to the original on them")
     calib_blocks: int | None = opt(None, "the calibration budget in blocks (instead of --calib-tokens)")
     eval_blocks: int | None = opt(None, "the held-out budget in blocks (instead of --eval-tokens)")
-    train_blocks: int | None = opt(None, "the patch-fitting budget in blocks (instead of --patch-tokens)")
+    patch_blocks: int | None = opt(None, "the patch-fitting budget in blocks (instead of --patch-tokens)")
     batch_size: int = opt(4, "blocks per forward pass when scoring and evaluating")
 
     def blocks(self, use: str) -> int:
         """Blocks of `seq_len` tokens for one use: calib, eval or patch."""
-        alias = {"calib": self.calib_blocks, "eval": self.eval_blocks, "patch": self.train_blocks,
+        alias = {"calib": self.calib_blocks, "eval": self.eval_blocks, "patch": self.patch_blocks,
                  "val": None}[use]
         return alias if alias is not None else getattr(self, f"{use}_tokens") // self.seq_len
 
     def validate(self) -> None:
         _positive(self, ("seq_len", "calib_tokens", "eval_tokens", "patch_tokens", "val_tokens", "batch_size"))
-        for name in ("calib_blocks", "eval_blocks", "train_blocks"):
+        for name in ("calib_blocks", "eval_blocks", "patch_blocks"):
             if getattr(self, name) is not None:
                 _positive(self, (name,))
         if self.seq_len < 8:

@@ -156,18 +156,18 @@ class StreamPosition:
         return cls(*data) if data is not None else cls()
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainStream:
     """Training text as blocks of `seq_len` tokens, read from a position on: nothing but the
-    current document and one block is held in memory. `check_holds` remembers where the stream
-    stands at the block offsets a run will start and end its healings, so finding a healing's end
-    costs no second read of its text."""
+    current document and one block is held in memory. Not frozen: `check_holds` remembers, in
+    `known`, where the stream stands at the block offsets a run will start and end its healings,
+    so finding a healing's end costs no second read of its text. The text itself never changes."""
 
     source: str | None
     text_field: str
     tokenizer: object
     seq_len: int
-    _known: dict = field(default_factory=dict, compare=False, repr=False)   # blocks from the start -> position
+    known: dict[int, StreamPosition] = field(default_factory=dict, compare=False, repr=False)  # offset -> position
 
     def blocks(self, start: StreamPosition = StreamPosition()) -> Iterator[tuple[torch.Tensor, StreamPosition]]:
         """(block, position after it), in order, until the split runs out."""
@@ -195,9 +195,9 @@ class TrainStream:
 
     def advance(self, start: StreamPosition, count: int) -> StreamPosition:
         """The position `count` blocks after `start`: remembered by `check_holds`, else read."""
-        offsets = {position: offset for offset, position in self._known.items()}
-        if start in offsets and offsets[start] + count in self._known:
-            return self._known[offsets[start] + count]
+        offsets = {position: offset for offset, position in self.known.items()}
+        if start in offsets and offsets[start] + count in self.known:
+            return self.known[offsets[start] + count]
         return self.take(count, start, keep=False)[1]
 
     def take(self, count: int, start: StreamPosition = StreamPosition(), keep: bool = True
@@ -220,7 +220,7 @@ class TrainStream:
         largest of `offsets` (blocks from the start; the last `held_back` of them validation);
         read once, counting, keeping only the positions at `offsets`."""
         wanted, needed = set(offsets), max(offsets, default=0)
-        self._known[0] = StreamPosition()
+        self.known[0] = StreamPosition()
         if needed <= 0:
             return
         seen = 0
@@ -230,7 +230,7 @@ class TrainStream:
                 seen += 1
                 bar.update(1)
                 if seen in wanted:
-                    self._known[seen] = position
+                    self.known[seen] = position
                 if seen == needed:
                     return
         if held_back:

@@ -1,11 +1,11 @@
 """Healing: distil the pruned student towards the ORIGINAL teacher, on Accelerate.
 
-Lifecycle of one healing: `plan()` turns a removal into a `HealJob` (where
-the cuts are, which layers train, which layer outputs the MSE term matches),
-computed once and handed to the teacher-target cache and to `heal()`; `heal`
-picks its loss step once (cached targets with a frozen prefix, or the
-straightforward teacher + whole-student pass), trains, checkpoints through
-the job's callback, and returns a `HealLog`.
+Lifecycle of one healing: `heal_job.plan()` turns a removal into a `HealJob`
+(where the cuts are, which layers train, which layer outputs the MSE term
+matches), computed once and handed to the teacher-target cache and to
+`heal()`; `heal` picks its loss step once (cached targets with a frozen
+prefix, or the straightforward teacher + whole-student pass), trains,
+checkpoints through the job's callback, and returns a whole `HealLog`.
 
 Only a chosen set of parameters trains (the neighbours of the removed layer by
 default, as in the paper); the rest is frozen, so a healing step costs a
@@ -22,7 +22,7 @@ import contextlib
 import itertools
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -33,9 +33,10 @@ from .data import Blocks
 from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point, poisoned
 from .guard import ABORT_FACTOR, RETRY_LR_FACTOR, Guard, load_trained, trained_state
+from .heal_job import HealJob, HealLog
 from .heal_loss import loss_step
 from .models import check_same_vocabulary
-from .surgery import find_layers, num_layers, original_indices
+from .surgery import find_layers
 from .targets import TeacherTargets
 
 log = logging.getLogger(__name__)
@@ -43,105 +44,6 @@ log = logging.getLogger(__name__)
 # Blocks held at once to shuffle a healing's text: consecutive blocks of one document are spread
 # over many steps, and memory does not grow with the healing budget.
 SHUFFLE_BLOCKS = 1024
-
-
-@dataclass(frozen=True)
-class HealJob:
-    """One healing, decided before it starts. `pairs`: (student layer, teacher layer) whose
-    OUTPUTS the MSE term matches, in current and original indices; `layers`: current indices
-    that train; `resume`: a state saved by `on_checkpoint`, to continue from its step."""
-
-    config: HealConfig
-    steps: int
-    iteration: int
-    seed: int
-    cuts: list[int]
-    pairs: list[tuple[int, int]]
-    layers: list[int]
-    prefix_cache: bool = False
-    resume: dict | None = None
-    on_checkpoint: Callable[[dict], None] | None = None
-    lr: float | None = None   # the learning rate to start from (None: config.lr); the guard may lower it
-
-    @property
-    def start_lr(self) -> float:
-        return self.config.lr if self.lr is None else self.lr
-
-
-@dataclass
-class HealLog:
-    """What a healing did, as recorded in history.json. The held-out figures before and after
-    are the pipeline's evaluations around it."""
-
-    steps: int
-    trained_layers_current: list[int]
-    mse_pairs: list[tuple[int, int]]
-    rows: list[dict] = field(default_factory=list)
-    resumed_at_step: int | None = None
-    held_out_before: dict = field(default_factory=dict)
-    held_out_after: dict = field(default_factory=dict)
-    text: dict = field(default_factory=dict)   # which training text: stream positions, blocks, caches used
-    guard: dict | None = None   # guard.GuardLog: validation KL before, at each check, kept; retries; lr that won
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        for key in ("resumed_at_step", "guard"):
-            if data[key] is None:
-                del data[key]
-        data["mse_pairs"] = [list(pair) for pair in self.mse_pairs]
-        data["first_loss"] = self.rows[0]["loss"] if self.rows else None
-        data["last_loss"] = self.rows[-1]["loss"] if self.rows else None
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> "HealLog":
-        fields = {k: v for k, v in data.items() if k not in ("first_loss", "last_loss")}
-        return cls(**{**fields, "mse_pairs": [tuple(p) for p in fields["mse_pairs"]]})
-
-
-def cut_positions(dropped: list[int]) -> list[int]:
-    """Where each removed layer was, in the indexing after the removal (the index of the layer
-    that now follows the cut)."""
-    return [d - j for j, d in enumerate(sorted(dropped))]
-
-
-def trainable_layers(depth: int, cuts: list[int], config: HealConfig) -> list[int]:
-    """Current indices of the layers that train: the neighbours of each cut (radius r: r layers
-    below it and r above), or all layers."""
-    if config.trainable in ("all", "lora") or not cuts:
-        return list(range(depth))
-    chosen = set()
-    for cut in cuts:
-        chosen.update(range(max(0, cut - config.radius), min(depth, cut + config.radius)))
-    return sorted(chosen) or [min(cuts[0], depth - 1)]
-
-
-def check_mse_layers(config: HealConfig, depth: int) -> None:
-    """Before any work: an index out of range would silently switch the MSE term off."""
-    wrong = [i for i in config.mse_layers or () if not 0 <= i < depth]
-    if wrong:
-        raise LayerpruneError(f"--mse-layers {','.join(map(str, wrong))} is not a layer of this {depth}-layer model",
-                              f"give original layer indices from 0 to {depth - 1}")
-
-
-def mse_pairs(student, cuts: list[int], config: HealConfig) -> list[tuple[int, int]]:
-    """Default: the layer just above the (highest) cut, matched with the teacher layer it came
-    from; `mse_layers` names original layers instead."""
-    originals = original_indices(student)
-    depth = len(originals)
-    if config.w_mse == 0 or depth == 0:
-        return []
-    if config.mse_layers is not None:
-        return [(k, o) for k, o in enumerate(originals) if o in set(config.mse_layers)]
-    k = min(max(cuts) if cuts else depth // 2, depth - 1)
-    return [(k, originals[k])]
-
-
-def plan(student, config: HealConfig, steps: int, iteration: int, seed: int, dropped: list[int]) -> HealJob:
-    """The healing after removing current layers `dropped` (already removed from `student`)."""
-    cuts = cut_positions(dropped)
-    return HealJob(config, steps, iteration, seed, cuts, mse_pairs(student, cuts, config),
-                   trainable_layers(num_layers(student), cuts, config))
 
 
 def set_trainable(student, layers: list[int], config: HealConfig):
@@ -180,26 +82,48 @@ class TrainingRows(torch.utils.data.IterableDataset):
             yield from buffer
 
 
+def accelerator_for(config: HealConfig, device: torch.device):
+    """The Accelerator a run heals through, made once per run: `accelerate launch` gives it its
+    processes. sync_with_dataloader=False: an optimizer step is always exactly `grad_accum`
+    micro-batches, also across the loader's epoch ends, so a step boundary is a clean point to
+    checkpoint and resume."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+
+    accumulation = GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False)
+    return Accelerator(gradient_accumulation_plugin=accumulation, mixed_precision=config.mixed_precision,
+                       cpu=device.type == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+@dataclass
+class _Training:
+    """What every attempt of one healing trains with (prepared by the Accelerator)."""
+
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: object
+    params: list
+    loader: object
+    terms_of: Callable
+    guard: Guard | None
+
+
 def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: TeacherTargets | None = None,
-         progress: bool = True, guard: Guard | None = None) -> HealLog:
+         progress: bool = True, guard: Guard | None = None, accelerator=None) -> HealLog:
     """Train `student` in place for `job.steps` optimizer steps on the training `text`.
 
     With a `guard`, the healing is watched on validation text and retried at a lower learning
     rate when it makes the model worse (guard.py); it ends on the best state seen. Every
     `checkpoint_every` steps and after the last, `job.on_checkpoint(state)` receives what
-    `resume=state` needs to continue from that step exactly as if never interrupted."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    `resume=state` needs to continue from that step exactly as if never interrupted.
+    `accelerator`: the run's (accelerator_for); without one, this healing makes its own."""
+    from accelerate.utils import set_seed
 
     config = job.config
     check_same_vocabulary(student, teacher)
     set_seed(job.seed)
     device = next(student.parameters()).device
-    # sync_with_dataloader=False: an optimizer step is always exactly `grad_accum` micro-batches, also
-    # across the loader's epoch ends, so a step boundary is a clean point to checkpoint and resume.
-    accumulation = GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False)
-    accelerator = Accelerator(gradient_accumulation_plugin=accumulation, mixed_precision=config.mixed_precision,
-                              cpu=device.type == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))
+    accelerator = accelerator or accelerator_for(config, device)
     if config.batch_size % accelerator.num_processes:
         raise LayerpruneError(f"heal batch size {config.batch_size} does not split over "
                               f"{accelerator.num_processes} processes", "use a multiple of the process count")
@@ -213,6 +137,7 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     optimizer = torch.optim.AdamW(params, lr=job.start_lr, weight_decay=config.weight_decay)
     loader = torch.utils.data.DataLoader(TrainingRows(text, job.seed), batch_size=config.batch_size)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    training = _Training(accelerator, model, optimizer, params, loader, terms_of, guard)
     inner = accelerator.unwrap_model(model)
     resume, rows, first = job.resume, [], 0
     if resume is not None:
@@ -225,7 +150,7 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     with flushed_denormals():
         for attempt in range(first, attempts):
             lr = job.start_lr * RETRY_LR_FACTOR ** attempt
-            current = _Attempt(job, accelerator, model, optimizer, params, loader, terms_of, guard, attempt, lr)
+            current = _Attempt(job, training, attempt, lr)
             if resume is not None and attempt == first:
                 current.restore(resume, inner)
             rows = current.run(rows, progress)
@@ -243,8 +168,9 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     if config.trainable == "lora":
         inner.merge_and_unload()
     student.requires_grad_(False)
-    accelerator.free_memory()
+    accelerator.free_memory()   # the next healing prepares its own model, optimizer and loader
     return HealLog(job.steps, job.layers, job.pairs, rows, resume["step"] if resume is not None else None,
+                   held_out_before=job.held_out_before, text=job.text,
                    guard=guard_log.to_json() if guard_log is not None else None)
 
 
@@ -268,18 +194,19 @@ class _Attempt:
 
     KEYS = ("loss", "kl", "mse", "final_mse")
 
-    def __init__(self, job, accelerator, model, optimizer, params, loader, terms_of, guard, attempt, lr):
+    def __init__(self, job: HealJob, training: _Training, attempt: int, lr: float):
         from transformers import get_cosine_schedule_with_warmup
 
-        self.job, self.accelerator, self.model, self.optimizer = job, accelerator, model, optimizer
-        self.params, self.terms_of, self.guard, self.attempt, self.lr = params, terms_of, guard, attempt, lr
-        inner = optimizer.optimizer
+        self.job, self.accelerator, self.model = job, training.accelerator, training.model
+        self.optimizer, self.params, self.terms_of = training.optimizer, training.params, training.terms_of
+        self.guard, self.attempt, self.lr = training.guard, attempt, lr
+        inner = self.optimizer.optimizer
         inner.state.clear()
         for group in inner.param_groups:
             group["lr"] = group["initial_lr"] = lr
         schedule = get_cosine_schedule_with_warmup(inner, min(job.config.warmup_steps, job.steps), job.steps)
-        self.scheduler = accelerator.prepare_scheduler(schedule)
-        self.batches, self.done, self.ended = iter(loader), 0, False
+        self.scheduler = self.accelerator.prepare_scheduler(schedule)
+        self.batches, self.done, self.ended = iter(training.loader), 0, False
 
     def restore(self, state: dict, inner) -> None:
         """Continue a checkpointed attempt at its step, the data order replayed."""

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from .activations import capture, injected, prefix_state
-from .losses import LossWeights, joint_loss, kl_loss, topk_kl_loss
+from .losses import joint_loss, kl_loss, topk_kl_loss
 from .surgery import num_layers
 from .targets import TeacherTargets
 
 if TYPE_CHECKING:
-    from .heal import HealJob
+    from .heal_job import HealJob
 
 
 class FrozenPrefix:
@@ -49,7 +49,7 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
     the teacher is not run; with `job.prefix_cache` the frozen bottom of the student runs once
     per block; with neither, every micro-batch runs the teacher and the whole student (the
     reference)."""
-    weights = LossWeights.of(job.config)
+    weights = job.config
     pairs = job.pairs
 
     def straightforward(ids, rows):

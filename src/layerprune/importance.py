@@ -209,16 +209,18 @@ def _lowest(scores: list[float], candidates: Sequence[int], count: int) -> list[
     return sorted(sorted(scored, key=lambda i: scores[i])[:count])
 
 
-def rank_layers(model, metric: str, ctx: ScoringContext, shortlist: int | None) -> Selection:
-    """Scores of the candidates; with a shortlist, the removal metrics see only the layers that
-    Block Influence ranks least important."""
+def rank_layers(model, metric: str, ctx: ScoringContext, shortlist: int | None
+                ) -> tuple[list[float], list[int] | None]:
+    """Scores of the candidates, and the shortlist they were narrowed to (None: not narrowed);
+    with a shortlist, the removal metrics see only the layers that Block Influence ranks least
+    important."""
     candidates = list(ctx.candidates if ctx.candidates is not None else range(num_layers(model)))
     narrowed = None
     if shortlist and metric in REMOVAL_METRICS and len(candidates) > shortlist:
         bi = score_bi(model, ctx)
         narrowed = _lowest(bi, candidates, shortlist)
         ctx = dataclasses.replace(ctx, candidates=narrowed)
-    return Selection(score_layers(model, metric, ctx), [], shortlist=narrowed)
+    return score_layers(model, metric, ctx), narrowed
 
 
 def select_layers(model, metric: str, mode: str, count: int, ctx: ScoringContext,
@@ -227,10 +229,9 @@ def select_layers(model, metric: str, mode: str, count: int, ctx: ScoringContext
     important of one scoring; block: the contiguous run of `count` candidates whose input and
     output states are closest (Gromov et al.)."""
     if mode != "block":
-        selection = rank_layers(model, metric, ctx, shortlist)
-        candidates = selection.shortlist or ctx.candidates
-        selection.drop = _lowest(selection.scores, candidates, 1 if mode == "iterative" else count)
-        return selection
+        scores, narrowed = rank_layers(model, metric, ctx, shortlist)
+        drop = _lowest(scores, narrowed or ctx.candidates, 1 if mode == "iterative" else count)
+        return Selection(scores, drop, shortlist=narrowed)
     distance = block_influence if metric == "bi" else (
         lambda a, b, m: angular_distance(a, b, m, last_only=metric == "angular_last"))
     by_start = state_distances(model, ctx.batches, distance, span=count)

@@ -8,10 +8,10 @@ padding never changes a loss, and a batch with no unmasked token gives 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from .config import HealConfig
 
 
 def _masked_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -70,24 +70,10 @@ def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: t
     return error / _masked_token_mean(teacher.pow(2).mean(-1), mask).clamp_min(1e-12)
 
 
-@dataclass(frozen=True)
-class LossWeights:
-    """The loss's share of a HealConfig (`of`): the weights, temperature and MSE scale."""
-
-    kl: float = 0.01
-    mse: float = 1.0
-    final: float = 1.0
-    temperature: float = 1.0
-    mse_scale: str = "raw"
-
-    @classmethod
-    def of(cls, config) -> "LossWeights":
-        return cls(config.w_kl, config.w_mse, config.w_final, config.temperature, config.mse_scale)
-
-
 def joint_loss(kl: torch.Tensor, student_hidden: list, teacher_hidden: list, student_final, teacher_final, mask,
-               weights: LossWeights) -> dict[str, torch.Tensor]:
-    """The paper's loss: w_kl * KL + w_mse * sum of mapped-layer MSEs + w_final * final-state MSE.
+               weights: HealConfig) -> dict[str, torch.Tensor]:
+    """The paper's loss: w_kl * KL + w_mse * sum of mapped-layer MSEs + w_final * final-state MSE,
+    with the weights and the MSE's scale (`mse_scale`) read from the healing's configuration.
 
     `kl` comes from `kl_loss` (teacher logits at hand) or `topk_kl_loss` (teacher cached);
     `student_hidden[j]` is compared with `teacher_hidden[j]` (the caller maps layers).
@@ -95,6 +81,6 @@ def joint_loss(kl: torch.Tensor, student_hidden: list, teacher_hidden: list, stu
     zero = kl.new_zeros(())
     scale = weights.mse_scale
     mse = sum((mse_loss(s, t, mask, scale) for s, t in zip(student_hidden, teacher_hidden)), zero)
-    final = mse_loss(student_final, teacher_final, mask, scale) if weights.final else zero
-    loss = weights.kl * kl + weights.mse * mse + weights.final * final
+    final = mse_loss(student_final, teacher_final, mask, scale) if weights.w_final else zero
+    loss = weights.w_kl * kl + weights.w_mse * mse + weights.w_final * final
     return {"loss": loss, "kl": kl, "mse": mse, "final_mse": final}

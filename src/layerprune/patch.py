@@ -24,6 +24,7 @@ that norm's scale.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -192,17 +193,30 @@ def fold(model: nn.Module, layer: int, t: torch.Tensor) -> None:
         param.copy_((moved @ matrix.to(param.device)).movedim(-1, axis).to(param.dtype))
 
 
+@dataclass(frozen=True)
+class PatchFit:
+    """How every patch of a run is fitted: on which training `blocks` [N, T], of which `kind`
+    (lstsq, diag), in batches of `batch_size`; with `teacher` (the original model), towards the
+    teacher's states rather than the current model's (--patch-target teacher)."""
+
+    blocks: torch.Tensor
+    kind: str
+    batch_size: int = 4
+    progress: bool = True
+    teacher: nn.Module | None = None
+
+
 @torch.no_grad()
-def fit(model: nn.Module, runs: list[tuple[int, int]], blocks: torch.Tensor, kind: str, batch_size: int = 4,
-        progress: bool = True, teacher: nn.Module | None = None) -> dict[tuple[int, int], Gram]:
+def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tuple[int, int], Gram]:
     """Gram sums for each run (first, last) of current layers to be removed together, from one
-    pass of `model` over training `blocks` [N, T]. Runs starting at layer 0 have no layer below
-    to patch and are skipped. With `teacher` (the original model), L is the teacher's state
-    after the original layer that the run's last layer stands for, not the current model's:
-    after earlier cuts the two differ, and fitting the teacher's makes the patch absorb that
-    difference too (one teacher pass more)."""
+    pass of `model` over the training blocks. Runs starting at layer 0 have no layer below to
+    patch and are skipped. With a teacher, L is the teacher's state after the original layer
+    that the run's last layer stands for, not the current model's: after earlier cuts the two
+    differ, and fitting the teacher's makes the patch absorb that difference too (one teacher
+    pass more)."""
     from .activations import capture
 
+    blocks, kind, batch_size, teacher = how.blocks, how.kind, how.batch_size, how.teacher
     runs = [(a, b) for a, b in runs if a >= 1]
     hidden = text_config(model).hidden_size
     device = next(model.parameters()).device
@@ -216,7 +230,7 @@ def fit(model: nn.Module, runs: list[tuple[int, int]], blocks: torch.Tensor, kin
     if not runs:
         return grams
     originals = original_indices(model)
-    bar = tqdm(range(0, len(blocks), batch_size), desc="fitting the patch", unit="batch", disable=not progress,
+    bar = tqdm(range(0, len(blocks), batch_size), desc="fitting the patch", unit="batch", disable=not how.progress,
                leave=False)
     for start in bar:
         ids = blocks[start:start + batch_size].to(device)
@@ -251,40 +265,38 @@ def deviation(t: torch.Tensor) -> float:
     return float((t - eye).abs().max())
 
 
-def cut(model: nn.Module, drop: list[int], blocks: torch.Tensor, kind: str, batch_size: int = 4,
-        progress: bool = True, teacher: nn.Module | None = None, fitted: dict[int, torch.Tensor] | None = None
+def cut(model: nn.Module, drop: list[int], how: PatchFit, fitted: dict[int, torch.Tensor] | None = None
         ) -> tuple[list[int], dict | None]:
-    """Remove current layers `drop`; with a patch, fit it on training `blocks` first (the removed
-    layers are needed for that; `teacher` as in `fit`) and fold it into the layer below each cut.
-    `fitted`: the patches `candidate_patches` already solved for single-layer cuts of this model on
-    the same blocks; a cut among them is not fitted again. Returns the removed layers' original
-    indices and what was patched (None without a patch)."""
+    """Remove current layers `drop`; with a patch, fit it first (the removed layers are needed
+    for that) and fold it into the layer below each cut. `fitted`: the patches
+    `candidate_patches` already solved for single-layer cuts of this model on the same blocks; a
+    cut among them is not fitted again. Returns the removed layers' original indices and what
+    was patched (None without a patch)."""
     from .surgery import remove_layers
 
-    kind = effective_kind(model, kind)
+    kind = effective_kind(model, how.kind)
     runs = [(a, b) for a, b in contiguous_runs(drop) if a >= 1]
     if kind == "none":
         patches = {}
     elif fitted and all(a == b and a in fitted for a, b in runs):
         patches = {run: fitted[run[0]] for run in runs}
     else:
-        patches = {run: solve(gram) for run, gram in fit(model, runs, blocks, kind, batch_size, progress,
-                                                          teacher).items()}
+        patches = {run: solve(gram) for run, gram in fit(model, runs, dataclasses.replace(how, kind=kind)).items()}
     originals = original_indices(model)
     removed = remove_layers(model, drop)
     folded = []
     for (first, _), t in patches.items():
         below = first - 1 - sum(1 for d in drop if d < first - 1)
         fold(model, below, t)
-        folded.append({"layer_original": originals[first - 1], "tokens": blocks.numel(), "deviation": deviation(t)})
+        folded.append({"layer_original": originals[first - 1], "tokens": how.blocks.numel(),
+                       "deviation": deviation(t)})
     return removed, ({"kind": kind, "folded": folded} if kind != "none" else None)
 
 
-def candidate_patches(model: nn.Module, candidates, blocks: torch.Tensor, kind: str, batch_size: int = 4,
-                      progress: bool = True, teacher: nn.Module | None = None) -> dict[int, torch.Tensor]:
-    """T for each candidate "current minus layer i" (i >= 1), all from one pass over `blocks`."""
-    kind = effective_kind(model, kind)
-    grams = fit(model, [(i, i) for i in candidates], blocks, kind, batch_size, progress, teacher)
+def candidate_patches(model: nn.Module, candidates, how: PatchFit) -> dict[int, torch.Tensor]:
+    """T for each candidate "current minus layer i" (i >= 1), all from one pass over the blocks."""
+    how = dataclasses.replace(how, kind=effective_kind(model, how.kind))
+    grams = fit(model, [(i, i) for i in candidates], how)
     return {first: solve(gram) for (first, _), gram in grams.items()}
 
 

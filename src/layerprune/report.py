@@ -183,7 +183,7 @@ def report_markdown(rep: dict, history: "History", plots: dict) -> str:
     ]
     for record in history.iterations:
         heal = record.heal
-        kl = (f"{heal.held_out_before['kl']:.4f} -> {heal.held_out_after['kl']:.4f}"
+        kl = (f"{heal.held_out_before['kl']:.4f} -> {record.held_out_after['kl']:.4f}"
               if heal is not None and "kl" in heal.held_out_before else "-")
         lines.append(f"| {record.iteration} | {record.removed_original} | {record.layers_after} | "
                      f"{record.eval.quality_retained:.3f} | {kl} | {sum(record.timings.values()):.0f} |")

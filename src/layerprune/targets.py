@@ -23,17 +23,22 @@ cache instead of running the teacher again.
 Lifecycle: `TeacherTargets.open(...)` computes the cache (or reopens a
 complete one), `extend(teacher, layers)` adds mapped layers as cuts need
 them, `close()` deletes the files once the run no longer needs them.
+`TargetCache` is the one place a run opens and closes them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -311,3 +316,52 @@ def plan_caches(config: HealConfig, teacher, seq_len: int, blocks: int, folder: 
     else:
         prefix, why_p = True, f"frozen-prefix states cached in RAM ({prefix_size / GIB:.2f} GiB of {memory / GIB:.2f})"
     return CachePlan(targets, prefix, why_t, why_p)
+
+
+class TargetCache:
+    """Where a run's (or a comparison's) teacher targets are opened and closed. With reused text
+    (--train-data reuse) one cache serves every healing: opened at the first, kept for a resumed
+    run to reopen, deleted by `close()` once the run is done. Text read again only within one
+    healing (--heal-epochs) gets a cache of its own, deleted after that healing. `folder`: where
+    the caches go (None: a temporary folder each)."""
+
+    def __init__(self, config: HealConfig, teacher, seq_len: int, batch_size: int, folder: Path | None = None,
+                 progress: bool = True):
+        self.config, self.teacher, self.seq_len, self.batch_size = config, teacher, seq_len, batch_size
+        self.folder, self.progress = folder, progress
+        self.shared: TeacherTargets | None = None
+
+    @contextmanager
+    def healing(self, text: Blocks, iteration: int) -> Iterator[tuple[CachePlan, TeacherTargets | None]]:
+        """What healing `iteration` on `text` caches (plan_caches), and the targets it reads, if any."""
+        reuse = self.config.train_data == "reuse"
+        plan = plan_caches(self.config, self.teacher, self.seq_len, text.count,
+                           self.folder or Path(tempfile.gettempdir()), reused=reuse)
+        if not plan.targets:
+            yield plan, None
+        elif not reuse:
+            own = self._open(self._place() / f"iteration-{iteration}", text)
+            try:
+                yield plan, own
+            finally:
+                own.close()
+        else:
+            if self.shared is None:
+                self.shared = self._open(self._place(), text)
+            if self.shared.blocks.count == text.count:
+                yield plan, self.shared
+            else:   # e.g. a final healing of another length
+                yield dataclasses.replace(plan, targets=False,
+                                          targets_why="teacher online: the run's target cache holds other blocks"), None
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+
+    def _place(self) -> Path:
+        return self.folder or Path(tempfile.mkdtemp(prefix="layerprune-"))
+
+    def _open(self, folder: Path, text: Blocks) -> TeacherTargets:
+        return TeacherTargets.open(folder, self.teacher, text, self.config.teacher_topk, self.batch_size,
+                                   self.progress)

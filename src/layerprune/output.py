@@ -1,5 +1,6 @@
 """Writing a finished run: the model folder, config.yaml, reports, the model card and model.gguf
-through a staging folder, then history.json last, whose presence alone means complete."""
+through a staging folder, then history.json last, whose presence alone means complete; and
+what is cleared once it is written (checkpoints, caches)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .checkpoint import History
 from .config import PruneConfig
 from .errors import LayerpruneError, WriteError, write_error
 from .faults import crash_point, full_disk_point
-from .gguf_export import GGUF_NAME, source_of, write_gguf
+from .gguf_export import GGUF_NAME, open_source, source_of, write_gguf
 from .io import file_entry, write_json, write_text
 from .models import save_model
 from .options import to_yaml
@@ -62,3 +63,20 @@ def save_result(out: Path, student, tokenizer, history: History, speed: dict, co
     stage.rmdir()
     write_json(out / checkpoint.HISTORY, history.to_json())
     return gguf_problem
+
+
+def warn_if_no_gguf(config: PruneConfig) -> None:
+    """Say at the start, not after hours, that model.gguf will not be written (the run goes on:
+    its HF folder is still a result; the error comes again at the end)."""
+    source = source_of(config.model) if config.gguf else None
+    if source is not None:
+        try:
+            open_source(source)
+        except LayerpruneError as err:
+            log.warning("model.gguf will not be written: %s", err)
+
+
+def clear_run_files(out: Path) -> None:
+    """Once history.json is written: the checkpoints, and any cache an interrupted process left."""
+    shutil.rmtree(out / "cache", ignore_errors=True)
+    checkpoint.clear(out)

@@ -1,0 +1,254 @@
+"""PruneRun: one pruning run, its lifecycle written out as its methods.
+
+    run = PruneRun(config, inputs, count, out=out, resume=point)
+    run.setup()        # the student (a copy of the teacher, or a checkpoint's), where the training
+                       # stream stands, the healing guard's validation text, one Accelerator,
+                       # the teacher-target cache
+    for iteration in run.remaining():
+        run.step(iteration)    # score -> cut + patch -> heal -> evaluate -> checkpoint
+    history = run.finish(started)   # final healing, final suite, speed
+    run.close()        # delete the teacher-target cache (a failed run keeps it for its resume)
+
+A run with `out` checkpoints there after every iteration and every N healing steps, and
+`resume` (checkpoint.resume_point) continues one; without `out` (a comparison's variant) it
+writes nothing. Variants of a comparison share one `Shared`: the target cache, the validation
+text and the Accelerator. Iterative mode makes one step per layer; one-shot and block modes one
+step for all. Which text each healing reads is heal_text.py's; the run only walks the stream.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .checkpoint import History, IterationRecord, PendingIteration, ResumePoint
+from .config import PruneConfig
+from .data import StreamPosition
+from .errors import NonFiniteError
+from .guard import Guard, GuardLog
+from .heal import accelerator_for, heal
+from .heal_job import HealLog, plan
+from .heal_text import carried_lr, last_position, validation_blocks
+from .importance import REMOVAL_METRICS, ScoringContext, Selection, select_layers
+from .inputs import RunInputs, evaluate_student, final_evaluation
+from .models import model_name
+from .options import to_dict
+from .patch import PatchFit, candidate_patches, cut
+from .report import write_loss_log
+from .speed import compare_speed
+from .surgery import num_layers, original_indices
+from .targets import TargetCache
+
+log = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    """Under `accelerate launch` every process runs the whole loop, and only this one writes."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def cache_folder(out: Path | None) -> Path | None:
+    """Where this process keeps its teacher targets: under the output folder, so that a resumed
+    run reopens them (None: a temporary folder)."""
+    from accelerate import PartialState
+
+    return None if out is None else Path(out) / "cache" / f"teacher-{PartialState().process_index}"
+
+
+@dataclass
+class Shared:
+    """What several runs on the same inputs share: a comparison's variants."""
+
+    targets: TargetCache
+    validation: torch.Tensor | None = None   # the healing guard's blocks (None: healing unguarded)
+    accelerator: object = None
+
+
+class PruneRun:
+    """The state a run carries from one iteration to the next, and the steps that change it."""
+
+    def __init__(self, config: PruneConfig, inputs: RunInputs, count: int, out: Path | None = None,
+                 resume: ResumePoint | None = None, shared: Shared | None = None, progress: bool = True):
+        self.config, self.inputs, self.count, self.out, self.progress = config, inputs, count, out, progress
+        self.point, self.shared = resume or ResumePoint(), shared
+        self.records: list[IterationRecord] = list(self.point.records)
+        self.student: torch.nn.Module | None = None
+        self.position = StreamPosition()   # where the next healing's fresh text starts
+        self.lr: float | None = None       # the next healing's starting lr: the guard's last winner (None: --heal-lr)
+        self.validation: torch.Tensor | None = None
+        self.targets: TargetCache | None = None
+        self.accelerator = None
+        self.speed: dict = {}
+
+    def setup(self) -> "PruneRun":
+        config, inputs, healing = self.config, self.inputs, self.config.heal.method != "none"
+        self.student = copy.deepcopy(inputs.teacher)
+        if self.point.folder is not None:
+            checkpoint.restore_student(self.student, self.point.folder, self.point.records)
+        self.position, self.lr = last_position(self.records), carried_lr(self.records)
+        if self.shared is not None:
+            self.targets, self.accelerator = self.shared.targets, self.shared.accelerator
+            self.validation = self.shared.validation if healing else None
+            return self
+        self.validation = validation_blocks(config, inputs.corpus, self.count, self.progress)
+        self.targets = TargetCache(config.heal, inputs.teacher, config.data.seq_len, config.data.batch_size,
+                                   cache_folder(self.out), self.progress)
+        if healing:
+            self.accelerator = accelerator_for(config.heal, next(inputs.teacher.parameters()).device)
+        return self
+
+    def remaining(self) -> range:
+        """The iterations still to run (a resumed run skips the recorded ones)."""
+        return range(len(self.records) + 1, self._last + 1)
+
+    @property
+    def _last(self) -> int:
+        return self.count if self.config.mode == "iterative" else 1
+
+    def step(self, iteration: int) -> IterationRecord:
+        """Score, cut (+ patch), heal, evaluate, checkpoint: one record."""
+        pending, fitted = self._resumed(iteration), None   # a resumed iteration refits its patch: same blocks, same T
+        if pending is not None:
+            log.info("iteration %d: resuming its healing at step %d", iteration, pending.step)
+        else:
+            started = time.perf_counter()
+            selection, fitted = self._select(iteration)
+            pending = PendingIteration(iteration, selection, time.perf_counter() - started)
+        originals = original_indices(self.student)
+        removed, patched = cut(self.student, pending.selection.drop, self._patch_fit(), fitted)
+        started = time.perf_counter()
+        heal_log = self._heal(pending, final=False)
+        heal_s = time.perf_counter() - started
+        started = time.perf_counter()
+        evaluation = evaluate_student(self.inputs, self.student)
+        selection = pending.selection
+        record = IterationRecord(
+            iteration=iteration, removed_current=selection.drop, removed_original=removed,
+            scores={str(originals[i]): (None if s != s else s) for i, s in enumerate(selection.scores)},
+            layers_after=num_layers(self.student), eval=evaluation, heal=heal_log,
+            timings={"score_s": pending.score_s, "heal_s": heal_s, "eval_s": time.perf_counter() - started},
+            shortlist=selection.shortlist, block_start=selection.block_start, patch=patched)
+        self.records.append(record)
+        self._log(record)
+        if self.out is not None:
+            if is_main_process():
+                checkpoint.save_checkpoint(self.out, to_dict(self.config), self.records, self.student)
+            wait_for_everyone()
+        return record
+
+    def finish(self, started: float) -> History:
+        """Final healing, the final suite and speed; `started`: when the run began (perf_counter)."""
+        config, inputs = self.config, self.inputs
+        final_heal = None
+        if config.heal.final_steps:
+            pending = self._resumed(self.count + 1) or PendingIteration(self.count + 1, Selection([], []))
+            final_heal = self._heal(pending, final=True)
+        final_eval, suite, teacher_suite = final_evaluation(inputs, self.student)
+        if config.measure_speed:
+            self.speed = compare_speed(inputs.teacher, self.student, progress=self.progress)
+        return History(
+            config=to_dict(config), model=model_name(config.model), original_layers=num_layers(inputs.teacher),
+            final_layers=num_layers(self.student), kept_original=original_indices(self.student),
+            removed_original=[layer for record in self.records for layer in record.removed_original],
+            teacher_eval=teacher_suite, iterations=self.records, final_heal=final_heal, final_eval=final_eval,
+            final_suite=suite, seconds=time.perf_counter() - started)
+
+    def close(self) -> None:
+        """Delete the teacher-target cache this run opened (a shared one is its owner's to close)."""
+        if self.shared is None and self.targets is not None:
+            self.targets.close()
+
+    # ------------------------------------------------------------ the parts of a step
+
+    def _resumed(self, iteration: int) -> PendingIteration | None:
+        pending = self.point.pending
+        return pending if pending is not None and pending.iteration == iteration else None
+
+    def _patch_fit(self) -> PatchFit:
+        config = self.config
+        teacher = self.inputs.teacher if config.patch_target == "teacher" else None
+        return PatchFit(self.inputs.corpus.patch_blocks, config.patch, config.data.batch_size, self.progress, teacher)
+
+    def _select(self, iteration: int) -> tuple[Selection, dict | None]:
+        """Score the removable layers and choose; with a patch, the removal metrics score patched
+        candidates. Returns the selection and those patches (None when candidates were not
+        patched), which the cut then reuses."""
+        config, inputs = self.config, self.inputs
+        candidates = config.removable(num_layers(self.student))
+        patches = None
+        if config.patch != "none" and config.metric in REMOVAL_METRICS and config.mode != "block":
+            patches = candidate_patches(self.student, candidates, self._patch_fit())
+        ctx = ScoringContext(inputs.calib_batches, inputs.importance_tasks, inputs.teacher, inputs.teacher_scores,
+                             candidates=candidates, patches=patches, progress=self.progress)
+        try:
+            return select_layers(self.student, config.metric, config.mode, self.count, ctx, config.shortlist), patches
+        except NonFiniteError as err:
+            raise NonFiniteError(f"iteration {iteration}: {err.problem}; the last checkpoint holds the state before "
+                                 "it", err.fix) from err
+
+    def _heal(self, pending: PendingIteration, final: bool) -> HealLog | None:
+        """Heal after the removal `pending` describes (already made); checkpoints carry `pending`.
+        The text is the next stretch of the training stream, or its first blocks again with
+        --train-data reuse; the target cache says what is cached (targets.plan_caches)."""
+        config, heal_config, seq_len = self.config, self.config.heal, self.config.data.seq_len
+        steps = heal_config.final_steps if final else heal_config.steps_per_removal(seq_len)
+        if heal_config.method == "none" or steps == 0:
+            return None
+        count = heal_config.final_blocks() if final else heal_config.blocks_per_removal(seq_len)
+        reuse = heal_config.train_data == "reuse"
+        stream = self.inputs.corpus.train
+        start = StreamPosition() if reuse else self.position
+        end = stream.advance(start, count)
+        text = stream.span(start, count)
+        state = self.point.heal_state if self._resumed(pending.iteration) is not None else None
+        with self.targets.healing(text, pending.iteration) as (caches, targets):
+            if state is None:
+                pending = dataclasses.replace(pending, held_out_before=evaluate_student(self.inputs,
+                                                                                        self.student).headline())
+            save = None if self.out is None else \
+                functools.partial(checkpoint.save_heal_checkpoint, self.out, to_dict(config), pending)
+            job = plan(self.student, heal_config, steps, pending.iteration, config.seed + pending.iteration,
+                       pending.selection.drop, prefix_cache=caches.prefix, lr=self.lr, resume=state,
+                       on_checkpoint=save, held_out_before=pending.held_out_before,
+                       text={"start": start.to_json(), "end": end.to_json(), "blocks": count,
+                             "epochs": heal_config.epochs, "caches": caches.why})
+            guard = None if self.validation is None else \
+                Guard(self.inputs.teacher, self.validation, config.data.batch_size, heal_config.guard_retries)
+            log.info("healing iteration %d: %d steps on %d blocks (%s text from document %d); %s", pending.iteration,
+                     steps, count, "the same" if reuse else "fresh", start.doc, caches.why)
+            result = heal(self.student, self.inputs.teacher, text, job, targets, self.progress, guard,
+                          self.accelerator)
+        if not reuse:
+            self.position = end
+        if result.guard is not None:
+            guarded = GuardLog(**result.guard)
+            self.lr = guarded.next_lr()
+            (log.warning if guarded.outcome == "unhealed" else log.info)("healing iteration %d: %s",
+                                                                          pending.iteration, guarded.sentence())
+        if self.out is not None and is_main_process():
+            write_loss_log(self.out / "logs" / "heal.csv", result.rows)
+        return result
+
+    def _log(self, record: IterationRecord) -> None:
+        ppl = record.eval.tasks.get("perplexity", {}).get("perplexity")
+        teacher_ppl = self.inputs.teacher_eval.get("perplexity", {}).get("perplexity")
+        ppl_text = f" | held-out ppl {ppl:.2f} (teacher {teacher_ppl:.2f})" if ppl is not None else ""
+        log.info("iteration %d/%d: removed layer %s (original %s) -> %d layers | quality retained %.3f%s | %.1fs",
+                 record.iteration, self._last, record.removed_current, record.removed_original, record.layers_after,
+                 record.eval.quality_retained, ppl_text, sum(record.timings.values()))

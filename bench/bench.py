@@ -274,7 +274,7 @@ def phase_patch(args) -> dict:
         if name == "plain":
             remove_layers(student, [layer])
         else:
-            patch.cut(student, [layer], how)
+            patch.remove_and_patch(student, [layer], how)
         retained[name] = quality_retained(evaluate_tasks(student, held_out, model), teacher_eval)
     return {"round": f"{len(candidates)} candidates, {args.calib_blocks} x 256 calibration tokens; patches fitted "
                      f"on {len(corpus.blocks['train'])} x 256 training tokens",

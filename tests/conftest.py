@@ -1,10 +1,24 @@
-"""Fixtures; the models, tokenizers and checkers themselves live in common.py."""
+"""Fixtures; the models, tokenizers and checkers themselves live in common.py.
+
+The tiny model folder and the text file are made once per session: tests only read them (a test
+that changes a model makes its own with save_tiny). The session ends with a check that nobody
+wrote to them, so a test that did fails instead of changing what the others read.
+"""
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 
 from common import CONFIGS, TinyTokenizer, make_text_file, save_tiny
+
+
+def _digest(folder) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 @pytest.fixture
@@ -17,11 +31,21 @@ def arch(request):
     return request.param
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    return save_tiny(tmp_path / "tiny-llama")
+@pytest.fixture(scope="session")
+def _shared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared")
+    save_tiny(root / "tiny-llama")
+    make_text_file(root / "corpus.txt")
+    before = _digest(root)
+    yield root
+    assert _digest(root) == before, "a test wrote into the session's shared tiny model or corpus"
 
 
 @pytest.fixture
-def text_file(tmp_path):
-    return make_text_file(tmp_path / "corpus.txt")
+def tiny_dir(_shared):
+    return _shared / "tiny-llama"
+
+
+@pytest.fixture
+def text_file(_shared):
+    return _shared / "corpus.txt"

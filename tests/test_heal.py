@@ -59,110 +59,122 @@ class TestPlan:
         assert "resumed_at_step" not in HealLog(1, [], []).to_json()
 
 
-def test_student_equal_to_teacher_has_zero_loss():
-    teacher = tiny_model("llama")
-    student = copy.deepcopy(teacher)
-    log = heal(student, teacher, blocks(), job_for(student, quick(steps=1, lr=1e-12), []), progress=False)
-    assert log.rows[0]["loss"] == pytest.approx(0.0, abs=1e-6)
+class TestHeal:
+    """heal(), the training loop."""
 
+    def test_student_equal_to_teacher_has_zero_loss(self):
+        teacher = tiny_model("llama")
+        student = copy.deepcopy(teacher)
+        log = heal(student, teacher, blocks(), job_for(student, quick(steps=1, lr=1e-12), []), progress=False)
+        assert log.rows[0]["loss"] == pytest.approx(0.0, abs=1e-6)
 
-def test_only_the_neighbours_change_bit_for_bit():
-    teacher = tiny_model("llama")
-    student = pruned(teacher, [3])
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    log = heal(student, teacher, blocks(), job_for(student, quick(radius=1), [3]), progress=False)
-    assert log.trained_layers_current == [2, 3]
-    for key, value in student.state_dict().items():
-        if not key.startswith(("model.layers.2.", "model.layers.3.")):
-            assert torch.equal(value, before[key]), key
-    assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items()
-               if k.startswith("model.layers.2."))
-    assert not any(p.requires_grad for p in student.parameters())
+    def test_only_the_neighbours_change_bit_for_bit(self):
+        teacher = tiny_model("llama")
+        student = pruned(teacher, [3])
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        log = heal(student, teacher, blocks(), job_for(student, quick(radius=1), [3]), progress=False)
+        assert log.trained_layers_current == [2, 3]
+        for key, value in student.state_dict().items():
+            if not key.startswith(("model.layers.2.", "model.layers.3.")):
+                assert torch.equal(value, before[key]), key
+        assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items()
+                   if k.startswith("model.layers.2."))
+        assert not any(p.requires_grad for p in student.parameters())
 
-
-def test_healing_lowers_held_out_kl():
-    teacher = tiny_model("llama")
-    with torch.no_grad():
-        teacher.get_output_embeddings().weight.mul_(20)
-    student = pruned(teacher, [2])
-    tasks = build_tasks(["kl"], TaskData(None, blocks(seed=1), [], 4))
-    before = evaluate_tasks(student, tasks, teacher)["kl"]["kl"]
-    heal(student, teacher, blocks(), job_for(student, quick(steps=30, warmup_steps=2, radius=1), [2]), progress=False)
-    assert evaluate_tasks(student, tasks, teacher)["kl"]["kl"] < 0.7 * before
-
-
-def test_lora_merges_back_into_plain_layers():
-    teacher = tiny_model("llama")
-    student = pruned(teacher, [1])
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    heal(student, teacher, blocks(), job_for(student, quick(trainable="lora", lora_r=4), [1], steps=3), progress=False)
-    state = student.state_dict()
-    assert set(state) == set(before)  # no adapter weights left behind
-    assert type(find_layers(student).layers[0].self_attn.q_proj) is torch.nn.Linear
-    assert any(not torch.equal(state[k], before[k]) for k in state if ".layers." in k)
-    assert torch.equal(state["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
-
-
-def test_different_vocabularies_are_refused():
-    teacher = tiny_model("llama")
-    student = tiny_model("llama")
-    student.resize_token_embeddings(120)
-    with pytest.raises(LayerpruneError, match="vocabularies differ"):
-        heal(student, teacher, blocks(), job_for(student, quick(), [], steps=1), progress=False)
-
-
-def test_non_finite_loss_stops_and_keeps_weights():
-    teacher = tiny_model("llama")
-    student = copy.deepcopy(teacher)
-    with torch.no_grad():
-        find_layers(student).layers[5].mlp.down_proj.weight[0, 0] = float("nan")
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    job = dataclasses.replace(job_for(student, quick(), [], steps=3), cuts=[5], layers=[4, 5])
-    with pytest.raises(NonFiniteError, match="step 1"):
+    def test_healing_lowers_held_out_kl(self):
+        teacher = tiny_model("llama")
+        with torch.no_grad():
+            teacher.get_output_embeddings().weight.mul_(20)
+        student = pruned(teacher, [2])
+        tasks = build_tasks(["kl"], TaskData(None, blocks(seed=1), [], 4))
+        before = evaluate_tasks(student, tasks, teacher)["kl"]["kl"]
+        job = job_for(student, quick(steps=30, warmup_steps=2, radius=1), [2])
         heal(student, teacher, blocks(), job, progress=False)
-    for key, value in student.state_dict().items():
-        assert torch.equal(value, before[key]) or torch.isnan(value).any()
+        assert evaluate_tasks(student, tasks, teacher)["kl"]["kl"] < 0.7 * before
+
+    def test_lora_merges_back_into_plain_layers(self):
+        teacher = tiny_model("llama")
+        student = pruned(teacher, [1])
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        job = job_for(student, quick(trainable="lora", lora_r=4), [1], steps=3)
+        heal(student, teacher, blocks(), job, progress=False)
+        state = student.state_dict()
+        assert set(state) == set(before)  # no adapter weights left behind
+        assert type(find_layers(student).layers[0].self_attn.q_proj) is torch.nn.Linear
+        assert any(not torch.equal(state[k], before[k]) for k in state if ".layers." in k)
+        assert torch.equal(state["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+
+    def test_different_vocabularies_are_refused(self):
+        teacher = tiny_model("llama")
+        student = tiny_model("llama")
+        student.resize_token_embeddings(120)
+        with pytest.raises(LayerpruneError, match="vocabularies differ"):
+            heal(student, teacher, blocks(), job_for(student, quick(), [], steps=1), progress=False)
+
+    def test_non_finite_loss_stops_and_keeps_weights(self):
+        teacher = tiny_model("llama")
+        student = copy.deepcopy(teacher)
+        with torch.no_grad():
+            find_layers(student).layers[5].mlp.down_proj.weight[0, 0] = float("nan")
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        job = dataclasses.replace(job_for(student, quick(), [], steps=3), cuts=[5], layers=[4, 5])
+        with pytest.raises(NonFiniteError, match="step 1"):
+            heal(student, teacher, blocks(), job, progress=False)
+        for key, value in student.state_dict().items():
+            assert torch.equal(value, before[key]) or torch.isnan(value).any()
+
+    @pytest.mark.parametrize("trainable", ["neighbours", "all"])
+    def test_every_cache_combination_gives_the_straightforward_loss(self, tmp_path, trainable):
+        """Teacher targets cached or online, frozen-prefix states cached or online: the same losses."""
+        teacher = tiny_model("llama")
+        data = blocks()
+        runs = {}
+        for targets_cached, prefix_cached in ((False, False), (True, False), (False, True), (True, True)):
+            student = pruned(teacher, [3])
+            targets = TeacherTargets.open(tmp_path / f"t{prefix_cached}", teacher, data, topk=96, progress=False) \
+                if targets_cached else None
+            job = job_for(student, quick(trainable=trainable, grad_accum=2, steps=10), [3], prefix_cache=prefix_cached)
+            runs[targets_cached, prefix_cached] = heal(student, teacher, data, job, targets, progress=False)
+        reference = runs[False, False]
+        assert len(reference.rows) == 10   # 40 micro-batches of 2 over 16 blocks: the text is passed 2.5 times
+        for name, run in runs.items():
+            for a, b in zip(reference.rows, run.rows):
+                for key in ("loss", "kl", "mse", "final_mse"):
+                    assert a[key] == pytest.approx(b[key], abs=1e-4), (name, key)
+
+    @pytest.mark.parametrize("trainable", ["neighbours", "lora"])
+    def test_healing_resumed_from_its_checkpoint_ends_bit_identical(self, trainable):
+        teacher = tiny_model("llama")
+        data = blocks()  # 16 blocks = 8 micro-batches an epoch: with 3 per step, epochs end mid-step
+        config = quick(trainable=trainable, grad_accum=3, checkpoint_every=2)
+
+        def run(resume=None):
+            student = pruned(teacher, [3])
+            saved = []
+            job = job_for(student, config, [3], steps=5, resume=resume,
+                          on_checkpoint=lambda state: saved.append(copy.deepcopy(state)))
+            return student, heal(student, teacher, data, job, progress=False), saved
+
+        whole, whole_log, saved = run()
+        assert [state["step"] for state in saved] == [2, 4, 5]
+        assert whole_log.resumed_at_step is None
+        for state in saved[:2]:
+            resumed, log, _ = run(resume=state)
+            assert log.resumed_at_step == state["step"]
+            assert log.rows == whole_log.rows
+            for key, value in whole.state_dict().items():
+                assert torch.equal(value, resumed.state_dict()[key]), key
 
 
-@pytest.mark.parametrize("trainable", ["neighbours", "all"])
-def test_every_cache_combination_gives_the_straightforward_loss(tmp_path, trainable):
-    """Teacher targets cached or online, frozen-prefix states cached or online: the same losses."""
-    teacher = tiny_model("llama")
-    data = blocks()
-    runs = {}
-    for targets_cached, prefix_cached in ((False, False), (True, False), (False, True), (True, True)):
-        student = pruned(teacher, [3])
-        targets = TeacherTargets.open(tmp_path / f"t{prefix_cached}", teacher, data, topk=96, progress=False) \
-            if targets_cached else None
-        job = job_for(student, quick(trainable=trainable, grad_accum=2, steps=10), [3], prefix_cache=prefix_cached)
-        runs[targets_cached, prefix_cached] = heal(student, teacher, data, job, targets, progress=False)
-    reference = runs[False, False]
-    assert len(reference.rows) == 10   # 40 micro-batches of 2 over 16 blocks: the text is passed 2.5 times
-    for name, run in runs.items():
-        for a, b in zip(reference.rows, run.rows):
-            for key in ("loss", "kl", "mse", "final_mse"):
-                assert a[key] == pytest.approx(b[key], abs=1e-4), (name, key)
 
 
-@pytest.mark.parametrize("trainable", ["neighbours", "lora"])
-def test_healing_resumed_from_its_checkpoint_ends_bit_identical(trainable):
-    teacher = tiny_model("llama")
-    data = blocks()  # 16 blocks = 8 micro-batches an epoch: with 3 per step, epochs end mid-step
-    config = quick(trainable=trainable, grad_accum=3, checkpoint_every=2)
 
-    def run(resume=None):
-        student = pruned(teacher, [3])
-        saved = []
-        job = job_for(student, config, [3], steps=5, resume=resume,
-                      on_checkpoint=lambda state: saved.append(copy.deepcopy(state)))
-        return student, heal(student, teacher, data, job, progress=False), saved
 
-    whole, whole_log, saved = run()
-    assert [state["step"] for state in saved] == [2, 4, 5]
-    assert whole_log.resumed_at_step is None
-    for state in saved[:2]:
-        resumed, log, _ = run(resume=state)
-        assert log.resumed_at_step == state["step"]
-        assert log.rows == whole_log.rows
-        for key, value in whole.state_dict().items():
-            assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+
+
+
+
+
+

@@ -35,96 +35,131 @@ def near_identity(kind, hidden, seed=0):
     return torch.eye(hidden, dtype=torch.float64) + 0.1 * torch.randn(hidden, hidden, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("arch_name", sorted(ALL_ARCHITECTURES))
-def test_folded_weights_equal_the_hooked_y_plus_m_t_model(arch_name):
-    model = tiny_from_table(arch_name)
-    kind = patch.effective_kind(model, "lstsq")
-    hidden = model.config.get_text_config().hidden_size
-    t = near_identity(kind, hidden)
-    matrix = torch.diag(t) if t.dim() == 1 else t
-    writer = patch.paths(model)[2].writer
-    handle = writer.register_forward_hook(
-        lambda m, a, out: (out.double() @ matrix).to(out.dtype) if not isinstance(out, tuple)
-        else ((out[0].double() @ matrix).to(out[0].dtype), *out[1:]))
-    hooked = logits(model)
-    handle.remove()
-    folded = copy.deepcopy(model)
-    patch.fold(folded, 2, t)
-    torch.testing.assert_close(logits(folded), hooked, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(logits(folded), logits(model), atol=1e-4)  # the patch did change something
+class TestFold:
+    """fold, and which architectures take a patch."""
 
-
-@pytest.mark.parametrize("arch_name", ["llama", "qwen2_moe", "gpt2", "gemma2"])
-def test_a_layer_that_is_a_linear_map_of_the_mlp_output_is_recovered(arch_name):
-    """Layer 3 adds M_2 (A - I) to its input, so its output is Y_2 + M_2 A: removing it and
-    patching layer 2 must give the same logits."""
-    model = tiny_from_table(arch_name)
-    kind = patch.effective_kind(model, "lstsq")
-    hidden = model.config.get_text_config().hidden_size
-    a = near_identity(kind, hidden, seed=3)
-    a_minus_i = (torch.diag(a - 1) if a.dim() == 1 else a - torch.eye(hidden, dtype=torch.float64)).float()
-    with patch.capture_mlp_outputs(model, [2]) as mlp:
-        def linear_layer(module, args, kwargs, out):
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            new = hidden_in + mlp[2] @ a_minus_i
-            return (new, *out[1:]) if isinstance(out, tuple) else new
-
-        handle = find_layers(model).layers[3].register_forward_hook(linear_layer, with_kwargs=True)
-        expected = logits(model)
-        removed, info = patch.cut(model, [3], how(batch_size=4))
+    @pytest.mark.parametrize("arch_name", sorted(ALL_ARCHITECTURES))
+    def test_folded_weights_equal_the_hooked_y_plus_m_t_model(self, arch_name):
+        model = tiny_from_table(arch_name)
+        kind = patch.effective_kind(model, "lstsq")
+        hidden = model.config.get_text_config().hidden_size
+        t = near_identity(kind, hidden)
+        matrix = torch.diag(t) if t.dim() == 1 else t
+        writer = patch.paths(model)[2].writer
+        handle = writer.register_forward_hook(
+            lambda m, a, out: (out.double() @ matrix).to(out.dtype) if not isinstance(out, tuple)
+            else ((out[0].double() @ matrix).to(out[0].dtype), *out[1:]))
+        hooked = logits(model)
         handle.remove()
-    assert removed == [3] and info["kind"] == kind and info["folded"][0]["layer_original"] == 2
-    torch.testing.assert_close(logits(model), expected, rtol=1e-3, atol=1e-3)
+        folded = copy.deepcopy(model)
+        patch.fold(folded, 2, t)
+        torch.testing.assert_close(logits(folded), hooked, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(logits(folded), logits(model), atol=1e-4)  # the patch did change something
+
+    def test_an_architecture_without_a_fold_is_refused_in_one_line(self, monkeypatch):
+        monkeypatch.setattr(patch, "MLP_NAMES", ())
+        with pytest.raises(LayerpruneError, match="LlamaForCausalLM.*use --patch none"):
+            patch.effective_kind(tiny_model("llama"), "lstsq")
+        assert patch.effective_kind(tiny_model("llama"), "none") == "none"
 
 
-def test_a_zero_mlp_output_gives_the_identity_not_nan():
-    model = tiny_model("llama")
-    with torch.no_grad():
-        find_layers(model).layers[1].mlp.down_proj.weight.zero_()
-    grams = patch.fit(model, [(2, 2)], how())
-    t = patch.solve(grams[(2, 2)])
-    assert torch.equal(t, torch.eye(32, dtype=torch.float64))
-    patch.cut(model, [2], how())
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+class TestRemoveAndPatch:
+    """remove_and_patch: a removal with its patch fitted and folded."""
+
+    @pytest.mark.parametrize("arch_name", ["llama", "qwen2_moe", "gpt2", "gemma2"])
+    def test_a_layer_that_is_a_linear_map_of_the_mlp_output_is_recovered(self, arch_name):
+        """Layer 3 adds M_2 (A - I) to its input, so its output is Y_2 + M_2 A: removing it and
+        patching layer 2 must give the same logits."""
+        model = tiny_from_table(arch_name)
+        kind = patch.effective_kind(model, "lstsq")
+        hidden = model.config.get_text_config().hidden_size
+        a = near_identity(kind, hidden, seed=3)
+        a_minus_i = (torch.diag(a - 1) if a.dim() == 1 else a - torch.eye(hidden, dtype=torch.float64)).float()
+        with patch.capture_mlp_outputs(model, [2]) as mlp:
+            def linear_layer(module, args, kwargs, out):
+                hidden_in = args[0] if args else kwargs["hidden_states"]
+                new = hidden_in + mlp[2] @ a_minus_i
+                return (new, *out[1:]) if isinstance(out, tuple) else new
+
+            handle = find_layers(model).layers[3].register_forward_hook(linear_layer, with_kwargs=True)
+            expected = logits(model)
+            removed, info = patch.remove_and_patch(model, [3], how(batch_size=4))
+            handle.remove()
+        assert removed == [3] and info["kind"] == kind and info["folded"][0]["layer_original"] == 2
+        torch.testing.assert_close(logits(model), expected, rtol=1e-3, atol=1e-3)
+
+    def test_runs_and_the_first_layer(self):
+        assert patch.contiguous_runs([7, 3, 4]) == [(3, 4), (7, 7)]
+        model = tiny_model("llama")
+        before = copy.deepcopy(model.state_dict())
+        removed, info = patch.remove_and_patch(model, [0], how())  # nothing below layer 0
+        assert removed == [0] and info["folded"] == []
+        assert torch.equal(model.state_dict()["model.layers.0.mlp.down_proj.weight"],
+                           before["model.layers.1.mlp.down_proj.weight"])
+
+    def test_a_cut_reuses_the_patch_its_candidate_scoring_fitted(self, monkeypatch):
+        model = tiny_model("llama")
+        fitted = patch.candidate_patches(model, [1, 2, 3], how())
+        refit = copy.deepcopy(model)
+        _, info = patch.remove_and_patch(refit, [2], how())
+        monkeypatch.setattr(patch, "fit", lambda *a, **k: pytest.fail("the candidate's patch was fitted again"))
+        _, reused = patch.remove_and_patch(model, [2], how(), fitted=fitted)
+        assert reused == info
+        for name, value in refit.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), name
 
 
-def test_an_ill_conditioned_gram_still_solves_finite():
-    m = torch.randn(100, 1, dtype=torch.float64) @ torch.randn(1, 8, dtype=torch.float64)  # rank 1
-    gram = patch.Gram(torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, 8, dtype=torch.float64))
-    gram.add(m, m * 2)
-    t = patch.solve(gram)
-    assert torch.isfinite(t).all() and torch.allclose(m @ t, m * 2, atol=1e-3)
+class TestSolve:
+    """The Gram sums and their solution."""
+
+    def test_a_zero_mlp_output_gives_the_identity_not_nan(self):
+        model = tiny_model("llama")
+        with torch.no_grad():
+            find_layers(model).layers[1].mlp.down_proj.weight.zero_()
+        grams = patch.fit(model, [(2, 2)], how())
+        t = patch.solve(grams[(2, 2)])
+        assert torch.equal(t, torch.eye(32, dtype=torch.float64))
+        patch.remove_and_patch(model, [2], how())
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    def test_an_ill_conditioned_gram_still_solves_finite(self):
+        m = torch.randn(100, 1, dtype=torch.float64) @ torch.randn(1, 8, dtype=torch.float64)  # rank 1
+        gram = patch.Gram(torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, 8, dtype=torch.float64))
+        gram.add(m, m * 2)
+        t = patch.solve(gram)
+        assert torch.isfinite(t).all() and torch.allclose(m @ t, m * 2, atol=1e-3)
 
 
-def test_runs_and_the_first_layer():
-    assert patch.contiguous_runs([7, 3, 4]) == [(3, 4), (7, 7)]
-    model = tiny_model("llama")
-    before = copy.deepcopy(model.state_dict())
-    removed, info = patch.cut(model, [0], how())  # nothing below layer 0
-    assert removed == [0] and info["folded"] == []
-    assert torch.equal(model.state_dict()["model.layers.0.mlp.down_proj.weight"],
-                       before["model.layers.1.mlp.down_proj.weight"])
+class TestCandidatePatches:
+    """candidate_patches, and fitting towards the teacher."""
 
+    def test_patched_candidates_score_what_the_patched_cut_gives(self):
+        model = tiny_model("llama")
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(10)
+        tasks = build_tasks(["perplexity"], TaskData(None, blocks(4, 16, seed=5), [], 2))
+        patches = patch.candidate_patches(model, [2, 4], how())
+        _, stats = candidate_stats(model, tasks, [2, 4], patches=patches, progress=False)
+        for i in (2, 4):
+            cut = copy.deepcopy(model)
+            patch.remove_and_patch(cut, [i], how())
+            direct = collect_stats(cut, tasks)[None]["perplexity"]
+            assert stats[i]["perplexity"]["nll_sum"] == pytest.approx(direct["nll_sum"], rel=1e-4)
 
-def test_an_architecture_without_a_fold_is_refused_in_one_line(monkeypatch):
-    monkeypatch.setattr(patch, "MLP_NAMES", ())
-    with pytest.raises(LayerpruneError, match="LlamaForCausalLM.*use --patch none"):
-        patch.effective_kind(tiny_model("llama"), "lstsq")
-    assert patch.effective_kind(tiny_model("llama"), "none") == "none"
-
-
-def test_patched_candidates_score_what_the_patched_cut_gives():
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(10)
-    tasks = build_tasks(["perplexity"], TaskData(None, blocks(4, 16, seed=5), [], 2))
-    patches = patch.candidate_patches(model, [2, 4], how())
-    _, stats = candidate_stats(model, tasks, [2, 4], patches=patches, progress=False)
-    for i in (2, 4):
-        cut = copy.deepcopy(model)
-        patch.cut(cut, [i], how())
-        direct = collect_stats(cut, tasks)[None]["perplexity"]
-        assert stats[i]["perplexity"]["nll_sum"] == pytest.approx(direct["nll_sum"], rel=1e-4)
+    def test_a_patch_fitted_to_the_teacher_also_absorbs_earlier_cuts(self):
+        teacher = tiny_model("llama")
+        student = copy.deepcopy(teacher)
+        # On the original model both targets are the same states: the same patch.
+        same = patch.candidate_patches(student, [3], how())[3]
+        taught = patch.candidate_patches(student, [3], how(teacher=teacher))[3]
+        torch.testing.assert_close(taught, same)
+        patch.remove_and_patch(student, [2], how())      # original layer 2 gone, patched
+        gaps = {}
+        for target in ("layer", "teacher"):
+            cut = copy.deepcopy(student)
+            patch.remove_and_patch(cut, [3], how(teacher=teacher if target == "teacher" else None))
+            gaps[target] = _teacher_gap(cut, teacher, 2, blocks())  # current layer 2 stands for original 4
+        assert gaps["teacher"] < 0.99 * gaps["layer"]
 
 
 def _teacher_gap(student, teacher, layer, ids):
@@ -139,29 +174,5 @@ def _teacher_gap(student, teacher, layer, ids):
     return float((s["states"][layer + 1] - t["states"][original_indices(student)[layer] + 1]).pow(2).sum())
 
 
-def test_a_patch_fitted_to_the_teacher_also_absorbs_earlier_cuts():
-    teacher = tiny_model("llama")
-    student = copy.deepcopy(teacher)
-    # On the original model both targets are the same states: the same patch.
-    same = patch.candidate_patches(student, [3], how())[3]
-    taught = patch.candidate_patches(student, [3], how(teacher=teacher))[3]
-    torch.testing.assert_close(taught, same)
-    patch.cut(student, [2], how())      # original layer 2 gone, patched
-    gaps = {}
-    for target in ("layer", "teacher"):
-        cut = copy.deepcopy(student)
-        patch.cut(cut, [3], how(teacher=teacher if target == "teacher" else None))
-        gaps[target] = _teacher_gap(cut, teacher, 2, blocks())  # current layer 2 stands for original 4
-    assert gaps["teacher"] < 0.99 * gaps["layer"]
 
 
-def test_a_cut_reuses_the_patch_its_candidate_scoring_fitted(monkeypatch):
-    model = tiny_model("llama")
-    fitted = patch.candidate_patches(model, [1, 2, 3], how())
-    refit = copy.deepcopy(model)
-    _, info = patch.cut(refit, [2], how())
-    monkeypatch.setattr(patch, "fit", lambda *a, **k: pytest.fail("the candidate's patch was fitted again"))
-    _, reused = patch.cut(model, [2], how(), fitted=fitted)
-    assert reused == info
-    for name, value in refit.state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name

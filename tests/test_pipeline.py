@@ -8,7 +8,7 @@ from layerprune.models import load_model
 from layerprune.inputs import build_inputs
 from layerprune.run import PruneRun
 
-from common import check_output_folder
+from common import check_output_folder, save_tiny
 
 DATA = dict(seq_len=32, calib_blocks=4, patch_blocks=8, eval_blocks=4, batch_size=2)
 NO_HEAL = HealConfig(method="none")
@@ -105,9 +105,10 @@ def test_existing_run_is_not_overwritten(tiny_dir, text_file, tmp_path):
         prune(config(tiny_dir, text_file, out, metric="bi", remove=1), progress=False)
 
 
-def test_nan_in_the_model_stops_with_the_iteration_named(tiny_dir, text_file, tmp_path):
+def test_nan_in_the_model_stops_with_the_iteration_named(text_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
+    tiny_dir = save_tiny(tmp_path / "broken")   # its own: the session's model is only read
     weights = load_file(str(tiny_dir / "model.safetensors"))
     weights["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(weights, str(tiny_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -265,10 +265,10 @@ def deviation(t: torch.Tensor) -> float:
     return float((t - eye).abs().max())
 
 
-def cut(model: nn.Module, drop: list[int], how: PatchFit, fitted: dict[int, torch.Tensor] | None = None
-        ) -> tuple[list[int], dict | None]:
-    """Remove current layers `drop`; with a patch, fit it first (the removed layers are needed
-    for that) and fold it into the layer below each cut. `fitted`: the patches
+def remove_and_patch(model: nn.Module, drop: list[int], how: PatchFit, fitted: dict[int, torch.Tensor] | None = None
+                     ) -> tuple[list[int], dict | None]:
+    """Remove current layers `drop` (surgery.remove_layers); with a patch, fit it first (the
+    removed layers are needed for that) and fold it into the layer below each cut. `fitted`: the patches
     `candidate_patches` already solved for single-layer cuts of this model on the same blocks; a
     cut among them is not fitted again. Returns the removed layers' original indices and what
     was patched (None without a patch)."""

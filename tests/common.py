@@ -134,7 +134,7 @@ def save_tiny(path, arch="llama", layers=6, seed=0):
 
 REPORT_KEYS = {"model", "original_layers", "final_layers", "removed_original", "kept_original", "quality_retained",
                "quality_retained_tasks", "suite_quality_retained", "suite_tasks", "quality_curve", "teacher_eval",
-               "final_eval", "speed", "seconds", "config"}
+               "final_eval", "speed", "seconds", "config", "depth"}
 
 
 def check_output_folder(out: Path, depth: int, removed: int | None = None) -> dict:

@@ -56,7 +56,7 @@ class TestResumeDecision:
         model = tiny_model("llama")
         save_checkpoint(tmp_path, CONFIG, [record()], model)
         pending = PendingIteration(2, Selection([0.1] * 5, [3]), 1.0, {"kl": 0.2})
-        save_heal_checkpoint(tmp_path, CONFIG, pending, {"step": 2, "rows": []})
+        save_heal_checkpoint(tmp_path, CONFIG, None, pending, {"step": 2, "rows": []})
         point = resume_point(CONFIG, tmp_path, resume=False)
         assert point.records == [record()] and point.pending.iteration == 2 and point.pending.step == 2
         assert point.heal_state == {"step": 2, "rows": []}
@@ -67,7 +67,7 @@ class TestResumeDecision:
 
     def test_a_recorded_iteration_drops_its_healing_checkpoint(self, tmp_path):
         model = tiny_model("llama")
-        save_heal_checkpoint(tmp_path, CONFIG, PendingIteration(1, Selection([0.1], [0])), {"step": 1})
+        save_heal_checkpoint(tmp_path, CONFIG, None, PendingIteration(1, Selection([0.1], [0])), {"step": 1})
         save_checkpoint(tmp_path, CONFIG, [record()], model)
         assert find_checkpoint(tmp_path, "heal-checkpoint") is None
         assert resume_point(CONFIG, tmp_path, False).pending is None

@@ -84,6 +84,11 @@ CATALOGUE = {
     "target below 1": (lambda p: ["--target-layers", "0"], "at least 1"),
     "remove everything": (lambda p: ["--remove", "6"], "would leave no layer"),
     "both depth options": (lambda p: ["--remove", "1", "--target-layers", "4"], "exactly one of"),
+    "params target above the model": (lambda p: ["--target-params", "10G"], "is not below the model's"),
+    "params target out of reach": (lambda p: ["--target-params", "1k"], "below what the model keeps"),
+    "params target unreadable": (lambda p: ["--target-params", "lots"], "is not a parameter count"),
+    "speedup target not above 1": (lambda p: ["--target-speedup", "1"], "must be above 1"),
+    "speedup target out of reach": (lambda p: ["--target-speedup", "9", "--speedup-estimate"], "at most 5 may go"),
     "protection makes target impossible": (lambda p: ["--protect-first", "3", "--protect-last", "3"], "unprotected"),
     "blocks longer than the context": (lambda p: ["--seq-len", "512"], "longer than the model's context"),
     "empty data": (lambda p: ["--data", p.file("empty.txt", "")], "holds no text"),
@@ -152,7 +157,7 @@ def test_bad_input_gives_one_line_and_no_output(capsys, tiny_dir, text_file, tmp
     make, expected = CATALOGUE[case]
     extra = make(Paths(tmp_path, tiny_dir, text_file, models))
     out = tmp_path / "out"
-    if not any(flag in extra for flag in ("--target-layers", "--remove")):
+    if not any(flag in extra for flag in ("--target-layers", "--remove", "--target-params", "--target-speedup")):
         extra = extra + ["--remove", "1"]
     code, lines = run(capsys, *common(tiny_dir, text_file, out), *extra)
     assert code == 2

@@ -49,11 +49,10 @@ class TestFlags:
 
 
 class TestValidate:
-    def test_depth_is_checked_against_the_model(self):
+    def test_protected_layers_bound_what_may_go(self):
         config = PruneConfig(out="o", target_layers=4, protect_first=1)
-        assert config.layers_to_remove(6) == 2 and config.removable(6) == [1, 2, 3, 4, 5]
-        with pytest.raises(LayerpruneError, match="not below"):
-            PruneConfig(out="o", target_layers=6).layers_to_remove(6)
+        assert config.most_removable(6) == 5 and config.removable(6) == [1, 2, 3, 4, 5]
+        assert PruneConfig(out="o", remove=1, protect_first=3, protect_last=2).most_removable(6) == 1
 
     def test_compare_counts_and_methods(self):
         with pytest.raises(LayerpruneError, match="unknown method"):

@@ -5,6 +5,7 @@ import pytest
 from layerprune import DataConfig, HealConfig, PruneConfig, prune
 from layerprune.errors import LayerpruneError
 from layerprune.models import load_model
+from layerprune.depth import Depth
 from layerprune.inputs import build_inputs
 from layerprune.run import PruneRun
 
@@ -29,6 +30,7 @@ def test_iterative_loop_reaches_the_target_and_saves(tiny_dir, text_file, tmp_pa
     assert len(set(history.removed_original)) == 2
     saved = check_output_folder(out, depth=4, removed=2)
     assert saved["config"]["metric"] == metric
+    assert history.depth == "--target-layers 4" and "Depth: --target-layers 4." in (out / "README.md").read_text()
     assert set(saved["iterations"][0]["scores"]) == {str(i) for i in range(6)}
 
 
@@ -90,7 +92,7 @@ def test_a_run_without_a_folder_is_the_run_compare_makes(tiny_dir, text_file, tm
     cfg = config(tiny_dir, text_file, tmp_path / "never", metric="bi", remove=2)
     teacher, tokenizer = load_model(cfg.model, device="cpu")
     inputs = build_inputs(cfg, teacher, tokenizer, (), teacher_scores=False)
-    run = PruneRun(cfg, inputs, 2, progress=False).setup()
+    run = PruneRun(cfg, inputs, Depth(2, "--remove 2"), progress=False).setup()
     records = [run.step(iteration) for iteration in run.remaining()]
     assert not (tmp_path / "never").exists() and run.records == records
     history = prune(cfg, progress=False)

@@ -7,6 +7,7 @@ import pytest
 from layerprune import heal as heal_module
 from layerprune import run as run_module
 from layerprune.config import DataConfig, HealConfig, PruneConfig
+from layerprune.depth import Depth
 from layerprune.inputs import build_inputs
 from layerprune.models import load_model
 from layerprune.run import PruneRun
@@ -31,7 +32,7 @@ def inputs_for(tiny_dir, text_file):
 class TestPruneRun:
     def test_each_step_removes_and_records_and_finish_gives_the_history(self, inputs_for):
         config, inputs = inputs_for()
-        run = PruneRun(config, inputs, 2, progress=False).setup()
+        run = PruneRun(config, inputs, Depth(2, "--remove 2"), progress=False).setup()
         assert list(run.remaining()) == [1, 2] and run.student is not inputs.teacher
         first = run.step(1)
         assert first.layers_after == 5 and run.records == [first] and list(run.remaining()) == [2]
@@ -46,7 +47,7 @@ class TestPruneRun:
 
     def test_one_shot_removes_every_layer_in_one_step(self, inputs_for):
         config, inputs = inputs_for(mode="one-shot", heal=HealConfig(method="none"))
-        run = PruneRun(config, inputs, 2, progress=False).setup()
+        run = PruneRun(config, inputs, Depth(2, "--remove 2"), progress=False).setup()
         assert list(run.remaining()) == [1]
         assert len(run.step(1).removed_original) == 2 and run.accelerator is None
 
@@ -61,7 +62,7 @@ class TestPruneRun:
         monkeypatch.setattr(run_module, "accelerator_for", counted)
         monkeypatch.setattr(heal_module, "accelerator_for", counted)
         config, inputs = inputs_for()
-        run = PruneRun(config, inputs, 2, progress=False).setup()
+        run = PruneRun(config, inputs, Depth(2, "--remove 2"), progress=False).setup()
         for iteration in run.remaining():
             run.step(iteration)
         run.finish(time.perf_counter())

@@ -132,6 +132,7 @@ class History:
     final_eval: Evaluation
     final_suite: Evaluation
     seconds: float
+    depth: str = ""   # why this many layers were removed (the user's target, and what it came to)
     status: str = "complete"
     files: dict | None = None   # the result's files beside history.json: name -> {bytes, sha256}
 
@@ -155,21 +156,25 @@ def read_history(out: Path) -> History:
 # ---------------------------------------------------------------- writing
 
 
-def save_checkpoint(out: Path, config: dict, records: list[IterationRecord], student) -> None:
+def save_checkpoint(out: Path, config: dict, records: list[IterationRecord], student, depth: dict | None = None
+                    ) -> None:
+    """`depth`: the count of layers the run chose to remove and why (depth.Depth), kept for its resume."""
     def write(tmp: Path) -> None:
         save_model(student, str(tmp / "student.safetensors"))  # handles tied embeddings
-        write_json(tmp / "state.json", {"config": config, "entries": [r.to_json() for r in records]}, indent=None)
+        write_json(tmp / "state.json", {"config": config, "depth": depth, "entries": [r.to_json() for r in records]},
+                   indent=None)
 
     write_folder(out, FOLDER, write, "checkpoint")
     remove_folder(out, HEAL_FOLDER)  # its iteration is now recorded
 
 
-def save_heal_checkpoint(out: Path, config: dict, pending: PendingIteration, state: dict) -> None:
+def save_heal_checkpoint(out: Path, config: dict, depth: dict | None, pending: PendingIteration, state: dict
+                         ) -> None:
     """`state`: what `heal.heal` hands its checkpoint callback (tensors and rows)."""
     def write(tmp: Path) -> None:
         torch.save(state, tmp / "heal.pt")
-        write_json(tmp / "state.json", {"config": config, "pending": {**pending.to_json(), "step": state["step"]}},
-                   indent=None)
+        write_json(tmp / "state.json", {"config": config, "depth": depth,
+                                        "pending": {**pending.to_json(), "step": state["step"]}}, indent=None)
 
     write_folder(out, HEAL_FOLDER, write, "heal-checkpoint")
 
@@ -244,6 +249,7 @@ class ResumePoint:
     records: list[IterationRecord] = field(default_factory=list)
     pending: PendingIteration | None = None
     heal_state: dict | None = None
+    depth: dict | None = None   # the count of layers the first start chose to remove, and why
 
 
 def check_output(out: Path) -> None:
@@ -267,9 +273,10 @@ def resume_point(config: dict, out: Path, resume: bool) -> ResumePoint:
                               "rerun with the same options to continue it, or pass --overwrite to start afresh")
     records = _records_of(folder, states[0]) if folder is not None else []
     pending = _pending_of(heal_folder, states[-1]) if heal_folder is not None else None
+    depth = states[0].get("depth")
     if pending is None or pending.iteration <= len(records):  # none, or of an iteration already recorded
-        return ResumePoint(folder, records)
-    return ResumePoint(folder, records, pending, _read_heal_state(heal_folder))
+        return ResumePoint(folder, records, depth=depth)
+    return ResumePoint(folder, records, pending, _read_heal_state(heal_folder), depth)
 
 
 def restore_student(student, folder: Path, records: list[IterationRecord]) -> None:

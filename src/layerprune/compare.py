@@ -22,6 +22,7 @@ from . import outdir
 from .checkpoint import check_output
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import load_corpus
+from .depth import Depth, plan_depth
 from .errors import LayerpruneError
 from .heal import accelerator_for
 from .heal_job import check_mse_layers
@@ -101,8 +102,8 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
     unseen: dict[int, float] = {}
 
     def run(count: int):
-        variant = PruneRun(variant_config(config, method, heal, count), inputs, count, shared=shared,
-                           progress=progress).setup()
+        variant = PruneRun(variant_config(config, method, heal, count), inputs, Depth(count, f"--remove {count}"),
+                           shared=shared, progress=progress).setup()
         for iteration in variant.remaining():
             variant.step(iteration)
             removed = count if mode != "iterative" else iteration
@@ -136,7 +137,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     probe(config.data)
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
     deepest = variant_config(config, config.methods[0], "distill", max(counts))
-    deepest.layers_to_remove(num_layers(teacher))
+    plan_depth(deepest, teacher)   # the deepest cut fits the model
     check_mse_layers(config.heal, num_layers(teacher))
     patching = any(variant_config(config, method, "none", 1).patch != "none" for method in config.methods)
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods,

@@ -316,6 +316,11 @@ class PruneConfig(Recipe):
                                  "lowest; ShortGPT) or block (the most redundant contiguous block; Gromov et al.)")
     target_layers: int | None = opt(None, "stop at this many layers")
     remove: int | None = opt(None, "remove this many layers")
+    target_params: str | None = opt(None, "stop at this many parameters or fewer (e.g. 200M, 1.5B): embeddings, "
+                                          "kept layers, norm and an untied LM head")
+    target_speedup: float | None = opt(None, "remove the fewest layers whose prefill is this many times faster, "
+                                             "measured on this device (e.g. 1.2)")
+    speedup_estimate: bool = opt(False, "--target-speedup from the layer count (depth / kept), not measured")
     final_tasks: tuple[str, ...] = opt(("perplexity", "token_accuracy", "kl", "continuation", "copy",
                                         "copy_generate"),
                                        "tasks of the final report's suite (also mmlu, mc:FILE.jsonl)")
@@ -332,32 +337,18 @@ class PruneConfig(Recipe):
         if self.mode == "block" and self.metric not in ("angular", "angular_last", "bi"):
             raise LayerpruneError(f"block mode needs a hidden-state metric, not {self.metric!r}",
                                   "use --metric angular_last (Gromov et al.) or bi with --mode block")
-        if (self.target_layers is None) == (self.remove is None):
-            raise LayerpruneError("give exactly one of target_layers and remove",
-                                  "pass --target-layers N or --remove K")
-        if self.target_layers is not None and self.target_layers < 1:
-            raise LayerpruneError(f"--target-layers must be at least 1, got {self.target_layers}",
-                                  "keep one layer or more")
-        if self.remove is not None and self.remove < 1:
-            raise LayerpruneError(f"--remove must be at least 1, got {self.remove}", "remove one layer or more")
+        targets = (self.target_layers, self.remove, self.target_params, self.target_speedup)
+        if sum(target is not None for target in targets) != 1:
+            raise LayerpruneError("give exactly one of --target-layers, --remove, --target-params and "
+                                  "--target-speedup", "pass e.g. --target-layers N or --remove K")
+        if self.target_speedup is not None and not self.target_speedup > 1:
+            raise LayerpruneError(f"--target-speedup must be above 1, got {self.target_speedup}",
+                                  "ask for e.g. 1.2 (20% faster prefill)")
+        _positive(self, [name for name in ("target_layers", "remove") if getattr(self, name) is not None])
 
-    def layers_to_remove(self, depth: int) -> int:
-        """How many layers leave a model of `depth` layers, checked against what is removable."""
-        if self.target_layers is not None:
-            if self.target_layers >= depth:
-                raise LayerpruneError(f"--target-layers {self.target_layers} is not below the model's {depth} layers",
-                                      f"choose a target between 1 and {depth - 1}")
-            count = depth - self.target_layers
-        else:
-            count = self.remove
-            if count >= depth:
-                raise LayerpruneError(f"--remove {count} would leave no layer of the model's {depth}",
-                                      f"remove at most {depth - 1}")
-        removable = depth - self.protect_first - self.protect_last
-        if count > removable:
-            raise LayerpruneError(f"cannot remove {count} layers: only {max(removable, 0)} of {depth} are unprotected",
-                                  "lower --protect-first/--protect-last or remove fewer layers")
-        return count
+    def most_removable(self, depth: int) -> int:
+        """How many of `depth` layers may go: the unprotected ones, one layer always kept."""
+        return min(depth - 1, depth - self.protect_first - self.protect_last)
 
     def removable(self, depth: int) -> list[int]:
         """Current indices that may be removed: all but the protected first and last layers."""

@@ -18,6 +18,7 @@ import torch
 from . import checkpoint, outdir
 from .checkpoint import History
 from .config import PruneConfig
+from .depth import Depth, plan_depth
 from .heal_job import check_mse_layers
 from .inputs import build_inputs, check_names
 from .models import check_trainable, load_model, model_name
@@ -52,13 +53,13 @@ def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> Hist
     if is_main_process():
         warn_if_no_gguf(config)
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
-    depth = num_layers(teacher)
-    count = config.layers_to_remove(depth)  # depth checks before any heavy work
-    check_mse_layers(config.heal, depth)
+    # The depth first (a resumed run keeps what its first start chose), then the rest of the inputs.
+    depth = Depth(**point.depth) if point.depth else plan_depth(config, teacher)
+    check_mse_layers(config.heal, num_layers(teacher))
     inputs = build_inputs(config, teacher, tokenizer, config.final_tasks, config.metric == "quality")
-    run = PruneRun(config, inputs, count, out=out, resume=point, progress=progress).setup()
-    log.info("%s: %d layers, removing %d by %s (%s), healing: %s", model_name(config.model),
-             depth, count, config.metric, config.mode, config.heal.method)
+    run = PruneRun(config, inputs, depth, out=out, resume=point, progress=progress).setup()
+    log.info("%s: %d layers, removing %d (%s) by %s (%s), healing: %s", model_name(config.model),
+             num_layers(teacher), depth.remove, depth.why, config.metric, config.mode, config.heal.method)
     for iteration in run.remaining():
         run.step(iteration)
     history = run.finish(started)

@@ -122,6 +122,7 @@ def summary(history: "History", speed: dict) -> dict:
         "suite_quality_retained": history.final_suite.quality_retained,
         "suite_tasks": history.final_suite.averaged_over,
         "quality_curve": quality_curve(history),
+        "depth": history.depth,
         "teacher_eval": history.teacher_eval,
         "final_eval": history.final_suite.tasks,
         "speed": speed,
@@ -248,7 +249,8 @@ def model_card(rep: dict, config_yaml: str, guarded: list[str] = ()) -> str:
         f"Made with layerprune from `{base}` ({rep['original_layers']} layers) by removing the original layers "
         f"{sorted(rep['removed_original'])} one at a time, each chosen by the `{rep['config']['metric']}` "
         f"importance metric ({rep['config']['mode']}), and healing by {healed_by}."
-        f" `config.json` keeps the original index of every kept layer in `layerprune_original_layers`.\n\n"
+        f" `config.json` keeps the original index of every kept layer in `layerprune_original_layers`."
+        + (f" Depth: {rep['depth']}." if rep.get("depth") else "") + "\n\n"
         f"{recipe(rep['config'])}\n\n{guard}{headline(rep)}\n\n"
         + "\n".join(task_table(rep["teacher_eval"], rep["final_eval"]))
         + "\n\nLoad it like any causal LM:\n\n```python\nfrom transformers import AutoModelForCausalLM\n"

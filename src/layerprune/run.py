@@ -1,6 +1,6 @@
 """PruneRun: one pruning run, its lifecycle written out as its methods.
 
-    run = PruneRun(config, inputs, count, out=out, resume=point)
+    run = PruneRun(config, inputs, depth, out=out, resume=point)
     run.setup()        # the student (a copy of the teacher, or a checkpoint's), where the training
                        # stream stands, the healing guard's validation text, one Accelerator,
                        # the teacher-target cache
@@ -32,6 +32,7 @@ from . import checkpoint
 from .checkpoint import History, IterationRecord, PendingIteration, ResumePoint
 from .config import PruneConfig
 from .data import StreamPosition
+from .depth import Depth
 from .errors import NonFiniteError
 from .guard import Guard, GuardLog
 from .heal import accelerator_for, heal
@@ -83,9 +84,10 @@ class Shared:
 class PruneRun:
     """The state a run carries from one iteration to the next, and the steps that change it."""
 
-    def __init__(self, config: PruneConfig, inputs: RunInputs, count: int, out: Path | None = None,
+    def __init__(self, config: PruneConfig, inputs: RunInputs, depth: Depth, out: Path | None = None,
                  resume: ResumePoint | None = None, shared: Shared | None = None, progress: bool = True):
-        self.config, self.inputs, self.count, self.out, self.progress = config, inputs, count, out, progress
+        self.config, self.inputs, self.depth, self.out, self.progress = config, inputs, depth, out, progress
+        self.count = depth.remove
         self.point, self.shared = resume or ResumePoint(), shared
         self.records: list[IterationRecord] = list(self.point.records)
         self.student: torch.nn.Module | None = None
@@ -148,7 +150,8 @@ class PruneRun:
         self._log(record)
         if self.out is not None:
             if is_main_process():
-                checkpoint.save_checkpoint(self.out, to_dict(self.config), self.records, self.student)
+                checkpoint.save_checkpoint(self.out, to_dict(self.config), self.records, self.student,
+                                           dataclasses.asdict(self.depth))
             wait_for_everyone()
         return record
 
@@ -167,7 +170,7 @@ class PruneRun:
             final_layers=num_layers(self.student), kept_original=original_indices(self.student),
             removed_original=[layer for record in self.records for layer in record.removed_original],
             teacher_eval=teacher_suite, iterations=self.records, final_heal=final_heal, final_eval=final_eval,
-            final_suite=suite, seconds=time.perf_counter() - started)
+            final_suite=suite, seconds=time.perf_counter() - started, depth=self.depth.why)
 
     def close(self) -> None:
         """Delete the teacher-target cache this run opened (a shared one is its owner's to close)."""
@@ -222,7 +225,8 @@ class PruneRun:
                 pending = dataclasses.replace(pending, held_out_before=evaluate_student(self.inputs,
                                                                                         self.student).headline())
             save = None if self.out is None else \
-                functools.partial(checkpoint.save_heal_checkpoint, self.out, to_dict(config), pending)
+                functools.partial(checkpoint.save_heal_checkpoint, self.out, to_dict(config),
+                                  dataclasses.asdict(self.depth), pending)
             job = plan(self.student, heal_config, steps, pending.iteration, config.seed + pending.iteration,
                        pending.selection.drop, prefix_cache=caches.prefix, lr=self.lr, resume=state,
                        on_checkpoint=save, held_out_before=pending.held_out_before,

@@ -68,3 +68,22 @@ def compare_speed(original, pruned, repeats: int = 5, prompt_tokens: int = 256, 
         result[workload] = {**{name: _spread(r) for name, r in rates.items()}, "ratio": _spread(ratios),
                             "repeats": repeats}
     return result
+
+
+@torch.no_grad()
+def prefill_speedup(model, keep: int, repeats: int = 3, prompt_tokens: int = 256) -> float:
+    """Median over interleaved rounds of the prefill speed of `model` running only its first
+    `keep` layers, over the whole model's: what a model pruned to `keep` layers gains here
+    (which layers are kept changes the time of none but odd architectures)."""
+    from .surgery import layer_view
+
+    fn, _ = _workloads(model, prompt_tokens, 0)["prefill"]
+    fn()   # warm-up
+    ratios = []
+    for _ in range(repeats):
+        whole = _seconds(fn)
+        with layer_view(model, range(keep)):
+            if not ratios:
+                fn()   # the shallower model's warm-up
+            ratios.append(whole / _seconds(fn))
+    return statistics.median(ratios)

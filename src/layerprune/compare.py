@@ -48,6 +48,7 @@ METHODS = {
     "angular-block": ("angular_last", "block", "none"),
     "sleb-nll": ("nll", "iterative", "none"),
     "replaceme": ("angular_last", "block", "lstsq"),
+    "last-layers": ("reverse", "one-shot", "none"),
     "layerprune": ("quality", "iterative", None),
 }
 

@@ -25,7 +25,8 @@ DEVICES = ("auto", "cpu", "cuda")
 MODES = ("iterative", "one-shot", "block")
 HEAL_METHODS = ("distill", "none")
 TRAINABLE = ("neighbours", "all", "lora")
-COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "replaceme", "layerprune")
+COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "replaceme", "last-layers",
+                   "layerprune")
 PATCHES = ("none", "lstsq", "diag")
 PATCH_TARGETS = ("layer", "teacher")
 TRAIN_DATA = ("stream", "reuse")
@@ -311,7 +312,8 @@ class Recipe(ModelConfig):
 class PruneConfig(Recipe):
     """One pruning run: which model, how many layers, chosen how, healed how."""
 
-    metric: str = opt("quality", "importance metric: quality, nll, bi, angular, angular_last")
+    metric: str = opt("quality", "importance metric: quality, nll, bi, angular, angular_last, reverse (the layers "
+                                 "before the last)")
     mode: str = opt("iterative", "iterative (re-score after each removal), one-shot (score once, remove the "
                                  "lowest; ShortGPT) or block (the most redundant contiguous block; Gromov et al.)")
     target_layers: int | None = opt(None, "stop at this many layers")

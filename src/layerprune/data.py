@@ -116,7 +116,7 @@ def held_blocks(source: str | None, split: str, tokenizer, config: DataConfig, c
         if len(ids) >= needed or not added:
             break
     if not read:
-        raise LayerpruneError(f"the data source {source or 'embedded:wiki'} holds no text",
+        raise LayerpruneError(f"the data source {source_name(source)} holds no text",
                               "give a file with text in it")
     if len(ids) < needed:
         raise _budget_error(split, len(ids), length, count)

@@ -1,5 +1,5 @@
-"""The layer-importance metrics registry (bi, angular, angular_last, nll, quality) and the
-choice of what to remove (least important layers, or the most redundant block).
+"""The layer-importance metrics registry (bi, angular, angular_last, nll, quality, reverse) and
+the choice of what to remove (least important layers, or the most redundant block).
 
 Each metric returns one score per current layer, higher = more important.
 The hidden-state metrics (bi, angular*) are pure functions of the states
@@ -105,6 +105,13 @@ def score_angular_last(model, ctx: ScoringContext) -> list[float]:
     return state_distances(model, ctx.batches, lambda a, b, m: angular_distance(a, b, m, last_only=True))
 
 
+def score_reverse(model, ctx: ScoringContext) -> list[float]:
+    """Reverse order ("Reassessing Layer Pruning in LLMs", arXiv 2411.15558): the deeper a layer,
+    the less important; the final layer is no candidate (NaN: unscored). No model pass at all."""
+    depth = num_layers(model)
+    return [float(depth - i) for i in range(depth - 1)] + [math.nan]
+
+
 def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher=None,
                     reuse_prefix: bool = True, progress: bool = True, patches: dict | None = None
                     ) -> tuple[dict, dict]:
@@ -174,6 +181,7 @@ METRICS: dict[str, Callable[[object, ScoringContext], list[float]]] = {
     "bi": score_bi,
     "angular": score_angular,
     "angular_last": score_angular_last,
+    "reverse": score_reverse,
     "nll": score_nll,
     "quality": score_quality,
 }
@@ -230,7 +238,8 @@ def select_layers(model, metric: str, mode: str, count: int, ctx: ScoringContext
     output states are closest (Gromov et al.)."""
     if mode != "block":
         scores, narrowed = rank_layers(model, metric, ctx, shortlist)
-        drop = _lowest(scores, narrowed or ctx.candidates, 1 if mode == "iterative" else count)
+        every = ctx.candidates if ctx.candidates is not None else range(num_layers(model))
+        drop = _lowest(scores, narrowed or every, 1 if mode == "iterative" else count)
         return Selection(scores, drop, shortlist=narrowed)
     distance = block_influence if metric == "bi" else (
         lambda a, b, m: angular_distance(a, b, m, last_only=metric == "angular_last"))

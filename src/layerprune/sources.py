@@ -257,5 +257,5 @@ def probe(config: DataConfig) -> None:
     """Read the source's first document: an unreachable dataset, a missing or unreadable file fails
     here, before any model is loaded."""
     if next(iter(documents(config.source, config.text_field)), None) is None:
-        raise LayerpruneError(f"the data source {config.source or 'embedded:wiki'} holds no text",
+        raise LayerpruneError(f"the data source {source_name(config.source)} holds no text",
                               "give a file with text in it")

@@ -31,8 +31,12 @@ def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):
         assert set(result["quality_retained"]) == {"1", "2"} == set(result["quality_retained_unseen"])
         assert all(0 < q <= 1.5 for q in result["quality_retained_unseen"].values())
     assert summary["unseen_data"] == "embedded:news"
-    for plot in ("compare.png", "compare_unseen.png"):
+    for plot in ("compare.png", "compare_unseen.png", "compare_seconds.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    for result in summary["results"].values():   # reaching -2 takes longer than -1 for an iterative method
+        spent = result["seconds_per_count"]
+        assert spent["2"] > 0 and (spent["2"] > spent["1"] or result["method"] in ("shortgpt", "angular-block",
+                                                                                  "replaceme", "last-layers"))
     table = (out / "compare.md").read_text()
     assert "| layerprune + lstsq patch + healing |" in table and "| shortgpt + no healing |" in table
     assert "| replaceme + no healing |" in table and "embedded:news: -1 | -2 |" in table

@@ -31,7 +31,7 @@ from .inputs import RunInputs, build_inputs, check_names
 from .io import write_json, write_text
 from .models import check_trainable, load_model, model_name
 from .options import to_dict
-from .report import plot_quality
+from .report import plot_cost, plot_quality
 from .run import PruneRun, Shared, cache_folder, is_main_process
 from .sources import probe, source_name
 from .surgery import num_layers
@@ -97,7 +97,8 @@ def variant_name(config: CompareConfig, method: str, heal: str) -> str:
 def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: Shared,
                 domain: Domain | None, progress: bool) -> dict[str, dict[int, float]]:
     """Quality retained after removing each count of layers: held-out text ("held_out") and the
-    unseen `domain` ("unseen"), measured after each step that reaches a count."""
+    unseen `domain` ("unseen"), measured after each step that reaches a count; and the seconds
+    of scoring, cutting, healing and evaluating that reaching each count took ("seconds")."""
     mode = METHODS[method][1]
     counts = sorted(config.counts)
     unseen: dict[int, float] = {}
@@ -112,12 +113,18 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
                 unseen[removed] = domain.quality_retained(variant.student, inputs.teacher)
         return variant.records
 
+    def spent(records) -> float:
+        return sum(sum(record.timings.values()) for record in records)
+
     if mode == "iterative":
         records = run(max(counts))
         held_out = {n: records[n - 1].eval.quality_retained for n in counts}
+        seconds = {n: spent(records[:n]) for n in counts}
     else:
-        held_out = {n: run(n)[0].eval.quality_retained for n in counts}
-    return {"held_out": held_out, **({"unseen": unseen} if domain is not None else {})}
+        runs = {n: run(n) for n in counts}
+        held_out = {n: records[0].eval.quality_retained for n, records in runs.items()}
+        seconds = {n: spent(records) for n, records in runs.items()}
+    return {"held_out": held_out, "seconds": seconds, **({"unseen": unseen} if domain is not None else {})}
 
 
 def compare(config: CompareConfig, progress: bool = True) -> dict:
@@ -158,7 +165,8 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
             start = time.perf_counter()
             quality = run_variant(inputs, config, method, heal, shared, domain, progress)
             results[name] = {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
-                             "quality_retained": quality["held_out"], "seconds": time.perf_counter() - start}
+                             "quality_retained": quality["held_out"], "seconds_per_count": quality["seconds"],
+                             "seconds": time.perf_counter() - start}
             if "unseen" in quality:
                 results[name]["quality_retained_unseen"] = quality["unseen"]
             log.info("%s: %s (%.0fs)", name, {n: round(q, 3) for n, q in quality["held_out"].items()},
@@ -174,7 +182,8 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
 
 
 def write_comparison(out: Path, summary: dict) -> None:
-    """compare.json, compare.md and the plots of one summary."""
+    """compare.json, compare.md and the plots of one summary: quality retained against the layers
+    removed (held-out, unseen) and against the seconds spent."""
     write_json(out / "compare.json", summary)
     write_text(out / "compare.md", comparison_markdown(summary))
     tasks = ", ".join(summary["eval_tasks"])
@@ -184,6 +193,11 @@ def write_comparison(out: Path, summary: dict) -> None:
                   for name, r in summary["results"].items() if key in r}
         if curves:
             plot_quality(curves, out / file, f"quality retained on held-out {text} ({tasks})")
+    costs = {name: [(r["seconds_per_count"][n], r["quality_retained"][n], n) for n in sorted(r["quality_retained"])]
+             for name, r in summary["results"].items() if "seconds_per_count" in r}
+    if costs:
+        plot_cost(costs, out / "compare_seconds.png", f"what each minute buys: quality retained on held-out "
+                                                      f"{summary['data']} against the seconds spent")
 
 
 # What must agree for two comparisons' variants to stand in one table.
@@ -206,7 +220,7 @@ def merge_comparisons(summaries: list[dict]) -> dict:
             if name in results:
                 raise LayerpruneError(f"variant {name!r} is in more than one comparison", "merge each variant once")
             counts = {key: {int(n): q for n, q in result[key].items()}  # JSON keys are strings
-                      for key in ("quality_retained", "quality_retained_unseen") if key in result}
+                      for key in ("quality_retained", "quality_retained_unseen", "seconds_per_count") if key in result}
             results[name] = {**result, **counts, "config": summary["config"]}
     return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results}
 
@@ -226,7 +240,8 @@ def comparison_markdown(summary: dict) -> str:
         if unseen:
             cells += " | " + " | ".join(f"{r['quality_retained_unseen'][n]:.3f}" for n in counts)
         lines.append(f"| {name} | {cells} | {r['seconds']:.0f} |")
-    plots = ["![quality retained against layers removed](compare.png)"]
+    plots = ["![quality retained against layers removed](compare.png)",
+             "![quality retained against seconds spent](compare_seconds.png)"]
     if unseen:
         plots.append(f"![quality retained on {unseen}](compare_unseen.png)")
     return "\n".join(lines) + "\n\n" + "\n".join(plots) + "\n"

@@ -63,12 +63,8 @@ def plot_importance(history: "History", path: Path) -> None:
     plt.close(fig)
 
 
-def plot_quality(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, points in curves.items():
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("layers removed")
+def _save_quality_plot(fig, ax, xlabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("quality retained (held-out, teacher = 1)")
     ax.set_title(textwrap.fill(title, 60), fontsize=10)
     ax.grid(alpha=0.3)
@@ -76,6 +72,27 @@ def plot_quality(curves: dict[str, list[tuple[int, float]]], path: Path, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_quality(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in curves.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=label)
+    _save_quality_plot(fig, ax, "layers removed", title, path)
+
+
+def plot_cost(points: dict[str, list[tuple[float, float, int]]], path: Path, title: str) -> None:
+    """Quality retained against seconds, one line per method through its (seconds, quality,
+    layers removed) points, each point labelled with its count."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, rows in points.items():
+        seconds, quality, _ = zip(*rows)
+        ax.plot(seconds, quality, marker="o", label=label)
+        for x, y, n in rows:
+            ax.annotate(f"-{n}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    _save_quality_plot(fig, ax, "seconds spent (scoring, cuts, healing, evaluation; log scale)", title, path)
 
 
 def plot_heal(history: "History", path: Path) -> bool:

@@ -37,7 +37,11 @@ def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):
         spent = result["seconds_per_count"]
         assert spent["2"] > 0 and (spent["2"] > spent["1"] or result["method"] in ("shortgpt", "angular-block",
                                                                                   "replaceme", "last-layers"))
+    for result in summary["results"].values():   # every figure with its interval, around it
+        for n, (low, high) in result["quality_retained_interval"].items():
+            assert low <= result["quality_retained"][n] <= high
     table = (out / "compare.md").read_text()
+    assert "95% bootstrap interval" in table and table.count("**") >= 2 * 4
     assert "| layerprune + lstsq patch + healing |" in table and "| shortgpt + no healing |" in table
     assert "| replaceme + no healing |" in table and "embedded:news: -1 | -2 |" in table
     assert not (out / "cache").exists()
@@ -59,15 +63,16 @@ def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, t
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores=False)
     domain = unseen_domain(config, teacher, tokenizer)
     depths = []
-    monkeypatch.setattr(Domain, "quality_retained",
-                        lambda self, student, teacher: depths.append(student.config.num_hidden_layers) or 1.0)
+    monkeypatch.setattr(Domain, "retained",
+                        lambda self, student, teacher: depths.append(student.config.num_hidden_layers) or (1.0, None))
     shared = Shared(TargetCache(config.heal, teacher, 32, 2))
     quality = run_variant(inputs, config, "iterative-bi", "none", shared, domain, progress=False)
-    assert depths == [5, 3] and set(quality["unseen"]) == {1, 3}
+    assert depths == [5, 3] and set(quality["quality_retained_unseen"]) == {1, 3}
     # the same text as held-out: the unseen figures equal the held-out ones
     monkeypatch.undo()
     quality = run_variant(inputs, config, "shortgpt", "none", shared, domain, progress=False)
-    assert quality["unseen"] == pytest.approx(quality["held_out"])
+    assert quality["quality_retained_unseen"] == pytest.approx(quality["quality_retained"])
+    assert quality["quality_retained_unseen_interval"] == quality["quality_retained_interval"]
 
 
 def test_a_patch_the_method_does_not_define_is_named():

@@ -146,3 +146,63 @@ def test_one_collection_loop_serves_several_variants_at_once():
                                                                   ("b", other(input_ids=batch.input_ids).logits)]))
     assert both["a"] == collect_stats(model, tasks, model)[None]
     assert both["b"] == collect_stats(other, tasks, model)[None]
+
+
+class TestInterval:
+    """Per-block statistics and the paired bootstrap over held-out blocks."""
+
+    @staticmethod
+    def tasks(blocks=None, batch_size=3):
+        if blocks is None:
+            blocks = torch.randint(3, 96, (7, 16), generator=torch.Generator().manual_seed(2))
+        return build_tasks(["perplexity", "token_accuracy", "kl"], TaskData(None, blocks, [], batch_size))
+
+    def test_per_block_statistics_sum_to_the_batched_evaluation(self):
+        from layerprune.tasks import evaluate_tasks
+        from layerprune.tasks.interval import evaluate_rows
+
+        teacher, student = tiny_model("llama"), tiny_model("llama", seed=1)
+        tasks = self.tasks()
+        scores, rows = evaluate_rows(student, tasks, teacher)
+        assert {name: len(r) for name, r in rows.items()} == {"perplexity": 7, "token_accuracy": 7, "kl": 7}
+        batched = evaluate_tasks(student, tasks, teacher)
+        for name in batched:
+            for key, value in batched[name].items():
+                assert scores[name][key] == pytest.approx(value, rel=1e-6)
+
+    @staticmethod
+    def pair():
+        """A sharpened teacher (its next tokens are predictable) and a student a little off it."""
+        import copy
+
+        teacher = tiny_model("llama")
+        with torch.no_grad():
+            teacher.get_output_embeddings().weight.mul_(20)
+            student = copy.deepcopy(teacher)
+            for p in student.model.layers[3].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return teacher, student
+
+    def test_the_interval_holds_the_figure_and_narrows_with_more_blocks(self):
+        from layerprune.tasks import quality_retained
+        from layerprune.tasks.interval import bootstrap_interval, evaluate_rows
+
+        teacher, student = self.pair()
+        widths = []
+        for count in (4, 32):
+            tasks = self.tasks(torch.randint(3, 96, (count, 16), generator=torch.Generator().manual_seed(3)))
+            scores, rows = evaluate_rows(student, tasks, teacher)
+            teacher_scores, teacher_rows = evaluate_rows(teacher, tasks, teacher)
+            low, high = bootstrap_interval(rows, teacher_rows, tasks)
+            assert low <= quality_retained(scores, teacher_scores) <= high
+            widths.append(high - low)
+            assert bootstrap_interval(teacher_rows, teacher_rows, tasks) == pytest.approx([1.0, 1.0])
+        assert widths[1] < widths[0]
+
+    def test_tasks_without_per_block_statistics_get_none(self):
+        from layerprune.tasks import Task
+        from layerprune.tasks.interval import bootstrap_interval, evaluate_rows
+
+        generating = Task("copy_generate", [], None, None, run=lambda model, teacher: {"score": 1.0})
+        assert evaluate_rows(tiny_model("llama"), [generating]) is None
+        assert bootstrap_interval({}, {}, self.tasks()) is None

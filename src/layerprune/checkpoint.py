@@ -51,6 +51,7 @@ class Evaluation:
     tasks: dict[str, dict[str, float]]
     quality_retained: float
     averaged_over: list[str]
+    interval: list[float] | None = None   # 95% bootstrap interval over held-out blocks (tasks/interval.py)
 
     @classmethod
     def from_json(cls, data: dict) -> "Evaluation":

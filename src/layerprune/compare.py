@@ -27,16 +27,17 @@ from .errors import LayerpruneError
 from .heal import accelerator_for
 from .heal_job import check_mse_layers
 from .heal_text import validation_blocks
-from .inputs import RunInputs, build_inputs, check_names
+from .inputs import RunInputs, build_inputs, check_names, scores_and_rows
 from .io import write_json, write_text
 from .models import check_trainable, load_model, model_name
 from .options import to_dict
-from .report import plot_cost, plot_quality
+from .report import plot_cost, plot_quality, with_interval
 from .run import PruneRun, Shared, cache_folder, is_main_process
 from .sources import probe, source_name
 from .surgery import num_layers
 from .targets import TargetCache
-from .tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
+from .tasks import TaskData, build_tasks, quality_retained
+from .tasks.interval import bootstrap_interval
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,13 @@ class Domain:
     name: str
     tasks: list
     teacher_scores: dict
+    teacher_rows: dict | None = None
 
-    def quality_retained(self, student, teacher) -> float:
-        return quality_retained(evaluate_tasks(student, self.tasks, teacher), self.teacher_scores)
+    def retained(self, student, teacher) -> tuple[float, list[float] | None]:
+        """Quality retained on this text, and its 95% interval over its held-out blocks."""
+        scores, rows = scores_and_rows(student, self.tasks, teacher)
+        interval = bootstrap_interval(rows, self.teacher_rows, self.tasks) if rows and self.teacher_rows else None
+        return quality_retained(scores, self.teacher_scores), interval
 
 
 def unseen_domain(config: CompareConfig, teacher, tokenizer) -> Domain | None:
@@ -83,7 +88,7 @@ def unseen_domain(config: CompareConfig, teacher, tokenizer) -> Domain | None:
     corpus = load_corpus(dataclasses.replace(config.data, source=config.unseen_data), tokenizer)
     tasks = build_tasks(config.eval_tasks, TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"],
                                                     config.data.batch_size, config.seed))
-    return Domain(config.unseen_data, tasks, evaluate_tasks(teacher, tasks, teacher))
+    return Domain(config.unseen_data, tasks, *scores_and_rows(teacher, tasks, teacher))
 
 
 def variant_name(config: CompareConfig, method: str, heal: str) -> str:
@@ -96,12 +101,12 @@ def variant_name(config: CompareConfig, method: str, heal: str) -> str:
 
 def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: Shared,
                 domain: Domain | None, progress: bool) -> dict[str, dict[int, float]]:
-    """Quality retained after removing each count of layers: held-out text ("held_out") and the
-    unseen `domain` ("unseen"), measured after each step that reaches a count; and the seconds
-    of scoring, cutting, healing and evaluating that reaching each count took ("seconds")."""
+    """Quality retained after removing each count of layers, with its 95% interval over held-out
+    blocks, on held-out text and on the unseen `domain` (measured after each step that reaches a
+    count); and the seconds of scoring, cutting, healing and evaluating that each count took."""
     mode = METHODS[method][1]
     counts = sorted(config.counts)
-    unseen: dict[int, float] = {}
+    unseen: dict[int, tuple[float, list[float] | None]] = {}
 
     def run(count: int):
         variant = PruneRun(variant_config(config, method, heal, count), inputs, Depth(count, f"--remove {count}"),
@@ -110,7 +115,7 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
             variant.step(iteration)
             removed = count if mode != "iterative" else iteration
             if domain is not None and removed in counts:
-                unseen[removed] = domain.quality_retained(variant.student, inputs.teacher)
+                unseen[removed] = domain.retained(variant.student, inputs.teacher)
         return variant.records
 
     def spent(records) -> float:
@@ -118,13 +123,19 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
 
     if mode == "iterative":
         records = run(max(counts))
-        held_out = {n: records[n - 1].eval.quality_retained for n in counts}
+        evaluations = {n: records[n - 1].eval for n in counts}
         seconds = {n: spent(records[:n]) for n in counts}
     else:
         runs = {n: run(n) for n in counts}
-        held_out = {n: records[0].eval.quality_retained for n, records in runs.items()}
+        evaluations = {n: records[0].eval for n, records in runs.items()}
         seconds = {n: spent(records) for n, records in runs.items()}
-    return {"held_out": held_out, "seconds": seconds, **({"unseen": unseen} if domain is not None else {})}
+    measured = {"quality_retained": {n: e.quality_retained for n, e in evaluations.items()},
+                "quality_retained_interval": {n: e.interval for n, e in evaluations.items()},
+                "seconds_per_count": seconds}
+    if domain is not None:
+        measured["quality_retained_unseen"] = {n: q for n, (q, _) in unseen.items()}
+        measured["quality_retained_unseen_interval"] = {n: interval for n, (_, interval) in unseen.items()}
+    return measured
 
 
 def compare(config: CompareConfig, progress: bool = True) -> dict:
@@ -165,11 +176,8 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
             start = time.perf_counter()
             quality = run_variant(inputs, config, method, heal, shared, domain, progress)
             results[name] = {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
-                             "quality_retained": quality["held_out"], "seconds_per_count": quality["seconds"],
-                             "seconds": time.perf_counter() - start}
-            if "unseen" in quality:
-                results[name]["quality_retained_unseen"] = quality["unseen"]
-            log.info("%s: %s (%.0fs)", name, {n: round(q, 3) for n, q in quality["held_out"].items()},
+                             **quality, "seconds": time.perf_counter() - start}
+            log.info("%s: %s (%.0fs)", name, {n: round(q, 3) for n, q in quality["quality_retained"].items()},
                      results[name]["seconds"])
     shared.targets.close()
     summary = {"model": model_name(config.model), "counts": counts,
@@ -200,6 +208,9 @@ def write_comparison(out: Path, summary: dict) -> None:
                                                       f"{summary['data']} against the seconds spent")
 
 
+# A variant's figures per count of layers removed (JSON keys are strings, read back as ints).
+PER_COUNT = ("quality_retained", "quality_retained_interval", "quality_retained_unseen",
+             "quality_retained_unseen_interval", "seconds_per_count")
 # What must agree for two comparisons' variants to stand in one table.
 SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval")
 
@@ -220,25 +231,42 @@ def merge_comparisons(summaries: list[dict]) -> dict:
             if name in results:
                 raise LayerpruneError(f"variant {name!r} is in more than one comparison", "merge each variant once")
             counts = {key: {int(n): q for n, q in result[key].items()}  # JSON keys are strings
-                      for key in ("quality_retained", "quality_retained_unseen", "seconds_per_count") if key in result}
+                      for key in PER_COUNT if key in result}
             results[name] = {**result, **counts, "config": summary["config"]}
     return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results}
+
+
+def _column_cells(results: dict, key: str, count: int) -> dict[str, str]:
+    """Each variant's figure at one count with its interval: the best in bold, and marked level
+    (~) where its interval reaches the best one's."""
+    figures = {name: r[key][count] for name, r in results.items()}
+    intervals = {name: r.get(f"{key}_interval", {}).get(count) for name, r in results.items()}
+    best = max(figures, key=figures.get)
+    cells = {}
+    for name, figure in figures.items():
+        cell = with_interval(figure, intervals[name])
+        level = intervals[name] and intervals[best] and intervals[name][1] >= intervals[best][0]
+        cells[name] = f"**{cell}**" if name == best else cell + (" ~" if level else "")
+    return cells
 
 
 def comparison_markdown(summary: dict) -> str:
     counts = summary["counts"]
     unseen = summary.get("unseen_data")
+    results = summary["results"]
     head = " | ".join(f"-{n}" for n in counts)
+    keys = ["quality_retained"] + (["quality_retained_unseen"] if unseen else [])
+    columns = {(key, n): _column_cells(results, key, n) for key in keys for n in counts}
     lines = [f"# Depth-pruning methods on {summary['model']}", "",
              f"Quality retained (mean of {', '.join(summary['eval_tasks'])} relative to the original; 1.0 = the "
              f"original) on held-out {summary['data']} text" + (f" and on {unseen}, a domain nothing is trained or "
-                                                                  "scored on" if unseen else "") + ".", "",
+                                                                  "scored on" if unseen else "") + ", with its 95% "
+             "bootstrap interval over held-out blocks. Bold: the best in its column; ~: level with it (its "
+             "interval reaches the best one's).", "",
              f"| method | {summary['data']}: {head} |" + (f" {unseen}: {head} |" if unseen else "") + " seconds |",
-             "| --- |" + " --- |" * (len(counts) * (2 if unseen else 1)) + " --- |"]
-    for name, r in summary["results"].items():
-        cells = " | ".join(f"{r['quality_retained'][n]:.3f}" for n in counts)
-        if unseen:
-            cells += " | " + " | ".join(f"{r['quality_retained_unseen'][n]:.3f}" for n in counts)
+             "| --- |" + " --- |" * (len(counts) * len(keys)) + " --- |"]
+    for name, r in results.items():
+        cells = " | ".join(columns[key, n][name] for key in keys for n in counts)
         lines.append(f"| {name} | {cells} | {r['seconds']:.0f} |")
     plots = ["![quality retained against layers removed](compare.png)",
              "![quality retained against seconds spent](compare_seconds.png)"]

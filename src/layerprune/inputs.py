@@ -25,6 +25,7 @@ from .patch import effective_kind
 from .surgery import check_cut_supported
 from .targets import check_budgets
 from .tasks import Task, TaskData, blocks_to_batches, build_tasks, check_task_name, evaluate_tasks, quality_retained
+from .tasks.interval import bootstrap_interval, evaluate_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class RunInputs:
     final_tasks: list[Task]
     teacher_scores: dict   # on the importance tasks (calibration text), for the quality metric
     teacher_eval: dict     # on the evaluation tasks (held-out text)
+    teacher_rows: dict | None = None   # their statistics per held-out block, for intervals (None: not per block)
 
 
 def check_names(config: Recipe, metric: str | None, final_tasks=()) -> None:
@@ -72,15 +74,26 @@ def build_inputs(config: Recipe, teacher, tokenizer, final_tasks=(), teacher_sco
     eval_tasks = build_tasks(config.eval_tasks, eval_data)
     # Built now so that a task the data cannot feed fails before any work, not at the end.
     suite = build_tasks(dict.fromkeys((*config.eval_tasks, *final_tasks)), eval_data)
+    teacher_eval, teacher_rows = scores_and_rows(teacher, eval_tasks, teacher)
     return RunInputs(teacher, tokenizer, corpus, blocks_to_batches(corpus.blocks["calib"], bs), importance,
                      eval_tasks, suite, evaluate_tasks(teacher, importance, teacher) if teacher_scores else {},
-                     evaluate_tasks(teacher, eval_tasks, teacher))
+                     teacher_eval, teacher_rows)
+
+
+def scores_and_rows(model, tasks: list[Task], teacher) -> tuple[dict, dict | None]:
+    """Task summaries, and per-block statistics where the tasks have them."""
+    rowed = evaluate_rows(model, tasks, teacher)
+    return rowed if rowed is not None else (evaluate_tasks(model, tasks, teacher), None)
 
 
 def evaluate_student(inputs: RunInputs, student) -> Evaluation:
-    """The student on the evaluation tasks (held-out text), and its quality retained."""
-    scores = evaluate_tasks(student, inputs.eval_tasks, inputs.teacher)
-    return Evaluation(scores, quality_retained(scores, inputs.teacher_eval), [t.name for t in inputs.eval_tasks])
+    """The student on the evaluation tasks (held-out text): its quality retained, with the 95%
+    interval over held-out blocks where the tasks allow one."""
+    scores, rows = scores_and_rows(student, inputs.eval_tasks, inputs.teacher)
+    interval = bootstrap_interval(rows, inputs.teacher_rows, inputs.eval_tasks) if rows and inputs.teacher_rows \
+        else None
+    return Evaluation(scores, quality_retained(scores, inputs.teacher_eval), [t.name for t in inputs.eval_tasks],
+                      interval)
 
 
 def final_evaluation(inputs: RunInputs, student) -> tuple[Evaluation, Evaluation, dict]:
@@ -94,9 +107,9 @@ def final_evaluation(inputs: RunInputs, student) -> tuple[Evaluation, Evaluation
     teacher = {task.name: teacher[task.name] for task in inputs.final_tasks}
     log.info("final evaluation of the pruned model: %s on held-out text",
              ", ".join(task.name for task in inputs.final_tasks))
-    suite = evaluate_tasks(student, inputs.final_tasks, inputs.teacher)
-    names = [task.name for task in inputs.eval_tasks]
-    scores = {name: suite[name] for name in names}
+    held_out = evaluate_student(inputs, student)
+    rest = [task for task in inputs.final_tasks if task.name not in held_out.tasks]
+    scores = {**held_out.tasks, **evaluate_tasks(student, rest, inputs.teacher)}
+    suite = {task.name: scores[task.name] for task in inputs.final_tasks}
     log.info("final evaluation done in %.0fs", time.perf_counter() - started)
-    return (Evaluation(scores, quality_retained(scores, teacher), names),
-            Evaluation(suite, quality_retained(suite, teacher), list(suite)), teacher)
+    return held_out, Evaluation(suite, quality_retained(suite, teacher), list(suite)), teacher

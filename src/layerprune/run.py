@@ -43,7 +43,7 @@ from .inputs import RunInputs, evaluate_student, final_evaluation
 from .models import model_name
 from .options import to_dict
 from .patch import PatchFit, candidate_patches, remove_and_patch
-from .report import write_loss_log
+from .report import with_interval, write_loss_log
 from .speed import compare_speed
 from .surgery import num_layers, original_indices
 from .targets import TargetCache
@@ -253,6 +253,7 @@ class PruneRun:
         ppl = record.eval.tasks.get("perplexity", {}).get("perplexity")
         teacher_ppl = self.inputs.teacher_eval.get("perplexity", {}).get("perplexity")
         ppl_text = f" | held-out ppl {ppl:.2f} (teacher {teacher_ppl:.2f})" if ppl is not None else ""
-        log.info("iteration %d/%d: removed layer %s (original %s) -> %d layers | quality retained %.3f%s | %.1fs",
+        log.info("iteration %d/%d: removed layer %s (original %s) -> %d layers | quality retained %s%s | %.1fs",
                  record.iteration, self._last, record.removed_current, record.removed_original, record.layers_after,
-                 record.eval.quality_retained, ppl_text, sum(record.timings.values()))
+                 with_interval(record.eval.quality_retained, record.eval.interval), ppl_text,
+                 sum(record.timings.values()))

@@ -126,3 +126,34 @@ class TestSelection:
         assert selection.shortlist == sorted(sorted(range(6), key=lambda i: bi[i])[:2])
         assert [i for i, s in enumerate(selection.scores) if s == s] == selection.shortlist
         assert selection.drop[0] in selection.shortlist
+
+
+class TestAngularAgainstTheReference:
+    """Gromov et al.'s block distance as PruneMe computes it (the public reference): the
+    arccos / pi of the cosine between the last real token's hidden states `n` layers apart,
+    from `output_hidden_states`, without the embedding output, averaged over batches."""
+
+    @staticmethod
+    def reference(model, batches, n):
+        per_batch = []
+        for batch in batches:
+            with torch.no_grad():
+                hidden = model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states[1:]
+            last = [h[:, -1] for h in hidden]
+            per_batch.append([float((torch.arccos(torch.nn.functional.cosine_similarity(last[i], last[i + n], dim=-1)
+                                                  .clamp(-1, 1)) / math.pi).mean()) for i in range(len(last) - n)])
+        return [sum(column) / len(column) for column in zip(*per_batch)]
+
+    @pytest.mark.parametrize("n", [1, 2])
+    def test_ours_is_the_reference_shifted_by_one_start(self, blocks, n):
+        """Reference block i compares the states entering layers i+1 and i+1+n: our start i+1. The
+        last hidden state transformers returns is the last layer's output before the final norm,
+        as ours is, so every block agrees; only our start 0 (removing layer 0) has no reference."""
+        from layerprune.importance import state_distances
+
+        model = tiny_model("llama")
+        batches = TaskData(None, blocks, [], batch_size=2).block_batches
+        reference = self.reference(model, batches, n)
+        ours = state_distances(model, batches, lambda a, b, m: angular_distance(a, b, m, last_only=True), span=n)
+        assert len(ours) == len(reference) + 1
+        assert ours[1:] == pytest.approx(reference, rel=1e-4)

@@ -115,3 +115,27 @@ def test_separate_comparisons_merge_into_one_table_only_on_the_same_inputs(tmp_p
         merge_comparisons([summary("a", 0.9), summary("b", 0.8, data="embedded:news")])
     with pytest.raises(LayerpruneError, match="more than one"):
         merge_comparisons([summary("a", 0.9), summary("a", 0.8)])
+
+
+def test_seeds_run_every_variant_once_each_and_report_mean_spread_and_interval(tiny_dir, text_file, tmp_path,
+                                                                              capsys):
+    out = tmp_path / "seeded"
+    argv = ["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--remove", "1",
+            "--seq-len", "32", "--calib-blocks", "2", "--patch-blocks", "4", "--eval-blocks", "4",
+            "--heal-steps", "2", "--heal-grad-accum", "1", "--heal-lr", "0.01", "--quiet", "--device", "cpu",
+            "--methods", "shortgpt", "--unseen-data", str(text_file)]
+    assert main([*argv, "--seeds", "0,0"]) == 2
+    assert "repeats a seed" in capsys.readouterr().err and not (out / "compare.json").exists()
+    assert main([*argv, "--seeds", "0,1"]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    healed, plain = summary["results"]["shortgpt + healing"], summary["results"]["shortgpt + no healing"]
+    seeds = [healed["per_seed"][s]["quality_retained"]["1"] for s in ("0", "1")]
+    assert seeds[0] != seeds[1]   # a seed changes healing's data order
+    assert healed["quality_retained"]["1"] == pytest.approx(sum(seeds) / 2)
+    assert healed["quality_retained_spread"]["1"] == [min(seeds), max(seeds)]
+    low, high = healed["quality_retained_interval"]["1"]
+    assert low <= min(seeds) and max(seeds) <= high
+    unhealed = [plain["per_seed"][s]["quality_retained"]["1"] for s in ("0", "1")]
+    assert unhealed[0] == unhealed[1]   # nothing random without healing
+    assert "the mean over seeds 0, 1" in (out / "compare.md").read_text()

@@ -159,34 +159,65 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     plan_depth(deepest, teacher)   # the deepest cut fits the model
     check_mse_layers(config.heal, num_layers(teacher))
     patching = any(variant_config(config, method, "none", 1).patch != "none" for method in config.methods)
-    inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods,
-                          patch_pool=patching)
     healing = "distill" in config.healing
-    # Every variant is guarded on the same blocks, past the deepest variant's healed text.
-    validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if healing else None
-    domain = unseen_domain(config, teacher, tokenizer)
     # With --train-data reuse every variant heals on the same blocks: one target cache for all of them.
     shared = Shared(TargetCache(config.heal, teacher, config.data.seq_len, config.data.batch_size, cache_folder(out),
-                                progress), validation,
+                                progress), None,
                     accelerator_for(config.heal, next(teacher.parameters()).device) if healing else None)
-    results: dict[str, dict] = {}
-    for method in config.methods:
-        for heal in config.healing:
-            name = variant_name(config, method, heal)
-            start = time.perf_counter()
-            quality = run_variant(inputs, config, method, heal, shared, domain, progress)
-            results[name] = {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
-                             **quality, "seconds": time.perf_counter() - start}
-            log.info("%s: %s (%.0fs)", name, {n: round(q, 3) for n, q in quality["quality_retained"].items()},
-                     results[name]["seconds"])
+    by_seed: dict[str, dict[int, dict]] = {}
+    for seed in config.seeds or (config.seed,):
+        # A seed changes the healings' data order and the sampled task items: inputs are built per seed.
+        seeded = dataclasses.replace(config, seed=seed)
+        inputs = build_inputs(seeded, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods,
+                              patch_pool=patching)
+        # Every variant is guarded on the same blocks, past the deepest variant's healed text.
+        shared.validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if healing else None
+        domain = unseen_domain(seeded, teacher, tokenizer)
+        for method in config.methods:
+            for heal in config.healing:
+                name = variant_name(config, method, heal)
+                start = time.perf_counter()
+                quality = run_variant(inputs, seeded, method, heal, shared, domain, progress)
+                by_seed.setdefault(name, {})[seed] = {**quality, "seconds": time.perf_counter() - start}
+                log.info("%s, seed %d: %s (%.0fs)", name, seed,
+                         {n: round(q, 3) for n, q in quality["quality_retained"].items()},
+                         by_seed[name][seed]["seconds"])
+    results = {name: {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
+                      **over_seeds(by_seed[name])}
+               for method in config.methods for heal in config.healing
+               for name in [variant_name(config, method, heal)]}
     shared.targets.close()
     summary = {"model": model_name(config.model), "counts": counts,
                "eval_tasks": list(config.eval_tasks), "data": source_name(config.data.source),
                "unseen_data": config.unseen_data, "teacher_eval": inputs.teacher_eval, "results": results,
+               "seeds": list(config.seeds or (config.seed,)),
                "config": to_dict(config)}
     if is_main_process():
         write_comparison(out, summary)
     return summary
+
+
+def over_seeds(runs: dict[int, dict]) -> dict:
+    """One variant's figures over its seeds: one seed's as they are; several seeds' as the mean,
+    the spread (lowest and highest seed), and an interval from the lowest seed's low to the
+    highest seed's high (every seed's 95% interval over held-out blocks inside it), with every
+    seed's own figures under `per_seed`."""
+    if len(runs) == 1:
+        return next(iter(runs.values()))
+    merged: dict = {"seeds": sorted(runs), "per_seed": runs, "seconds": sum(r["seconds"] for r in runs.values())}
+    first = next(iter(runs.values()))
+    merged["seconds_per_count"] = {n: sum(r["seconds_per_count"][n] for r in runs.values())
+                                   for n in first["seconds_per_count"]}
+    for key in ("quality_retained", "quality_retained_unseen"):
+        if key not in first:
+            continue
+        values = {n: [r[key][n] for r in runs.values()] for n in first[key]}
+        merged[key] = {n: sum(v) / len(v) for n, v in values.items()}
+        merged[f"{key}_spread"] = {n: [min(v), max(v)] for n, v in values.items()}
+        intervals = {n: [r[f"{key}_interval"][n] for r in runs.values()] for n in first[key]}
+        merged[f"{key}_interval"] = {n: None if None in iv else [min(i[0] for i in iv), max(i[1] for i in iv)]
+                                     for n, iv in intervals.items()}
+    return merged
 
 
 def write_comparison(out: Path, summary: dict) -> None:
@@ -209,8 +240,8 @@ def write_comparison(out: Path, summary: dict) -> None:
 
 
 # A variant's figures per count of layers removed (JSON keys are strings, read back as ints).
-PER_COUNT = ("quality_retained", "quality_retained_interval", "quality_retained_unseen",
-             "quality_retained_unseen_interval", "seconds_per_count")
+PER_COUNT = ("quality_retained", "quality_retained_interval", "quality_retained_spread", "quality_retained_unseen",
+             "quality_retained_unseen_interval", "quality_retained_unseen_spread", "seconds_per_count")
 # What must agree for two comparisons' variants to stand in one table.
 SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval")
 
@@ -251,7 +282,7 @@ def _column_cells(results: dict, key: str, count: int) -> dict[str, str]:
 
 
 def comparison_markdown(summary: dict) -> str:
-    counts = summary["counts"]
+    counts, seeds = summary["counts"], summary.get("seeds", [0])
     unseen = summary.get("unseen_data")
     results = summary["results"]
     head = " | ".join(f"-{n}" for n in counts)
@@ -261,8 +292,10 @@ def comparison_markdown(summary: dict) -> str:
              f"Quality retained (mean of {', '.join(summary['eval_tasks'])} relative to the original; 1.0 = the "
              f"original) on held-out {summary['data']} text" + (f" and on {unseen}, a domain nothing is trained or "
                                                                   "scored on" if unseen else "") + ", with its 95% "
-             "bootstrap interval over held-out blocks. Bold: the best in its column; ~: level with it (its "
-             "interval reaches the best one's).", "",
+             "bootstrap interval over held-out blocks" + (
+                 f"; the mean over seeds {', '.join(map(str, seeds))}, its interval from the lowest seed's low to "
+                 "the highest seed's high" if len(seeds) > 1 else "") +
+             ". Bold: the best in its column; ~: level with it (its interval reaches the best one's).", "",
              f"| method | {summary['data']}: {head} |" + (f" {unseen}: {head} |" if unseen else "") + " seconds |",
              "| --- |" + " --- |" * (len(counts) * len(keys)) + " --- |"]
     for name, r in results.items():

@@ -366,6 +366,8 @@ class CompareConfig(Recipe):
     healing: tuple[str, ...] = opt(HEAL_METHODS[::-1], "none, distill or both")
     unseen_data: str | None = opt("embedded:news", "a second held-out text, of a domain nothing is trained or "
                                                    "scored on; quality retained is reported on it too")
+    seeds: tuple[int, ...] = opt((), "comma-separated seeds, each variant run once per seed (default: --seed); a seed "
+                                     "changes healing's data order and sampled task items")
 
     def validate(self) -> None:
         super().validate()
@@ -376,6 +378,9 @@ class CompareConfig(Recipe):
             raise LayerpruneError(f"unknown method(s) {unknown}", f"use some of {', '.join(COMPARE_METHODS)}")
         for heal in self.healing:
             _one_of(heal, HEAL_METHODS, "healing")
+        if len(set(self.seeds)) != len(self.seeds) or min(self.seeds, default=0) < 0:
+            raise LayerpruneError(f"--seeds {','.join(map(str, self.seeds))} repeats a seed or has a negative one",
+                                  "give distinct seeds, e.g. --seeds 0,1")
 
 
 @dataclass(frozen=True, kw_only=True)

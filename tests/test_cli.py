@@ -84,6 +84,7 @@ CATALOGUE = {
     "target below 1": (lambda p: ["--target-layers", "0"], "at least 1"),
     "remove everything": (lambda p: ["--remove", "6"], "would leave no layer"),
     "both depth options": (lambda p: ["--remove", "1", "--target-layers", "4"], "exactly one of"),
+    "unknown patch fit": (lambda p: ["--patch-fit", "magic"], "unknown patch fit"),
     "params target above the model": (lambda p: ["--target-params", "10G"], "is not below the model's"),
     "params target out of reach": (lambda p: ["--target-params", "1k"], "below what the model keeps"),
     "params target unreadable": (lambda p: ["--target-params", "lots"], "is not a parameter count"),

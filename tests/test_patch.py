@@ -18,9 +18,9 @@ def blocks(n=8, length=16, seed=1):
     return torch.randint(3, 96, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def how(**kw):
+def how(kind="lstsq", **kw):
     """The patch fit every test uses: lstsq on blocks(), quietly."""
-    return patch.PatchFit(blocks(), "lstsq", **{"progress": False, **kw})
+    return patch.PatchFit(blocks(), kind, **{"progress": False, **kw})
 
 
 def logits(model, ids=IDS):
@@ -176,3 +176,45 @@ def _teacher_gap(student, teacher, layer, ids):
 
 
 
+
+
+class TestCosineFit:
+    """--patch-fit cosine: ReplaceMe's mean-cosine-distance patch, with the least squares kept
+    where it does not converge."""
+
+    def test_the_cosine_fit_brings_the_patched_state_closer_in_angle(self):
+        model = tiny_model("llama")
+        samples = patch.fit(model, [(3, 3)], how(fit="cosine"))[(3, 3)]
+        m, r = torch.cat(samples.ms), torch.cat(samples.rs)
+        t, method = patch.solve_cosine(samples)
+        assert method == "cosine" and torch.isfinite(t).all()
+        eye = torch.eye(32)
+        assert patch.cosine_distance(m, r, t.float()) < patch.cosine_distance(m, r, eye)
+        lstsq = patch.solve(samples.gram())
+        reference = patch.solve(patch.fit(model, [(3, 3)], how())[(3, 3)])
+        torch.testing.assert_close(lstsq, reference, rtol=1e-4, atol=1e-6)   # the same rows as the Gram pass
+
+    def test_a_cut_records_its_fit_and_a_diverging_fit_keeps_least_squares(self, monkeypatch, caplog):
+        model = tiny_model("llama")
+        plain = copy.deepcopy(model)
+        _, info = patch.remove_and_patch(model, [3], how(fit="cosine"))
+        assert info["folded"][0]["fit"] == "cosine"
+        monkeypatch.setattr(patch, "COSINE_EPOCHS", 0)   # no step taken: no closer than the identity
+        diverged = copy.deepcopy(plain)
+        with caplog.at_level("INFO", logger="layerprune"):
+            _, info = patch.remove_and_patch(diverged, [3], how(fit="cosine"))
+        assert info["folded"][0]["fit"] == "lstsq" and "did not converge" in caplog.text
+        patch.remove_and_patch(plain, [3], how())
+        for a, b in zip(diverged.parameters(), plain.parameters()):
+            torch.testing.assert_close(a, b)
+
+    def test_a_fit_gone_non_finite_keeps_least_squares(self):
+        samples = patch.fit(tiny_model("llama"), [(3, 3)], how(fit="cosine"))[(3, 3)]
+        samples.rs[0][0, 0] = float("nan")   # one broken token: the loss and the fit go non-finite
+        t, method = patch.solve_cosine(samples)
+        assert method == "lstsq" and torch.isfinite(t).all()
+
+    def test_a_diagonal_patch_fits_by_cosine_too(self):
+        samples = patch.fit(tiny_model("llama"), [(2, 2)], how(kind="diag", fit="cosine"))[(2, 2)]
+        t, method = patch.solve_cosine(samples)
+        assert t.dim() == 1 and torch.isfinite(t).all() and method in ("cosine", "lstsq")

@@ -208,3 +208,11 @@ def test_the_final_phases_each_say_what_they_do(tiny_dir, text_file, tmp_path, c
                  "  copy_generate: ", "final evaluation done",
                  "writing the result into", "saved 5-layer model"):
         assert line in said, line
+
+
+def test_the_cosine_patch_fit_runs_in_the_loop_and_is_recorded(tiny_dir, text_file, tmp_path):
+    history = prune(config(tiny_dir, text_file, tmp_path / "o", metric="nll", remove=2, patch_fit="cosine"),
+                    progress=False)
+    fits = [folded["fit"] for record in history.iterations for folded in record.patch["folded"]]
+    assert fits and set(fits) <= {"cosine", "lstsq"}
+    assert history.config["patch_fit"] == "cosine"

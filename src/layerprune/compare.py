@@ -96,6 +96,8 @@ def variant_name(config: CompareConfig, method: str, heal: str) -> str:
     patch = f" + {config.patch} patch" if METHODS[method][2] is None and config.patch != "none" else ""
     if patch and config.patch_target == "teacher":
         patch += " (to the teacher)"
+    if config.patch_fit != "lstsq" and variant_config(config, method, "none", 1).patch != "none":
+        patch += f" ({config.patch_fit} fit)"
     return f"{method}{patch} + {'healing' if heal == 'distill' else 'no healing'}"
 
 

@@ -28,7 +28,7 @@ TRAINABLE = ("neighbours", "all", "lora")
 COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "replaceme", "last-layers",
                    "layerprune")
 PATCHES = ("none", "lstsq", "diag")
-PATCH_TARGETS = ("layer", "teacher")
+PATCH_TARGETS, PATCH_FITS = ("layer", "teacher"), ("lstsq", "cosine")
 TRAIN_DATA = ("stream", "reuse")
 MSE_SCALES = ("raw", "relative", "channel")
 GGUF_TYPES = ("source", "q8_0", "f16", "f32")
@@ -290,6 +290,8 @@ class Recipe(ModelConfig):
     patch_target: str = opt("layer", "what the patch reproduces: layer (the removed layers' output in the current "
                                      "model, as ReplaceMe) or teacher (the original's state at that depth, which "
                                      "also absorbs what earlier cuts left)")
+    patch_fit: str = opt("lstsq", "how the cut's patch is fitted: lstsq (closed form) or cosine (ReplaceMe's mean "
+                                  "cosine distance, by Adam from the identity)")
     heal: HealConfig = opt(HealConfig(), "")
 
     def validate(self) -> None:
@@ -303,6 +305,7 @@ class Recipe(ModelConfig):
         _non_negative(self, ("protect_first", "protect_last"))
         _one_of(self.patch, PATCHES, "patch")
         _one_of(self.patch_target, PATCH_TARGETS, "patch target")
+        _one_of(self.patch_fit, PATCH_FITS, "patch fit")
         if self.shortlist is not None:
             _positive(self, ("shortlist",))
         self.heal.validate()

@@ -12,7 +12,11 @@ The fit needs only Gram matrices, accumulated in float64 over batches, so
 memory does not grow with the data: G = M^T M and C = M^T (L - O + M);
 T = (G + alpha I)^-1 (C + alpha I). alpha is RIDGE times the mean of G's
 diagonal, plus a floor, so a singular Gram (an MLP that outputs zeros) gives
-T = I, never NaN weights.
+T = I, never NaN weights. `--patch-fit cosine` fits ReplaceMe's other form
+instead, the mean cosine distance between M T and L - Y, by Adam from the
+identity; it has no closed form, so it keeps the tokens' rows (bounded by
+--patch-tokens) and only the cut's patch is fitted so (candidates are scored
+with least squares).
 
 T is folded into weights, so the result is a plain HF model of the same
 architecture: every projection that writes M (the MLP's down projection, each
@@ -161,6 +165,62 @@ def solve(gram: Gram) -> torch.Tensor:
     return torch.ones_like(gram.mr) if diagonal else torch.eye(len(gram.mm), dtype=torch.float64)
 
 
+@dataclass
+class Samples:
+    """The training tokens' rows of M and of L - O + M themselves, for the fit that has no closed
+    form (--patch-fit cosine): tokens x hidden x 8 bytes, bounded by --patch-tokens."""
+
+    diagonal: bool
+    ms: list = field(default_factory=list)
+    rs: list = field(default_factory=list)
+
+    def add(self, m: torch.Tensor, r: torch.Tensor) -> None:
+        self.ms.append(m.reshape(-1, m.shape[-1]).float().cpu())
+        self.rs.append(r.reshape(-1, r.shape[-1]).float().cpu())
+
+    def gram(self) -> Gram:
+        hidden = self.ms[0].shape[-1]
+        size = (hidden,) if self.diagonal else (hidden, hidden)
+        gram = Gram(torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64))
+        for m, r in zip(self.ms, self.rs):
+            gram.add(m, r)
+        return gram
+
+
+# ReplaceMe's cosine fit (arXiv 2505.02819, its public code): Adam from the identity, minibatches
+# of 1,024 tokens, 10 passes over them, on the mean cosine distance between M T and L - O + M.
+COSINE_LR, COSINE_EPOCHS, COSINE_BATCH = 1e-4, 10, 1024
+
+
+def cosine_distance(m: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 1 - torch.nn.functional.cosine_similarity(m * t if t.dim() == 1 else m @ t, r, dim=-1).mean()
+
+
+def solve_cosine(samples: Samples) -> tuple[torch.Tensor, str]:
+    """T minimising the mean cosine distance, and how it was found: "cosine", or "lstsq" where
+    the cosine fit ended no closer than the identity or not finite (the least-squares T is kept
+    then, and the log says so: never NaN weights)."""
+    m, r = torch.cat(samples.ms), torch.cat(samples.rs)
+    hidden = m.shape[-1]
+    t = (torch.ones(hidden) if samples.diagonal else torch.eye(hidden)).requires_grad_(True)
+    optimizer = torch.optim.Adam([t], lr=COSINE_LR)
+    order = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        before = float(cosine_distance(m, r, t))
+    for _ in range(COSINE_EPOCHS):
+        for rows in torch.randperm(len(m), generator=order).split(COSINE_BATCH):
+            optimizer.zero_grad()
+            cosine_distance(m[rows], r[rows], t).backward()
+            optimizer.step()
+    with torch.no_grad():
+        after = float(cosine_distance(m, r, t))
+    if torch.isfinite(t).all() and after < before:
+        return t.detach().double(), "cosine"
+    log.info("the cosine patch fit did not converge (cosine distance %.4g -> %.4g): the least-squares patch is kept",
+             before, after)
+    return solve(samples.gram()), "lstsq"
+
+
 def _norm_offset(norm: nn.Module, hidden: int) -> float:
     """0 for a norm that scales by its weight, 1 for one that scales by 1 + weight (Gemma)."""
     weight = norm.weight
@@ -204,16 +264,17 @@ class PatchFit:
     batch_size: int = 4
     progress: bool = True
     teacher: nn.Module | None = None
+    fit: str = "lstsq"   # or "cosine" (--patch-fit): the cut's patch only; candidates are scored with lstsq
 
 
 @torch.no_grad()
-def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tuple[int, int], Gram]:
-    """Gram sums for each run (first, last) of current layers to be removed together, from one
-    pass of `model` over the training blocks. Runs starting at layer 0 have no layer below to
-    patch and are skipped. With a teacher, L is the teacher's state after the original layer
-    that the run's last layer stands for, not the current model's: after earlier cuts the two
-    differ, and fitting the teacher's makes the patch absorb that difference too (one teacher
-    pass more)."""
+def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tuple[int, int], Gram | Samples]:
+    """Gram sums (or, for the cosine fit, the rows themselves) for each run (first, last) of
+    current layers to be removed together, from one pass of `model` over the training blocks.
+    Runs starting at layer 0 have no layer below to patch and are skipped. With a teacher, L is
+    the teacher's state after the original layer that the run's last layer stands for, not the
+    current model's: after earlier cuts the two differ, and fitting the teacher's makes the
+    patch absorb that difference too (one teacher pass more)."""
     from .activations import capture
 
     blocks, kind, batch_size, teacher = how.blocks, how.kind, how.batch_size, how.teacher
@@ -222,6 +283,8 @@ def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tu
     device = next(model.parameters()).device
 
     def empty():
+        if how.fit == "cosine":
+            return Samples(diagonal=kind == "diag")
         size = (hidden,) if kind == "diag" else (hidden, hidden)
         return Gram(torch.zeros(size, dtype=torch.float64, device=device),
                     torch.zeros(size, dtype=torch.float64, device=device))
@@ -278,24 +341,26 @@ def remove_and_patch(model: nn.Module, drop: list[int], how: PatchFit, fitted: d
     runs = [(a, b) for a, b in contiguous_runs(drop) if a >= 1]
     if kind == "none":
         patches = {}
-    elif fitted and all(a == b and a in fitted for a, b in runs):
-        patches = {run: fitted[run[0]] for run in runs}
+    elif how.fit == "lstsq" and fitted and all(a == b and a in fitted for a, b in runs):
+        patches = {run: (fitted[run[0]], "lstsq") for run in runs}
     else:
-        patches = {run: solve(gram) for run, gram in fit(model, runs, dataclasses.replace(how, kind=kind)).items()}
+        sums = fit(model, runs, dataclasses.replace(how, kind=kind))
+        patches = {run: solve_cosine(acc) if isinstance(acc, Samples) else (solve(acc), "lstsq")
+                   for run, acc in sums.items()}
     originals = original_indices(model)
     removed = remove_layers(model, drop)
     folded = []
-    for (first, _), t in patches.items():
+    for (first, _), (t, method) in patches.items():
         below = first - 1 - sum(1 for d in drop if d < first - 1)
         fold(model, below, t)
         folded.append({"layer_original": originals[first - 1], "tokens": how.blocks.numel(),
-                       "deviation": deviation(t)})
+                       "deviation": deviation(t), "fit": method})
     return removed, ({"kind": kind, "folded": folded} if kind != "none" else None)
 
 
 def candidate_patches(model: nn.Module, candidates, how: PatchFit) -> dict[int, torch.Tensor]:
     """T for each candidate "current minus layer i" (i >= 1), all from one pass over the blocks."""
-    how = dataclasses.replace(how, kind=effective_kind(model, how.kind))
+    how = dataclasses.replace(how, kind=effective_kind(model, how.kind), fit="lstsq")
     grams = fit(model, [(i, i) for i in candidates], how)
     return {first: solve(gram) for (first, _), gram in grams.items()}
 

@@ -186,7 +186,8 @@ class PruneRun:
     def _patch_fit(self) -> PatchFit:
         config = self.config
         teacher = self.inputs.teacher if config.patch_target == "teacher" else None
-        return PatchFit(self.inputs.corpus.patch_blocks, config.patch, config.data.batch_size, self.progress, teacher)
+        return PatchFit(self.inputs.corpus.patch_blocks, config.patch, config.data.batch_size, self.progress, teacher,
+                        config.patch_fit)
 
     def _select(self, iteration: int) -> tuple[Selection, dict | None]:
         """Score the removable layers and choose; with a patch, the removal metrics score patched

@@ -92,6 +92,18 @@ class TestHeal:
         heal(student, teacher, blocks(), job, progress=False)
         assert evaluate_tasks(student, tasks, teacher)["kl"]["kl"] < 0.7 * before
 
+    def test_last_trains_the_lm_head_and_the_last_three_layers_only(self):
+        teacher = tiny_model("llama")
+        student = pruned(teacher, [1])
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        job = job_for(student, quick(trainable="last"), [1], steps=2)
+        assert job.layers == [2, 3, 4]
+        heal(student, teacher, blocks(), job, progress=False)
+        changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed and all(k.startswith(("model.layers.2.", "model.layers.3.", "model.layers.4.", "lm_head"))
+                               for k in changed), changed
+        assert any(k.startswith("lm_head") for k in changed)
+
     def test_lora_merges_back_into_plain_layers(self):
         teacher = tiny_model("llama")
         student = pruned(teacher, [1])

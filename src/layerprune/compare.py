@@ -50,8 +50,18 @@ METHODS = {
     "sleb-nll": ("nll", "iterative", "none"),
     "replaceme": ("angular_last", "block", "lstsq"),
     "last-layers": ("reverse", "one-shot", "none"),
+    "last-layers-ft": ("reverse", "one-shot", "none"),
     "layerprune": ("quality", "iterative", None),
 }
+# Methods whose paper heals its own way: last-layers-ft trains the LM head and the last three layers
+# (arXiv 2411.15558; here with our distillation loss). They run healed only.
+PUBLISHED_HEALING = {"last-layers-ft": {"trainable": "last"}}
+
+
+def variants(config: CompareConfig) -> list[tuple[str, str]]:
+    """(method, healing) pairs the comparison runs."""
+    return [(method, heal) for method in config.methods for heal in config.healing
+            if not (heal == "none" and method in PUBLISHED_HEALING)]
 
 
 def variant_config(config: CompareConfig, method: str, heal: str, count: int) -> PruneConfig:
@@ -60,8 +70,8 @@ def variant_config(config: CompareConfig, method: str, heal: str, count: int) ->
     metric, mode, patch = METHODS[method]
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(Recipe)}
     published = {"patch": patch, "patch_target": "layer"} if patch else {}
-    return PruneConfig(**{**shared, "heal": dataclasses.replace(config.heal, method=heal, checkpoint_every=0),
-                          **published},
+    healing = dataclasses.replace(config.heal, method=heal, checkpoint_every=0, **PUBLISHED_HEALING.get(method, {}))
+    return PruneConfig(**{**shared, "heal": healing, **published},
                        metric=metric, mode=mode, remove=count, final_tasks=(), measure_speed=False)
 
 
@@ -98,7 +108,8 @@ def variant_name(config: CompareConfig, method: str, heal: str) -> str:
         patch += " (to the teacher)"
     if config.patch_fit != "lstsq" and variant_config(config, method, "none", 1).patch != "none":
         patch += f" ({config.patch_fit} fit)"
-    return f"{method}{patch} + {'healing' if heal == 'distill' else 'no healing'}"
+    healed = "healing (LM head and last 3 layers)" if method in PUBLISHED_HEALING else "healing"
+    return f"{method}{patch} + {healed if heal == 'distill' else 'no healing'}"
 
 
 def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: Shared,
@@ -175,19 +186,16 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
         # Every variant is guarded on the same blocks, past the deepest variant's healed text.
         shared.validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if healing else None
         domain = unseen_domain(seeded, teacher, tokenizer)
-        for method in config.methods:
-            for heal in config.healing:
-                name = variant_name(config, method, heal)
-                start = time.perf_counter()
-                quality = run_variant(inputs, seeded, method, heal, shared, domain, progress)
-                by_seed.setdefault(name, {})[seed] = {**quality, "seconds": time.perf_counter() - start}
-                log.info("%s, seed %d: %s (%.0fs)", name, seed,
-                         {n: round(q, 3) for n, q in quality["quality_retained"].items()},
-                         by_seed[name][seed]["seconds"])
+        for method, heal in variants(config):
+            name = variant_name(config, method, heal)
+            start = time.perf_counter()
+            quality = run_variant(inputs, seeded, method, heal, shared, domain, progress)
+            by_seed.setdefault(name, {})[seed] = {**quality, "seconds": time.perf_counter() - start}
+            log.info("%s, seed %d: %s (%.0fs)", name, seed,
+                     {n: round(q, 3) for n, q in quality["quality_retained"].items()}, by_seed[name][seed]["seconds"])
     results = {name: {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
                       **over_seeds(by_seed[name])}
-               for method in config.methods for heal in config.healing
-               for name in [variant_name(config, method, heal)]}
+               for method, heal in variants(config) for name in [variant_name(config, method, heal)]}
     shared.targets.close()
     summary = {"model": model_name(config.model), "counts": counts,
                "eval_tasks": list(config.eval_tasks), "data": source_name(config.data.source),

@@ -24,13 +24,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("iterative", "one-shot", "block")
 HEAL_METHODS = ("distill", "none")
-TRAINABLE = ("neighbours", "all", "lora")
+TRAINABLE = ("neighbours", "all", "lora", "last")
 COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "replaceme", "last-layers",
-                   "layerprune")
+                   "last-layers-ft", "layerprune")
 PATCHES = ("none", "lstsq", "diag")
 PATCH_TARGETS, PATCH_FITS = ("layer", "teacher"), ("lstsq", "cosine")
-TRAIN_DATA = ("stream", "reuse")
-MSE_SCALES = ("raw", "relative", "channel")
+TRAIN_DATA, MSE_SCALES = ("stream", "reuse"), ("raw", "relative", "channel")
 GGUF_TYPES = ("source", "q8_0", "f16", "f32")
 # The healing budget when neither --heal-tokens nor --heal-steps is given.
 DEFAULT_HEAL_STEPS = 30
@@ -165,7 +164,8 @@ class HealConfig:
                                 "so a few massive-activation channels do not dominate")
     mse_layers: tuple[int, ...] | None = opt(None, "comma-separated ORIGINAL layer indices whose outputs the MSE "
                                                    "term matches (default: the layer just above each cut)")
-    trainable: str = opt("neighbours", "what trains: neighbours of the removed layer, all layers, or lora adapters")
+    trainable: str = opt("neighbours", "what trains: the removed layer's neighbours, all layers, lora adapters, or "
+                                       "last (the last 3 layers and the LM head, arXiv 2411.15558)")
     radius: int = opt(2, "neighbours trained on each side of the cut")
     lora_r: int = opt(16, "LoRA rank (with --trainable lora)")
     lora_alpha: int = opt(32, "LoRA alpha (with --trainable lora)")

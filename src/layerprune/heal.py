@@ -59,6 +59,8 @@ def set_trainable(student, layers: list[int], config: HealConfig):
         return get_peft_model(student, lora)
     for index in layers:
         blocks[index].requires_grad_(True)
+    if config.trainable == "last":   # and the LM head (with tied embeddings, the input embedding too)
+        student.get_output_embeddings().requires_grad_(True)
     return student
 
 

@@ -79,9 +79,15 @@ def cut_positions(dropped: list[int]) -> list[int]:
     return [d - j for j, d in enumerate(sorted(dropped))]
 
 
+# --trainable last: the layers trained with the LM head ("Reassessing Layer Pruning in LLMs").
+LAST_LAYERS = 3
+
+
 def trainable_layers(depth: int, cuts: list[int], config: HealConfig) -> list[int]:
     """Current indices of the layers that train: the neighbours of each cut (radius r: r layers
-    below it and r above), or all layers."""
+    below it and r above), all layers, or the last LAST_LAYERS (with the LM head, heal.py)."""
+    if config.trainable == "last":
+        return list(range(max(0, depth - LAST_LAYERS), depth))
     if config.trainable in ("all", "lora") or not cuts:
         return list(range(depth))
     chosen = set()

@@ -307,9 +307,10 @@ def plan_caches(config: HealConfig, teacher, seq_len: int, blocks: int, folder: 
                                 f"({disk / GIB:.2f} GiB)"
     else:
         targets, why_t = True, f"teacher targets cached on disk ({target_size / GIB:.2f} GiB of {disk / GIB:.2f})"
-    if config.epochs == 1 or config.trainable == "lora":
+    if config.epochs == 1 or config.trainable in ("lora", "last"):
         prefix, why_p = False, "frozen prefix online: " + (
-            "each block is read once per healing" if config.epochs == 1 else "LoRA trains every layer")
+            "each block is read once per healing" if config.epochs == 1 else
+            "LoRA trains every layer" if config.trainable == "lora" else "the LM head trains (tied: the embedding)")
     elif prefix_size > memory:
         prefix, why_p = False, f"frozen prefix online: its states ({prefix_size / GIB:.2f} GiB) exceed " \
                                f"--cache-memory ({memory / GIB:.2f} GiB)"

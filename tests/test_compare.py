@@ -38,6 +38,8 @@ def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):
         spent = result["seconds_per_count"]
         assert spent["2"] > 0 and (spent["2"] > spent["1"] or result["method"] not in ("iterative-bi", "sleb-nll",
                                                                                   "layerprune"))
+    for result in summary["results"].values():   # which original layers each count removed
+        assert [len(result["removed_original"][n]) for n in ("1", "2")] == [1, 2]
     for result in summary["results"].values():   # every figure with its interval, around it
         for n, (low, high) in result["quality_retained_interval"].items():
             assert low <= result["quality_retained"][n] <= high

@@ -131,29 +131,39 @@ class TestSelection:
 class TestAngularAgainstTheReference:
     """Gromov et al.'s block distance as PruneMe computes it (the public reference): the
     arccos / pi of the cosine between the last real token's hidden states `n` layers apart,
-    from `output_hidden_states`, without the embedding output, averaged over batches."""
+    from `output_hidden_states`, without the embedding output, averaged over samples."""
 
     @staticmethod
-    def reference(model, batches, n):
+    def reference(model, batches, n, ends):
+        """The reference on every prefix that ends at one of `ends`, each a sample of its own."""
         per_batch = []
         for batch in batches:
-            with torch.no_grad():
-                hidden = model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states[1:]
-            last = [h[:, -1] for h in hidden]
-            per_batch.append([float((torch.arccos(torch.nn.functional.cosine_similarity(last[i], last[i + n], dim=-1)
-                                                  .clamp(-1, 1)) / math.pi).mean()) for i in range(len(last) - n)])
+            samples = []
+            for end in ends:
+                with torch.no_grad():
+                    hidden = model(input_ids=batch.input_ids[:, :end + 1], output_hidden_states=True).hidden_states[1:]
+                last = [h[:, -1] for h in hidden]
+                samples.append([torch.arccos(torch.nn.functional.cosine_similarity(last[i], last[i + n], dim=-1)
+                                             .clamp(-1, 1)) / math.pi for i in range(len(last) - n)])
+            per_batch.append([float(torch.cat([sample[i] for sample in samples]).mean())
+                              for i in range(len(samples[0]))])
         return [sum(column) / len(column) for column in zip(*per_batch)]
 
     @pytest.mark.parametrize("n", [1, 2])
-    def test_ours_is_the_reference_shifted_by_one_start(self, blocks, n):
-        """Reference block i compares the states entering layers i+1 and i+1+n: our start i+1. The
+    def test_ours_is_the_reference_on_every_prefix_end_shifted_by_one_start(self, n):
+        """Causal attention: our state at position t is the reference's last-token state of the
+        prefix ending at t, so one 128-token block gives three samples (t = 127, 95, 63).
+        Reference block i compares the states entering layers i+1 and i+1+n: our start i+1. The
         last hidden state transformers returns is the last layer's output before the final norm,
-        as ours is, so every block agrees; only our start 0 (removing layer 0) has no reference."""
-        from layerprune.importance import state_distances
+        as ours is; only our start 0 (removing layer 0) has no reference."""
+        from layerprune.importance import last_token_positions, state_distances
 
         model = tiny_model("llama")
+        blocks = torch.randint(3, 96, (4, 128), generator=torch.Generator().manual_seed(4))
         batches = TaskData(None, blocks, [], batch_size=2).block_batches
-        reference = self.reference(model, batches, n)
+        _, ends = last_token_positions(torch.ones(1, 128))
+        assert ends.tolist() == [127, 95, 63]
+        reference = self.reference(model, batches, n, ends.tolist())
         ours = state_distances(model, batches, lambda a, b, m: angular_distance(a, b, m, last_only=True), span=n)
         assert len(ours) == len(reference) + 1
         assert ours[1:] == pytest.approx(reference, rel=1e-4)

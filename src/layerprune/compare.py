@@ -131,18 +131,16 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
                 unseen[removed] = domain.retained(variant.student, inputs.teacher)
         return variant.records
 
-    def spent(records) -> float:
-        return sum(sum(record.timings.values()) for record in records)
-
-    if mode == "iterative":
+    if mode == "iterative":   # one run to the deepest count, read off after each removal
         records = run(max(counts))
-        evaluations = {n: records[n - 1].eval for n in counts}
-        seconds = {n: spent(records[:n]) for n in counts}
+        upto = {n: records[:n] for n in counts}
     else:
-        runs = {n: run(n) for n in counts}
-        evaluations = {n: records[0].eval for n, records in runs.items()}
-        seconds = {n: spent(records) for n, records in runs.items()}
-    measured = {"quality_retained": {n: e.quality_retained for n, e in evaluations.items()},
+        upto = {n: run(n) for n in counts}
+    evaluations = {n: taken[-1].eval for n, taken in upto.items()}
+    seconds = {n: sum(sum(record.timings.values()) for record in taken) for n, taken in upto.items()}
+    removed = {n: [layer for record in taken for layer in record.removed_original] for n, taken in upto.items()}
+    measured = {"removed_original": removed,
+                "quality_retained": {n: e.quality_retained for n, e in evaluations.items()},
                 "quality_retained_interval": {n: e.interval for n, e in evaluations.items()},
                 "seconds_per_count": seconds}
     if domain is not None:
@@ -250,8 +248,9 @@ def write_comparison(out: Path, summary: dict) -> None:
 
 
 # A variant's figures per count of layers removed (JSON keys are strings, read back as ints).
-PER_COUNT = ("quality_retained", "quality_retained_interval", "quality_retained_spread", "quality_retained_unseen",
-             "quality_retained_unseen_interval", "quality_retained_unseen_spread", "seconds_per_count")
+PER_COUNT = ("removed_original", "quality_retained", "quality_retained_interval", "quality_retained_spread",
+             "quality_retained_unseen", "quality_retained_unseen_interval", "quality_retained_unseen_spread",
+             "seconds_per_count")
 # What must agree for two comparisons' variants to stand in one table.
 SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval")
 

@@ -57,8 +57,14 @@ class TestSpeedup:
         with pytest.raises(LayerpruneError, match="not reached on this device.*at most 2.67x"):
             plan(target_speedup=3.0)
 
-    def test_a_real_measurement_is_a_ratio_above_one_for_fewer_layers(self):
-        assert speed.prefill_speedup(tiny_model("llama"), 1, repeats=1, prompt_tokens=32) > 0
+    def test_the_measurement_times_the_shallower_model_against_the_whole(self, monkeypatch):
+        from layerprune.surgery import num_layers
+
+        model = tiny_model("llama")
+        # a clock where a prefill costs one unit per layer it runs: 6 layers against 2 is 3x
+        monkeypatch.setattr(speed, "_seconds", lambda fn: (fn(), num_layers(model))[1])
+        assert speed.prefill_speedup(model, 2, repeats=3, prompt_tokens=32) == 3.0
+        assert num_layers(model) == 6   # the view is undone
 
 
 def test_a_resumed_run_keeps_the_depth_its_first_start_chose(monkeypatch, tiny_dir, text_file, tmp_path):

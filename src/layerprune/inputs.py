@@ -96,9 +96,12 @@ def evaluate_student(inputs: RunInputs, student) -> Evaluation:
                       interval)
 
 
-def final_evaluation(inputs: RunInputs, student) -> tuple[Evaluation, Evaluation, dict]:
+def final_evaluation(inputs: RunInputs, student, held_out: Evaluation | None = None
+                     ) -> tuple[Evaluation, Evaluation, dict]:
     """The final model on the evaluation tasks and on the whole final suite, and the teacher's
-    suite scores (its per-iteration scores are reused: the teacher never changes)."""
+    suite scores (its per-iteration scores are reused: the teacher never changes). `held_out`:
+    the evaluation tasks' figures of this very student when already measured (the last
+    iteration's, with no final healing after it), so they are not measured twice."""
     started = time.perf_counter()
     unseen = [task for task in inputs.final_tasks if task.name not in inputs.teacher_eval]
     if unseen:
@@ -107,7 +110,7 @@ def final_evaluation(inputs: RunInputs, student) -> tuple[Evaluation, Evaluation
     teacher = {task.name: teacher[task.name] for task in inputs.final_tasks}
     log.info("final evaluation of the pruned model: %s on held-out text",
              ", ".join(task.name for task in inputs.final_tasks))
-    held_out = evaluate_student(inputs, student)
+    held_out = held_out or evaluate_student(inputs, student)
     rest = [task for task in inputs.final_tasks if task.name not in held_out.tasks]
     scores = {**held_out.tasks, **evaluate_tasks(student, rest, inputs.teacher)}
     suite = {task.name: scores[task.name] for task in inputs.final_tasks}

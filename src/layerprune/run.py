@@ -162,7 +162,8 @@ class PruneRun:
         if config.heal.final_steps:
             pending = self._resumed(self.count + 1) or PendingIteration(self.count + 1, Selection([], []))
             final_heal = self._heal(pending, final=True)
-        final_eval, suite, teacher_suite = final_evaluation(inputs, self.student)
+        measured = self.records[-1].eval if final_heal is None and self.records else None
+        final_eval, suite, teacher_suite = final_evaluation(inputs, self.student, measured)
         if config.measure_speed:
             self.speed = compare_speed(inputs.teacher, self.student, progress=self.progress)
         return History(

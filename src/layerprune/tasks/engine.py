@@ -33,6 +33,12 @@ def forward_logits(model, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
 
+def teacher_logits_for(teacher, batch: Batch, model=None, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's logits on `batch`: the model's own `logits` when the model is the teacher
+    (scoring the original against itself runs it once per batch, not twice)."""
+    return logits if teacher is model and logits is not None else forward_logits(teacher, batch)
+
+
 def group_by_batches(tasks: list[Task]) -> list[tuple[list[Batch], list[Task]]]:
     """Tasks that share one batch list, so each batch runs through a model once for all of them."""
     groups: dict[int, tuple[list[Batch], list[Task]]] = {}
@@ -74,7 +80,6 @@ def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | Non
     """Summed task statistics per variant: {variant: {task name: sums}}. Without `outputs`, the
     one variant is the model itself, under key None. Tasks that run whole are not collected here."""
     device = next(model.parameters()).device
-    outputs = outputs or (lambda batch: iter([(None, forward_logits(model, batch))]))
     totals: dict = {}
     for batches, group in group_by_batches([task for task in tasks if task.run is None]):
         needs_teacher = any(task.needs_teacher for task in group)
@@ -82,8 +87,9 @@ def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | Non
             raise ValueError(f"tasks {[t.name for t in group]} need a teacher model")
         for batch in my_share(batches):
             batch = batch.to(device)
-            teacher_logits = forward_logits(teacher, batch) if needs_teacher else None
-            for key, logits in outputs(batch):
+            own = forward_logits(model, batch) if outputs is None else None
+            teacher_logits = teacher_logits_for(teacher, batch, model, own) if needs_teacher else None
+            for key, logits in (outputs(batch) if outputs is not None else [(None, own)]):
                 sums = totals.setdefault(key, {})
                 for task in group:
                     add_stats(sums.setdefault(task.name, {}), task.stats(logits, batch, teacher_logits))

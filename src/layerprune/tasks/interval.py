@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .base import Batch, Task
-from .engine import add_stats, forward_logits, my_share, quality_retained
+from .engine import add_stats, forward_logits, my_share, quality_retained, teacher_logits_for
 
 DRAWS = 1000
 
@@ -51,7 +51,7 @@ def evaluate_rows(model, tasks: list[Task], teacher=None) -> tuple[dict, dict[st
     for index, batch in my_share(list(enumerate(batches))):
         batch = batch.to(device)
         logits = forward_logits(model, batch)
-        teacher_logits = forward_logits(teacher, batch) if needs_teacher else None
+        teacher_logits = teacher_logits_for(teacher, batch, model, logits) if needs_teacher else None
         rows = {task.name: [task.stats(logits[r:r + 1], _row(batch, r),
                                        None if teacher_logits is None else teacher_logits[r:r + 1])
                             for r in range(len(batch.input_ids))] for task in tasks}

@@ -87,7 +87,6 @@ class PruneRun:
     def __init__(self, config: PruneConfig, inputs: RunInputs, depth: Depth, out: Path | None = None,
                  resume: ResumePoint | None = None, shared: Shared | None = None, progress: bool = True):
         self.config, self.inputs, self.depth, self.out, self.progress = config, inputs, depth, out, progress
-        self.count = depth.remove
         self.point, self.shared = resume or ResumePoint(), shared
         self.records: list[IterationRecord] = list(self.point.records)
         self.student: torch.nn.Module | None = None
@@ -118,6 +117,11 @@ class PruneRun:
     def remaining(self) -> range:
         """The iterations still to run (a resumed run skips the recorded ones)."""
         return range(len(self.records) + 1, self._last + 1)
+
+    @property
+    def count(self) -> int:
+        """Layers this run removes in all."""
+        return self.depth.remove
 
     @property
     def _last(self) -> int:

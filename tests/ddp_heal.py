@@ -22,7 +22,7 @@ def main(out: str, cached: bool) -> None:
     student = tiny_model("llama")
     remove_layers(student, [3])
     blocks = torch.randint(3, 96, (16, 24), generator=torch.Generator().manual_seed(0))
-    state = PartialState()
+    state = PartialState(cpu=True)
     targets = TeacherTargets.open(f"{out}.targets-{state.process_index}", teacher, blocks, topk=96,
                                   progress=False) if cached else None
     config = HealConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=1)

@@ -148,10 +148,11 @@ COMMANDS = {"prune": run_prune, "score": run_score, "eval": run_eval, "compare":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from accelerate import PartialState
+    from .processes import process_state
 
-    # Under `accelerate launch` every process runs the command; the main one alone reports progress.
-    args.quiet = args.quiet or not PartialState().is_main_process
+    # Under `accelerate launch` or `torchrun` every process runs the command; the main one alone
+    # reports progress.
+    args.quiet = args.quiet or not process_state(getattr(args, "device", "auto")).is_main_process
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     import transformers
 

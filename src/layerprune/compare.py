@@ -32,7 +32,8 @@ from .io import write_json, write_text
 from .models import check_trainable, load_model, model_name
 from .options import to_dict
 from .report import plot_cost, plot_quality, with_interval
-from .run import PruneRun, Shared, cache_folder, is_main_process
+from .processes import is_main_process
+from .run import PruneRun, Shared, cache_folder
 from .sources import probe, source_name
 from .surgery import num_layers
 from .targets import TargetCache

@@ -132,13 +132,15 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     if targets is not None:
         targets.extend(teacher, [o for _, o in job.pairs], progress)
     model = set_trainable(student, job.layers, config)
-    terms_of = loss_step(job, model, student, teacher, targets)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.start_lr, weight_decay=config.weight_decay)
     loader = torch.utils.data.DataLoader(TrainingRows(text, job.seed), batch_size=config.batch_size)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # the student's forward goes through the prepared model: DDP synchronises gradients only for
+    # a forward pass made through its wrapper
+    terms_of = loss_step(job, model, student, teacher, targets)
     training = _Training(accelerator, model, optimizer, params, loader, terms_of, guard)
     inner = accelerator.unwrap_model(model)
     resume, rows, first = job.resume, [], 0
@@ -271,6 +273,7 @@ class _Attempt:
                 self.scheduler.step()
                 self.optimizer.zero_grad()
             sums += torch.stack([terms[key].detach().float() for key in self.KEYS]) / config.grad_accum
+        sums = accelerator.reduce(sums, reduction="mean")   # each process holds 1/N of the global batch
         return {"iteration": job.iteration, "attempt": self.attempt, "step": step,
                 "lr": self.scheduler.get_last_lr()[0], **dict(zip(self.KEYS, sums.tolist()))}
 

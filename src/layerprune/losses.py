@@ -60,14 +60,27 @@ def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: t
         weights = mask.to(torch.float32).unsqueeze(-1)
         count = weights.sum().clamp_min(1.0)
         error = (squared * weights).sum((0, 1)) / count
-        power = (teacher.pow(2) * weights).sum((0, 1)) / count
+        power = averaged_over_processes((teacher.pow(2) * weights).sum((0, 1)) / count)
         # a channel the teacher leaves near zero is measured against a thousandth of the median
         # channel's power (the median: massive channels would lift a mean far above the rest)
         return (error / torch.maximum(power, 1e-3 * power.median() + 1e-12)).mean()
     error = _masked_token_mean(squared.mean(-1), mask)
     if scale == "raw":
         return error
-    return error / _masked_token_mean(teacher.pow(2).mean(-1), mask).clamp_min(1e-12)
+    return error / averaged_over_processes(_masked_token_mean(teacher.pow(2).mean(-1), mask)).clamp_min(1e-12)
+
+
+def averaged_over_processes(statistic: torch.Tensor) -> torch.Tensor:
+    """A normaliser taken over the whole global batch: when N processes each hold 1/N of it, the
+    teacher's power is averaged over them (it carries no gradient), so a loss divided by it, and
+    the healed weights, do not depend on the number of processes."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return statistic
+    total = statistic.detach().clone()
+    dist.all_reduce(total)   # a sum: gloo has no average
+    return total / dist.get_world_size()
 
 
 def joint_loss(kl: torch.Tensor, student_hidden: list, teacher_hidden: list, student_final, teacher_final, mask,

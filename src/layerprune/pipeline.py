@@ -24,7 +24,8 @@ from .inputs import build_inputs, check_names
 from .models import check_trainable, load_model, model_name
 from .options import to_dict
 from .output import clear_run_files, save_result, warn_if_no_gguf
-from .run import PruneRun, is_main_process, wait_for_everyone
+from .processes import is_main_process, wait_for_everyone
+from .run import PruneRun
 from .sources import probe
 from .surgery import num_layers
 

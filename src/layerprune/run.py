@@ -42,6 +42,7 @@ from .importance import REMOVAL_METRICS, ScoringContext, Selection, select_layer
 from .inputs import RunInputs, evaluate_student, final_evaluation
 from .models import model_name
 from .options import to_dict
+from .processes import is_main_process, process_state, wait_for_everyone
 from .patch import PatchFit, candidate_patches, remove_and_patch
 from .report import with_interval, write_loss_log
 from .speed import compare_speed
@@ -51,25 +52,10 @@ from .targets import TargetCache
 log = logging.getLogger(__name__)
 
 
-def is_main_process() -> bool:
-    """Under `accelerate launch` every process runs the whole loop, and only this one writes."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
 def cache_folder(out: Path | None) -> Path | None:
     """Where this process keeps its teacher targets: under the output folder, so that a resumed
     run reopens them (None: a temporary folder)."""
-    from accelerate import PartialState
-
-    return None if out is None else Path(out) / "cache" / f"teacher-{PartialState().process_index}"
+    return None if out is None else Path(out) / "cache" / f"teacher-{process_state().process_index}"
 
 
 @dataclass

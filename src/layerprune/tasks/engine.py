@@ -54,18 +54,19 @@ def add_stats(total: dict[str, float], new: dict[str, float]) -> None:
 
 def my_share(items: list) -> list:
     """This process's share of `items` (all of them in a single process)."""
-    from accelerate import PartialState
+    from ..processes import process_state
 
-    state = PartialState()
+    state = process_state()
     return items[state.process_index::state.num_processes]
 
 
 def summed_over_processes(totals: dict) -> dict:
     """{variant: {task: sums}} added over every process, in process order, on every process."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    if PartialState().num_processes == 1:
+    from ..processes import process_count
+
+    if process_count() == 1:
         return totals
     merged: dict = {}
     for part in gather_object([totals]):

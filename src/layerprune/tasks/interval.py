@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .base import Batch, Task
+from ..processes import process_count
 from .engine import add_stats, forward_logits, my_share, quality_retained, teacher_logits_for
 
 DRAWS = 1000
@@ -37,7 +38,6 @@ def _row(batch: Batch, r: int) -> Batch:
 def evaluate_rows(model, tasks: list[Task], teacher=None) -> tuple[dict, dict[str, list[dict]]] | None:
     """(summaries per task, statistics per task per block in block order), or None where the
     tasks are not all scored on the same plain blocks (evaluate_tasks then)."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
     if not _blockwise(tasks):
@@ -56,7 +56,7 @@ def evaluate_rows(model, tasks: list[Task], teacher=None) -> tuple[dict, dict[st
                                        None if teacher_logits is None else teacher_logits[r:r + 1])
                             for r in range(len(batch.input_ids))] for task in tasks}
         mine.append((index, rows))
-    parts = gather_object(mine) if PartialState().num_processes > 1 else mine
+    parts = gather_object(mine) if process_count() > 1 else mine
     ordered = [rows for _, rows in sorted(parts, key=lambda part: part[0])]
     per_task = {task.name: [row for rows in ordered for row in rows[task.name]] for task in tasks}
     sums: dict[str, dict] = {}

@@ -145,7 +145,9 @@ def check_output_folder(out: Path, depth: int, removed: int | None = None) -> di
 
     history = json.loads((out / "history.json").read_text())
     assert history["status"] == "complete" and history["final_layers"] == depth
-    assert "model.safetensors" in history["files"] and "config.yaml" in history["files"]
+    assert "config.yaml" in history["files"]
+    # one file, or (written from a sharded model, --fsdp) one per layer with HF's index
+    assert "model.safetensors" in history["files"] or "model.safetensors.index.json" in history["files"]
     for name, entry in history["files"].items():   # history.json refers to what it describes
         assert file_entry(out / name) == entry, name
     if removed is not None:
@@ -166,3 +168,13 @@ def check_output_folder(out: Path, depth: int, removed: int | None = None) -> di
     assert REPORT_KEYS <= set(report), REPORT_KEYS - set(report)
     assert not [p.name for p in out.iterdir() if "checkpoint" in p.name or p.name in ("cache", ".staging")]
     return history
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved HF folder, from one safetensors file or from HF's sharded layout."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        weights.update(load_file(str(path)))
+    return weights

@@ -121,6 +121,7 @@ CATALOGUE = {
     "negative checkpoint interval": (lambda p: ["--heal-checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
     "all loss weights zero": (lambda p: ["--w-kl", "0", "--w-mse", "0", "--w-final", "0"], "not all zero"),
     "unknown trainable set": (lambda p: ["--trainable", "everything"], "unknown trainable set"),
+    "--fsdp in one process": (lambda p: ["--fsdp"], "accelerate launch --num_processes N"),
     "unknown patch": (lambda p: ["--patch", "cubic"], "unknown patch"),
     "unknown patch target": (lambda p: ["--patch-target", "student"], "unknown patch target"),
     "unknown gguf type": (lambda p: ["--gguf-type", "q2_k"], "unknown --gguf-type"),

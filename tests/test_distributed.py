@@ -19,6 +19,11 @@ from common import tiny_model
 
 SCRIPT = Path(__file__).with_name("ddp_heal.py")
 TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# Accelerate's own launcher: on a machine without CUDA, --multi_gpu is what starts 2 processes (through
+# torchrun); layerprune makes their group a CPU one
+ACCELERATE_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", "0"]
 
 
 @pytest.mark.parametrize("mode", ["straight", "cached"])
@@ -37,9 +42,9 @@ def test_two_processes_match_one(tmp_path, mode):
     assert any(not torch.equal(a[k], reference[k]) for k in a)  # healing did train something
 
 
-def _launch(argv, env, kill_at=None):
+def _launch(argv, env, kill_at=None, launcher=TWO_PROCESSES):
     env = {**env, **({"LAYERPRUNE_KILL_AT": kill_at} if kill_at else {})}
-    return subprocess.run([*TWO_PROCESSES, "-m", "layerprune", *argv], env=env, capture_output=True, text=True,
+    return subprocess.run([*launcher, "-m", "layerprune", *argv], env=env, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -84,3 +89,83 @@ def test_whole_run_under_accelerate_launch_matches_one_process_and_resumes(tmp_p
     resumed_at = [e["heal"].get("resumed_at_step") for e in json.loads((tmp_path / "killed" / "history.json")
                                                                       .read_text())["iterations"]]
     assert resumed_at == [2, None]
+
+
+def _fsdp_argv(out, trainable):
+    return ["prune", "--model", str(out.parent / "tiny"), "--data", str(out.parent / "corpus.txt"), "--out", str(out),
+            "--device", "cpu", "--remove", "2", "--metric", "quality", "--seq-len", "32", "--calib-blocks", "5",
+            "--eval-blocks", "3", "--heal-steps", "4", "--heal-batch-size", "2", "--heal-grad-accum", "1",
+            "--heal-checkpoint-every", "2", "--trainable", trainable, "--final-tasks", "perplexity", "--no-speed",
+            "--quiet"]
+
+
+@pytest.mark.parametrize("trainable", ["all", "neighbours", "lora"])
+def test_fsdp_run_matches_one_process_and_resumes(tmp_path, trainable):
+    """`--fsdp` in 2 processes: the student and the teacher sharded per layer (each process holds
+    half of every layer), the patch folded into a gathered layer, checkpoints through
+    torch.distributed.checkpoint. Same removed layers as one unsharded process, final weights within
+    1e-4, one complete folder that reloads with nothing missing; calibration and held-out blocks
+    that do not split evenly (5 and 3 over 2 processes) keep the processes in step. With `all`,
+    a launch SIGKILLed mid-healing resumes from its sharded healing checkpoint to the same result, and
+    one SIGKILLed while swapping in its first iteration checkpoint (every shard written) leaves no
+    folder that looks complete and resumes to it too. `neighbours` runs under `accelerate launch`;
+    `lora`'s adapters (plain tensors beside the shards) are synchronised by DDP and merged one
+    gathered layer at a time."""
+    from common import check_output_folder, load_weights, make_text_file, save_tiny
+
+    save_tiny(tmp_path / "tiny")
+    make_text_file(tmp_path / "corpus.txt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAYERPRUNE_KILL_AT": ""}
+    single = subprocess.run([sys.executable, "-m", "layerprune", *_fsdp_argv(tmp_path / "one", trainable)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    logged = [arg for arg in _fsdp_argv(tmp_path / "two", trainable) if arg != "--quiet"]
+    sharded = _launch([*logged, "--fsdp"], env, launcher=ACCELERATE_TWO if trainable == "neighbours" else TWO_PROCESSES)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "2 processes, models sharded (FSDP2)" in sharded.stderr
+    outs = ["two"]
+    for site in ("healing:2", "checkpoint:1") if trainable == "all" else ():
+        out = tmp_path / f"killed-{site.split(':')[0]}"
+        killed = _launch([*_fsdp_argv(out, trainable), "--fsdp"], env, kill_at=site)
+        assert killed.returncode != 0 and not (out / "history.json").exists()
+        left = out / ("heal-checkpoint" if site.startswith("healing") else ".checkpoint.tmp")
+        assert (left / ".metadata").is_file()   # sharded: one file per process and DCP's metadata
+        assert len(list(left.glob("*.distcp"))) == 2
+        resumed = _launch([*_fsdp_argv(out, trainable), "--fsdp"], env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        outs.append(out.name)
+    reference = json.loads((tmp_path / "one" / "history.json").read_text())
+    weights = load_weights(tmp_path / "one")
+    for out in outs:
+        history = check_output_folder(tmp_path / out, depth=4, removed=2)
+        assert history["removed_original"] == reference["removed_original"]
+        assert history["iterations"][0]["patch"]["folded"]   # the patch was on
+        assert "model.safetensors.index.json" in history["files"]   # written one layer at a time
+        other = load_weights(tmp_path / out)
+        assert other.keys() == weights.keys()
+        for key in weights:
+            torch.testing.assert_close(other[key], weights[key], rtol=0, atol=1e-4)
+    assert any(not torch.equal(weights[k], v) for k, v in load_weights(tmp_path / "tiny").items() if k in weights)
+
+
+def test_fsdp_needs_a_distributed_launch(tmp_path):
+    """--fsdp in one process: one line naming the launch, non-zero, nothing written."""
+    from common import make_text_file, save_tiny
+
+    save_tiny(tmp_path / "tiny")
+    make_text_file(tmp_path / "corpus.txt")
+    run = subprocess.run([sys.executable, "-m", "layerprune", *_fsdp_argv(tmp_path / "out", "all"), "--fsdp"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "accelerate launch --num_processes N" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_refuses_a_model_it_cannot_wrap():
+    """A model whose decoder layers cannot be found for wrapping: one line naming it."""
+    from layerprune.errors import LayerpruneError
+    from layerprune.shard import shard
+
+    with pytest.raises(LayerpruneError, match="--fsdp wraps each decoder layer, but cannot find the decoder layers "
+                                              "of Sequential"):
+        shard(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -31,12 +31,17 @@ from .errors import LayerpruneError
 from .heal_job import HealLog
 from .importance import Selection
 from .io import remove_folder, verify_folder, write_folder, write_json
+from .processes import is_main_process
+from .shard import is_sharded, load_sharded, save_sharded
 from .surgery import num_layers, remove_layers
 
 log = logging.getLogger(__name__)
 
 FOLDER, HEAL_FOLDER, HISTORY = "checkpoint", "heal-checkpoint", "history.json"
-FILES = {FOLDER: ("state.json", "student.safetensors"), HEAL_FOLDER: ("state.json", "heal.pt")}
+# The student's weights: student.safetensors, or with --fsdp the shards torch.distributed.checkpoint
+# writes (.metadata and one file per process); the manifest lists whichever was written.
+FILES = {FOLDER: ("state.json",), HEAL_FOLDER: ("state.json", "heal.pt")}
+SHARDED = ".metadata"
 # Options that change no removal, weight or score: a resumed run may set them differently.
 # `out` is among them: the folder is the run's identity however its path is spelled, moved or not.
 NO_RESULT_OPTIONS = {"out": None, "measure_speed": None, "gguf": None, "gguf_type": None,
@@ -159,25 +164,43 @@ def read_history(out: Path) -> History:
 
 def save_checkpoint(out: Path, config: dict, records: list[IterationRecord], student, depth: dict | None = None
                     ) -> None:
-    """`depth`: the count of layers the run chose to remove and why (depth.Depth), kept for its resume."""
-    def write(tmp: Path) -> None:
-        save_model(student, str(tmp / "student.safetensors"))  # handles tied embeddings
-        write_json(tmp / "state.json", {"config": config, "depth": depth, "entries": [r.to_json() for r in records]},
-                   indent=None)
+    """`depth`: the count of layers the run chose to remove and why (depth.Depth), kept for its
+    resume. Every process calls it; with a sharded student (--fsdp) each writes its shard."""
+    sharded, main = is_sharded(student), is_main_process()
+    if not (sharded or main):
+        return
 
-    write_folder(out, FOLDER, write, "checkpoint")
-    remove_folder(out, HEAL_FOLDER)  # its iteration is now recorded
+    def write(tmp: Path) -> None:
+        if sharded:
+            save_sharded({"model": student.state_dict()}, tmp)
+        else:
+            save_model(student, str(tmp / "student.safetensors"))  # handles tied embeddings
+        if main:
+            write_json(tmp / "state.json", {"config": config, "depth": depth,
+                                            "entries": [r.to_json() for r in records]}, indent=None)
+
+    write_folder(out, FOLDER, write, "checkpoint", collective=sharded)
+    if main:
+        remove_folder(out, HEAL_FOLDER)  # its iteration is now recorded
 
 
 def save_heal_checkpoint(out: Path, config: dict, depth: dict | None, pending: PendingIteration, state: dict
                          ) -> None:
-    """`state`: what `heal.heal` hands its checkpoint callback (tensors and rows)."""
-    def write(tmp: Path) -> None:
-        torch.save(state, tmp / "heal.pt")
-        write_json(tmp / "state.json", {"config": config, "depth": depth,
-                                        "pending": {**pending.to_json(), "step": state["step"]}}, indent=None)
+    """`state`: what `heal.heal` hands its checkpoint callback (tensors and rows); with --fsdp,
+    its sharded tensors under "sharded", written by every process (each its shard)."""
+    main, shards = is_main_process(), state.get("sharded")
+    if not (shards or main):
+        return
 
-    write_folder(out, HEAL_FOLDER, write, "heal-checkpoint")
+    def write(tmp: Path) -> None:
+        if shards:
+            save_sharded(shards, tmp)
+        if main:
+            torch.save({key: value for key, value in state.items() if key != "sharded"}, tmp / "heal.pt")
+            write_json(tmp / "state.json", {"config": config, "depth": depth,
+                                            "pending": {**pending.to_json(), "step": state["step"]}}, indent=None)
+
+    write_folder(out, HEAL_FOLDER, write, "heal-checkpoint", collective=bool(shards))
 
 
 def clear(out: Path) -> None:
@@ -230,10 +253,13 @@ def _pending_of(folder: Path, state: dict) -> PendingIteration:
 
 def _read_heal_state(folder: Path) -> dict:
     try:
-        return torch.load(folder / "heal.pt", map_location="cpu", weights_only=True)
+        state = torch.load(folder / "heal.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: torch raises several types
         raise LayerpruneError(f"the healing checkpoint in {folder} is unreadable ({err})",
                               "pass --overwrite to start afresh") from err
+    if (folder / SHARDED).is_file():   # --fsdp: the tensors are read into the live shards (heal._restore)
+        state["sharded_in"] = str(folder)
+    return state
 
 
 def _results_part(config: dict, ignore: dict = NO_RESULT_OPTIONS) -> dict:
@@ -289,10 +315,16 @@ def restore_student(student, folder: Path, records: list[IterationRecord]) -> No
             raise _damaged(folder, f"iteration {record.iteration} removes layer(s) {record.removed_current} of a "
                                    f"{depth}-layer model")
         remove_layers(student, record.removed_current)
-    weights = folder / "student.safetensors"
+    weights = folder / ("" if is_sharded(student) else "student.safetensors")
     try:
-        load_model(student, str(weights), strict=True, device=str(next(student.parameters()).device))
-    except (RuntimeError, OSError) as err:
+        if is_sharded(student):
+            if not (folder / SHARDED).is_file():
+                raise OSError("it holds no sharded weights: was the run started without --fsdp?")
+            state = {"model": student.state_dict()}
+            load_sharded(state, folder)   # in place, each process its shard
+        else:
+            load_model(student, str(weights), strict=True, device=str(next(student.parameters()).device))
+    except (RuntimeError, OSError, ValueError) as err:
         raise LayerpruneError(f"{weights} does not fit the model its state.json describes "
                               f"({str(err).splitlines()[0]})", "pass --overwrite to start afresh") from err
     broken = [name for name, p in student.named_parameters() if not torch.isfinite(p).all()]

@@ -334,10 +334,13 @@ class PruneConfig(Recipe):
     gguf: bool = opt(True, "also write model.gguf when the model came from a .gguf file (the embedded default "
                            "did); --no-gguf skips it, `layerprune export-gguf` writes it later")
     gguf_type: str = _gguf_type()
+    fsdp: bool = opt(False, "shard the student and the teacher over the launched processes with PyTorch FSDP2 "
+                            "(under `accelerate launch` or `torchrun`, 2 or more processes)")
 
     def validate(self) -> None:
         super().validate()
         _one_of(self.mode, MODES, "mode")
+
         _one_of(self.gguf_type, GGUF_TYPES, "--gguf-type")
         if self.mode == "block" and self.metric not in ("angular", "angular_last", "bi"):
             raise LayerpruneError(f"block mode needs a hidden-state metric, not {self.metric!r}",

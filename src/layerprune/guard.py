@@ -166,4 +166,4 @@ class Guard:
         return {"log": asdict(self.log), "best": self.best_state}
 
     def restore(self, state: dict) -> None:
-        self.log, self.best_state = GuardLog(**state["log"]), state["best"]
+        self.log, self.best_state = GuardLog(**state["log"]), state.get("best", {})   # --fsdp: from the shards

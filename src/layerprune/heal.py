@@ -23,6 +23,7 @@ import itertools
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,6 +37,7 @@ from .guard import ABORT_FACTOR, RETRY_LR_FACTOR, Guard, load_trained, trained_s
 from .heal_job import HealJob, HealLog
 from .heal_loss import loss_step
 from .models import check_same_vocabulary
+from .shard import adapters_synchronised, is_sharded, merge_adapters
 from .surgery import find_layers
 from .targets import TeacherTargets
 
@@ -137,7 +139,12 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.start_lr, weight_decay=config.weight_decay)
     loader = torch.utils.data.DataLoader(TrainingRows(text, job.seed), batch_size=config.batch_size)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if is_sharded(student) and config.trainable != "lora":   # FSDP2 reduces the gradients itself: no DDP
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:
+        if is_sharded(student):   # LoRA: DDP for the adapters alone, beside the sharded rest
+            adapters_synchronised(model)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # the student's forward goes through the prepared model: DDP synchronises gradients only for
     # a forward pass made through its wrapper
     terms_of = loss_step(job, model, student, teacher, targets)
@@ -170,7 +177,10 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     if config.gradient_checkpointing:
         inner.gradient_checkpointing_disable()
     if config.trainable == "lora":
-        inner.merge_and_unload()
+        if is_sharded(inner):
+            merge_adapters(inner)
+        else:
+            inner.merge_and_unload()
     student.requires_grad_(False)
     accelerator.free_memory()   # the next healing prepares its own model, optimizer and loader
     return HealLog(job.steps, job.layers, job.pairs, rows, resume["step"] if resume is not None else None,
@@ -214,7 +224,7 @@ class _Attempt:
 
     def restore(self, state: dict, inner) -> None:
         """Continue a checkpointed attempt at its step, the data order replayed."""
-        _restore(state, inner, self.optimizer, self.scheduler)
+        _restore(state, inner, self.optimizer, self.scheduler, self.guard)
         self.done, self.ended = state["step"], state.get("ended", False)
         for _ in range(self.done * self.job.config.grad_accum):
             next(self.batches)
@@ -239,8 +249,7 @@ class _Attempt:
                 self.ended = not self.guard.check(inner, self.attempt, step, self.lr)
                 self.model.train()
             if job.on_checkpoint is not None and at_check and every:
-                if accelerator.is_main_process:
-                    job.on_checkpoint(self._state(step, rows, inner))
+                job.on_checkpoint(self._state(step, rows, inner))   # every process: shards are written by each
                 accelerator.wait_for_everyone()
             crash_point("healing")
             if step % config.log_every == 0 or step == job.steps:
@@ -278,21 +287,50 @@ class _Attempt:
                 "lr": self.scheduler.get_last_lr()[0], **dict(zip(self.KEYS, sums.tolist()))}
 
     def _state(self, step: int, rows: list[dict], inner) -> dict:
-        """Everything a healing changes as it goes; the frozen rest of the model is not included."""
+        """Everything a healing changes as it goes; the frozen rest of the model is not included.
+        With a sharded student the tensors go under "sharded", each process holding its shard."""
         state = {"step": step, "attempt": self.attempt, "ended": self.ended, "rows": list(rows),
-                 "rng": torch.get_rng_state(), "trainable": trained_state(inner),
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+                 "rng": torch.get_rng_state(), "scheduler": self.scheduler.state_dict()}
+        tensors = {"trainable": trained_state(inner), "optimizer": _optimizer_state(inner, self.optimizer)}
         if self.guard is not None:
             state["guard"] = self.guard.state()
+        if is_sharded(inner):
+            if self.guard is not None:
+                tensors["best"] = state["guard"].pop("best")
+            state["sharded"] = tensors
+        else:
+            state.update(tensors)
         return state
 
 
-def _restore(state: dict, model, optimizer, scheduler) -> None:
+def _optimizer_state(model, optimizer) -> dict:
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer.optimizer)
+
+
+def _restore(state: dict, model, optimizer, scheduler, guard: Guard | None) -> None:
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if trainable.keys() != state["trainable"].keys():
-        raise LayerpruneError("the healing checkpoint does not match the layers this healing trains",
-                              "pass --overwrite to start afresh")
-    load_trained(model, state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
+    if "sharded_in" in state:   # --fsdp: read each process's shards into templates of the live ones
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        from .shard import load_sharded
+
+        tensors = {"trainable": trained_state(model), "optimizer": _optimizer_state(model, optimizer)}
+        if guard is not None:
+            tensors["best"] = trained_state(model)
+        load_sharded(tensors, Path(state["sharded_in"]))
+        load_trained(model, tensors["trainable"])
+        set_optimizer_state_dict(model, optimizer.optimizer, tensors["optimizer"])
+        if guard is not None:
+            guard.best_state = tensors["best"]
+    else:
+        if trainable.keys() != state["trainable"].keys():
+            raise LayerpruneError("the healing checkpoint does not match the layers this healing trains",
+                                  "pass --overwrite to start afresh")
+        load_trained(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])

@@ -100,11 +100,11 @@ def state_distances(model, batches: list[Batch], distance: Callable, span: int =
     device = next(model.parameters()).device
     depth = num_layers(model)
     totals = torch.zeros(depth - span + 1)
-    for batch in my_share(batches):
+    for batch, counts in my_share(batches, model):
         batch = batch.to(device)
         states, _ = layer_states(model, batch.input_ids, batch.attention_mask)
         for start in range(depth - span + 1):
-            totals[start] += distance(states[start], states[start + span], batch.attention_mask).item()
+            totals[start] += counts * distance(states[start], states[start + span], batch.attention_mask).item()
     totals = reduce(totals, reduction="sum")   # each process ran its share of the batches
     if not torch.isfinite(totals).all():
         raise NonFiniteError("hidden states are not finite while scoring layers",

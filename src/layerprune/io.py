@@ -66,15 +66,29 @@ def file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
-def write_folder(out: Path, name: str, write: Callable[[Path], None], site: str) -> None:
+def write_folder(out: Path, name: str, write: Callable[[Path], None], site: str, collective: bool = False) -> None:
     """`write(tmp)` fills a temporary folder; its manifest is added, every file is fsynced, then
     it replaces `out/name`. A crash mid-swap leaves `.name.old`, which readers accept as the
-    previous version; a failed write removes the temporary folder."""
+    previous version; a failed write removes the temporary folder. `collective`: every process
+    calls this and `write` (each writes its shard, --fsdp); the main one makes, seals and swaps
+    the folder, the others wait for it."""
+    from .processes import is_main_process, wait_for_everyone
+
+    if collective and not is_main_process():
+        wait_for_everyone()   # the main process has made the folder
+        write(out / f".{name}.tmp")
+        wait_for_everyone()   # every shard is written
+        wait_for_everyone()   # the folder is in place
+        return
     tmp, final, old = out / f".{name}.tmp", out / name, out / f".{name}.old"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        if collective:
+            wait_for_everyone()
         write(tmp)
+        if collective:
+            wait_for_everyone()
         full_disk_point(name)
         files = {path.name: file_entry(path) for path in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}), encoding="utf-8")
@@ -94,6 +108,8 @@ def write_folder(out: Path, name: str, write: Callable[[Path], None], site: str)
     os.replace(tmp, final)
     fsync_dir(out)
     shutil.rmtree(old, ignore_errors=True)
+    if collective:
+        wait_for_everyone()
 
 
 def verify_folder(folder: Path, needed: tuple[str, ...]) -> None:

@@ -18,6 +18,8 @@ from .gguf_export import GGUF_NAME, open_source, source_of, write_gguf
 from .io import file_entry, write_json, write_text
 from .models import save_model
 from .options import to_yaml
+from .processes import is_main_process
+from .shard import is_sharded, save_folder
 from .report import set_card_section, write_report
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,19 @@ def save_result(out: Path, student, tokenizer, history: History, speed: dict, co
     """Model files, config.yaml, reports and model.gguf first (via a staging folder), history
     last: its presence means complete, and it lists the size and sha256 of every file beside it.
     A GGUF that cannot be written is returned, not raised: the HF folder is still the result."""
+    if is_sharded(student) and not is_main_process():
+        save_folder(student, tokenizer, out / ".staging")   # its part of the gathers; the main process writes
+        return None
     stage = out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
     log.info("writing the result into %s", out)
     gguf_problem = None
     try:
-        save_model(student, tokenizer, stage)
+        if is_sharded(student):
+            stage.mkdir(parents=True)
+            save_folder(student, tokenizer, stage)
+        else:
+            save_model(student, tokenizer, stage)
         full_disk_point("result")
         write_text(stage / "config.yaml", to_yaml(config))
         write_report(stage, history, speed)

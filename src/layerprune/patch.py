@@ -39,7 +39,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LayerpruneError
+from .processes import process_count
+from .shard import editable
 from .surgery import find_layers, original_indices, text_config
+from .tasks.engine import my_share
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,13 @@ class Gram:
             self.mr += m.T @ r
         self.tokens += len(m)
 
+    def add_over_processes(self) -> None:
+        """Each process summed its share of the blocks: the totals are the sums of those."""
+        from accelerate.utils import reduce
+
+        self.mm, self.mr = reduce(self.mm, reduction="sum"), reduce(self.mr, reduction="sum")
+        self.tokens = int(reduce(torch.tensor(float(self.tokens), device=self.mm.device), reduction="sum"))
+
 
 def solve(gram: Gram) -> torch.Tensor:
     """T from the Gram sums; a vector for a diagonal patch. Ridge towards the identity."""
@@ -235,8 +245,11 @@ def _norm_offset(norm: nn.Module, hidden: int) -> float:
 @torch.no_grad()
 def fold(model: nn.Module, layer: int, t: torch.Tensor) -> None:
     """Make layer `layer` write M T instead of M, in its own weights."""
-    path = paths(model)[layer]
-    hidden = text_config(model).hidden_size
+    with editable(find_layers(model).layers[layer]):   # with --fsdp: this layer alone, gathered
+        _fold(paths(model)[layer], text_config(model).hidden_size, t)
+
+
+def _fold(path: MlpPath, hidden: int, t: torch.Tensor) -> None:
     if path.norm is not None:
         if t.dim() != 1:
             raise ValueError("a post-MLP norm takes only a diagonal patch")
@@ -293,9 +306,13 @@ def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tu
     if not runs:
         return grams
     originals = original_indices(model)
-    bar = tqdm(range(0, len(blocks), batch_size), desc="fitting the patch", unit="batch", disable=not how.progress,
-               leave=False)
-    for start in bar:
+    # Gram sums add over processes, each running its share of the blocks; the cosine fit needs
+    # the rows themselves, so each process runs them all
+    split = how.fit != "cosine" and process_count() > 1
+    starts = list(range(0, len(blocks), batch_size))
+    work = my_share(starts, model) if split else [(start, True) for start in starts]
+    bar = tqdm(work, desc="fitting the patch", unit="batch", disable=not how.progress, leave=False)
+    for start, counts in bar:
         ids = blocks[start:start + batch_size].to(device)
         with capture(model) as states, capture_mlp_outputs(model, {a - 1 for a, _ in runs}) as mlp:
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
@@ -307,7 +324,11 @@ def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tu
             targets = lambda b: taught["states"][originals[b] + 1].to(device)  # noqa: E731
         for (a, b), gram in grams.items():
             m = mlp[a - 1]
-            gram.add(m, targets(b) - states["states"][a] + m)
+            if counts:
+                gram.add(m, targets(b) - states["states"][a] + m)
+    if split:
+        for gram in grams.values():
+            gram.add_over_processes()
     return grams
 
 

@@ -24,8 +24,9 @@ from .inputs import build_inputs, check_names
 from .models import check_trainable, load_model, model_name
 from .options import to_dict
 from .output import clear_run_files, save_result, warn_if_no_gguf
-from .processes import is_main_process, wait_for_everyone
+from .processes import is_main_process, processes_line, wait_for_everyone
 from .run import PruneRun
+from .shard import check_launch, sharded_pair
 from .sources import probe
 from .surgery import num_layers
 
@@ -40,6 +41,8 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     config.validate()
     check_names(config, config.metric, config.final_tasks)
     check_trainable(config.dtype, config.device, config.heal.method != "none")
+    if config.fsdp:
+        check_launch()
     out = Path(config.out)
     with outdir.claimed(out, config.model, overwrite, main=is_main_process()):
         return _prune(config, out, progress, resume)
@@ -54,17 +57,20 @@ def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> Hist
     if is_main_process():
         warn_if_no_gguf(config)
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
+    student = sharded_pair(teacher, config.heal.mixed_precision) if config.fsdp else None
     # The depth first (a resumed run keeps what its first start chose), then the rest of the inputs.
     depth = Depth(**point.depth) if point.depth else plan_depth(config, teacher)
     check_mse_layers(config.heal, num_layers(teacher))
     inputs = build_inputs(config, teacher, tokenizer, config.final_tasks, config.metric == "quality")
-    run = PruneRun(config, inputs, depth, out=out, resume=point, progress=progress).setup()
-    log.info("%s: %d layers, removing %d (%s) by %s (%s), healing: %s", model_name(config.model),
-             num_layers(teacher), depth.remove, depth.why, config.metric, config.mode, config.heal.method)
+    run = PruneRun(config, inputs, depth, out=out, resume=point, progress=progress, student=student).setup()
+    log.info("%s: %d layers, removing %d (%s) by %s (%s), healing: %s%s", model_name(config.model),
+             num_layers(teacher), depth.remove, depth.why, config.metric, config.mode, config.heal.method,
+             processes_line(config.fsdp))
     for iteration in run.remaining():
         run.step(iteration)
     history = run.finish(started)
-    gguf_problem = save_result(out, run.student, tokenizer, history, run.speed, config) if is_main_process() else None
+    gguf_problem = save_result(out, run.student, tokenizer, history, run.speed, config) \
+        if is_main_process() or config.fsdp else None   # sharded: every process gathers what is written
     run.close()
     wait_for_everyone()
     if is_main_process():

@@ -41,3 +41,9 @@ def wait_for_everyone() -> None:
 
 def process_count() -> int:
     return process_state().num_processes
+
+
+def processes_line(fsdp: bool) -> str:
+    """What the run's first log line says of its processes (nothing for one)."""
+    count = process_count()
+    return "" if count == 1 else f"; {count} processes" + (", models sharded (FSDP2)" if fsdp else " (data parallel)")

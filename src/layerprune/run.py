@@ -71,11 +71,12 @@ class PruneRun:
     """The state a run carries from one iteration to the next, and the steps that change it."""
 
     def __init__(self, config: PruneConfig, inputs: RunInputs, depth: Depth, out: Path | None = None,
-                 resume: ResumePoint | None = None, shared: Shared | None = None, progress: bool = True):
+                 resume: ResumePoint | None = None, shared: Shared | None = None, progress: bool = True,
+                 student: torch.nn.Module | None = None):
         self.config, self.inputs, self.depth, self.out, self.progress = config, inputs, depth, out, progress
         self.point, self.shared = resume or ResumePoint(), shared
         self.records: list[IterationRecord] = list(self.point.records)
-        self.student: torch.nn.Module | None = None
+        self.student = student   # None: a copy of the teacher, made at setup (--fsdp: a sharded copy, made before)
         self.position = StreamPosition()   # where the next healing's fresh text starts
         self.lr: float | None = None       # the next healing's starting lr: the guard's last winner (None: --heal-lr)
         self.validation: torch.Tensor | None = None
@@ -85,7 +86,7 @@ class PruneRun:
 
     def setup(self) -> "PruneRun":
         config, inputs, healing = self.config, self.inputs, self.config.heal.method != "none"
-        self.student = copy.deepcopy(inputs.teacher)
+        self.student = self.student or copy.deepcopy(inputs.teacher)
         if self.point.folder is not None:
             checkpoint.restore_student(self.student, self.point.folder, self.point.records)
         self.position, self.lr = last_position(self.records), carried_lr(self.records)
@@ -138,10 +139,9 @@ class PruneRun:
             shortlist=selection.shortlist, block_start=selection.block_start, patch=patched)
         self.records.append(record)
         self._log(record)
-        if self.out is not None:
-            if is_main_process():
-                checkpoint.save_checkpoint(self.out, to_dict(self.config), self.records, self.student,
-                                           dataclasses.asdict(self.depth))
+        if self.out is not None:   # every process: with --fsdp each writes its shard
+            checkpoint.save_checkpoint(self.out, to_dict(self.config), self.records, self.student,
+                                       dataclasses.asdict(self.depth))
             wait_for_everyone()
         return record
 

@@ -164,9 +164,13 @@ def remove_layers(model: nn.Module, drop: Sequence[int]) -> list[int]:
     bad = [d for d in drop if not 0 <= d < depth]
     if bad:
         raise ValueError(f"layers {bad} do not exist in a model of {depth} layers")
+    from .shard import drop_units
+
     check_cut_supported(model)
     originals = original_indices(model)
+    removed = [find_layers(model).layers[d] for d in sorted(set(drop))]
     keep_layers(model, [k for k in range(depth) if k not in set(drop)])
+    drop_units(model, removed)
     check_structure(model)
     return [originals[d] for d in sorted(set(drop))]
 

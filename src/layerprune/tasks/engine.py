@@ -52,12 +52,22 @@ def add_stats(total: dict[str, float], new: dict[str, float]) -> None:
         total[key] = total.get(key, 0.0) + value
 
 
-def my_share(items: list) -> list:
-    """This process's share of `items` (all of them in a single process)."""
+def my_share(items: list, model=None) -> list[tuple[object, bool]]:
+    """This process's share of `items` (all of them in a single process), each with whether it
+    counts. With a sharded `model` (--fsdp) every forward pass is a collective, so every
+    process runs as many as the process with the most: a shorter share is padded with its own
+    first item, run and not counted."""
     from ..processes import process_state
 
     state = process_state()
-    return items[state.process_index::state.num_processes]
+    share = [(item, True) for item in items[state.process_index::state.num_processes]]
+    if model is not None and state.num_processes > 1:
+        from ..shard import is_sharded
+
+        longest = -(-len(items) // state.num_processes)
+        if is_sharded(model) and len(share) < longest:
+            share += [(items[0], False)] * (longest - len(share))
+    return share
 
 
 def summed_over_processes(totals: dict) -> dict:
@@ -86,12 +96,12 @@ def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | Non
         needs_teacher = any(task.needs_teacher for task in group)
         if needs_teacher and teacher is None:
             raise ValueError(f"tasks {[t.name for t in group]} need a teacher model")
-        for batch in my_share(batches):
+        for batch, counts in my_share(batches, model):
             batch = batch.to(device)
             own = forward_logits(model, batch) if outputs is None else None
             teacher_logits = teacher_logits_for(teacher, batch, model, own) if needs_teacher else None
             for key, logits in (outputs(batch) if outputs is not None else [(None, own)]):
-                sums = totals.setdefault(key, {})
+                sums = totals.setdefault(key, {}) if counts else {}
                 for task in group:
                     add_stats(sums.setdefault(task.name, {}), task.stats(logits, batch, teacher_logits))
     return summed_over_processes(totals)

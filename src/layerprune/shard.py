@@ -1,0 +1,224 @@
+"""Sharded runs (--fsdp): the student and the teacher split over the processes with PyTorch FSDP2.
+
+Each decoder layer is one `fully_shard` unit and the root (embeddings, final norm, LM head) is
+another, so each of N processes holds about 1/N of every model's parameters, and of the
+student's gradients and optimizer states. A unit is gathered only while it runs. Every forward
+pass is then a collective: all processes must run the same passes in the same order, which is
+why the shares of batches are padded to one length (tasks.engine.my_share) and why everything
+that reads or writes whole tensors goes through the few functions here:
+- `editable(module)`: a cut's patch folds into one layer, gathered alone and written back;
+- `drop_units(model, layers)`: a removed layer's unit leaves the root's list, nothing gathered;
+- `save_folder`: the output folder is written one gathered unit at a time;
+- `save_sharded`/`load_sharded`: checkpoints through torch.distributed.checkpoint, each process
+  writing and reading its own shard.
+The same code runs on CPU (gloo) and GPU (nccl); on GPU, bf16 compute with float32 master
+weights comes from FSDP2's MixedPrecisionPolicy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import LayerpruneError
+from .processes import is_main_process, process_count, wait_for_everyone
+from .surgery import find_layers
+
+log = logging.getLogger(__name__)
+
+LAUNCH_FIX = ("launch it with `accelerate launch --num_processes N -m layerprune ...` (or `torchrun "
+              "--nproc_per_node N -m layerprune ...`), N >= 2")
+
+
+def check_launch() -> None:
+    """--fsdp shards over processes: one process alone has nothing to share with."""
+    if process_count() < 2:
+        raise LayerpruneError(f"--fsdp needs a distributed launch of 2 or more processes (this is {process_count()})",
+                              LAUNCH_FIX)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is, or holds, an FSDP unit (PEFT's wrapper around a sharded student does)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def shard(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
+    """fully_shard every decoder layer, then the root; in place. `mixed_precision` "bf16" on a
+    GPU: parameters gathered in bf16 for compute, gradients reduced and kept in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    try:
+        layers = find_layers(model).layers
+    except LayerpruneError as err:
+        raise LayerpruneError(f"--fsdp wraps each decoder layer, but {err.problem}", err.fix) from err
+    classes = sorted({type(layer).__name__ for layer in layers})
+    if len(classes) != 1:
+        raise LayerpruneError(f"--fsdp wraps each decoder layer, but {type(model).__name__}'s layer list holds "
+                              f"{', '.join(classes)}", "run this architecture without --fsdp")
+    device = next(model.parameters()).device
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision == "bf16" and device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def sharded_pair(teacher: nn.Module, mixed_precision: str = "no") -> nn.Module:
+    """Shard the teacher in place and return the student, a sharded copy of it. FSDP modules
+    cannot be deep-copied, so the copy is made first: for that moment each process holds two
+    whole models, then 1/N of each."""
+    import copy
+
+    student = shard(copy.deepcopy(teacher), mixed_precision)
+    shard(teacher, mixed_precision)
+    return student
+
+
+def adapters_synchronised(model: nn.Module) -> nn.Module:
+    """LoRA on a sharded student: the adapters peft adds are plain tensors, the same on every
+    process, that FSDP does not manage. DDP is told to leave the sharded parameters alone, so
+    the Accelerator's DDP wrapper synchronises the adapters' gradients and nothing else."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    sharded = [name for name, param in model.named_parameters() if isinstance(param, DTensor)]
+    sharded += [name for name, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
+    return model
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold LoRA adapters into a sharded student one layer at a time (each gathered alone, its
+    shards written back), then take the adapters out."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in find_layers(model.get_base_model()).layers:
+        with editable(layer):
+            for module in layer.modules():
+                if isinstance(module, LoraLayer):
+                    module.merge()
+    model.unload()
+
+
+def drop_units(model: nn.Module, removed: list[nn.Module]) -> None:
+    """Forget the FSDP units of layers cut out of a sharded model: the root lists every unit once
+    it has run, and would otherwise keep the removed layers' shards alive."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return
+    context = model._get_fsdp_state()._state_ctx
+    gone = {id(layer._get_fsdp_state()) for layer in removed if isinstance(layer, FSDPModule)}
+    context.all_states[:] = [state for state in context.all_states if id(state) not in gone]
+
+
+@contextmanager
+def editable(module: nn.Module) -> Iterator[None]:
+    """Within the block, `module`'s parameters are whole tensors that may be changed in place;
+    on exit each process keeps its own shard of the result. Only this module is gathered. A
+    module of an unsharded model is left as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sharded = [(owner, name, param) for owner in module.modules() for name, param in owner._parameters.items()
+               if isinstance(param, DTensor)]
+    if not sharded:
+        yield
+        return
+    for owner, name, param in sharded:
+        owner._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, param in sharded:
+                whole = owner._parameters[name]
+                param.copy_(distribute_tensor(whole.detach(), param.device_mesh, param.placements, src_data_rank=None))
+                owner._parameters[name] = param
+
+
+def distinct_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's state dict with each tensor once (a tied weight under its first name)."""
+    seen, out = set(), []
+    for name, tensor in model.state_dict().items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out.append((name, tensor))
+    return out
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of a sharded model, gathered on the CPU (every process must ask for it)."""
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+
+
+def _unit_of(name: str, layers_path: str) -> str:
+    match = re.match(rf"{re.escape(layers_path)}\.(\d+)\.", name)
+    return f"layer-{int(match.group(1))}" if match else "root"
+
+
+def save_folder(model: nn.Module, tokenizer, out: Path) -> None:
+    """Write a sharded model as a plain HF folder that from_pretrained loads: one safetensors
+    file per decoder layer and one for the rest, with the index that maps them (HF's sharded
+    layout). Each file is written as soon as its tensors are gathered, so no process ever holds
+    more than one unit whole. Every process calls it; the main one writes."""
+    from collections import Counter
+
+    from safetensors.torch import save_file
+    from transformers import PreTrainedModel
+
+    where = find_layers(model)
+    layers_path = next(name for name, module in model.named_modules() if module is where.layers)
+    tensors = distinct_tensors(model)
+    unit_of = {name: _unit_of(name, layers_path) for name, _ in tensors}
+    units = list(dict.fromkeys(unit_of.values()))
+    file_of = {unit: f"model-{i + 1:05d}-of-{len(units):05d}.safetensors" for i, unit in enumerate(units)}
+    left, held, weight_map, total = Counter(unit_of.values()), {}, {}, 0
+    main = is_main_process()
+    for name, tensor in tensors:
+        gathered, unit = whole(tensor), unit_of[name]
+        left[unit] -= 1
+        if not main:
+            continue
+        held.setdefault(unit, {})[name] = gathered.contiguous()
+        weight_map[name] = file_of[unit]
+        total += gathered.numel() * gathered.element_size()
+        if left[unit] == 0:
+            save_file(held.pop(unit), str(out / file_of[unit]), metadata={"format": "pt"})
+    if main:
+        from torch.distributed.fsdp import FSDPModule
+
+        base = next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
+        model.config.architectures = [base.__name__]
+        model.config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out)
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
+        tokenizer.save_pretrained(out)
+    wait_for_everyone()
+
+
+def save_sharded(state: dict, folder: Path) -> None:
+    """Every process writes its shard of `state` (DTensors and plain values) into `folder`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_sharded(state: dict, folder: Path) -> None:
+    """Fill `state` (of the same structure, DTensors of the same sharding) in place from `folder`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=str(folder))

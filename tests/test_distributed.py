@@ -94,13 +94,13 @@ def test_whole_run_under_accelerate_launch_matches_one_process_and_resumes(tmp_p
 def _fsdp_argv(out, trainable):
     return ["prune", "--model", str(out.parent / "tiny"), "--data", str(out.parent / "corpus.txt"), "--out", str(out),
             "--device", "cpu", "--remove", "2", "--metric", "quality", "--seq-len", "32", "--calib-blocks", "5",
-            "--eval-blocks", "3", "--heal-steps", "4", "--heal-batch-size", "2", "--heal-grad-accum", "1",
+            "--eval-blocks", "3", "--heal-steps", "4", "--heal-batch-size", "2", "--heal-grad-accum", "2",
             "--heal-checkpoint-every", "2", "--trainable", trainable, "--final-tasks", "perplexity", "--no-speed",
             "--quiet"]
 
 
-@pytest.mark.parametrize("trainable", ["all", "neighbours", "lora"])
-def test_fsdp_run_matches_one_process_and_resumes(tmp_path, trainable):
+@pytest.mark.parametrize("trainable, arch", [("all", "llama"), ("neighbours", "gemma3"), ("lora", "llama")])
+def test_fsdp_run_matches_one_process_and_resumes(tmp_path, trainable, arch):
     """`--fsdp` in 2 processes: the student and the teacher sharded per layer (each process holds
     half of every layer), the patch folded into a gathered layer, checkpoints through
     torch.distributed.checkpoint. Same removed layers as one unsharded process, final weights within
@@ -108,12 +108,14 @@ def test_fsdp_run_matches_one_process_and_resumes(tmp_path, trainable):
     that do not split evenly (5 and 3 over 2 processes) keep the processes in step. With `all`,
     a launch SIGKILLed mid-healing resumes from its sharded healing checkpoint to the same result, and
     one SIGKILLed while swapping in its first iteration checkpoint (every shard written) leaves no
-    folder that looks complete and resumes to it too. `neighbours` runs under `accelerate launch`;
+    folder that looks complete and resumes to it too. `neighbours` runs under `accelerate launch` on
+    a Gemma-3 (tied embeddings saved once, the diagonal patch folded into a gathered post-MLP norm,
+    sliding-window layer types that follow the cut);
     `lora`'s adapters (plain tensors beside the shards) are synchronised by DDP and merged one
     gathered layer at a time."""
     from common import check_output_folder, load_weights, make_text_file, save_tiny
 
-    save_tiny(tmp_path / "tiny")
+    save_tiny(tmp_path / "tiny", arch)
     make_text_file(tmp_path / "corpus.txt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LAYERPRUNE_KILL_AT": ""}
     single = subprocess.run([sys.executable, "-m", "layerprune", *_fsdp_argv(tmp_path / "one", trainable)], env=env,
@@ -141,6 +143,10 @@ def test_fsdp_run_matches_one_process_and_resumes(tmp_path, trainable):
         assert history["removed_original"] == reference["removed_original"]
         assert history["iterations"][0]["patch"]["folded"]   # the patch was on
         assert "model.safetensors.index.json" in history["files"]   # written one layer at a time
+        if arch == "gemma3":
+            assert history["iterations"][0]["patch"]["kind"] == "diag" and "lm_head.weight" not in weights
+            layer_types = json.loads((tmp_path / out / "config.json").read_text())["layer_types"]
+            assert layer_types == json.loads((tmp_path / "one" / "config.json").read_text())["layer_types"]
         other = load_weights(tmp_path / out)
         assert other.keys() == weights.keys()
         for key in weights:

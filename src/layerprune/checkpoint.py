@@ -32,7 +32,7 @@ from .heal_job import HealLog
 from .importance import Selection
 from .io import remove_folder, verify_folder, write_folder, write_json
 from .processes import is_main_process
-from .shard import is_sharded, load_sharded, save_sharded
+from .shard import is_sharded, load_shards, save_shards
 from .surgery import num_layers, remove_layers
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def save_checkpoint(out: Path, config: dict, records: list[IterationRecord], stu
 
     def write(tmp: Path) -> None:
         if sharded:
-            save_sharded({"model": student.state_dict()}, tmp)
+            save_shards({"model": student.state_dict()}, tmp)
         else:
             save_model(student, str(tmp / "student.safetensors"))  # handles tied embeddings
         if main:
@@ -194,7 +194,7 @@ def save_heal_checkpoint(out: Path, config: dict, depth: dict | None, pending: P
 
     def write(tmp: Path) -> None:
         if shards:
-            save_sharded(shards, tmp)
+            save_shards(shards, tmp)
         if main:
             torch.save({key: value for key, value in state.items() if key != "sharded"}, tmp / "heal.pt")
             write_json(tmp / "state.json", {"config": config, "depth": depth,
@@ -321,7 +321,7 @@ def restore_student(student, folder: Path, records: list[IterationRecord]) -> No
             if not (folder / SHARDED).is_file():
                 raise OSError("it holds no sharded weights: was the run started without --fsdp?")
             state = {"model": student.state_dict()}
-            load_sharded(state, folder)   # in place, each process its shard
+            load_shards(state, folder)   # in place, each process its shard
         else:
             load_model(student, str(weights), strict=True, device=str(next(student.parameters()).device))
     except (RuntimeError, OSError, ValueError) as err:

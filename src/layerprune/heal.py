@@ -316,12 +316,12 @@ def _restore(state: dict, model, optimizer, scheduler, guard: Guard | None) -> N
     if "sharded_in" in state:   # --fsdp: read each process's shards into templates of the live ones
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        from .shard import load_sharded
+        from .shard import load_shards
 
         tensors = {"trainable": trained_state(model), "optimizer": _optimizer_state(model, optimizer)}
         if guard is not None:
             tensors["best"] = trained_state(model)
-        load_sharded(tensors, Path(state["sharded_in"]))
+        load_shards(tensors, Path(state["sharded_in"]))
         load_trained(model, tensors["trainable"])
         set_optimizer_state_dict(model, optimizer.optimizer, tensors["optimizer"])
         if guard is not None:

@@ -162,8 +162,10 @@ def embedded_dir(model: Embedded) -> Path:
     return target
 
 
-def load_model(name: str | None, dtype: str = "float32", device: str = "auto"):
-    """Return (model, tokenizer) for a local folder, a GGUF file, a hub id, or None for the default."""
+def load_model(name: str | None, dtype: str = "float32", device: str = "auto", weights: bool = True):
+    """Return (model, tokenizer) for a local folder, a GGUF file, a hub id, or None for the default.
+    `weights=False`: the model's shape alone, on the meta device (--fsdp: the main process reads
+    the weights and the others receive their shards of them)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
@@ -191,7 +193,11 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto"):
         raise LayerpruneError(f"cannot read a model config from {name!r} ({first_line(err)})",
                               "give a local HF folder, a .gguf file, or a hub id reachable from this machine") from err
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise LayerpruneError(f"{name!r} ({config.model_type}) is not a causal language model",
@@ -219,8 +225,9 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto"):
     if max(ids) >= rows:
         raise LayerpruneError(f"the tokenizer of {name!r} gives ids up to {max(ids)} but the model's embedding only "
                               f"{rows} rows", "give the tokenizer that was trained with this model")
-    model.to(torch_device).eval()
-    model.requires_grad_(False)
+    if weights:
+        model.to(torch_device)
+    model.eval().requires_grad_(False)
     return model, tokenizer
 
 

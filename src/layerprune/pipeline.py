@@ -26,7 +26,7 @@ from .options import to_dict
 from .output import clear_run_files, save_result, warn_if_no_gguf
 from .processes import is_main_process, processes_line, wait_for_everyone
 from .run import PruneRun
-from .shard import check_launch, sharded_pair
+from .shard import check_launch, load_sharded_models
 from .sources import probe
 from .surgery import num_layers
 
@@ -56,8 +56,11 @@ def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> Hist
     probe(config.data)
     if is_main_process():
         warn_if_no_gguf(config)
-    teacher, tokenizer = load_model(config.model, config.dtype, config.device)
-    student = sharded_pair(teacher, config.heal.mixed_precision) if config.fsdp else None
+    if config.fsdp:   # the main process reads the weights; every process keeps its shards of both models
+        teacher, tokenizer, student = load_sharded_models(config.model, config.dtype, config.device,
+                                                          config.heal.mixed_precision)
+    else:
+        (teacher, tokenizer), student = load_model(config.model, config.dtype, config.device), None
     # The depth first (a resumed run keeps what its first start chose), then the rest of the inputs.
     depth = Depth(**point.depth) if point.depth else plan_depth(config, teacher)
     check_mse_layers(config.heal, num_layers(teacher))

@@ -9,7 +9,8 @@ that reads or writes whole tensors goes through the few functions here:
 - `editable(module)`: a cut's patch folds into one layer, gathered alone and written back;
 - `drop_units(model, layers)`: a removed layer's unit leaves the root's list, nothing gathered;
 - `save_folder`: the output folder is written one gathered unit at a time;
-- `save_sharded`/`load_sharded`: checkpoints through torch.distributed.checkpoint, each process
+- `load_sharded_models`: the main process reads the weights, the others get their shards;
+- `save_shards`/`load_shards`: checkpoints through torch.distributed.checkpoint, each process
   writing and reading its own shard.
 The same code runs on CPU (gloo) and GPU (nccl); on GPU, bf16 compute with float32 master
 weights comes from FSDP2's MixedPrecisionPolicy.
@@ -17,8 +18,8 @@ weights comes from FSDP2's MixedPrecisionPolicy.
 
 from __future__ import annotations
 
+import copy
 import json
-import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +31,6 @@ from torch import nn
 from .errors import LayerpruneError
 from .processes import is_main_process, process_count, wait_for_everyone
 from .surgery import find_layers
-
-log = logging.getLogger(__name__)
 
 LAUNCH_FIX = ("launch it with `accelerate launch --num_processes N -m layerprune ...` (or `torchrun "
               "--nproc_per_node N -m layerprune ...`), N >= 2")
@@ -51,9 +50,10 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def shard(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
+def shard(model: nn.Module, mixed_precision: str = "no", device: torch.device | None = None) -> nn.Module:
     """fully_shard every decoder layer, then the root; in place. `mixed_precision` "bf16" on a
     GPU: parameters gathered in bf16 for compute, gradients reduced and kept in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     try:
@@ -64,24 +64,58 @@ def shard(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
     if len(classes) != 1:
         raise LayerpruneError(f"--fsdp wraps each decoder layer, but {type(model).__name__}'s layer list holds "
                               f"{', '.join(classes)}", "run this architecture without --fsdp")
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device   # a model on the meta device is sharded for `device`
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" and device.type == "cuda" else MixedPrecisionPolicy()
+    mesh = init_device_mesh(device.type, (process_count(),))   # the model's device, not the machine's first
     for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    # the root reshards after its forward too: FSDP2 keeps a root unit whole after the forward,
+    # waiting for a backward, and most passes here (scoring, evaluation, the teacher) have none
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return model
 
 
-def sharded_pair(teacher: nn.Module, mixed_precision: str = "no") -> nn.Module:
-    """Shard the teacher in place and return the student, a sharded copy of it. FSDP modules
-    cannot be deep-copied, so the copy is made first: for that moment each process holds two
-    whole models, then 1/N of each."""
-    import copy
+def load_sharded_models(name: str | None, dtype: str, device: str, mixed_precision: str = "no"):
+    """(teacher, tokenizer, student) for --fsdp, both models sharded. The main process alone
+    reads the weights; the others build the model's shape on the meta device and receive their
+    shards from it (torch.distributed.checkpoint's broadcast from rank 0), so a process holds
+    the whole model only on the main one, and only while loading. The student is built the same
+    way and filled from the teacher's shards, each process copying its own: FSDP modules cannot
+    be deep-copied, and a copy before sharding would hold two whole models."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    student = shard(copy.deepcopy(teacher), mixed_precision)
-    shard(teacher, mixed_precision)
-    return student
+    from .models import load_model, resolve_device
+
+    main, place = is_main_process(), resolve_device(device)
+    teacher, tokenizer = load_model(name, dtype, device, weights=main)
+    whole_weights = teacher.state_dict() if main else {}
+    with torch.device("meta"):
+        student = type(teacher)(copy.deepcopy(teacher.config)).to(next(teacher.parameters()).dtype)
+    shard(teacher, mixed_precision, place)
+    shard(student, mixed_precision, place)
+    if not main:
+        teacher.to_empty(device=place)
+    set_model_state_dict(teacher, whole_weights, options=StateDictOptions(full_state_dict=True,
+                                                                          broadcast_from_rank0=True))
+    del whole_weights
+    for buffer in teacher.buffers():   # what the weights do not hold (rotary tables), as the main one has it
+        torch.distributed.broadcast(buffer, src=0)
+    student.to_empty(device=place)
+    with torch.no_grad():
+        for (_, mine), (_, original) in zip(student.state_dict().items(), teacher.state_dict().items()):
+            _local(mine).copy_(_local(original))
+        for mine, original in zip(student.buffers(), teacher.buffers()):
+            mine.copy_(original)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.eval().requires_grad_(False)
+    return teacher, tokenizer, student
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def adapters_synchronised(model: nn.Module) -> nn.Module:
@@ -149,7 +183,7 @@ def editable(module: nn.Module) -> Iterator[None]:
 def distinct_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The model's state dict with each tensor once (a tied weight under its first name)."""
     seen, out = set(), []
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.state_dict(keep_vars=True).items():   # the parameters themselves: a tied one is one
         if id(tensor) not in seen:
             seen.add(id(tensor))
             out.append((name, tensor))
@@ -171,8 +205,9 @@ def _unit_of(name: str, layers_path: str) -> str:
 def save_folder(model: nn.Module, tokenizer, out: Path) -> None:
     """Write a sharded model as a plain HF folder that from_pretrained loads: one safetensors
     file per decoder layer and one for the rest, with the index that maps them (HF's sharded
-    layout). Each file is written as soon as its tensors are gathered, so no process ever holds
-    more than one unit whole. Every process calls it; the main one writes."""
+    layout). Each layer's file is written as soon as its tensors are gathered, so the main
+    process holds at most the root unit and one layer whole. Every process calls it; the main
+    one writes."""
     from collections import Counter
 
     from safetensors.torch import save_file
@@ -210,14 +245,14 @@ def save_folder(model: nn.Module, tokenizer, out: Path) -> None:
     wait_for_everyone()
 
 
-def save_sharded(state: dict, folder: Path) -> None:
+def save_shards(state: dict, folder: Path) -> None:
     """Every process writes its shard of `state` (DTensors and plain values) into `folder`."""
     import torch.distributed.checkpoint as dcp
 
     dcp.save(state, checkpoint_id=str(folder))
 
 
-def load_sharded(state: dict, folder: Path) -> None:
+def load_shards(state: dict, folder: Path) -> None:
     """Fill `state` (of the same structure, DTensors of the same sharding) in place from `folder`."""
     import torch.distributed.checkpoint as dcp
 

@@ -249,7 +249,8 @@ class _Attempt:
                 self.ended = not self.guard.check(inner, self.attempt, step, self.lr)
                 self.model.train()
             if job.on_checkpoint is not None and at_check and every:
-                job.on_checkpoint(self._state(step, rows, inner))   # every process: shards are written by each
+                if accelerator.is_main_process or is_sharded(inner):   # sharded: each process writes its shard
+                    job.on_checkpoint(self._state(step, rows, inner))
                 accelerator.wait_for_everyone()
             crash_point("healing")
             if step % config.log_every == 0 or step == job.steps:
@@ -312,7 +313,8 @@ def _optimizer_state(model, optimizer) -> dict:
 
 
 def _restore(state: dict, model, optimizer, scheduler, guard: Guard | None) -> None:
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    mismatch = LayerpruneError("the healing checkpoint does not match the layers this healing trains",
+                               "pass --overwrite to start afresh")
     if "sharded_in" in state:   # --fsdp: read each process's shards into templates of the live ones
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
@@ -321,15 +323,17 @@ def _restore(state: dict, model, optimizer, scheduler, guard: Guard | None) -> N
         tensors = {"trainable": trained_state(model), "optimizer": _optimizer_state(model, optimizer)}
         if guard is not None:
             tensors["best"] = trained_state(model)
-        load_shards(tensors, Path(state["sharded_in"]))
+        try:
+            load_shards(tensors, Path(state["sharded_in"]))
+        except Exception as err:   # torch.distributed.checkpoint names missing or misshapen keys its own way
+            raise mismatch from err
         load_trained(model, tensors["trainable"])
         set_optimizer_state_dict(model, optimizer.optimizer, tensors["optimizer"])
         if guard is not None:
             guard.best_state = tensors["best"]
     else:
-        if trainable.keys() != state["trainable"].keys():
-            raise LayerpruneError("the healing checkpoint does not match the layers this healing trains",
-                                  "pass --overwrite to start afresh")
+        if {name for name, p in model.named_parameters() if p.requires_grad} != state["trainable"].keys():
+            raise mismatch
         load_trained(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -104,7 +104,8 @@ def test_fsdp_run_matches_one_process_and_resumes(tmp_path, trainable, arch):
         history = check_output_folder(tmp_path / out, depth=4, removed=2)
         assert history["removed_original"] == reference["removed_original"]
         assert history["iterations"][0]["patch"]["folded"]   # the patch was on
-        assert "model.safetensors.index.json" in history["files"]   # written one layer at a time
+        if out != "ddp":   # sharded: written one layer at a time
+            assert "model.safetensors.index.json" in history["files"]
         if arch == "gemma3":
             assert history["iterations"][0]["patch"]["kind"] == "diag" and "lm_head.weight" not in weights
             layer_types = json.loads((tmp_path / out / "config.json").read_text())["layer_types"]

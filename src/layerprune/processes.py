@@ -13,6 +13,9 @@ import os
 
 from .errors import LayerpruneError
 
+LAUNCH_FIX = ("launch with `accelerate launch --num_processes N -m layerprune ...` or `torchrun --nproc_per_node N "
+              "-m layerprune ...`")
+
 
 def process_state(device: str = "auto"):
     """The run's PartialState, created once for `device` (later calls return the same one)."""
@@ -25,8 +28,7 @@ def process_state(device: str = "auto"):
     if launched > 1 and state.num_processes != launched:
         raise LayerpruneError(f"the launcher started {launched} processes but they did not join one process group "
                               f"(each runs alone as {state.distributed_type})",
-                              "launch with `torchrun --nproc_per_node N -m layerprune ...` or "
-                              "`accelerate launch --num_processes N -m layerprune ...`")
+                              LAUNCH_FIX)
     return state
 
 

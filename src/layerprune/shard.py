@@ -29,25 +29,21 @@ import torch
 from torch import nn
 
 from .errors import LayerpruneError
-from .processes import is_main_process, process_count, wait_for_everyone
+from .processes import LAUNCH_FIX, is_main_process, process_count, wait_for_everyone
 from .surgery import find_layers
-
-LAUNCH_FIX = ("launch it with `accelerate launch --num_processes N -m layerprune ...` (or `torchrun "
-              "--nproc_per_node N -m layerprune ...`), N >= 2")
-
 
 def check_launch() -> None:
     """--fsdp shards over processes: one process alone has nothing to share with."""
     if process_count() < 2:
         raise LayerpruneError(f"--fsdp needs a distributed launch of 2 or more processes (this is {process_count()})",
-                              LAUNCH_FIX)
+                              f"{LAUNCH_FIX}, N >= 2")
 
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether `model` is, or holds, an FSDP unit (PEFT's wrapper around a sharded student does)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+    return any(isinstance(module, FSDPModule) for module in model.modules())   # modules() starts with the model
 
 
 def shard(model: nn.Module, mixed_precision: str = "no", device: torch.device | None = None) -> nn.Module:

@@ -29,6 +29,10 @@ def load(path: Path, n_ctx: int):
 
 
 def generate(llm, prompt: str, tokens: int) -> str:
+    """Through the chat template where the file has one (an instruction-tuned model), else the
+    prompt continued as it is (a base model such as Gemma-3-270M)."""
+    if "tokenizer.chat_template" not in llm.metadata:
+        return llm.create_completion(prompt, max_tokens=tokens, temperature=0.0)["choices"][0]["text"]
     reply = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
                                        temperature=0.0)
     return reply["choices"][0]["message"]["content"]
@@ -65,7 +69,8 @@ def main() -> None:
     rows = {}
     for name, path in files.items():
         llm = load(path, max(args.window, 512))
-        row = {"file": str(path), "bytes": path.stat().st_size, "blocks": int(llm.metadata["llama.block_count"]),
+        blocks = int(llm.metadata[f"{llm.metadata['general.architecture']}.block_count"])
+        row = {"file": str(path), "bytes": path.stat().st_size, "blocks": blocks,
                "general.name": llm.metadata.get("general.name"), "reply": generate(llm, args.prompt, args.tokens)}
         if text is not None:
             ids = llm.tokenize(text.encode("utf-8"), add_bos=False)

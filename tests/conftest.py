@@ -8,6 +8,11 @@ wrote to them, so a test that did fails instead of changing what the others read
 from __future__ import annotations
 
 import hashlib
+import os
+
+# No test reaches the network (a CI machine has no hub): offline, the hub's libraries fail at once
+# instead of retrying a connection for 20 s. Set before any of them is imported, for subprocesses too.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Gemma3TextConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from layerprune import ExportConfig, export_gguf
@@ -16,13 +16,14 @@ from layerprune import gguf_export
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 
-from common import CONFIGS, check_output_folder, make_text_file
+from common import CONFIGS, SMALL, check_output_folder, make_text_file
 
 Q = gguf.GGMLQuantizationType
 # Byte-level BPE over all 256 bytes plus two merges: enough for transformers' and llama.cpp's gpt2 tokenizer.
 TOKENS = ["<unk>", "<s>", "</s>"] + [bytes_to_unicode()[b] for b in range(256)] + ["he", "ll"]
 PER_LAYER = "llama.test_per_layer"  # a per-layer array the export must cut like the blocks
-ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+         "gemma3": gguf.MODEL_ARCH.GEMMA3}
 
 
 def source_type(name: str):
@@ -45,7 +46,10 @@ def write_tiny_gguf(path, model, arch="llama"):
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(rope.get("rope_theta") or rope["full_attention"]["rope_theta"])
+    if arch == "gemma3":
+        writer.add_sliding_window(config.sliding_window)
     writer.add_vocab_size(len(TOKENS))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_key_length(head_dim)
@@ -64,9 +68,11 @@ def write_tiny_gguf(path, model, arch="llama"):
     names = gguf.get_tensor_name_map(ARCHS[arch], layers)
     heads = {"head_count": config.num_attention_heads, "head_count_kv": config.num_key_value_heads}
     for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # a tied head has no tensor of its own, as in Gemma's files
         base, suffix = hf_name.rsplit(".", 1)
         name = f"{names.get_name(base)}.{suffix}"
-        rows = gguf_export.LAYOUTS[arch](name, tensor.numpy(), lambda _, key: heads[key])
+        rows = gguf_export.LAYOUTS[arch].to_gguf(name, tensor.numpy(), lambda _, key: heads[key])
         writer.add_tensor(name, gguf.quants.quantize(rows, source_type(name)), raw_dtype=source_type(name))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -113,7 +119,10 @@ IDS = torch.tensor([[5, 40, 77, 120, 200, 33, 9, 250]])
 
 def tiny(arch):
     torch.manual_seed(0)
-    config = CONFIGS[arch]()
+    if arch == "gemma3":  # the period every gemma3 GGUF reader assumes (6), on 7 layers: S S S S S F S
+        config = Gemma3TextConfig(**{**SMALL, "num_hidden_layers": 7}, head_dim=8, sliding_window=8)
+    else:
+        config = CONFIGS[arch]()
     if arch == "qwen3":
         config.head_dim = 128  # transformers reads no head_dim from a qwen3 GGUF: 128, every Qwen3's
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -129,7 +138,8 @@ def test_source_reads_back_as_the_model(tmp_path, arch):
     source = write_tiny_gguf(tmp_path / f"{arch}.gguf", model, arch)
     read = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     assert type(read) is type(model)
-    expected = round_trip(model, lambda name: source_type(gguf_name_of(name, 6, arch)))
+    layers = model.config.num_hidden_layers
+    expected = round_trip(model, lambda name: source_type(gguf_name_of(name, layers, arch)))
     torch.testing.assert_close(logits(read, IDS), logits(expected, IDS), rtol=0, atol=1e-5)
 
 
@@ -234,11 +244,12 @@ def one_line_error(capsys, argv, expected):
     assert len(lines) == 1 and expected in lines[0] and ";" in lines[0], lines
 
 
-def test_unsupported_architecture_still_writes_the_folder_then_fails(capsys, monkeypatch, tmp_path, source):
-    monkeypatch.setattr(gguf_export, "LAYOUTS", {"qwen2": gguf_export._same_layout})
+def test_unsupported_architecture_still_writes_the_folder_then_fails(caplog, capsys, monkeypatch, tmp_path, source):
+    monkeypatch.setattr(gguf_export, "LAYOUTS", {"qwen2": gguf_export.SAME})
     out = tmp_path / "out"
     one_line_error(capsys, prune_args(source, make_text_file(tmp_path / "c.txt"), out),
                    "does not handle the architecture 'llama'")
+    assert "model.gguf will not be written: GGUF export does not handle the architecture 'llama'" in caplog.text
     check_output_folder(out, depth=5, removed=1)
     assert not list(out.glob("*.gguf")) and not list(out.glob(".*.tmp"))
     with pytest.raises(LayerpruneError, match="--no-gguf"):
@@ -276,3 +287,48 @@ def test_a_source_of_another_depth_is_refused(tmp_path, source, tiny_llama):
     assert not (out / "model.gguf").exists()
     history = json.loads((out / "history.json").read_text())
     assert history["status"] == "complete"
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    return tiny("gemma3")
+
+
+def test_gemma3_cut_that_keeps_the_attention_pattern_is_written_and_reads_back(tmp_path, tiny_gemma):
+    """Layer 6 of S S S S S F S removed: the kept types are what every reader derives for 6 layers.
+    The patch folds a diagonal into layer 5's post-feed-forward norm: a changed norm, written as
+    the file's scale (1 + w); the norms nothing changed stay the source's bytes."""
+    source = write_tiny_gguf(tmp_path / "gemma.gguf", tiny_gemma, "gemma3")
+    out = tmp_path / "out"
+    assert main(prune_args(source, make_text_file(tmp_path / "c.txt"), out, "--protect-first", "6")) == 0
+    history = check_output_folder(out, depth=6, removed=1)
+    assert history["removed_original"] == [6]
+    src, new = gguf.GGUFReader(source), gguf.GGUFReader(out / "model.gguf")
+    assert new.fields["gemma3.block_count"].contents() == 6
+    by_name = {t.name: t for t in src.tensors}
+    changed = [t.name for t in new.tensors if not np.array_equal(t.data, by_name[t.name].data)]
+    assert "blk.5.post_ffw_norm.weight" in changed
+    assert "output_norm.weight" not in changed and "blk.0.attn_norm.weight" not in changed
+    assert "output.weight" not in {t.name for t in new.tensors}  # tied, as in the source
+
+    folder = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    read = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    assert folder.config.layer_types == read.config.layer_types == gguf_export.positional_types(6)
+    types = {t.name: t.tensor_type for t in new.tensors}
+    expected = round_trip(folder, lambda name: types[gguf_name_of(name, 6, "gemma3")]
+                          if gguf_name_of(name, 6, "gemma3") in changed else None)
+    torch.testing.assert_close(logits(read, IDS), logits(expected, IDS), rtol=0, atol=1e-4)
+
+
+def test_gemma3_cut_that_breaks_the_attention_pattern_is_refused_in_one_line(capsys, tmp_path, tiny_gemma):
+    """Layer 5 (the full-attention one) removed: a reader would give the new layer 5 full
+    attention, so no gemma3 file can hold the model; the HF folder is complete."""
+    source = write_tiny_gguf(tmp_path / "gemma.gguf", tiny_gemma, "gemma3")
+    out = tmp_path / "out"
+    one_line_error(capsys, prune_args(source, make_text_file(tmp_path / "c.txt"), out, "--protect-first", "5",
+                                      "--protect-last", "1"), "cannot hold this cut")
+    history = check_output_folder(out, depth=6, removed=1)
+    assert history["removed_original"] == [5] and not list(out.glob("*.gguf"))
+    with pytest.raises(LayerpruneError, match=r"full attention where \(i \+ 1\) % 6 == 0, but the kept layers "
+                                              r"have it at \[\]"):
+        export_gguf(out, progress=False)

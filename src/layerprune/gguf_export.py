@@ -12,8 +12,16 @@ or F32 instead: a second quantisation to a coarse type can cost more than healin
 (README, GGUF, measures it). Vectors (norms, biases) stay in float, as llama.cpp reads them.
 
 transformers reads GGUF through a per-architecture transform: for llama, the q and k rows are
-permuted back from llama.cpp's rotary layout. The export applies the forward transform, so an
-architecture is supported only where that transform is known here (`LAYOUTS`).
+permuted back from llama.cpp's rotary layout; for gemma3, 1 is taken from every norm weight (the
+file holds the norm's scale, 1 + w). The export applies the forward transform, and decides what
+changed by applying transformers' own reading to the source, so an architecture is supported only
+where both directions are known here (`LAYOUTS`).
+
+Gemma-3 interleaves sliding-window and full-attention layers, and a GGUF file has no per-layer
+record of which is which: llama.cpp and transformers both give layer i full attention when
+(i + 1) % 6 == 0 (a period the file may override). A cut that leaves the kept layers' types in
+another order cannot be written as gemma3 without changing the model, so it is refused in one line
+(`check_attention_pattern`); the HF folder, whose config keeps `layer_types`, is the result.
 
 Memory holds one tensor at a time: the header needs every tensor's type and size first, so a
 first pass decides what changed and a second pass writes, quantising changed tensors again.
@@ -49,20 +57,48 @@ def _permute_rotary(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _llama_layout(name: str, rows: np.ndarray, heads: Callable[[str, str], int]) -> np.ndarray:
-    if ".attn_q." in name:
-        return _permute_rotary(rows, heads(name, "head_count"))
-    if ".attn_k." in name:
-        return _permute_rotary(rows, heads(name, "head_count_kv"))
+def _unpermute_rotary(rows: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's interleaved pairs back to HF's rotary halves: transformers' reading."""
+    return rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+Heads = Callable[[str, str], int]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one architecture's tensors differ between the HF model and its GGUF file, both ways:
+    `to_gguf` writes a tensor, `to_hf` is transformers' reading of one (an exact inverse is not
+    needed: the source's tensors are compared with the run's weights in the HF domain)."""
+
+    to_gguf: Callable[[str, np.ndarray, Heads], np.ndarray]
+    to_hf: Callable[[str, np.ndarray, Heads], np.ndarray]
+
+
+def _rotary(permute: Callable[[np.ndarray, int], np.ndarray]):
+    def apply(name: str, rows: np.ndarray, heads: Heads) -> np.ndarray:
+        if ".attn_q." in name:
+            return permute(rows, heads(name, "head_count"))
+        if ".attn_k." in name:
+            return permute(rows, heads(name, "head_count_kv"))
+        return rows
+    return apply
+
+
+def _norm_offset(offset: float):
+    def apply(name: str, rows: np.ndarray, heads: Heads) -> np.ndarray:
+        return rows + np.float32(offset) if name.endswith("norm.weight") else rows
+    return apply
+
+
+def _same(name: str, rows: np.ndarray, heads: Heads) -> np.ndarray:
     return rows
 
 
-def _same_layout(name: str, rows: np.ndarray, heads) -> np.ndarray:
-    return rows
-
-
-# GGUF architecture -> HF tensor (as an array) to the GGUF tensor; the inverse of transformers' reading.
-LAYOUTS = {"llama": _llama_layout, "qwen2": _same_layout, "qwen3": _same_layout}
+SAME = Layout(_same, _same)
+# GGUF architecture -> its layout, as transformers reads that architecture's files.
+LAYOUTS = {"llama": Layout(_rotary(_permute_rotary), _rotary(_unpermute_rotary)), "qwen2": SAME, "qwen3": SAME,
+           "gemma3": Layout(_norm_offset(1.0), _norm_offset(-1.0))}
 CONVERT_HINT = "convert the HF folder with llama.cpp's convert_hf_to_gguf.py (README, GGUF)"
 
 
@@ -129,13 +165,48 @@ def open_source(path: Path):
                               "pass the original .gguf file") from err
     arch = _field(reader, "general.architecture")
     if arch not in LAYOUTS:
-        raise LayerpruneError(f"GGUF export does not handle the architecture {arch!r} of {Path(path).name} "
-                              f"(it handles {', '.join(LAYOUTS)})", f"pass --no-gguf and {CONVERT_HINT}")
+        raise unsupported(arch, Path(path).name)
     odd = sorted({t.tensor_type.name for t in reader.tensors if not _handles(t.tensor_type, quantise=False)})
     if odd:
         raise LayerpruneError(f"GGUF export cannot read the tensor types {', '.join(odd)} of {Path(path).name}",
                               f"pass --no-gguf and {CONVERT_HINT}")
     return reader
+
+
+# Architectures whose readers take each layer's attention type from its position alone: the
+# key of the period (default 6, as llama.cpp and transformers assume when the file has none).
+POSITIONAL_ATTENTION = {"gemma3": "gemma3.attention.sliding_window_pattern"}
+PATTERN_HINT = "the HF folder is the result (its config.json keeps layer_types); --no-gguf skips the attempt"
+
+
+def check_attention_pattern(reader, layer_types: list[str] | None) -> None:
+    """Refuse, in one line, a cut that a GGUF of this architecture cannot hold: its readers would
+    give the kept layers other attention types (and, on Gemma-3, other rotary bases)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in POSITIONAL_ATTENTION or not layer_types or not _field(reader, f"{arch}.attention.sliding_window"):
+        return
+    period = _field(reader, POSITIONAL_ATTENTION[arch], 6)
+    period = period if isinstance(period, int) and period > 0 else 6
+    if list(layer_types) != positional_types(len(layer_types), period):
+        full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+        raise LayerpruneError(f"model.gguf cannot hold this cut: {arch} GGUF readers (llama.cpp, transformers) give "
+                              f"layer i full attention where (i + 1) % {period} == 0, but the kept layers have it at "
+                              f"{full}", PATTERN_HINT)
+
+
+def positional_types(layers: int, period: int = 6) -> list[str]:
+    """The attention types a gemma3 GGUF reader gives `layers` layers: one full in `period`."""
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)]
+
+
+def unsupported(arch: str, name: str) -> LayerpruneError:
+    return LayerpruneError(f"GGUF export does not handle the architecture {arch!r} of {name} "
+                           f"(it handles {', '.join(LAYOUTS)})", f"pass --no-gguf and {CONVERT_HINT}")
+
+
+def gguf_architecture(model_type: str) -> str:
+    """The GGUF architecture transformers read a model of this type from (its names differ for one)."""
+    return {"gemma3_text": "gemma3"}.get(model_type, model_type)
 
 
 def _field(reader, key: str, default=None):
@@ -173,9 +244,13 @@ class _HFWeights:
         self._handles = {file: safe_open(folder / file, "pt") for file in set(files.values())}
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         self.tied = bool(config.get("tie_word_embeddings", False))
+        self.layer_types = config.get("layer_types")   # what the pruned model computes, layer by layer
 
     def get(self, name: str) -> torch.Tensor:
         return self._handles[self.files[name]].get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        return self._handles[self.files[name]].get_slice(name).get_shape()
 
 
 def _hf_names_by_gguf(arch: str, blocks: int, hf_names) -> dict[str, str]:
@@ -250,10 +325,18 @@ class _Export:
             hf = self.hf_by_gguf.get("token_embd.weight")
         return hf
 
-    def value(self, tensor: _Tensor) -> tuple[np.ndarray, torch.dtype]:
-        """The HF weight in the GGUF's layout as float32, and the dtype it was saved in."""
+    def value(self, tensor: _Tensor) -> np.ndarray:
+        """The HF weight in the GGUF's layout, as float32."""
+        hf = self.weights.get(tensor.hf_name).float().numpy()
+        return LAYOUTS[self.arch].to_gguf(tensor.source.name, hf, self.heads)
+
+    def unchanged(self, tensor: _Tensor, shape: tuple[int, ...]) -> bool:
+        """Whether the saved weight is what transformers read from the source tensor, in the
+        dtype it was saved in: then the run did not change it."""
         hf = self.weights.get(tensor.hf_name)
-        return LAYOUTS[self.arch](tensor.name, hf.float().numpy(), self.heads), hf.dtype
+        original = gguf.quants.dequantize(tensor.source.data, tensor.source.tensor_type).reshape(shape)
+        as_read = torch.tensor(LAYOUTS[self.arch].to_hf(tensor.source.name, original, self.heads))
+        return torch.equal(as_read.to(hf.dtype), hf)
 
     def plan(self, source, progress: bool) -> list[_Tensor]:
         plans, used = [], set()
@@ -265,14 +348,12 @@ class _Export:
             plan = _Tensor(name, tensor, hf_name, tensor.tensor_type, False)
             if hf_name is not None:
                 used.add(hf_name)
-                value, dtype = self.value(plan)
+                hf_shape = tuple(self.weights.shape(hf_name))
                 shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-                if value.shape != shape:
-                    raise LayerpruneError(f"{hf_name} has shape {tuple(value.shape)} but {tensor.name} in the source "
+                if hf_shape != shape:
+                    raise LayerpruneError(f"{hf_name} has shape {hf_shape} but {tensor.name} in the source "
                                           f"GGUF {shape}", "export with the GGUF file the run started from")
-                original = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-                original = torch.tensor(original).to(dtype).float().numpy()
-                if not np.array_equal(original, value):
+                if not self.unchanged(plan, shape):
                     plan.changed, plan.out_type = True, _written_type(tensor.tensor_type, shape, self.changed_type)
             plans.append(plan)
         missing = sorted(set(self.weights.files) - used)
@@ -313,7 +394,7 @@ class _Export:
         writer.write_ti_data_to_file()
         for plan in tqdm(plans, desc=f"GGUF: writing {title}", disable=not progress, leave=False):
             if plan.changed:
-                writer.write_tensor_data(gguf.quants.quantize(self.value(plan)[0], plan.out_type))
+                writer.write_tensor_data(gguf.quants.quantize(self.value(plan), plan.out_type))
             else:
                 writer.write_tensor_data(plan.source.data, tensor_endianess=self.reader.endianess)
         writer.close()
@@ -329,6 +410,7 @@ def write_gguf(source: Path, weights_dir: Path, kept: list[int], dest: Path, cha
     if max(kept, default=-1) >= export.source_blocks:
         raise LayerpruneError(f"the run kept layer {max(kept)} but {Path(source).name} has {export.source_blocks} "
                               "blocks", "export with the GGUF file the run started from")
+    check_attention_pattern(reader, export.weights.layer_types)
     plans = export.plan(reader.tensors, progress)
     write_file(Path(dest), lambda tmp: export.write(tmp, plans, progress, Path(dest).name))
     summary = ExportSummary(str(dest), str(source), export.source_blocks, len(kept),

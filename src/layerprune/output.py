@@ -14,7 +14,9 @@ from .checkpoint import History
 from .config import PruneConfig
 from .errors import LayerpruneError, WriteError, write_error
 from .faults import crash_point, full_disk_point
-from .gguf_export import GGUF_NAME, open_source, source_of, write_gguf
+from . import gguf_export
+from .gguf_export import (GGUF_NAME, PATTERN_HINT, POSITIONAL_ATTENTION, gguf_architecture, source_of, unsupported,
+                          write_gguf)
 from .io import file_entry, write_json, write_text
 from .models import save_model
 from .options import to_yaml
@@ -74,15 +76,20 @@ def save_result(out: Path, student, tokenizer, history: History, speed: dict, co
     return gguf_problem
 
 
-def warn_if_no_gguf(config: PruneConfig) -> None:
+def warn_if_no_gguf(config: PruneConfig, model_config) -> None:
     """Say at the start, not after hours, that model.gguf will not be written (the run goes on:
-    its HF folder is still a result; the error comes again at the end)."""
+    its HF folder is still a result; the error comes again at the end). The loaded model tells
+    the architecture: opening a GGUF reads all its metadata (10 s for Gemma's 262K tokens), and
+    every tensor type of a file transformers just loaded is one the export can read too."""
     source = source_of(config.model) if config.gguf else None
-    if source is not None:
-        try:
-            open_source(source)
-        except LayerpruneError as err:
-            log.warning("model.gguf will not be written: %s", err)
+    if source is None:
+        return
+    arch = gguf_architecture(model_config.model_type)
+    if arch not in gguf_export.LAYOUTS:   # the module's, which a test may narrow
+        log.warning("model.gguf will not be written: %s", unsupported(arch, Path(source).name))
+    elif arch in POSITIONAL_ATTENTION:
+        log.info("model.gguf will be written only if the kept layers' attention types follow %s's positional "
+                 "pattern (docs/gguf.md); otherwise %s", arch, PATTERN_HINT)
 
 
 def clear_run_files(out: Path) -> None:

@@ -54,13 +54,13 @@ def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> Hist
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     probe(config.data)
-    if is_main_process():
-        warn_if_no_gguf(config)
     if config.fsdp:   # the main process reads the weights; every process keeps its shards of both models
         teacher, tokenizer, student = load_sharded_models(config.model, config.dtype, config.device,
                                                           config.heal.mixed_precision)
     else:
         (teacher, tokenizer), student = load_model(config.model, config.dtype, config.device), None
+    if is_main_process():
+        warn_if_no_gguf(config, teacher.config)
     # The depth first (a resumed run keeps what its first start chose), then the rest of the inputs.
     depth = Depth(**point.depth) if point.depth else plan_depth(config, teacher)
     check_mse_layers(config.heal, num_layers(teacher))

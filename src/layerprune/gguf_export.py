@@ -163,9 +163,7 @@ def open_source(path: Path):
     except (ValueError, OSError) as err:
         raise LayerpruneError(f"cannot read {path} as GGUF ({first_line(err)})",
                               "pass the original .gguf file") from err
-    arch = _field(reader, "general.architecture")
-    if arch not in LAYOUTS:
-        raise unsupported(arch, Path(path).name)
+    check_architecture(_field(reader, "general.architecture"), Path(path).name)
     odd = sorted({t.tensor_type.name for t in reader.tensors if not _handles(t.tensor_type, quantise=False)})
     if odd:
         raise LayerpruneError(f"GGUF export cannot read the tensor types {', '.join(odd)} of {Path(path).name}",
@@ -199,9 +197,11 @@ def positional_types(layers: int, period: int = 6) -> list[str]:
     return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)]
 
 
-def unsupported(arch: str, name: str) -> LayerpruneError:
-    return LayerpruneError(f"GGUF export does not handle the architecture {arch!r} of {name} "
-                           f"(it handles {', '.join(LAYOUTS)})", f"pass --no-gguf and {CONVERT_HINT}")
+def check_architecture(arch: str, name: str) -> None:
+    """One line where the export does not know how this architecture's tensors are laid out."""
+    if arch not in LAYOUTS:
+        raise LayerpruneError(f"GGUF export does not handle the architecture {arch!r} of {name} "
+                              f"(it handles {', '.join(LAYOUTS)})", f"pass --no-gguf and {CONVERT_HINT}")
 
 
 def gguf_architecture(model_type: str) -> str:

@@ -14,9 +14,8 @@ from .checkpoint import History
 from .config import PruneConfig
 from .errors import LayerpruneError, WriteError, write_error
 from .faults import crash_point, full_disk_point
-from . import gguf_export
-from .gguf_export import (GGUF_NAME, PATTERN_HINT, POSITIONAL_ATTENTION, gguf_architecture, source_of, unsupported,
-                          write_gguf)
+from .gguf_export import (GGUF_NAME, PATTERN_HINT, POSITIONAL_ATTENTION, check_architecture, gguf_architecture,
+                          source_of, write_gguf)
 from .io import file_entry, write_json, write_text
 from .models import save_model
 from .options import to_yaml
@@ -85,9 +84,12 @@ def warn_if_no_gguf(config: PruneConfig, model_config) -> None:
     if source is None:
         return
     arch = gguf_architecture(model_config.model_type)
-    if arch not in gguf_export.LAYOUTS:   # the module's, which a test may narrow
-        log.warning("model.gguf will not be written: %s", unsupported(arch, Path(source).name))
-    elif arch in POSITIONAL_ATTENTION:
+    try:
+        check_architecture(arch, Path(source).name)
+    except LayerpruneError as err:
+        log.warning("model.gguf will not be written: %s", err)
+        return
+    if arch in POSITIONAL_ATTENTION:
         log.info("model.gguf will be written only if the kept layers' attention types follow %s's positional "
                  "pattern (docs/gguf.md); otherwise %s", arch, PATTERN_HINT)
 

@@ -6,6 +6,8 @@ from layerprune.cli import main
 from layerprune.compare import METHODS, variant_config
 from layerprune.config import CompareConfig, HealConfig
 
+from common import make_text_file
+
 
 def test_variants_share_the_recipe_and_set_their_method():
     config = CompareConfig(out="c", seed=3, tasks=("kl",), protect_last=1, heal=HealConfig(steps=7))
@@ -50,7 +52,7 @@ def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):
     assert not (out / "cache").exists()
 
 
-def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, text_file, monkeypatch):
+def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, text_file, tmp_path, monkeypatch):
     """Iterative variants are read off after each removal: the unseen domain is measured then too."""
     from layerprune.compare import Domain, run_variant, unseen_domain
     from layerprune.config import DataConfig
@@ -59,21 +61,24 @@ def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, t
     from layerprune.run import Shared
     from layerprune.targets import TargetCache
 
-    config = CompareConfig(out="unused", model=str(tiny_dir), device="cpu", counts=(1, 3), unseen_data=str(text_file),
+    other = make_text_file(tmp_path / "other.txt", docs=40, seed=1)
+    config = CompareConfig(out="unused", model=str(tiny_dir), device="cpu", counts=(1, 3), unseen_data=str(other),
                            data=DataConfig(source=str(text_file), seq_len=32, calib_blocks=2, patch_blocks=2,
                                            eval_blocks=2, batch_size=2))
     teacher, tokenizer = load_model(config.model, device="cpu")
     inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores=False)
     domain = unseen_domain(config, teacher, tokenizer)
+    assert domain.tasks[0].batches[0].input_ids.shape == (2, 32)   # every document of it is held out
     depths = []
     monkeypatch.setattr(Domain, "retained",
                         lambda self, student, teacher: depths.append(student.config.num_hidden_layers) or (1.0, None))
     shared = Shared(TargetCache(config.heal, teacher, 32, 2))
     quality = run_variant(inputs, config, "iterative-bi", "none", shared, domain, progress=False)
     assert depths == [5, 3] and set(quality["quality_retained_unseen"]) == {1, 3}
-    # the same text as held-out: the unseen figures equal the held-out ones
+    # a domain of the held-out tasks themselves: the unseen figures equal the held-out ones
     monkeypatch.undo()
-    quality = run_variant(inputs, config, "shortgpt", "none", shared, domain, progress=False)
+    held_out = Domain("held-out", inputs.eval_tasks, inputs.teacher_eval, inputs.teacher_rows)
+    quality = run_variant(inputs, config, "shortgpt", "none", shared, held_out, progress=False)
     assert quality["quality_retained_unseen"] == pytest.approx(quality["quality_retained"])
     assert quality["quality_retained_unseen_interval"] == quality["quality_retained_interval"]
 
@@ -126,9 +131,13 @@ def test_seeds_run_every_variant_once_each_and_report_mean_spread_and_interval(t
     argv = ["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--remove", "1",
             "--seq-len", "32", "--calib-blocks", "2", "--patch-blocks", "4", "--eval-blocks", "4",
             "--heal-steps", "2", "--heal-grad-accum", "1", "--heal-lr", "0.01", "--quiet", "--device", "cpu",
-            "--methods", "shortgpt", "--unseen-data", str(text_file)]
+            "--methods", "shortgpt", "--unseen-data", str(make_text_file(tmp_path / "other.txt", docs=40, seed=1))]
     assert main([*argv, "--seeds", "0,0"]) == 2
     assert "repeats a seed" in capsys.readouterr().err and not (out / "compare.json").exists()
+    assert main([*argv, "--seeds", ""]) == 2
+    assert "--seeds is empty" in capsys.readouterr().err and not (out / "compare.json").exists()
+    assert main([*argv, "--unseen-data", str(text_file)]) == 2   # the training text is not unseen
+    assert "is also the training data" in capsys.readouterr().err and not (out / "compare.json").exists()
     assert main([*argv, "--seeds", "0,1"]) == 0
     summary = json.loads((out / "compare.json").read_text())
     assert summary["seeds"] == [0, 1]

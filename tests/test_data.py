@@ -37,6 +37,35 @@ class TestSplit:
         assert not (seen["eval"] & seen["calib"]) and not (seen["calib"] & seen["train"])
 
 
+class TestWikiSections:
+    RAW = ("Lead text. " * 120 + "\n== History ==\n" + "Old times. " * 120 + "\n== History ==\n" + "Again. " * 200
+           + "\n=== Origins ===\nshort\n== See also ==\n* a link\n== Legacy ==\n" + "Later. " * 200)
+
+    def test_an_article_becomes_sections_named_by_title_and_heading(self):
+        from layerprune.sources import wiki_sections
+
+        sections = list(wiki_sections("Topic", self.RAW))
+        names = [identity for identity, _ in sections]
+        # the lead is the title; short sections join the next; a repeated heading is numbered
+        assert names == ["Topic", "Topic / History", "Topic / History (2)", "Topic / Origins"]
+        assert sections[1][1].startswith("History\n\nOld times.")
+        last = sections[3][1]
+        assert last.startswith("Origins\n\nshort") and "See also" in last and "Later." in last
+        assert all(len(text) >= 500 for _, text in sections)
+
+    def test_identities_do_not_depend_on_other_articles(self):
+        from layerprune.sources import wiki_sections
+
+        alone = list(wiki_sections("Topic", self.RAW))
+        assert list(wiki_sections("Topic", self.RAW)) == alone
+        assert [i for i, _ in wiki_sections("Other", self.RAW)] == ["Other", "Other / History", "Other / History (2)",
+                                                                         "Other / Origins"]
+
+    def test_the_embedded_sample_holds_out_many_documents(self):
+        held = [identity for identity, _ in documents("embedded:wiki") if split_of(identity) == "eval"]
+        assert len(held) >= 32 and len({i.split(" / ")[0] for i in held}) >= 32   # sections of many articles
+
+
 class TestSources:
     def test_file_formats(self, tmp_path):
         txt = make_text_file(tmp_path / "a.txt", docs=3)
@@ -100,6 +129,18 @@ class TestBlocks:
         # round-robin: each of the first documents gives one block, not one document all six
         assert len({int(block[0]) for block in blocks}) == 6
         assert texts and all(t in docs for t in texts)
+
+    def test_every_split_for_a_source_nothing_trains_on(self, tmp_path):
+        from layerprune.data import EVERY_SPLIT
+
+        docs = [chr(ord("a") + k % 26) * 40 for k in range(40)]
+        path = _jsonl(tmp_path / "d.jsonl", docs)
+        config = DataConfig(source=str(path), seq_len=8)
+        whole, _ = held_blocks(str(path), EVERY_SPLIT, TinyTokenizer(), config, 40)
+        held = sum(1 for identity, _ in documents(str(path)) if split_of(identity) == "eval")
+        assert held < 40 and whole.shape == (40, 8)   # more documents than the held-out split has
+        with pytest.raises(LayerpruneError, match="lower --eval-tokens"):
+            held_blocks(str(path), EVERY_SPLIT, TinyTokenizer(), config, 10_000)
 
     def test_budget_larger_than_the_split(self, tmp_path):
         path = _jsonl(tmp_path / "d.jsonl", ["short"] * 10)

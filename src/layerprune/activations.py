@@ -110,21 +110,41 @@ class _Stop(Exception):
     pass
 
 
-@torch.no_grad()
-def prefix_state(model: nn.Module, stop: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The state entering layer `stop`, running only layers below it (no norm, no LM head)."""
+def _until_final_norm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Run the model's (current view of its) layers; return the state entering the final norm,
+    having run neither the norm nor the LM head."""
     record = {}
 
     def grab(module, args, kwargs):
         record["h"] = _hidden_arg(args, kwargs)
         raise _Stop
 
-    with layer_view(model, range(stop)):
-        handle = final_norm(model).register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
+    handle = final_norm(model).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
     return record["h"]
+
+
+@torch.no_grad()
+def prefix_state(model: nn.Module, stop: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The state entering layer `stop`, running only layers below it (no norm, no LM head)."""
+    with layer_view(model, range(stop)):
+        return _until_final_norm(model, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def run_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """A forward pass through every layer that stops before the final norm and the LM head, for
+    callers that read only captured states (the patch fit): on a large vocabulary the head costs
+    as much as several layers. A sharded model (--fsdp) runs whole: stopping it mid-forward
+    would skip FSDP's own hooks after the forward."""
+    from .shard import is_sharded
+
+    if final_norm(model) is None or is_sharded(model):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    else:
+        _until_final_norm(model, input_ids, attention_mask)

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import outdir
 from .checkpoint import check_output
 from .config import CompareConfig, PruneConfig, Recipe
-from .data import load_corpus
+from .data import EVERY_SPLIT, held_blocks
 from .depth import Depth, plan_depth
 from .errors import LayerpruneError
 from .heal import accelerator_for
@@ -93,12 +93,12 @@ class Domain:
 
 
 def unseen_domain(config: CompareConfig, teacher, tokenizer) -> Domain | None:
-    """The eval tasks on the held-out part of `unseen_data`; none of it is trained or scored on."""
+    """The eval tasks on `unseen_data`, every document of it: none of it is trained or scored on,
+    so all of it is held out (a small corpus still fills the held-out budget)."""
     if config.unseen_data is None:
         return None
-    corpus = load_corpus(dataclasses.replace(config.data, source=config.unseen_data), tokenizer)
-    tasks = build_tasks(config.eval_tasks, TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"],
-                                                    config.data.batch_size, config.seed))
+    blocks, docs = held_blocks(config.unseen_data, EVERY_SPLIT, tokenizer, config.data, config.data.blocks("eval"))
+    tasks = build_tasks(config.eval_tasks, TaskData(tokenizer, blocks, docs, config.data.batch_size, config.seed))
     return Domain(config.unseen_data, tasks, *scores_and_rows(teacher, tasks, teacher))
 
 
@@ -166,6 +166,9 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
 def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     counts = sorted(set(config.counts))
     probe(config.data)
+    if config.unseen_data is not None and config.unseen_data == source_name(config.data.source):
+        raise LayerpruneError(f"--unseen-data {config.unseen_data} is also the training data, so it is not unseen",
+                              "give --unseen-data another source than --data")
     teacher, tokenizer = load_model(config.model, config.dtype, config.device)
     deepest = variant_config(config, config.methods[0], "distill", max(counts))
     plan_depth(deepest, teacher)   # the deepest cut fits the model

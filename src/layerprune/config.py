@@ -86,7 +86,7 @@ class DataConfig:
     text_field: str = opt("text", "the text field of .jsonl/.parquet/HF data")
     seq_len: int = opt(256, "tokens per block")
     calib_tokens: int = opt(2048, "calibration tokens, used to score layers")
-    eval_tokens: int = opt(2048, "held-out tokens, used only for evaluation")
+    eval_tokens: int = opt(16384, "held-out tokens, used only for evaluation (and, in compare, on --unseen-data)")
     patch_tokens: int = opt(16384, "training tokens the linear patch of each cut is fitted on (with --patch)")
     val_tokens: int = opt(2048, "validation tokens, cut from the training split past all the text healing reads: "
                                 "the healing guard measures KL to the original on them")
@@ -371,9 +371,10 @@ class CompareConfig(Recipe):
     methods: tuple[str, ...] = opt(COMPARE_METHODS, "comma-separated subset of the methods")
     healing: tuple[str, ...] = opt(HEAL_METHODS[::-1], "none, distill or both")
     unseen_data: str | None = opt("embedded:news", "a second held-out text, of a domain nothing is trained or "
-                                                   "scored on; quality retained is reported on it too")
-    seeds: tuple[int, ...] = opt((), "comma-separated seeds, each variant run once per seed (default: --seed); a seed "
-                                     "changes healing's data order and sampled task items")
+                                                   "scored on, all of it read as held-out text (--eval-tokens); "
+                                                   "quality retained is reported on it too")
+    seeds: tuple[int, ...] | None = opt(None, "comma-separated seeds, each variant run once per seed (default: "
+                                              "--seed); a seed changes healing's data order and sampled task items")
 
     def validate(self) -> None:
         super().validate()
@@ -384,7 +385,10 @@ class CompareConfig(Recipe):
             raise LayerpruneError(f"unknown method(s) {unknown}", f"use some of {', '.join(COMPARE_METHODS)}")
         for heal in self.healing:
             _one_of(heal, HEAL_METHODS, "healing")
-        if len(set(self.seeds)) != len(self.seeds) or min(self.seeds, default=0) < 0:
+        if self.seeds is not None and not self.seeds:
+            raise LayerpruneError("--seeds is empty", "give distinct seeds, e.g. --seeds 0,1, or leave --seeds out")
+        seeds = self.seeds or ()
+        if len(set(seeds)) != len(seeds) or min(seeds, default=0) < 0:
             raise LayerpruneError(f"--seeds {','.join(map(str, self.seeds))} repeats a seed or has a negative one",
                                   "give distinct seeds, e.g. --seeds 0,1")
 

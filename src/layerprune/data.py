@@ -38,6 +38,10 @@ EVAL_SHARE, CALIB_SHARE = 0.1, 0.1
 TASK_DOCS = 32
 
 
+# A source nothing in a run trains or scores on (compare's unseen domain) is held out whole.
+EVERY_SPLIT = "all"
+
+
 def split_of(identity: str) -> str:
     """The split a document belongs to, from its identity alone."""
     fraction = int(hashlib.sha1(identity.encode("utf-8")).hexdigest()[:8], 16) / 16**8
@@ -81,7 +85,8 @@ def token_window(tokenizer, text: str, start: int, end: int) -> list[int]:
 
 
 def _budget_error(split: str, tokens: int, seq_len: int, needed: int) -> LayerpruneError:
-    flag = {"calib": "--calib-tokens", "eval": "--eval-tokens", "train": "--heal-tokens"}[split]
+    flag = {"calib": "--calib-tokens", "eval": "--eval-tokens", EVERY_SPLIT: "--eval-tokens",
+            "train": "--heal-tokens"}[split]
     return LayerpruneError(
         f"the {split} split has {tokens} tokens: {tokens // seq_len} block(s) of {seq_len}, {needed} needed",
         f"give more text, or lower {flag} / --seq-len")
@@ -92,8 +97,9 @@ def _budget_error(split: str, tokens: int, seq_len: int, needed: int) -> Layerpr
 
 def held_blocks(source: str | None, split: str, tokenizer, config: DataConfig, count: int
                 ) -> tuple[torch.Tensor, list[str]]:
-    """`count` blocks of the split, read round-robin (pass p takes tokens [p*L, (p+1)*L) of every
-    document), and the texts of up to TASK_DOCS of its documents for passage tasks."""
+    """`count` blocks of the split (EVERY_SPLIT: of every document), read round-robin (pass p takes
+    tokens [p*L, (p+1)*L) of every document), and the texts of up to TASK_DOCS of its documents
+    for passage tasks."""
     length = config.seq_len
     needed = count * length
     ids: list[int] = []
@@ -102,7 +108,7 @@ def held_blocks(source: str | None, split: str, tokenizer, config: DataConfig, c
         added, read = 0, 0
         for identity, text in documents(source, config.text_field):
             read += 1
-            if split_of(identity) != split:
+            if split != EVERY_SPLIT and split_of(identity) != split:
                 continue
             if p == 0 and len(texts) < TASK_DOCS:
                 texts.append(text[:CHUNK_CHARS])   # passage tasks read a document's start

@@ -113,8 +113,11 @@ class GuardLog:
 class Guard:
     """The guard of one healing: measure, remember the best, decide whether an attempt failed."""
 
-    def __init__(self, teacher, blocks: torch.Tensor, batch_size: int, retries: int):
-        self.teacher, self.task, self.retries = teacher, kl_task(blocks, batch_size), retries
+    def __init__(self, teacher, blocks_or_task, batch_size: int, retries: int):
+        """`blocks_or_task`: the validation blocks, or their `kl_task` (one task for every healing of
+        a run keeps the teacher's moments: the teacher runs on them once, moments.py)."""
+        task = kl_task(blocks_or_task, batch_size) if isinstance(blocks_or_task, torch.Tensor) else blocks_or_task
+        self.teacher, self.task, self.retries = teacher, task, retries
         self.log: GuardLog | None = None
         self.best_state: dict[str, torch.Tensor] = {}
 

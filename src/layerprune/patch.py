@@ -288,7 +288,7 @@ def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tu
     the teacher's state after the original layer that the run's last layer stands for, not the
     current model's: after earlier cuts the two differ, and fitting the teacher's makes the
     patch absorb that difference too (one teacher pass more)."""
-    from .activations import capture
+    from .activations import capture, run_layers
 
     blocks, kind, batch_size, teacher = how.blocks, how.kind, how.batch_size, how.teacher
     runs = [(a, b) for a, b in runs if a >= 1]
@@ -315,12 +315,12 @@ def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tu
     for start, counts in bar:
         ids = blocks[start:start + batch_size].to(device)
         with capture(model) as states, capture_mlp_outputs(model, {a - 1 for a, _ in runs}) as mlp:
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            run_layers(model, ids, torch.ones_like(ids))
         targets = lambda b: states["states"][b + 1]  # noqa: E731
         if teacher is not None:
             with capture(teacher) as taught:
-                teacher(input_ids=ids.to(next(teacher.parameters()).device),
-                        attention_mask=torch.ones_like(ids), use_cache=False)
+                teacher_ids = ids.to(next(teacher.parameters()).device)
+                run_layers(teacher, teacher_ids, torch.ones_like(teacher_ids))
             targets = lambda b: taught["states"][originals[b] + 1].to(device)  # noqa: E731
         for (a, b), gram in grams.items():
             m = mlp[a - 1]

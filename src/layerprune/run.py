@@ -34,7 +34,7 @@ from .config import PruneConfig
 from .data import StreamPosition
 from .depth import Depth
 from .errors import NonFiniteError
-from .guard import Guard, GuardLog
+from .guard import Guard, GuardLog, kl_task
 from .heal import accelerator_for, heal
 from .heal_job import HealLog, plan
 from .heal_text import carried_lr, last_position, validation_blocks
@@ -80,6 +80,7 @@ class PruneRun:
         self.position = StreamPosition()   # where the next healing's fresh text starts
         self.lr: float | None = None       # the next healing's starting lr: the guard's last winner (None: --heal-lr)
         self.validation: torch.Tensor | None = None
+        self.validation_task = None   # the guard's KL task on them, made once: it keeps the teacher's moments
         self.targets: TargetCache | None = None
         self.accelerator = None
         self.speed: dict = {}
@@ -224,8 +225,10 @@ class PruneRun:
                        on_checkpoint=save, held_out_before=pending.held_out_before,
                        text={"start": start.to_json(), "end": end.to_json(), "blocks": count,
                              "epochs": heal_config.epochs, "caches": caches.why})
+            if self.validation is not None and self.validation_task is None:
+                self.validation_task = kl_task(self.validation, config.data.batch_size)
             guard = None if self.validation is None else \
-                Guard(self.inputs.teacher, self.validation, config.data.batch_size, heal_config.guard_retries)
+                Guard(self.inputs.teacher, self.validation_task, config.data.batch_size, heal_config.guard_retries)
             log.info("healing iteration %d: %d steps on %d blocks (%s text from document %d); %s", pending.iteration,
                      steps, count, "the same" if reuse else "fresh", start.doc, caches.why)
             result = heal(self.student, self.inputs.teacher, text, job, targets, self.progress, guard,

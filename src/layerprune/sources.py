@@ -59,14 +59,51 @@ def clean_wiki(raw: str) -> str:
 
 
 def wiki_documents() -> Iterator[Document]:
-    """(title, text) of the English Wikipedia sample shipped with gensim."""
+    """(identity, text) of the sections of the English Wikipedia sample shipped with gensim."""
     return iter(_wiki_sample())
+
+
+# A heading line of wiki markup: "== History ==", "=== Origins ===".
+_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.M)
+# Sections shorter than this (after cleaning) join the next one: a document is a group of sections
+# long enough to give whole blocks, so short ones ("See also", a one-line lead) never stand alone.
+SECTION_CHARS = 1000
+
+
+def wiki_sections(title: str, raw: str) -> Iterator[Document]:
+    """An article's sections, grouped until each holds SECTION_CHARS characters of text. A group's
+    identity is the article's title and its first heading (the lead: the title alone), numbered
+    when a heading repeats; titles and headings, not positions, so the split of the sample into
+    held-out, calibration and training text stays put when articles are added or reordered."""
+    parts = _HEADING.split(raw)   # lead, then (equals signs, heading, body) per section
+    sections = [("", clean_wiki(parts[0]))]
+    sections += [(heading, clean_wiki(f"{heading}\n\n{body}")) for heading, body in zip(parts[2::3], parts[3::3])]
+    seen: dict[str, int] = {}
+    group: list[str] = []
+    first = ""
+    for heading, text in sections:
+        if not group:
+            first = heading
+        if text:
+            group.append(text)
+        if sum(len(t) for t in group) >= SECTION_CHARS:
+            yield _section_identity(title, first, seen), "\n\n".join(group)
+            group = []
+    if group and sum(len(t) for t in group) > SECTION_CHARS // 2:
+        yield _section_identity(title, first, seen), "\n\n".join(group)
+
+
+def _section_identity(title: str, heading: str, seen: dict[str, int]) -> str:
+    seen[heading] = seen.get(heading, 0) + 1
+    name = f"{title} / {heading}" if heading else title
+    return name if seen[heading] == 1 else f"{name} ({seen[heading]})"
 
 
 @functools.lru_cache(maxsize=1)
 def _wiki_sample() -> tuple[Document, ...]:
     """Parsed once per process: the sample is small and fixed (about 3 MB of text), and cleaning
-    its markup is what makes reading it slow."""
+    its markup is what makes reading it slow. Its 105 articles are cut into sections, so that
+    held-out text spans many documents (1,329 section groups, 123 of them held out)."""
     from gensim.corpora.wikicorpus import extract_pages
 
     files = sorted(glob.glob(str(_gensim_data_dir() / "enwiki-latest-pages-articles*.bz2")))
@@ -75,11 +112,8 @@ def _wiki_sample() -> tuple[Document, ...]:
     docs = []
     with bz2.BZ2File(files[0]) as handle:
         for title, raw, _ in extract_pages(handle, filter_namespaces=("0",)):
-            if raw.lstrip().lower().startswith("#redirect"):
-                continue
-            text = clean_wiki(raw)
-            if len(text) > 500:
-                docs.append((title, text))
+            if not raw.lstrip().lower().startswith("#redirect"):
+                docs.extend(wiki_sections(title, raw))
     return tuple(docs)
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 from ..errors import LayerpruneError
 from . import choice, copying, lm_eval
 from .base import Batch, Task, TaskData, blocks_to_batches
+from .moments import MomentsMemo
 from .engine import collect_stats, evaluate_tasks, forward_logits, my_share, quality_retained, summaries
 from .stats import accuracy_stats, accuracy_summary, kl_stats, kl_summary, nll_stats, perplexity_summary
 
@@ -30,7 +31,7 @@ def build_token_accuracy(ctx: TaskData) -> Task:
 
 
 def build_kl(ctx: TaskData) -> Task:
-    return Task("kl", ctx.block_batches, kl_stats, kl_summary, needs_teacher=True)
+    return Task("kl", ctx.block_batches, kl_stats, kl_summary, needs_teacher=True, memo=MomentsMemo())
 
 
 TASKS: dict[str, Callable[[TaskData], Task]] = {

@@ -39,6 +39,9 @@ class Task:
     # Tasks that generate text cannot be scored from one forward pass: they run whole, given
     # (model, teacher), and are for evaluation only, never for the importance metric.
     run: Callable[[object, object], dict[str, float]] | None = None
+    # Where the teacher's side is its moments through the LM head (moments.py): kept per batch, so
+    # the teacher runs on these batches once for all the evaluations of a run.
+    memo: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Callable, Hashable, Iterator
 import torch
 
 from .base import Batch, Task
+from .moments import Moments, head_inputs, same_head
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,45 @@ def teacher_logits_for(teacher, batch: Batch, model=None, logits: torch.Tensor |
     """The teacher's logits on `batch`: the model's own `logits` when the model is the teacher
     (scoring the original against itself runs it once per batch, not twice)."""
     return logits if teacher is model and logits is not None else forward_logits(teacher, batch)
+
+
+class TeacherSide:
+    """What the tasks of one batch list compare with, batch by batch: the teacher's moments kept
+    in the tasks' memo when the model shares the teacher's LM head (moments.py), else the
+    teacher's logits. Used as a context: it watches the model's head input while moments are in
+    use, and `of(...)` gives each model variant's teacher side."""
+
+    def __init__(self, model, tasks: list[Task], teacher):
+        needing = [task for task in tasks if task.needs_teacher]
+        if needing and teacher is None:
+            raise ValueError(f"tasks {[t.name for t in needing]} need a teacher model")
+        self.teacher, self.model, self.needed = teacher, model, bool(needing)
+        memos = [task.memo for task in needing]
+        self.memo = memos[0] if memos and all(m is memos[0] for m in memos) and teacher is not model \
+            and same_head(model, teacher) else None
+        self.record: dict = {}
+        self._watch = None
+
+    def __enter__(self) -> "TeacherSide":
+        if self.memo is not None:
+            self._watch = head_inputs(self.model)
+            self.record = self._watch.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._watch is not None:
+            self._watch.__exit__(*exc)
+
+    def for_batch(self, index: int, batch: Batch, own: torch.Tensor | None = None):
+        """The teacher's side on batch `index`: Moments, logits, or None when no task needs it."""
+        if not self.needed:
+            return None
+        moments = self.memo.side(self.teacher, index, batch) if self.memo is not None else None
+        return moments if moments is not None else teacher_logits_for(self.teacher, batch, self.model, own)
+
+    def of(self, side):
+        """`side` for the model variant whose forward ran last (moments need its head input)."""
+        return side.against(self.record["h"]) if isinstance(side, Moments) else side
 
 
 def group_by_batches(tasks: list[Task]) -> list[tuple[list[Batch], list[Task]]]:
@@ -93,17 +133,16 @@ def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | Non
     device = next(model.parameters()).device
     totals: dict = {}
     for batches, group in group_by_batches([task for task in tasks if task.run is None]):
-        needs_teacher = any(task.needs_teacher for task in group)
-        if needs_teacher and teacher is None:
-            raise ValueError(f"tasks {[t.name for t in group]} need a teacher model")
-        for batch, counts in my_share(batches, model):
-            batch = batch.to(device)
-            own = forward_logits(model, batch) if outputs is None else None
-            teacher_logits = teacher_logits_for(teacher, batch, model, own) if needs_teacher else None
-            for key, logits in (outputs(batch) if outputs is not None else [(None, own)]):
-                sums = totals.setdefault(key, {}) if counts else {}
-                for task in group:
-                    add_stats(sums.setdefault(task.name, {}), task.stats(logits, batch, teacher_logits))
+        with TeacherSide(model, group, teacher) as teaching:
+            for (index, batch), counts in my_share(list(enumerate(batches)), model):
+                batch = batch.to(device)
+                own = forward_logits(model, batch) if outputs is None else None
+                side = teaching.for_batch(index, batch, own)
+                for key, logits in (outputs(batch) if outputs is not None else [(None, own)]):
+                    sums = totals.setdefault(key, {}) if counts else {}
+                    variant_side = teaching.of(side)
+                    for task in group:
+                        add_stats(sums.setdefault(task.name, {}), task.stats(logits, batch, variant_side))
     return summed_over_processes(totals)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .base import Batch, Task
 from ..processes import process_count
-from .engine import add_stats, forward_logits, my_share, quality_retained, teacher_logits_for
+from .engine import TeacherSide, add_stats, forward_logits, my_share, quality_retained
 
 DRAWS = 1000
 
@@ -44,19 +44,16 @@ def evaluate_rows(model, tasks: list[Task], teacher=None) -> tuple[dict, dict[st
         return None
     device = next(model.parameters()).device
     batches = tasks[0].batches
-    needs_teacher = any(task.needs_teacher for task in tasks)
-    if needs_teacher and teacher is None:
-        raise ValueError(f"tasks {[t.name for t in tasks]} need a teacher model")
     mine: list[tuple[int, dict[str, list[dict]]]] = []
-    for (index, batch), counts in my_share(list(enumerate(batches)), model):
-        batch = batch.to(device)
-        logits = forward_logits(model, batch)
-        teacher_logits = teacher_logits_for(teacher, batch, model, logits) if needs_teacher else None
-        rows = {task.name: [task.stats(logits[r:r + 1], _row(batch, r),
-                                       None if teacher_logits is None else teacher_logits[r:r + 1])
-                            for r in range(len(batch.input_ids))] for task in tasks}
-        if counts:
-            mine.append((index, rows))
+    with TeacherSide(model, tasks, teacher) as teaching:
+        for (index, batch), counts in my_share(list(enumerate(batches)), model):
+            batch = batch.to(device)
+            logits = forward_logits(model, batch)
+            side = teaching.of(teaching.for_batch(index, batch, logits))
+            rows = {task.name: [task.stats(logits[r:r + 1], _row(batch, r), None if side is None else side[r:r + 1])
+                                for r in range(len(batch.input_ids))] for task in tasks}
+            if counts:
+                mine.append((index, rows))
     parts = gather_object(mine) if process_count() > 1 else mine
     ordered = [rows for _, rows in sorted(parts, key=lambda part: part[0])]
     per_task = {task.name: [row for rows in ordered for row in rows[task.name]] for task in tasks}

@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .moments import Moments
+
 ELEMENTS_PER_SLICE = 1 << 22  # 16 MiB of fp32 logits
 
 
@@ -38,8 +40,11 @@ def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.
     return out
 
 
-def token_kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """[B, T] fp32: KL(teacher || student) over the whole vocabulary at every position."""
+def token_kl(logits: torch.Tensor, teacher_logits) -> torch.Tensor:
+    """[B, T] fp32: KL(teacher || student) over the whole vocabulary at every position, from the
+    teacher's logits or from its moments through the shared head (moments.py)."""
+    if isinstance(teacher_logits, Moments):
+        return teacher_logits.kl(logits)
     batch, length, vocab = logits.shape
     out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
     for b in range(batch):

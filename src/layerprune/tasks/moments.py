@@ -1,0 +1,150 @@
+"""KL to the teacher without running the teacher again: its moments through the shared LM head.
+
+A student keeps the teacher's LM head (W, b) unless it trains it. Then, at one token, with h the
+student's state entering the head and s = W h + b its logits,
+
+    KL(p_T || p_S) = sum_v p_T log p_T - (p_T W) . h - p_T . b + logsumexp(s)
+
+The teacher enters only through e = p_T W, one hidden-size vector, and c = sum_v p_T log p_T -
+p_T . b, one number. So on text that is evaluated again and again (held-out blocks after every
+removal, the guard's validation blocks at every check, each candidate of a scoring round) the
+teacher runs once: its moments are kept (hidden x 4 bytes a token, bounded by the budget of that
+text) and every later evaluation runs the student alone. The teacher's pass was half of an
+evaluation's cost, and the full-vocabulary log-softmax of the teacher, repeated for every
+candidate while scoring, is gone too.
+
+The identity holds only where the logits are the head's linear map of h: a head that caps or
+scales the logits (Gemma 2's soft-capping, Cohere's logit scale) is found out on the teacher's
+first batch, and the teacher's logits are used as before. A student whose head differs from the
+teacher's (`--trainable last`), or a sharded one, uses the teacher's logits too.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+# Logits recomputed from the captured head input must match the model's own within this (relative
+# to their scale): otherwise the head is not plain linear and the moments would not be exact.
+LINEAR_TOLERANCE = 1e-4
+ELEMENTS_PER_SLICE = 1 << 22   # as tasks/stats.py: temporaries of a few positions at a time
+
+
+def head(model) -> torch.nn.Module | None:
+    """The model's LM head, where it has a plain one with a weight."""
+    try:
+        module = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return module if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+
+
+def same_head(model, teacher) -> bool:
+    """Whether the model's LM head is the teacher's, value for value (and neither is sharded)."""
+    from ..shard import is_sharded
+
+    mine, theirs = head(model), head(teacher)
+    if mine is None or theirs is None or is_sharded(model) or is_sharded(teacher):
+        return False
+    if mine.weight.shape != theirs.weight.shape or not torch.equal(mine.weight, theirs.weight):
+        return False
+    bias, their_bias = getattr(mine, "bias", None), getattr(theirs, "bias", None)
+    return (bias is None) == (their_bias is None) and (bias is None or torch.equal(bias, their_bias))
+
+
+@contextmanager
+def head_inputs(model) -> Iterator[dict]:
+    """Within the block, `record["h"]` is the input of the model's LM head in the latest forward."""
+    record: dict = {}
+    module = head(model)
+    handle = module.register_forward_pre_hook(lambda m, args: record.__setitem__("h", args[0]))
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def _rows(logits: torch.Tensor) -> Iterator[tuple[int, slice]]:
+    batch, length, vocab = logits.shape
+    step = max(1, ELEMENTS_PER_SLICE // vocab)
+    for b in range(batch):
+        for start in range(0, length, step):
+            yield b, slice(start, min(start + step, length))
+
+
+@dataclass
+class Moments:
+    """The teacher's side of KL on one batch: `expected` = p_T W [B, T, H] (float32) and `const`
+    = sum p_T log p_T - p_T . b [B, T] (float64); `h`, the student's head input [B, T, H], is
+    attached for one student's forward by `against`."""
+
+    expected: torch.Tensor
+    const: torch.Tensor
+    h: torch.Tensor | None = None
+
+    def against(self, h: torch.Tensor) -> "Moments":
+        return Moments(self.expected, self.const, h)
+
+    def __getitem__(self, rows: slice) -> "Moments":
+        return Moments(self.expected[rows], self.const[rows], None if self.h is None else self.h[rows])
+
+    def kl(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, T] fp32: KL(teacher || student) at every position, from the student's logits."""
+        lse = torch.empty(logits.shape[:2], dtype=torch.float64, device=logits.device)
+        for b, s in _rows(logits):
+            lse[b, s] = torch.logsumexp(logits[b, s].float(), -1).double()
+        dot = (self.expected.to(logits.device).double() * self.h.double()).sum(-1)
+        return (self.const.to(logits.device) - dot + lse).float()
+
+
+def linear_head(model, logits: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether `logits` are exactly the head's linear map of `h` (no capping or scaling)."""
+    module = head(model)
+    again = F.linear(h.to(module.weight.dtype), module.weight, getattr(module, "bias", None)).float()
+    scale = logits.float().abs().amax().clamp_min(1.0)
+    return bool(((again - logits.float()).abs().amax() <= LINEAR_TOLERANCE * scale).item())
+
+
+@torch.no_grad()
+def teacher_moments(teacher, logits: torch.Tensor) -> Moments:
+    """The moments of the teacher's `logits` [B, T, V] through its head."""
+    module = head(teacher)
+    weight = module.weight.float()
+    bias = getattr(module, "bias", None)
+    batch, length, _ = logits.shape
+    expected = torch.empty(batch, length, weight.shape[1], dtype=torch.float32, device=logits.device)
+    const = torch.empty(batch, length, dtype=torch.float64, device=logits.device)
+    for b, s in _rows(logits):
+        logp = F.log_softmax(logits[b, s].float(), -1)
+        p = logp.exp()
+        expected[b, s] = p @ weight
+        const[b, s] = (p * logp).sum(-1).double() - (0.0 if bias is None else (p @ bias.float()).double())
+    return Moments(expected, const)
+
+
+class MomentsMemo:
+    """The teacher's moments on one fixed list of batches, per batch index, made the first time an
+    evaluation needs the teacher there. Once the teacher's head turns out not to be linear, `side`
+    answers None and every evaluation runs the teacher as before."""
+
+    def __init__(self):
+        self.batches: dict[int, Moments] = {}
+        self.teacher_id: int | None = None
+        self.usable = True
+
+    def side(self, teacher, index: int, batch) -> Moments | None:
+        if self.teacher_id != id(teacher):   # another teacher: start again
+            self.batches, self.teacher_id, self.usable = {}, id(teacher), True
+        if self.usable and index not in self.batches:
+            with head_inputs(teacher) as record:
+                logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 use_cache=False).logits
+            if linear_head(teacher, logits, record["h"]):
+                self.batches[index] = teacher_moments(teacher, logits)
+            else:
+                self.usable = False
+        return self.batches.get(index) if self.usable else None

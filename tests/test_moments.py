@@ -100,9 +100,9 @@ class TestMoments:
         first, second = tiny_model("llama", seed=0), tiny_model("llama", seed=5)
         student = _perturbed(first)
         evaluate_tasks(student, tasks, first)
-        kept = tasks[0].memo.batches[0].const.clone()
+        kept = tasks[0].memo.batches[0].lse.clone()
         evaluate_tasks(_perturbed(second), tasks, second)
-        assert not torch.equal(kept, tasks[0].memo.batches[0].const)
+        assert not torch.equal(kept, tasks[0].memo.batches[0].lse)
         assert isinstance(tasks[0].memo, MomentsMemo)
 
     def test_candidate_scoring_with_moments_equals_scoring_with_logits(self):

@@ -41,12 +41,17 @@ def kl_task(blocks: torch.Tensor, batch_size: int):
     return build_tasks(["kl"], TaskData(None, blocks, [], batch_size))[0]
 
 
+def as_kl_task(blocks_or_task, batch_size: int):
+    """The `kl_task` of validation blocks [n, seq_len], or the task itself when given one."""
+    return kl_task(blocks_or_task, batch_size) if isinstance(blocks_or_task, torch.Tensor) else blocks_or_task
+
+
 def validation_kl(student, teacher, blocks_or_task, batch_size: int = 4) -> float:
     """Mean per-token KL(original || student) over validation blocks [n, seq_len] (or their
     `kl_task`), in eval mode."""
     from .tasks import evaluate_tasks
 
-    task = kl_task(blocks_or_task, batch_size) if isinstance(blocks_or_task, torch.Tensor) else blocks_or_task
+    task = as_kl_task(blocks_or_task, batch_size)
     training = student.training
     student.eval()
     try:
@@ -116,8 +121,7 @@ class Guard:
     def __init__(self, teacher, blocks_or_task, batch_size: int, retries: int):
         """`blocks_or_task`: the validation blocks, or their `kl_task` (one task for every healing of
         a run keeps the teacher's moments: the teacher runs on them once, moments.py)."""
-        task = kl_task(blocks_or_task, batch_size) if isinstance(blocks_or_task, torch.Tensor) else blocks_or_task
-        self.teacher, self.task, self.retries = teacher, task, retries
+        self.teacher, self.task, self.retries = teacher, as_kl_task(blocks_or_task, batch_size), retries
         self.log: GuardLog | None = None
         self.best_state: dict[str, torch.Tensor] = {}
 

@@ -80,16 +80,17 @@ def wiki_sections(title: str, raw: str) -> Iterator[Document]:
     sections += [(heading, clean_wiki(f"{heading}\n\n{body}")) for heading, body in zip(parts[2::3], parts[3::3])]
     seen: dict[str, int] = {}
     group: list[str] = []
-    first = ""
+    first, size = "", 0
     for heading, text in sections:
         if not group:
             first = heading
         if text:
             group.append(text)
-        if sum(len(t) for t in group) >= SECTION_CHARS:
+            size += len(text)
+        if size >= SECTION_CHARS:
             yield _section_identity(title, first, seen), "\n\n".join(group)
-            group = []
-    if group and sum(len(t) for t in group) > SECTION_CHARS // 2:
+            group, size = [], 0
+    if size > SECTION_CHARS // 2:
         yield _section_identity(title, first, seen), "\n\n".join(group)
 
 

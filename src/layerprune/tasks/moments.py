@@ -29,10 +29,11 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .stats import slices
+
 # Logits recomputed from the captured head input must match the model's own within this (relative
 # to their scale): otherwise the head is not plain linear and the moments would not be exact.
 LINEAR_TOLERANCE = 1e-4
-ELEMENTS_PER_SLICE = 1 << 22   # as tasks/stats.py: temporaries of a few positions at a time
 
 
 def head(model) -> torch.nn.Module | None:
@@ -69,14 +70,6 @@ def head_inputs(model) -> Iterator[dict]:
         handle.remove()
 
 
-def _rows(logits: torch.Tensor) -> Iterator[tuple[int, slice]]:
-    batch, length, vocab = logits.shape
-    step = max(1, ELEMENTS_PER_SLICE // vocab)
-    for b in range(batch):
-        for start in range(0, length, step):
-            yield b, slice(start, min(start + step, length))
-
-
 @dataclass
 class Moments:
     """The teacher's side of KL on one batch: `expected` = p_T W and `anchor` = h_T [B, T, H]
@@ -96,9 +89,11 @@ class Moments:
 
     def kl(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, T] fp32: KL(teacher || student) at every position, from the student's logits."""
-        lse = torch.empty(logits.shape[:2], dtype=torch.float64, device=logits.device)
-        for b, s in _rows(logits):
-            lse[b, s] = torch.logsumexp(logits[b, s].float(), -1).double()
+        batch, length, vocab = logits.shape
+        lse = torch.empty(batch, length, dtype=torch.float64, device=logits.device)
+        for b in range(batch):
+            for s in slices(length, vocab):
+                lse[b, s] = torch.logsumexp(logits[b, s].float(), -1).double()
         moved = self.h.double() - self.anchor.to(logits.device).double()
         return (lse - self.lse.to(logits.device) - (self.expected.to(logits.device).double() * moved).sum(-1)).float()
 

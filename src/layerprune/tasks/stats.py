@@ -17,12 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .moments import Moments
-
 ELEMENTS_PER_SLICE = 1 << 22  # 16 MiB of fp32 logits
 
 
-def _slices(length: int, vocab: int):
+def slices(length: int, vocab: int):
     step = max(1, ELEMENTS_PER_SLICE // vocab)
     for start in range(0, length, step):
         yield slice(start, min(start + step, length))
@@ -33,7 +31,7 @@ def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.
     batch, length, vocab = logits.shape
     out = torch.empty(batch, length - 1, dtype=torch.float32, device=logits.device)
     for b in range(batch):
-        for s in _slices(length - 1, vocab):
+        for s in slices(length - 1, vocab):
             part = logits[b, s].float()
             labels = input_ids[b, s.start + 1:s.stop + 1, None]
             out[b, s] = part.gather(-1, labels)[:, 0] - torch.logsumexp(part, -1)
@@ -42,13 +40,13 @@ def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.
 
 def token_kl(logits: torch.Tensor, teacher_logits) -> torch.Tensor:
     """[B, T] fp32: KL(teacher || student) over the whole vocabulary at every position, from the
-    teacher's logits or from its moments through the shared head (moments.py)."""
-    if isinstance(teacher_logits, Moments):
+    teacher's logits or from its moments through the shared head (moments.Moments)."""
+    if not isinstance(teacher_logits, torch.Tensor):
         return teacher_logits.kl(logits)
     batch, length, vocab = logits.shape
     out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
     for b in range(batch):
-        for s in _slices(length, vocab):
+        for s in slices(length, vocab):
             student = F.log_softmax(logits[b, s].float(), -1)
             teacher = F.log_softmax(teacher_logits[b, s].float(), -1)
             out[b, s] = (teacher.exp() * (teacher - student)).sum(-1)

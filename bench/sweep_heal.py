@@ -1,18 +1,20 @@
 """A recipe sweep for the healing defaults, judged on text the reported figures never use.
 
 Each variant changes one thing from the recipe the sweep began from (the default then: no patch,
-raw MSE with KL/100, no healing guard) and runs `layerprune prune --remove N` on the embedded
-defaults (same data, budget and seed). It is judged on validation blocks cut from the training
-split past everything the runs heal on (the training stream's blocks from `--skip` on): quality
-retained (perplexity, token accuracy, KL to the original) there chooses. The held-out figure each
-run reports is printed beside it, for reading only: choosing by it would tune on the numbers the
-README reports.
+raw MSE with KL/100, no healing guard), or, in RECIPE_VARIANTS, from today's default, and runs
+`layerprune prune --remove N` on the embedded defaults (same data, budget and seeds). It is
+judged on validation blocks cut from the training split past everything the runs heal on (the
+training stream's blocks from `--skip` on): quality retained (perplexity, token accuracy, KL to
+the original) there chooses. The held-out figure each run reports is printed beside it, for
+reading only: choosing by it would tune on the numbers the README reports.
 
     python bench/sweep_heal.py --out runs/sweep                  # all variants, 2 removals
     python bench/sweep_heal.py --out runs/sweep --variants default,lr-1e-3
     python bench/sweep_heal.py --out runs/budget --skip 1000 --variants default,steps-120 --reuse runs/sweep
     python bench/sweep_heal.py --model gemma-3-270m-q4_k_m.gguf --out runs/sweep-gemma --remove 1 --skip 400 \
         --variants patch-lstsq,patch-lstsq-relative-mse-guard
+    python bench/sweep_heal.py --out runs/sweep-local --variants current,local-15,local-30-global-22 \
+        --seeds 0,1 --blocks 64 --skip 600     # today's default against its #26 variants
 
 `--reuse DIR` takes a variant's finished run from an earlier sweep when its config is the same,
 and only evaluates it again: a new validation window (a larger `--skip`, needed by the longer
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import yaml
@@ -33,7 +36,9 @@ from layerprune import DataConfig, PruneConfig, prune
 from layerprune.data import StreamPosition, load_corpus
 from layerprune.models import load_model
 from layerprune.options import to_dict
-from layerprune.tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
+from layerprune.inputs import scores_and_rows
+from layerprune.tasks import TaskData, build_tasks, quality_retained
+from layerprune.tasks.interval import bootstrap_interval
 
 TASKS = ("perplexity", "token_accuracy", "kl")
 # name -> (top-level overrides, heal overrides): one change from the default each, unless noted.
@@ -63,12 +68,27 @@ VARIANTS = {
 # Its outcome made lstsq the default, and the second family (Gemma-3) made relative MSE and the guard so.
 ORIGIN = {"patch": "none"}
 ORIGIN_HEAL = {"mse_scale": "raw", "w_kl": 0.01, "guard": False}
+# Variants of today's default recipe (PruneConfig's defaults), one change each: the #26 techniques.
+# local-15: half of the 30 steps local, at equal tokens; local-30-global-22: about the default's
+# seconds (bench/bench_heal_step.py: a local step costs about a third of a global one, 2026-12-04).
+RECIPE_VARIANTS = {
+    "current": ({}, {}),
+    "local-15": ({}, {"local_steps": 15}),
+    "local-30-global-22": ({}, {"steps": 52, "local_steps": 30}),
+}
 
 
-def variant_config(name: str, out: Path, remove: int, model: str | None = None) -> PruneConfig:
+def variant_config(name: str, out: Path, remove: int, model: str | None = None, seed: int = 0) -> PruneConfig:
+    """The variant's run; a seed other than 0 gets its own folder (`name@seed`)."""
+    folder = out / (name if seed == 0 else f"{name}@{seed}")
+    common = dict(model=model, out=str(folder), remove=remove, seed=seed, measure_speed=False, gguf=False,
+                  final_tasks=TASKS)
+    if name in RECIPE_VARIANTS:
+        top, heal = RECIPE_VARIANTS[name]
+        base = PruneConfig(**common)
+        return dataclasses.replace(base, heal=dataclasses.replace(base.heal, **heal), **top)
     top, heal = VARIANTS[name]
-    base = PruneConfig(model=model, out=str(out / name), remove=remove, measure_speed=False, gguf=False,
-                       final_tasks=TASKS, **ORIGIN)
+    base = PruneConfig(**common, **ORIGIN)
     return dataclasses.replace(base, heal=dataclasses.replace(base.heal, **{**ORIGIN_HEAL, **heal}), **top)
 
 
@@ -87,14 +107,20 @@ def run_variant(config: PruneConfig, previous: Path | None) -> dict:
     """Train the variant, or copy an identical finished run; its removals, held-out figure, seconds."""
     folder = reusable(previous, config)
     if folder is None:
-        history = prune(config, progress=False, overwrite=True)
-        return {"held_out": history.final_eval.quality_retained, "removed": history.removed_original,
-                "seconds": history.seconds}
-    shutil.copytree(folder, config.out, dirs_exist_ok=True)
+        prune(config, progress=False, overwrite=True)
+        folder = Path(config.out)
+    else:
+        shutil.copytree(folder, config.out, dirs_exist_ok=True)
+        print(f"reusing {folder} (same config)", flush=True)
     saved = json.loads((folder / "history.json").read_text())
-    print(f"reusing {folder} (same config)", flush=True)
-    return {"held_out": saved["final_eval"]["quality_retained"], "removed": saved["removed_original"],
-            "seconds": saved["seconds"]}
+    heal_s = sum(record["timings"].get("heal_s", 0) for record in saved["iterations"])
+    return {"held_out": saved["final_eval"]["quality_retained"],
+            "held_out_interval": saved["final_eval"].get("interval"), "removed": saved["removed_original"],
+            "seconds": saved["seconds"], "heal_seconds": heal_s}
+
+
+def _interval(interval) -> str:
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
 
 def main() -> None:
@@ -103,14 +129,15 @@ def main() -> None:
     parser.add_argument("--remove", type=int, default=2)
     parser.add_argument("--model", help="a .gguf file or HF folder (default: the embedded SmolLM2)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds (data order, healing)")
     parser.add_argument("--skip", type=int, default=400, help="training-stream blocks before the validation ones")
     parser.add_argument("--blocks", type=int, default=32, help="validation blocks")
     parser.add_argument("--reuse", type=Path, help="an earlier sweep's --out whose identical finished runs are reused")
     args = parser.parse_args()
-    names = args.variants.split(",")
-    unknown = sorted(set(names) - set(VARIANTS))
+    names, seeds = args.variants.split(","), [int(seed) for seed in args.seeds.split(",")]
+    unknown = sorted(set(names) - set(VARIANTS) - set(RECIPE_VARIANTS))
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown variants {unknown}: choose from {', '.join([*VARIANTS, *RECIPE_VARIANTS])}")
 
     teacher, tokenizer = load_model(args.model, device="cpu")
     data = DataConfig()
@@ -122,28 +149,47 @@ def main() -> None:
         raise SystemExit(f"--skip {args.skip} is inside the {healed} blocks the runs heal on or guard with")
     validation = stream.take(args.blocks, stream.advance(StreamPosition(), args.skip))[0]
     tasks = build_tasks(TASKS, TaskData(tokenizer, validation, [], data.batch_size, 0))
-    reference = evaluate_tasks(teacher, tasks, teacher)
+    reference, reference_rows = scores_and_rows(teacher, tasks, teacher)
     rows = {}
     results = args.out / "sweep.json"
     if results.is_file():
         rows = json.loads(results.read_text())
-    for name in names:
-        if name in rows:
-            continue
-        row = run_variant(variant_config(name, args.out, args.remove, args.model), args.reuse)
-        student, _ = load_model(str(args.out / name), device="cpu")
-        scores = evaluate_tasks(student, tasks, teacher)
-        rows[name] = {"validation": quality_retained(scores, reference), "validation_kl": scores["kl"]["kl"], **row}
-        args.out.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(rows, indent=2))
-        print(name, rows[name], flush=True)
+    for seed in seeds:
+        for name in names:
+            config = variant_config(name, args.out, args.remove, args.model, seed)
+            key = Path(config.out).name
+            if key in rows:
+                continue
+            row = run_variant(config, args.reuse)
+            student, _ = load_model(config.out, device="cpu")
+            scores, block_rows = scores_and_rows(student, tasks, teacher)
+            rows[key] = {"variant": name, "seed": seed, "validation": quality_retained(scores, reference),
+                         "validation_interval": bootstrap_interval(block_rows, reference_rows, tasks),
+                         "validation_kl": scores["kl"]["kl"], **row}
+            args.out.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(rows, indent=2))
+            print(key, rows[key], flush=True)
     print(f"\n{args.remove} layers removed; validation: {args.blocks} x {data.seq_len} training-split tokens from "
-          f"block {args.skip} of the stream (chooses); held-out: the run's own report (read only)\n")
-    print("| variant | removed | validation quality retained | validation KL | held-out quality retained | s |")
+          f"block {args.skip} of the stream (chooses, 95% interval over its blocks); held-out: the run's own "
+          "report (read only)\n")
+    print("| variant | seed | removed | validation quality retained | validation KL | held-out quality retained | "
+          "healing s | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key, row in sorted(rows.items(), key=lambda kv: (kv[1].get("variant", kv[0]), kv[1].get("seed", 0))):
+        print(f"| {row.get('variant', key)} | {row.get('seed', 0)} | {row['removed']} | {row['validation']:.3f}"
+              f"{_interval(row.get('validation_interval'))} | {row['validation_kl']:.3f} | {row['held_out']:.3f}"
+              f"{_interval(row.get('held_out_interval'))} | {row.get('heal_seconds', float('nan')):.0f} | "
+              f"{row['seconds']:.0f} |")
+    by_variant: dict[str, list[dict]] = {}
+    for row in rows.values():
+        by_variant.setdefault(row.get("variant", ""), []).append(row)
+    print("\n| variant | seeds | validation mean | spread over seeds | held-out mean | healing s (mean) |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, row in sorted(rows.items(), key=lambda kv: -kv[1]["validation"]):
-        print(f"| {name} | {row['removed']} | {row['validation']:.3f} | {row['validation_kl']:.3f} | "
-              f"{row['held_out']:.3f} | {row['seconds']:.0f} |")
+    for name, group in sorted(by_variant.items(), key=lambda kv: -statistics.mean(r["validation"] for r in kv[1])):
+        values = [r["validation"] for r in group]
+        print(f"| {name} | {len(group)} | {statistics.mean(values):.3f} | {min(values):.3f} to {max(values):.3f} | "
+              f"{statistics.mean(r['held_out'] for r in group):.3f} | "
+              f"{statistics.mean(r.get('heal_seconds', float('nan')) for r in group):.0f} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import tiny_model  # noqa: E402
 
 
-def main(out: str, cached: bool) -> None:
+def main(out: str, mode: str) -> None:
+    """mode: straight (teacher and student every step), cached (teacher targets cached) or local
+    (two local steps, then global ones: the trained layer above the mapped state is unused first)."""
+    cached = mode == "cached"
     teacher = tiny_model("llama")
     student = tiny_model("llama")
     remove_layers(student, [3])
@@ -25,7 +28,8 @@ def main(out: str, cached: bool) -> None:
     state = PartialState(cpu=True)
     targets = TeacherTargets.open(f"{out}.targets-{state.process_index}", teacher, blocks, topk=96,
                                   progress=False) if cached else None
-    config = HealConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=1)
+    config = HealConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=1,
+                        local_steps=2 if mode == "local" else 0)
     heal(student, teacher, blocks, plan(student, config, 3, iteration=1, seed=0, dropped=[3]), targets,
          progress=False)
     if state.is_main_process:
@@ -33,4 +37,4 @@ def main(out: str, cached: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "cached")
+    main(sys.argv[1], sys.argv[2])

@@ -26,7 +26,7 @@ ACCELERATE_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_g
                   "--main_process_port", "0"]
 
 
-@pytest.mark.parametrize("mode", ["straight", "cached"])
+@pytest.mark.parametrize("mode", ["straight", "cached", "local"])
 def test_two_processes_match_one(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     single, double = tmp_path / "one.pt", tmp_path / "two.pt"

@@ -138,3 +138,11 @@ def test_rising_loss_is_told_from_noise():
     assert loss_rises([{"loss": x} for x in (0.5, 0.4, 0.6, 0.7, 0.9, 1.0, 1.3, 1.6)])
     assert not loss_rises([{"loss": x} for x in (0.080, 0.078, 0.080, 0.088, 0.085, 0.092, 0.091, 0.083)])
     assert not loss_rises([{"loss": x} for x in (0.1, 5.0, 9.0)])   # too few steps to tell
+
+
+def test_a_local_phase_is_not_a_rise():
+    """Local steps' loss (an MSE alone) is below the global steps' KL + MSE: compared within a phase."""
+    local = [{"loss": x, "phase": "local"} for x in (0.30, 0.25, 0.22, 0.20, 0.19, 0.18, 0.17, 0.16)]
+    global_ = [{"loss": x, "phase": "global"} for x in (0.9, 0.85, 0.8, 0.8, 0.75, 0.7, 0.7, 0.68)]
+    assert not loss_rises(local + global_)
+    assert loss_rises(local + [{**row, "loss": 3 * row["loss"] * (i + 1)} for i, row in enumerate(global_)])

@@ -154,11 +154,11 @@ class TestHeal:
                 for key in ("loss", "kl", "mse", "final_mse"):
                     assert a[key] == pytest.approx(b[key], abs=1e-4), (name, key)
 
-    @pytest.mark.parametrize("trainable", ["neighbours", "lora"])
-    def test_healing_resumed_from_its_checkpoint_ends_bit_identical(self, trainable):
+    @pytest.mark.parametrize("trainable, local", [("neighbours", 0), ("lora", 0), ("neighbours", 3)])
+    def test_healing_resumed_from_its_checkpoint_ends_bit_identical(self, trainable, local):
         teacher = tiny_model("llama")
         data = blocks()  # 16 blocks = 8 micro-batches an epoch: with 3 per step, epochs end mid-step
-        config = quick(trainable=trainable, grad_accum=3, checkpoint_every=2)
+        config = quick(trainable=trainable, grad_accum=3, checkpoint_every=2, local_steps=local)
 
         def run(resume=None):
             student = pruned(teacher, [3])
@@ -190,3 +190,56 @@ class TestHeal:
 
 
 
+
+
+class TestLocalPhase:
+    """--heal-local-steps: the first steps train the layers below the cut's mapped state alone."""
+
+    def test_a_local_step_measures_the_global_steps_mse(self):
+        """Same text, same weights: the first local step's MSE is the first global step's MSE term."""
+        teacher = tiny_model("llama")
+        first = {}
+        for local in (0, 1):
+            student = pruned(teacher, [3])
+            log = heal(student, teacher, blocks(), job_for(student, quick(radius=1, local_steps=local), [3]),
+                       progress=False)
+            first[local] = log.rows[0]
+        assert first[1]["phase"] == "local" and first[0]["phase"] == "global"
+        assert first[1]["mse"] == pytest.approx(first[0]["mse"], rel=1e-5)
+        assert first[1]["kl"] == 0.0 and first[1]["loss"] == pytest.approx(first[1]["mse"])
+
+    def test_only_the_layers_up_to_the_mapped_state_change_and_the_mse_falls(self):
+        teacher = tiny_model("llama")
+        student = pruned(teacher, [3])
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        job = job_for(student, quick(steps=12, local_steps=12, radius=2), [3])
+        assert job.layers == [1, 2, 3, 4] and job.pairs == [(3, 4)]   # layer 4 lies above the mapped state
+        log = heal(student, teacher, blocks(), job, progress=False)
+        changed = {k.split(".")[2] for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed == {"1", "2", "3"}
+        assert {row["phase"] for row in log.rows} == {"local"}
+        assert log.rows[-1]["mse"] < 0.8 * log.rows[0]["mse"]
+
+    def test_the_phases_follow_each_other_and_the_final_healing_has_none(self):
+        teacher = tiny_model("llama")
+        student = pruned(teacher, [3])
+        log = heal(student, teacher, blocks(), job_for(student, quick(steps=5, local_steps=2), [3]), progress=False)
+        assert [row["phase"] for row in log.rows] == ["local"] * 2 + ["global"] * 3
+        assert plan(student, quick(local_steps=2), 3, iteration=2, seed=0, dropped=[]).local_steps == 0
+        assert plan(student, quick(local_steps=9), 3, iteration=1, seed=0, dropped=[3]).local_steps == 3
+
+    def test_cached_targets_and_prefix_give_the_same_local_losses(self, tmp_path):
+        teacher = tiny_model("llama")
+        data = blocks()
+        runs = []
+        for cached in (False, True):
+            student = pruned(teacher, [3])
+            targets = TeacherTargets.open(tmp_path / "t", teacher, data, topk=96, progress=False) if cached else None
+            job = job_for(student, quick(steps=10, local_steps=10), [3], prefix_cache=cached)
+            runs.append([row["mse"] for row in heal(student, teacher, data, job, targets, progress=False).rows])
+        assert runs[0] == pytest.approx(runs[1], abs=1e-5)
+
+    def test_no_trained_layer_below_the_mapped_state_is_one_line(self):
+        student = pruned(tiny_model("llama"), [3])
+        with pytest.raises(LayerpruneError, match="--heal-local-steps 0"):
+            plan(student, HealConfig(radius=1, mse_layers=(0,), local_steps=2), 4, iteration=1, seed=0, dropped=[3])

@@ -218,3 +218,40 @@ class TestCosineFit:
         samples = patch.fit(tiny_model("llama"), [(2, 2)], how(kind="diag", fit="cosine"))[(2, 2)]
         t, method = patch.solve_cosine(samples)
         assert t.dim() == 1 and torch.isfinite(t).all() and method in ("cosine", "lstsq")
+
+
+class TestNormalisedFit:
+    """--patch-fit normalised: least squares with each token's error relative to its target's size."""
+
+    def test_it_is_the_weighted_least_squares_of_the_rows(self):
+        model = tiny_model("llama")
+        samples = patch.fit(model, [(3, 3)], how(fit="cosine"))[(3, 3)]   # the rows themselves
+        m, r = torch.cat(samples.ms).double(), torch.cat(samples.rs).double()
+        weights = 1 / (r.pow(2).mean(-1, keepdim=True) + patch.TOKEN_FLOOR)
+        gram = patch.Gram((weights * m).T @ m, (weights * m).T @ r)
+        expected = patch.solve(gram)
+        got = patch.solve(patch.fit(model, [(3, 3)], how(fit="normalised"))[(3, 3)])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+    def test_a_massive_token_does_not_dominate(self):
+        g = torch.Generator().manual_seed(0)
+        m = torch.randn(400, 8, generator=g, dtype=torch.float64)
+        truth = torch.eye(8, dtype=torch.float64) + 0.2 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+        r = m @ truth
+        m[0], r[0] = 300 * torch.randn(8, generator=g), 300 * torch.randn(8, generator=g)   # an attention sink
+        errors = {}
+        for normalised in (False, True):
+            gram = patch.Gram(torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, 8, dtype=torch.float64),
+                              normalised=normalised)
+            gram.add(m, r)
+            errors[normalised] = float((patch.solve(gram) - truth).abs().max())
+        assert errors[True] < 0.1 < errors[False]
+
+    def test_a_cut_records_it_and_candidates_are_scored_with_it(self):
+        model = tiny_model("llama")
+        fitted = patch.candidate_patches(model, [2, 3], how(fit="normalised"))
+        direct = patch.solve(patch.fit(model, [(3, 3)], how(fit="normalised"))[(3, 3)])
+        torch.testing.assert_close(fitted[3], direct)
+        assert not torch.allclose(fitted[3], patch.candidate_patches(model, [3], how())[3])
+        _, info = patch.remove_and_patch(model, [3], how(fit="normalised"), fitted)
+        assert info["folded"][0]["fit"] == "normalised"

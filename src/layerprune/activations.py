@@ -136,15 +136,31 @@ def prefix_state(model: nn.Module, stop: int, input_ids: torch.Tensor, attention
         return _until_final_norm(model, input_ids, attention_mask)
 
 
-@torch.no_grad()
-def run_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    """A forward pass through every layer that stops before the final norm and the LM head, for
-    callers that read only captured states (the patch fit): on a large vocabulary the head costs
-    as much as several layers. A sharded model (--fsdp) runs whole: stopping it mid-forward
-    would skip FSDP's own hooks after the forward."""
-    from .shard import is_sharded
-
-    if final_norm(model) is None or is_sharded(model):
+def forward_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   whole: bool = False) -> None:
+    """A forward pass through the model's (current view of its) layers, for callers that read only
+    captured states (the patch fit, a local healing step): it stops before the final norm and the
+    LM head, which on a large vocabulary cost as much as several layers. `whole` runs everything:
+    a sharded model (--fsdp) or a DDP wrapper must finish its forward, FSDP for its own hooks after
+    the forward, DDP to prepare the gradients' synchronisation. Gradients flow as usual."""
+    if whole or final_norm(model) is None:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     else:
         _until_final_norm(model, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def run_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """`forward_layers` without gradients, whole for a sharded model."""
+    from .shard import is_sharded
+
+    forward_layers(model, input_ids, attention_mask, whole=is_sharded(model))
+
+
+@torch.no_grad()
+def layer_outputs(model: nn.Module, layer_ids: Sequence[int], input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of layers `layer_ids`, running only the layers up to the highest of them."""
+    with layer_view(model, range(max(layer_ids) + 1)), capture(model) as record:
+        run_layers(model, input_ids, attention_mask)
+    return [record["states"][i + 1] for i in layer_ids]

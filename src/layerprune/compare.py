@@ -56,7 +56,7 @@ METHODS = {
 }
 # Methods whose paper heals its own way: last-layers-ft trains the LM head and the last three layers
 # (arXiv 2411.15558; here with our distillation loss). They run healed only.
-PUBLISHED_HEALING = {"last-layers-ft": {"trainable": "last"}}
+PUBLISHED_HEALING = {"last-layers-ft": {"trainable": "last", "local_steps": 0}}
 
 
 def variants(config: CompareConfig) -> list[tuple[str, str]]:

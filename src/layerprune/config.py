@@ -28,7 +28,7 @@ TRAINABLE = ("neighbours", "all", "lora", "last")
 COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "replaceme", "last-layers",
                    "last-layers-ft", "layerprune")
 PATCHES = ("none", "lstsq", "diag")
-PATCH_TARGETS, PATCH_FITS = ("layer", "teacher"), ("lstsq", "cosine")
+PATCH_TARGETS, PATCH_FITS = ("layer", "teacher"), ("lstsq", "normalised", "cosine")
 TRAIN_DATA, MSE_SCALES = ("stream", "reuse"), ("raw", "relative", "channel")
 GGUF_TYPES = ("source", "q8_0", "f16", "f32")
 # The healing budget when neither --heal-tokens nor --heal-steps is given.
@@ -145,6 +145,9 @@ class HealConfig:
     steps: int | None = opt(None, "the healing budget in optimizer steps per removal, instead of --heal-tokens",
                             flag="--heal-steps")
     epochs: int = opt(1, "passes over each removal's training tokens", flag="--heal-epochs")
+    local_steps: int = opt(0, "the first N of each removal's healing steps are local: the trained layers below the "
+                              "cut's mapped state learn the original's state there (MSE; no LM head, no layer above "
+                              "runs), at a fraction of a global step's cost", flag="--heal-local-steps")
     train_data: str = opt("stream", "stream: each removal heals on fresh text, continuing the training stream; "
                                     "reuse: every removal heals on the same first tokens (the paper's setting)")
     final_steps: int = opt(0, "extra healing steps after the last removal", flag="--heal-final-steps")
@@ -212,7 +215,8 @@ class HealConfig:
         _one_of(self.mixed_precision, ("no", "bf16", "fp16"), "mixed precision")
         _one_of(self.mse_scale, MSE_SCALES, "MSE scale")
         _one_of(self.train_data, TRAIN_DATA, "training data mode")
-        _non_negative(self, ("final_steps", "warmup_steps", "radius", "checkpoint_every", "guard_retries"), "heal ")
+        _non_negative(self, ("final_steps", "warmup_steps", "radius", "checkpoint_every", "guard_retries",
+                             "local_steps"), "heal ")
         _positive(self, ("batch_size", "grad_accum", "lora_r", "log_every", "teacher_topk", "epochs"), "heal ")
         if self.steps is not None and self.tokens is not None:
             raise LayerpruneError("both --heal-steps and --heal-tokens given", "give the healing budget once")
@@ -230,6 +234,18 @@ class HealConfig:
         if min(self.w_kl, self.w_mse, self.w_final) < 0 or self.w_kl + self.w_mse + self.w_final == 0:
             raise LayerpruneError("distillation loss weights must be >= 0 and not all zero",
                                   "set --w-kl, --w-mse, --w-final accordingly")
+        if self.local_steps and self.method != "none":
+            self._check_local()
+
+    def _check_local(self) -> None:
+        """The local phase trains what lies below the cut's mapped state towards the MSE term's target."""
+        if self.w_mse == 0:
+            raise LayerpruneError("--heal-local-steps matches the cut's mapped state, the MSE term, which --w-mse 0 "
+                                  "switches off", "set --w-mse above 0 or --heal-local-steps 0")
+        if self.trainable == "last":
+            raise LayerpruneError("--heal-local-steps trains the layers below the cut's mapped state; --trainable "
+                                  "last trains the top layers and the LM head",
+                                  "use --trainable neighbours (or all, lora) or --heal-local-steps 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,8 +306,10 @@ class Recipe(ModelConfig):
     patch_target: str = opt("layer", "what the patch reproduces: layer (the removed layers' output in the current "
                                      "model, as ReplaceMe) or teacher (the original's state at that depth, which "
                                      "also absorbs what earlier cuts left)")
-    patch_fit: str = opt("lstsq", "how the cut's patch is fitted: lstsq (closed form) or cosine (ReplaceMe's mean "
-                                  "cosine distance, by Adam from the identity)")
+    patch_fit: str = opt("lstsq", "how the cut's patch is fitted: lstsq (closed form), normalised (least squares "
+                                  "with each token's error relative to its target's size, so massive-activation "
+                                  "tokens do not dominate; closed form) or cosine (ReplaceMe's mean cosine distance, "
+                                  "by Adam from the identity)")
     heal: HealConfig = opt(HealConfig(), "")
 
     def validate(self) -> None:
@@ -309,6 +327,11 @@ class Recipe(ModelConfig):
         if self.shortlist is not None:
             _positive(self, ("shortlist",))
         self.heal.validate()
+        steps = self.heal.steps_per_removal(self.data.seq_len)
+        if self.heal.method != "none" and self.heal.local_steps > steps:
+            raise LayerpruneError(f"--heal-local-steps {self.heal.local_steps} is more than the {steps} healing steps "
+                                  "of a removal (the local steps are the first of them)",
+                                  f"give --heal-local-steps up to {steps}, or raise --heal-steps")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -61,7 +61,9 @@ def validation_kl(student, teacher, blocks_or_task, batch_size: int = 4) -> floa
 
 
 def loss_rises(rows: list[dict]) -> bool:
-    """Whether an attempt's training loss rose: its last quarter of steps against its first."""
+    """Whether an attempt's training loss rose: its last quarter of steps against its first, within
+    the phase it ended in (a local step's loss, an MSE alone, does not compare with a global one's)."""
+    rows = [row for row in rows if row.get("phase") == rows[-1].get("phase")] if rows else rows
     quarter = len(rows) // 4
     if quarter < 2:
         return False

@@ -22,6 +22,8 @@ import contextlib
 import itertools
 import logging
 import random
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,7 +37,7 @@ from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point, poisoned
 from .guard import ABORT_FACTOR, RETRY_LR_FACTOR, Guard, load_trained, trained_state
 from .heal_job import HealJob, HealLog
-from .heal_loss import loss_step
+from .heal_loss import local_step, loss_step
 from .models import check_same_vocabulary
 from .shard import adapters_synchronised, is_sharded, merge_adapters
 from .surgery import find_layers
@@ -92,11 +94,14 @@ def accelerator_for(config: HealConfig, device: torch.device):
     micro-batches, also across the loader's epoch ends, so a step boundary is a clean point to
     checkpoint and resume."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, GradientAccumulationPlugin
 
     accumulation = GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False)
+    # a local step leaves the trained layers above the cut's mapped state without gradients
+    unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.local_steps else []
     return Accelerator(gradient_accumulation_plugin=accumulation, mixed_precision=config.mixed_precision,
-                       cpu=device.type == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))
+                       cpu=device.type == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True),
+                       kwargs_handlers=unused)
 
 
 @dataclass
@@ -109,6 +114,7 @@ class _Training:
     params: list
     loader: object
     terms_of: Callable
+    local_of: Callable | None
     guard: Guard | None
 
 
@@ -148,7 +154,8 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     # the student's forward goes through the prepared model: DDP synchronises gradients only for
     # a forward pass made through its wrapper
     terms_of = loss_step(job, model, student, teacher, targets)
-    training = _Training(accelerator, model, optimizer, params, loader, terms_of, guard)
+    local_of = local_step(job, model, student, teacher, targets) if job.local_steps else None
+    training = _Training(accelerator, model, optimizer, params, loader, terms_of, local_of, guard)
     inner = accelerator.unwrap_model(model)
     resume, rows, first = job.resume, [], 0
     if resume is not None:
@@ -213,6 +220,7 @@ class _Attempt:
 
         self.job, self.accelerator, self.model = job, training.accelerator, training.model
         self.optimizer, self.params, self.terms_of = training.optimizer, training.params, training.terms_of
+        self.local_of = training.local_of
         self.guard, self.attempt, self.lr = training.guard, attempt, lr
         inner = self.optimizer.optimizer
         inner.state.clear()
@@ -240,8 +248,11 @@ class _Attempt:
         inner = accelerator.unwrap_model(self.model)
         every = config.checkpoint_every
         self.model.train()
+        seconds = {"local": [], "global": []}   # per step, for the log line that ends the attempt
         for step in range(self.done + 1, job.steps + 1):
+            started = time.perf_counter()
             row = self._step(step)
+            seconds[row["phase"]].append(time.perf_counter() - started)
             rows.append(row)
             bar.update(1)
             at_check = step == job.steps or (every and step % every == 0)
@@ -254,23 +265,28 @@ class _Attempt:
                 accelerator.wait_for_everyone()
             crash_point("healing")
             if step % config.log_every == 0 or step == job.steps:
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", phase=row["phase"])
             if self.ended:
                 log.info("healing iteration %d: validation KL %.4f at step %d is over %.1fx the cut's %.4f; "
                          "ending this attempt", job.iteration, self.guard.log.checks[-1]["kl"], step, ABORT_FACTOR,
                          self.guard.log.kl_before)
                 break
         bar.close()
+        timed = [f"{len(times)} {phase} steps, {statistics.median(times):.2f} s each"
+                 for phase, times in seconds.items() if times]
+        log.info("healing iteration %d: %s", job.iteration, "; ".join(timed))
         return rows
 
     def _step(self, step: int) -> dict:
         job, config, accelerator = self.job, self.job.config, self.accelerator
         sums = torch.zeros(len(self.KEYS), device=accelerator.device)   # read back once per step, not per term
+        local = step <= job.local_steps
+        terms_of = self.local_of if local else self.terms_of
         for _ in range(config.grad_accum):
             block_rows, ids = next(self.batches)
             ids = ids.to(accelerator.device)
             with accelerator.accumulate(self.model):
-                terms = self.terms_of(ids, block_rows)
+                terms = terms_of(ids, block_rows)
                 terms["loss"] = poisoned("healing", terms["loss"])
                 if not torch.isfinite(terms["loss"]):
                     raise NonFiniteError(f"non-finite healing loss ({terms['loss'].item()}) at iteration "
@@ -285,7 +301,8 @@ class _Attempt:
             sums += torch.stack([terms[key].detach().float() for key in self.KEYS]) / config.grad_accum
         sums = accelerator.reduce(sums, reduction="mean")   # each process holds 1/N of the global batch
         return {"iteration": job.iteration, "attempt": self.attempt, "step": step,
-                "lr": self.scheduler.get_last_lr()[0], **dict(zip(self.KEYS, sums.tolist()))}
+                "phase": "local" if local else "global", "lr": self.scheduler.get_last_lr()[0],
+                **dict(zip(self.KEYS, sums.tolist()))}
 
     def _state(self, step: int, rows: list[dict], inner) -> dict:
         """Everything a healing changes as it goes; the frozen rest of the model is not included.

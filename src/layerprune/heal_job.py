@@ -20,8 +20,9 @@ from .surgery import num_layers, original_indices
 class HealJob:
     """One healing, decided before it starts. `pairs`: (student layer, teacher layer) whose
     OUTPUTS the MSE term matches, in current and original indices; `layers`: current indices
-    that train; `resume`: a state saved by `on_checkpoint`, to continue from its step. `text` and
-    `held_out_before` describe what the run fed it and measured before it; the log carries them."""
+    that train; `local_steps`: how many of the first steps are local; `resume`: a state saved by
+    `on_checkpoint`, to continue from its step. `text` and `held_out_before` describe what the
+    run fed it and measured before it; the log carries them."""
 
     config: HealConfig
     steps: int
@@ -34,6 +35,7 @@ class HealJob:
     resume: dict | None = None
     on_checkpoint: Callable[[dict], None] | None = None
     lr: float | None = None   # the learning rate to start from (None: config.lr); the guard may lower it
+    local_steps: int = 0   # the first steps are local (heal_loss.local_step): config.local_steps after a cut
     text: dict = field(default_factory=dict)   # which training text: stream positions, blocks, caches used
     held_out_before: dict = field(default_factory=dict)   # held-out KL and perplexity of the cut, unhealed
 
@@ -123,5 +125,10 @@ def plan(student, config: HealConfig, steps: int, iteration: int, seed: int, dro
     the cuts, MSE pairs and trained layers follow from the removal; `settings` are the job's
     other fields (prefix_cache, lr, resume, on_checkpoint, text, held_out_before)."""
     cuts = cut_positions(dropped)
-    return HealJob(config, steps, iteration, seed, cuts, mse_pairs(student, cuts, config),
-                   trainable_layers(num_layers(student), cuts, config), **settings)
+    pairs, layers = mse_pairs(student, cuts, config), trainable_layers(num_layers(student), cuts, config)
+    local = min(config.local_steps, steps) if cuts else 0   # the final healing has no cut to be local to
+    if local and not any(k >= min(layers) for k, _ in pairs):
+        raise LayerpruneError(f"the local healing phase has no trained layer at or below the state the MSE term "
+                              f"matches (student layers {[k for k, _ in pairs]}; trained {layers})",
+                              "widen --radius, change --mse-layers, or pass --heal-local-steps 0")
+    return HealJob(config, steps, iteration, seed, cuts, pairs, layers, local_steps=local, **settings)

@@ -3,7 +3,8 @@
 The reference is the straightforward pass: the teacher and the whole student on every
 micro-batch. Where the healing's text is read again, the teacher's targets come from the cache
 (targets.py) and the frozen bottom of the student runs once per block (FrozenPrefix); both give
-the reference's losses (tests/test_heal.py checks every combination).
+the reference's losses (tests/test_heal.py checks every combination). A local step
+(`--heal-local-steps`) runs only the trained layers below the cut's mapped state, for its MSE.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .activations import capture, injected, prefix_state
-from .losses import joint_loss, kl_loss, topk_kl_loss
+from .activations import capture, forward_layers, injected, layer_outputs, prefix_state
+from .losses import joint_loss, kl_loss, mse_loss, topk_kl_loss
+from .shard import is_sharded
 from .surgery import num_layers
 from .targets import TeacherTargets
 
@@ -64,9 +66,7 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
 
     if targets is None and not job.prefix_cache:
         return straightforward
-    start = 0 if job.config.trainable == "lora" else min(job.layers)
-    prefix = FrozenPrefix(student, start) if job.prefix_cache else \
-        lambda rows, ids: prefix_state(student, start, ids, torch.ones_like(ids))
+    start, prefix = _prefix(job, student)
     depth = num_layers(student)
 
     def teacher_side(ids, rows, mask):
@@ -91,3 +91,41 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
                           s_rec["final"], t_final, mask, weights)
 
     return cached
+
+
+def _prefix(job: "HealJob", student):
+    """(the lowest trained layer, a function (rows, ids) -> the state entering it): the frozen
+    layers below it run once per block when the healing caches them, else on every micro-batch."""
+    start = 0 if job.config.trainable == "lora" else min(job.layers)
+    if job.prefix_cache:
+        return start, FrozenPrefix(student, start)
+    return start, lambda rows, ids: prefix_state(student, start, ids, torch.ones_like(ids))
+
+
+def local_step(job: "HealJob", model, student, teacher, targets: TeacherTargets | None):
+    """The loss of a local step, `(ids, rows) -> loss terms`: the trained layers at and below the
+    cut's mapped state (the MSE pairs') learn the original's state there. Only the trained layers up
+    to the highest pair run with gradients, from the frozen prefix's state; no layer above them,
+    no final norm, no LM head (heal_job.plan checks that a trained layer lies below a pair)."""
+    start, prefix = _prefix(job, student)
+    pairs = [(k, o) for k, o in job.pairs if k >= start]
+    top = max(k for k, _ in pairs)
+    originals = [o for _, o in pairs]
+    config = job.config
+    # a wrapper (DDP) or a sharded student finishes its forward through the head (its output unused)
+    whole = model is not student or is_sharded(student)
+
+    def local(ids, rows):
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            entering = prefix(rows, ids)
+            wanted = targets.take(rows, originals, ids.device)["layers"] if targets is not None else \
+                layer_outputs(teacher, originals, ids, mask)
+        with injected(student, start, entering, range(start, top + 1)), capture(student) as s_rec:
+            forward_layers(model, ids, mask, whole)
+        mse = sum(mse_loss(s_rec["states"][k - start + 1], t, mask, config.mse_scale)
+                  for (k, _), t in zip(pairs, wanted))
+        zero = mse.new_zeros(())
+        return {"loss": config.w_mse * mse, "kl": zero, "mse": mse, "final_mse": zero}
+
+    return local

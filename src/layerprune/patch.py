@@ -16,7 +16,11 @@ T = I, never NaN weights. `--patch-fit cosine` fits ReplaceMe's other form
 instead, the mean cosine distance between M T and L - Y, by Adam from the
 identity; it has no closed form, so it keeps the tokens' rows (bounded by
 --patch-tokens) and only the cut's patch is fitted so (candidates are scored
-with least squares).
+with least squares). `--patch-fit normalised` is least squares with each
+token's error divided by its target's mean square, sum_t ||m_t T - r_t||^2 /
+ms(r_t): a few massive-activation tokens (BOS, attention sinks), whose
+targets are hundreds of times the rest, no longer dominate the Gram. It keeps
+the closed form (weighted Gram sums), so candidates are scored with it too.
 
 T is folded into weights, so the result is a plain HF model of the same
 architecture: every projection that writes M (the MLP's down projection, each
@@ -48,6 +52,10 @@ log = logging.getLogger(__name__)
 
 RIDGE = 1e-4          # relative to the mean diagonal of M^T M
 RIDGE_FLOOR = 1e-12   # absolute, so that an all-zero M still solves to T = I
+# --patch-fit normalised: a token's weight is 1 / (its target's mean square + this), so a token
+# whose target is (almost) zero does not take over the fit
+TOKEN_FLOOR = 1e-6
+CLOSED_FORM = ("lstsq", "normalised")
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
 POST_MLP_NORMS = ("post_feedforward_layernorm",)
 # Names of the projections that write the MLP's output, by the last part of the parameter name.
@@ -140,14 +148,17 @@ class Gram:
     mr: torch.Tensor
     tokens: int = 0
 
+    normalised: bool = False   # each token weighted by 1 / its target's mean square (--patch-fit normalised)
+
     def add(self, m: torch.Tensor, r: torch.Tensor) -> None:
         m, r = m.reshape(-1, m.shape[-1]).double(), r.reshape(-1, r.shape[-1]).double()
+        wm = m / (r.pow(2).mean(-1, keepdim=True) + TOKEN_FLOOR) if self.normalised else m
         if self.mm.dim() == 1:
-            self.mm += (m * m).sum(0)
-            self.mr += (m * r).sum(0)
+            self.mm += (wm * m).sum(0)
+            self.mr += (wm * r).sum(0)
         else:
-            self.mm += m.T @ m
-            self.mr += m.T @ r
+            self.mm += wm.T @ m
+            self.mr += wm.T @ r
         self.tokens += len(m)
 
     def add_over_processes(self) -> None:
@@ -277,7 +288,7 @@ class PatchFit:
     batch_size: int = 4
     progress: bool = True
     teacher: nn.Module | None = None
-    fit: str = "lstsq"   # or "cosine" (--patch-fit): the cut's patch only; candidates are scored with lstsq
+    fit: str = "lstsq"   # normalised, or cosine (--patch-fit): the cut's patch only; candidates then use lstsq
 
 
 @torch.no_grad()
@@ -300,7 +311,7 @@ def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tu
             return Samples(diagonal=kind == "diag")
         size = (hidden,) if kind == "diag" else (hidden, hidden)
         return Gram(torch.zeros(size, dtype=torch.float64, device=device),
-                    torch.zeros(size, dtype=torch.float64, device=device))
+                    torch.zeros(size, dtype=torch.float64, device=device), normalised=how.fit == "normalised")
 
     grams = {run: empty() for run in runs}
     if not runs:
@@ -362,11 +373,11 @@ def remove_and_patch(model: nn.Module, drop: list[int], how: PatchFit, fitted: d
     runs = [(a, b) for a, b in contiguous_runs(drop) if a >= 1]
     if kind == "none":
         patches = {}
-    elif how.fit == "lstsq" and fitted and all(a == b and a in fitted for a, b in runs):
-        patches = {run: (fitted[run[0]], "lstsq") for run in runs}
+    elif how.fit in CLOSED_FORM and fitted and all(a == b and a in fitted for a, b in runs):
+        patches = {run: (fitted[run[0]], how.fit) for run in runs}
     else:
         sums = fit(model, runs, dataclasses.replace(how, kind=kind))
-        patches = {run: solve_cosine(acc) if isinstance(acc, Samples) else (solve(acc), "lstsq")
+        patches = {run: solve_cosine(acc) if isinstance(acc, Samples) else (solve(acc), how.fit)
                    for run, acc in sums.items()}
     originals = original_indices(model)
     removed = remove_layers(model, drop)
@@ -380,8 +391,10 @@ def remove_and_patch(model: nn.Module, drop: list[int], how: PatchFit, fitted: d
 
 
 def candidate_patches(model: nn.Module, candidates, how: PatchFit) -> dict[int, torch.Tensor]:
-    """T for each candidate "current minus layer i" (i >= 1), all from one pass over the blocks."""
-    how = dataclasses.replace(how, kind=effective_kind(model, how.kind), fit="lstsq")
+    """T for each candidate "current minus layer i" (i >= 1), all from one pass over the blocks,
+    by the run's fit where it has a closed form, else by least squares."""
+    how = dataclasses.replace(how, kind=effective_kind(model, how.kind),
+                              fit=how.fit if how.fit in CLOSED_FORM else "lstsq")
     grams = fit(model, [(i, i) for i in candidates], how)
     return {first: solve(gram) for (first, _), gram in grams.items()}
 

@@ -332,7 +332,8 @@ def write_loss_log(path: Path, rows: list[dict]) -> None:
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            # a run resumed from an older version's checkpoint may add a column
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in [*kept, *rows] for k in row)))
             writer.writeheader()
             writer.writerows([*kept, *rows])
 

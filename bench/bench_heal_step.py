@@ -1,0 +1,59 @@
+"""What a healing step costs, local beside global: SmolLM2-135M with one layer removed, healed on
+the embedded training text with the default recipe (trained layers: the cut's two neighbours on
+each side), its steps all local (`--heal-local-steps`, MSE at the cut's mapped state, no LM head,
+no layer above it) or all global (teacher and student through the head, KL + MSE).
+
+    python bench/bench_heal_step.py               # 3 repeats of 6 steps each, interleaved; medians
+
+Prints seconds per step of each phase from the same run and their ratio: the exchange rate a
+recipe pays when it trades global steps for local ones at equal wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+
+def main() -> None:
+    from layerprune.config import DataConfig, HealConfig
+    from layerprune.data import load_corpus
+    from layerprune.heal import heal
+    from layerprune.heal_job import plan
+    from layerprune.models import load_model
+    from layerprune.surgery import remove_layers
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per timed healing")
+    parser.add_argument("--layer", type=int, default=14, help="the layer removed")
+    args = parser.parse_args()
+    teacher, tokenizer = load_model(None, "float32", "cpu")
+    config = HealConfig(steps=args.steps, guard=False)
+    count = config.blocks_per_removal(DataConfig().seq_len)
+    text = load_corpus(DataConfig(), tokenizer).train.take(count)[0]
+    seconds: dict[str, list[float]] = {"local": [], "global": []}
+    for _ in range(args.repeats):
+        for phase in seconds:
+            student = copy.deepcopy(teacher)
+            remove_layers(student, [args.layer])
+            local = args.steps if phase == "local" else 0
+            job = plan(student, HealConfig(steps=args.steps, guard=False, local_steps=local), args.steps,
+                       iteration=1, seed=0, dropped=[args.layer])
+            started = time.perf_counter()
+            heal(student, teacher, text, job, progress=False)
+            seconds[phase].append((time.perf_counter() - started) / args.steps)
+            print(f"{phase}: {seconds[phase][-1]:.2f} s a step", flush=True)
+    local, whole = (statistics.median(seconds[p]) for p in ("local", "global"))
+    print(f"\n{args.steps} steps of {config.batch_size * config.grad_accum} blocks of {DataConfig().seq_len} tokens, "
+          f"layer {args.layer} removed, trained layers {job.layers}, medians of {args.repeats}\n")
+    print("| phase | s a step | against global |")
+    print("| --- | --- | --- |")
+    print(f"| local | {local:.2f} | {local / whole:.2f} |")
+    print(f"| global | {whole:.2f} | 1.00 |")
+
+
+if __name__ == "__main__":
+    main()

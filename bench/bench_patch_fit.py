@@ -2,7 +2,7 @@
 each cut patched by least squares, by normalised least squares, by ReplaceMe's cosine fit, or not
 at all, judged on validation text cut from the training split (never the held-out text).
 
-    python bench/bench_patch_fit.py                  # -2, -4, -6; about 15 minutes on 2 cores
+    python bench/bench_patch_fit.py                  # -2, -4, -6; four fits, six cuts each
 
 The removal order is fixed, so every fit is judged on the same cuts: by default the layers
 SLEB-style NLL removed on this model (compare run of 2026-12-04; that method patches nothing, so

@@ -119,7 +119,7 @@ def local_step(job: "HealJob", model, student, teacher, targets: TeacherTargets 
         mask = torch.ones_like(ids)
         with torch.no_grad():
             entering = prefix(rows, ids)
-            wanted = targets.take(rows, originals, ids.device)["layers"] if targets is not None else \
+            wanted = targets.take_layers(rows, originals, ids.device) if targets is not None else \
                 layer_outputs(teacher, originals, ids, mask)
         with injected(student, start, entering, range(start, top + 1)), capture(student) as s_rec:
             forward_layers(model, ids, mask, whole)

@@ -288,7 +288,7 @@ class PatchFit:
     batch_size: int = 4
     progress: bool = True
     teacher: nn.Module | None = None
-    fit: str = "lstsq"   # normalised, or cosine (--patch-fit): the cut's patch only; candidates then use lstsq
+    fit: str = "lstsq"   # normalised (candidates too), or cosine (the cut's patch only; candidates by lstsq)
 
 
 @torch.no_grad()

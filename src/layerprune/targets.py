@@ -157,13 +157,20 @@ class TeacherTargets:
 
     def take(self, rows: torch.Tensor, layer_ids: list[int], device) -> dict:
         """The targets of blocks `rows`, as tensors on `device`."""
-        idx = rows.cpu().numpy()
-
-        def get(array):
-            return _to_torch(array[idx]).to(device)
-
+        get = self._reader(rows, device)
         return {"values": get(self.values), "indices": get(self.indices).long(), "lse": get(self.lse),
-                "final": get(self.final), "layers": [get(self.layers[o]) for o in layer_ids]}
+                "final": get(self.final), "layers": self.take_layers(rows, layer_ids, device)}
+
+    def take_layers(self, rows: torch.Tensor, layer_ids: list[int], device) -> list[torch.Tensor]:
+        """Only the stored outputs of teacher layers `layer_ids` for blocks `rows` (a local healing
+        step reads nothing else)."""
+        get = self._reader(rows, device)
+        return [get(self.layers[o]) for o in layer_ids]
+
+    @staticmethod
+    def _reader(rows: torch.Tensor, device):
+        idx = rows.cpu().numpy()
+        return lambda array: _to_torch(array[idx]).to(device)
 
     def nbytes(self) -> int:
         arrays = [self.values, self.indices, self.lse, self.final, *self.layers.values()]

@@ -117,12 +117,44 @@ def test_separate_comparisons_merge_into_one_table_only_on_the_same_inputs(tmp_p
     merged = merge_comparisons([summary("a", 0.9), summary("b", 0.8)])
     assert list(merged["results"]) == ["a", "b"] and merged["results"]["b"]["config"] == {"methods": ["b"]}
     write_comparison(tmp_path, merged)
-    assert "| b | 0.800 | 0.400 | 1 |" in (tmp_path / "compare.md").read_text()
+    assert "| b | 0.800 | 0.400 | 1 | 0 |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 0
     with pytest.raises(LayerpruneError, match="differ in data"):
         merge_comparisons([summary("a", 0.9), summary("b", 0.8, data="embedded:news")])
-    with pytest.raises(LayerpruneError, match="more than one"):
+    with pytest.raises(LayerpruneError, match="seed 0 in more than one"):
         merge_comparisons([summary("a", 0.9), summary("a", 0.8)])
+
+
+def test_a_variants_seeds_run_in_separate_comparisons_pool_as_if_run_together(tmp_path):
+    from layerprune.compare import merge_comparisons, over_seeds, write_comparison
+    from layerprune.errors import LayerpruneError
+
+    def figures(quality, seconds):
+        return {"seconds": seconds, "seconds_per_count": {1: seconds}, "quality_retained": {1: quality},
+                "quality_retained_interval": {1: [quality - 0.01, quality + 0.01]}}
+
+    def summary(seeds, runs, lr=0.1):   # as compare.json holds it: JSON keys are strings
+        result = json.loads(json.dumps({"method": "m", "heal": "distill", "patch": "none",
+                                        **over_seeds(dict(zip(seeds, runs)))}))
+        return {"model": "m", "counts": [1], "eval_tasks": ["kl"], "data": "d", "unseen_data": None,
+                "teacher_eval": {}, "seeds": seeds, "config": {"seed": 0, "seeds": seeds, "lr": lr, "out": str(seeds)},
+                "results": {"m": result}}
+
+    one, two, three = figures(0.90, 10.0), figures(0.80, 30.0), figures(0.85, 20.0)
+    merged = merge_comparisons([summary([0], [one]), summary([1, 2], [two, three])])
+    pooled = merged["results"]["m"]
+    together = over_seeds({0: one, 1: two, 2: three})
+    assert pooled["seeds"] == [0, 1, 2] and merged["seeds"] == [0, 1, 2]
+    assert pooled["quality_retained"] == pytest.approx(together["quality_retained"]) == {1: pytest.approx(0.85)}
+    assert pooled["quality_retained_spread"] == {1: [0.80, 0.90]}
+    assert pooled["quality_retained_interval"] == {1: [pytest.approx(0.79), pytest.approx(0.91)]}
+    assert pooled["seconds"] == pytest.approx(20.0)   # what one model costs, not the sum over seeds
+    write_comparison(tmp_path, merged)
+    assert "| 20 | 0, 1, 2 |" in (tmp_path / "compare.md").read_text()
+    with pytest.raises(LayerpruneError, match="other lr"):
+        merge_comparisons([summary([0], [one]), summary([1], [two], lr=0.2)])
+    with pytest.raises(LayerpruneError, match="seed 1 in more than one"):
+        merge_comparisons([summary([0, 1], [one, two]), summary([1], [two])])
 
 
 def test_seeds_run_every_variant_once_each_and_report_mean_spread_and_interval(tiny_dir, text_file, tmp_path,

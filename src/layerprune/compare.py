@@ -210,15 +210,16 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
 
 
 def over_seeds(runs: dict[int, dict]) -> dict:
-    """One variant's figures over its seeds: one seed's as they are; several seeds' as the mean,
-    the spread (lowest and highest seed), and an interval from the lowest seed's low to the
+    """One variant's figures over its seeds: one seed's as they are; several seeds' as the mean
+    (seconds too: what one model costs), the spread (lowest and highest seed), and an interval from the lowest seed's low to the
     highest seed's high (every seed's 95% interval over held-out blocks inside it), with every
     seed's own figures under `per_seed`."""
     if len(runs) == 1:
         return next(iter(runs.values()))
-    merged: dict = {"seeds": sorted(runs), "per_seed": runs, "seconds": sum(r["seconds"] for r in runs.values())}
+    merged: dict = {"seeds": sorted(runs), "per_seed": runs,
+                    "seconds": sum(r["seconds"] for r in runs.values()) / len(runs)}
     first = next(iter(runs.values()))
-    merged["seconds_per_count"] = {n: sum(r["seconds_per_count"][n] for r in runs.values())
+    merged["seconds_per_count"] = {n: sum(r["seconds_per_count"][n] for r in runs.values()) / len(runs)
                                    for n in first["seconds_per_count"]}
     for key in ("quality_retained", "quality_retained_unseen"):
         if key not in first:
@@ -260,24 +261,57 @@ SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_
 
 
 def merge_comparisons(summaries: list[dict]) -> dict:
-    """One table from comparisons run separately (e.g. one variant per machine): they must share
-    the model, data, counts, tasks and the teacher's held-out scores; each variant keeps the
-    config it ran with."""
+    """One table from comparisons run separately (e.g. one variant per machine, or one seed per
+    session): they must share the model, data, counts, tasks and the teacher's held-out scores.
+    A variant in several of them is one variant run on other seeds: its seeds are pooled as if run
+    together (`over_seeds`), provided it ran with the same configuration apart from the seed.
+    Each variant keeps the config it ran with."""
     first = summaries[0]
     for other in summaries[1:]:
         differ = [key for key in SAME_INPUTS if other.get(key) != first.get(key)]
         if differ:
             raise LayerpruneError(f"comparisons differ in {', '.join(differ)}",
                                   "merge only comparisons run on the same model, data, counts and tasks")
-    results: dict[str, dict] = {}
+    runs: dict[str, dict[int, dict]] = {}
+    described: dict[str, dict] = {}
     for summary in summaries:
         for name, result in summary["results"].items():
-            if name in results:
-                raise LayerpruneError(f"variant {name!r} is in more than one comparison", "merge each variant once")
-            counts = {key: {int(n): q for n, q in result[key].items()}  # JSON keys are strings
-                      for key in PER_COUNT if key in result}
-            results[name] = {**result, **counts, "config": summary["config"]}
-    return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results}
+            config = result.get("config", summary.get("config", {}))   # a merged summary's is per variant
+            seeded = _per_seed(result, summary.get("seeds") or config.get("seeds") or [config.get("seed", 0)])
+            if name in runs:
+                _check_same_variant(name, described[name], result, config, runs[name], seeded)
+            else:
+                described[name] = {**{key: result[key] for key in ("method", "heal", "patch")}, "config": config}
+            runs.setdefault(name, {}).update(seeded)
+    results = {name: {**described[name], **over_seeds(runs[name]), "seeds": sorted(runs[name])} for name in runs}
+    seeds = sorted({seed for seeded in runs.values() for seed in seeded})
+    return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results, "seeds": seeds}
+
+
+def _per_seed(result: dict, seeds: list[int]) -> dict[int, dict]:
+    """{seed: that seed's figures, per-count keys as ints} of one variant read back from JSON."""
+    def figures(run: dict) -> dict:
+        return {**run, **{key: {int(n): q for n, q in run[key].items()} for key in PER_COUNT if key in run}}
+    if "per_seed" in result:
+        return {int(seed): figures(run) for seed, run in result["per_seed"].items()}
+    own = {key: result[key] for key in result if key not in ("method", "heal", "patch", "config")}
+    return {seeds[0]: figures(own)}
+
+
+# A variant's configuration may differ between parts only in what names the part, not the variant.
+PART_KEYS = ("seed", "seeds", "out", "methods", "healing")
+
+
+def _check_same_variant(name: str, described: dict, result: dict, config: dict, have: dict, seeded: dict) -> None:
+    if set(have) & set(seeded):
+        raise LayerpruneError(f"variant {name!r} has seed {min(set(have) & set(seeded))} in more than one comparison",
+                              "merge each variant's seed once")
+    differ = [key for key in ("method", "heal", "patch") if described[key] != result[key]] + \
+        [key for key in sorted(set(config) | set(described["config"]))
+         if key not in PART_KEYS and config.get(key) != described["config"].get(key)]
+    if differ:
+        raise LayerpruneError(f"variant {name!r} ran with other {', '.join(differ)} in another comparison",
+                              "merge only seeds of a variant run with the same options")
 
 
 def _column_cells(results: dict, key: str, count: int) -> dict[str, str]:
@@ -306,14 +340,17 @@ def comparison_markdown(summary: dict) -> str:
              f"original) on held-out {summary['data']} text" + (f" and on {unseen}, a domain nothing is trained or "
                                                                   "scored on" if unseen else "") + ", with its 95% "
              "bootstrap interval over held-out blocks" + (
-                 f"; the mean over seeds {', '.join(map(str, seeds))}, its interval from the lowest seed's low to "
-                 "the highest seed's high" if len(seeds) > 1 else "") +
-             ". Bold: the best in its column; ~: level with it (its interval reaches the best one's).", "",
-             f"| method | {summary['data']}: {head} |" + (f" {unseen}: {head} |" if unseen else "") + " seconds |",
-             "| --- |" + " --- |" * (len(counts) * len(keys)) + " --- |"]
+                 "; a variant run on several seeds gives the mean over them, its interval from the lowest seed's "
+                 "low to the highest seed's high" if len(seeds) > 1 else "") +
+             ". Bold: the best in its column; ~: level with it (its interval reaches the best one's). Seconds: "
+             "what one model (one seed) took, from scoring to evaluation, for all the counts.", "",
+             f"| method | {summary['data']}: {head} |" + (f" {unseen}: {head} |" if unseen else "") +
+             " seconds | seeds |",
+             "| --- |" + " --- |" * (len(counts) * len(keys)) + " --- | --- |"]
     for name, r in results.items():
         cells = " | ".join(columns[key, n][name] for key in keys for n in counts)
-        lines.append(f"| {name} | {cells} | {r['seconds']:.0f} |")
+        ran = ", ".join(map(str, r.get("seeds", seeds[:1])))
+        lines.append(f"| {name} | {cells} | {r['seconds']:.0f} | {ran} |")
     plots = ["![quality retained against layers removed](compare.png)",
              "![quality retained against seconds spent](compare_seconds.png)"]
     if unseen:

@@ -15,6 +15,8 @@ reading only: choosing by it would tune on the numbers the README reports.
         --variants patch-lstsq,patch-lstsq-relative-mse-guard
     python bench/sweep_heal.py --out runs/sweep-local --variants current,local-15,local-30-global-22 \
         --seeds 0,1 --blocks 64 --skip 600     # today's default against its #26 variants
+    python bench/sweep_heal.py --out runs/sweep-local --variants teacher-text,final-third --seeds 0,1 \
+        --blocks 64 --skip 600 --reuse runs/sweep-local
 
 `--reuse DIR` takes a variant's finished run from an earlier sweep when its config is the same,
 and only evaluates it again: a new validation window (a larger `--skip`, needed by the longer
@@ -71,10 +73,15 @@ ORIGIN_HEAL = {"mse_scale": "raw", "w_kl": 0.01, "guard": False}
 # Variants of today's default recipe (PruneConfig's defaults), one change each: the #26 techniques.
 # local-15: half of the 30 steps local, at equal tokens; local-30-global-22: about the default's
 # seconds (bench/bench_heal_step.py: a local step costs about a third of a global one, 2026-12-04).
+# teacher-text: healing on text the original writes (--train-data teacher), at the default's steps.
+# final-third: a third of each removal's 30 steps moved to one final healing (20 per removal, then 10 per
+# removal at the end): the same total tokens, spread otherwise.
 RECIPE_VARIANTS = {
     "current": ({}, {}),
     "local-15": ({}, {"local_steps": 15}),
     "local-30-global-22": ({}, {"steps": 52, "local_steps": 30}),
+    "teacher-text": ({}, {"train_data": "teacher"}),
+    "final-third": lambda remove: ({}, {"steps": 20, "final_steps": 10 * remove}),
 }
 
 
@@ -84,7 +91,8 @@ def variant_config(name: str, out: Path, remove: int, model: str | None = None, 
     common = dict(model=model, out=str(folder), remove=remove, seed=seed, measure_speed=False, gguf=False,
                   final_tasks=TASKS)
     if name in RECIPE_VARIANTS:
-        top, heal = RECIPE_VARIANTS[name]
+        variant = RECIPE_VARIANTS[name]
+        top, heal = variant(remove) if callable(variant) else variant
         base = PruneConfig(**common)
         return dataclasses.replace(base, heal=dataclasses.replace(base.heal, **heal), **top)
     top, heal = VARIANTS[name]

@@ -45,6 +45,15 @@ def test_recipe_names_the_patch_and_a_run_without_healing():
     assert "patched" not in recipe(to_dict(PruneConfig(out="o", remove=1, patch="none")))
 
 
+def test_recipe_says_what_trained_and_on_which_text():
+    last = recipe(to_dict(PruneConfig(out="o", remove=1, heal=HealConfig(trainable="last"))))
+    assert "the last 3 layers and the LM head trained" in last and "(fresh text each removal)" in last
+    teacher = recipe(to_dict(PruneConfig(out="o", remove=1, heal=HealConfig(train_data="teacher"))))
+    assert "fresh text the original wrote itself, from prompts of the training text" in teacher
+    assert "(the same text each removal)" in recipe(to_dict(PruneConfig(out="o", remove=1,
+                                                                      heal=HealConfig(train_data="reuse"))))
+
+
 def test_speed_table_shows_median_and_spread():
     spread = {"median": 2.0, "min": 1.0, "max": 3.0}
     lines = speed_table({"prefill": {"original": spread, "pruned": spread, "ratio": {"median": 1.05, "min": 0.9,

@@ -26,7 +26,7 @@ from .depth import Depth, plan_depth
 from .errors import LayerpruneError
 from .heal import accelerator_for
 from .heal_job import check_mse_layers
-from .heal_text import validation_blocks
+from .heal_text import check_teacher_text_disk, healing_text, validation_blocks
 from .inputs import RunInputs, build_inputs, check_names, scores_and_rows
 from .io import write_json, write_text
 from .models import check_trainable, load_model, model_name
@@ -37,6 +37,7 @@ from .run import PruneRun, Shared, cache_folder
 from .sources import probe, source_name
 from .surgery import num_layers
 from .targets import TargetCache
+from .teacher_text import FOLDER
 from .tasks import TaskData, build_tasks, quality_retained
 from .tasks.interval import bootstrap_interval
 
@@ -173,6 +174,8 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     deepest = variant_config(config, config.methods[0], "distill", max(counts))
     plan_depth(deepest, teacher)   # the deepest cut fits the model
     check_mse_layers(config.heal, num_layers(teacher))
+    seeds = config.seeds or (config.seed,)
+    check_teacher_text_disk(deepest, max(counts), out, copies=len(seeds))
     patching = any(variant_config(config, method, "none", 1).patch != "none" for method in config.methods)
     healing = "distill" in config.healing
     # With --train-data reuse every variant heals on the same blocks: one target cache for all of them.
@@ -180,13 +183,16 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                                 progress), None,
                     accelerator_for(config.heal, next(teacher.parameters()).device) if healing else None)
     by_seed: dict[str, dict[int, dict]] = {}
-    for seed in config.seeds or (config.seed,):
+    for seed in seeds:
         # A seed changes the healings' data order and the sampled task items: inputs are built per seed.
         seeded = dataclasses.replace(config, seed=seed)
         inputs = build_inputs(seeded, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods,
                               patch_pool=patching)
         # Every variant is guarded on the same blocks, past the deepest variant's healed text.
         shared.validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if healing else None
+        # With --train-data teacher, every variant heals on the same text the original wrote (one per seed).
+        shared.text = healing_text(dataclasses.replace(deepest, seed=seed), inputs.corpus, max(counts), teacher,
+                                   out / f"{FOLDER}-seed{seed}", progress) if healing else None
         domain = unseen_domain(seeded, teacher, tokenizer)
         for method, heal in variants(config):
             name = variant_name(config, method, heal)
@@ -202,7 +208,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     summary = {"model": model_name(config.model), "counts": counts,
                "eval_tasks": list(config.eval_tasks), "data": source_name(config.data.source),
                "unseen_data": config.unseen_data, "teacher_eval": inputs.teacher_eval, "results": results,
-               "seeds": list(config.seeds or (config.seed,)),
+               "seeds": list(seeds),
                "config": to_dict(config)}
     if is_main_process():
         write_comparison(out, summary)
@@ -211,9 +217,9 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
 
 def over_seeds(runs: dict[int, dict]) -> dict:
     """One variant's figures over its seeds: one seed's as they are; several seeds' as the mean
-    (seconds too: what one model costs), the spread (lowest and highest seed), and an interval from the lowest seed's low to the
-    highest seed's high (every seed's 95% interval over held-out blocks inside it), with every
-    seed's own figures under `per_seed`."""
+    (seconds too: what one model costs), the spread (lowest and highest seed), and an interval
+    from the lowest seed's low to the highest seed's high (every seed's 95% interval over
+    held-out blocks inside it), with every seed's own figures under `per_seed`."""
     if len(runs) == 1:
         return next(iter(runs.values()))
     merged: dict = {"seeds": sorted(runs), "per_seed": runs,

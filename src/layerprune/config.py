@@ -29,7 +29,7 @@ COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "rep
                    "last-layers-ft", "layerprune")
 PATCHES = ("none", "lstsq", "diag")
 PATCH_TARGETS, PATCH_FITS = ("layer", "teacher"), ("lstsq", "normalised", "cosine")
-TRAIN_DATA, MSE_SCALES = ("stream", "reuse"), ("raw", "relative", "channel")
+TRAIN_DATA, MSE_SCALES = ("stream", "reuse", "teacher"), ("raw", "relative", "channel")
 GGUF_TYPES = ("source", "q8_0", "f16", "f32")
 # The healing budget when neither --heal-tokens nor --heal-steps is given.
 DEFAULT_HEAL_STEPS = 30
@@ -149,7 +149,9 @@ class HealConfig:
                               "cut's mapped state learn the original's state there (MSE; no LM head, no layer above "
                               "runs), at a fraction of a global step's cost", flag="--heal-local-steps")
     train_data: str = opt("stream", "stream: each removal heals on fresh text, continuing the training stream; "
-                                    "reuse: every removal heals on the same first tokens (the paper's setting)")
+                                    "reuse: every removal heals on the same first tokens (the paper's setting); "
+                                    "teacher: on text the original writes itself, continuing prompts taken from the "
+                                    "training text (generated once, before the first removal)")
     final_steps: int = opt(0, "extra healing steps after the last removal", flag="--heal-final-steps")
     batch_size: int = opt(2, "global micro-batch of training blocks", flag="--heal-batch-size")
     grad_accum: int = opt(2, "micro-batches per optimizer step", flag="--heal-grad-accum")
@@ -376,6 +378,9 @@ class PruneConfig(Recipe):
             raise LayerpruneError(f"--target-speedup must be above 1, got {self.target_speedup}",
                                   "ask for e.g. 1.2 (20% faster prefill)")
         _positive(self, [name for name in ("target_layers", "remove") if getattr(self, name) is not None])
+        if self.fsdp and self.heal.method != "none" and self.heal.train_data == "teacher":
+            raise LayerpruneError("--train-data teacher generates with the whole original, which --fsdp shards",
+                                  "use --train-data stream with --fsdp, or run without --fsdp")
 
     def most_removable(self, depth: int) -> int:
         """How many of `depth` layers may go: the unprotected ones, one layer always kept."""

@@ -1,19 +1,24 @@
 """Which training text each healing of a run reads, and the healing guard's validation text.
 
 Healings read the training stream one after the other (or its first blocks again, with
-`--train-data reuse`); the guard's validation blocks lie just past the last of them, so they are
+`--train-data reuse`, or the original's own text written from the stream's prompts, with
+`--train-data teacher`: teacher_text.py); the guard's validation blocks lie just past the last of them, so they are
 training-split text that no step trains on and that is never the held-out text. Everything is
 located before any heavy work, so a stream too short for the run fails at once.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from . import teacher_text
 from .checkpoint import IterationRecord
 from .config import Recipe
-from .data import Corpus, StreamPosition
+from .data import Corpus, StreamPosition, TrainStream
 from .guard import GuardLog
+from .processes import is_main_process, wait_for_everyone
 
 
 def healing_offsets(config: Recipe, count: int) -> list[int]:
@@ -38,6 +43,35 @@ def validation_blocks(config: Recipe, corpus: Corpus, count: int, progress: bool
     end, size = max(offsets), config.data.blocks("val")
     corpus.train.check_holds([*offsets, end + size], progress, held_back=size)
     return corpus.train.take(size, corpus.train.advance(StreamPosition(), end))[0]
+
+
+def writes_teacher_text(config: Recipe) -> bool:
+    return config.heal.method != "none" and config.heal.train_data == "teacher"
+
+
+def check_teacher_text_disk(config: Recipe, count: int, folder: Path, copies: int = 1) -> None:
+    """With --train-data teacher: fail now, before any work, where its text (`copies` of it: one
+    per seed of a comparison) would not fit the disk budget."""
+    if writes_teacher_text(config):
+        teacher_text.check_disk(max(healing_offsets(config, count)) * copies, config.data.seq_len, folder,
+                                config.heal.cache_disk)
+
+
+def healing_text(config: Recipe, corpus: Corpus, count: int, teacher, folder: Path, progress: bool
+                 ) -> TrainStream | teacher_text.GeneratedText:
+    """What the healings of a run of `count` removals read: the training stream, or (--train-data
+    teacher) the original's text, written into `folder` by the main process from prompts of the
+    stream's first blocks, the guard's validation blocks excepted."""
+    if not writes_teacher_text(config):
+        return corpus.train
+    end = max(healing_offsets(config, count))
+    held = range(end, end + config.data.blocks("val")) if config.heal.guard else range(0)
+    if is_main_process():
+        text = teacher_text.generate(teacher, corpus.train, end, folder, config.seed, held, progress)
+    wait_for_everyone()
+    if not is_main_process():   # the main process wrote it all: this reads it
+        text = teacher_text.generate(teacher, corpus.train, end, folder, config.seed, held, progress)
+    return text
 
 
 def carried_lr(records: list[IterationRecord]) -> float | None:

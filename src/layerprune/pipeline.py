@@ -20,6 +20,7 @@ from .checkpoint import History
 from .config import PruneConfig
 from .depth import Depth, plan_depth
 from .heal_job import check_mse_layers
+from .heal_text import check_teacher_text_disk
 from .inputs import build_inputs, check_names
 from .models import check_trainable, load_model, model_name
 from .options import to_dict
@@ -64,6 +65,7 @@ def _prune(config: PruneConfig, out: Path, progress: bool, resume: bool) -> Hist
     # The depth first (a resumed run keeps what its first start chose), then the rest of the inputs.
     depth = Depth(**point.depth) if point.depth else plan_depth(config, teacher)
     check_mse_layers(config.heal, num_layers(teacher))
+    check_teacher_text_disk(config, depth.remove, out)
     inputs = build_inputs(config, teacher, tokenizer, config.final_tasks, config.metric == "quality")
     run = PruneRun(config, inputs, depth, out=out, resume=point, progress=progress, student=student).setup()
     log.info("%s: %d layers, removing %d (%s) by %s (%s), healing: %s%s", model_name(config.model),

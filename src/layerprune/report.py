@@ -250,12 +250,16 @@ def recipe(config: dict) -> str:
         parts.append("no healing")
     else:
         trained = {"neighbours": f"the {heal.radius} layers on each side of the cut", "all": "every layer",
-                   "lora": f"LoRA adapters of rank {heal.lora_r}"}[heal.trainable]
+                   "lora": f"LoRA adapters of rank {heal.lora_r}", "last": "the last 3 layers and the LM head"
+                   }[heal.trainable]
+        text = {"stream": "fresh text each removal", "reuse": "the same text each removal",
+                "teacher": "fresh text the original wrote itself, from prompts of the training text, each removal"
+                }[heal.train_data]
         final = f", then {heal.final_steps} more steps after the last removal" if heal.final_steps else ""
         parts.append(
             f"healing after each removal: {heal.steps_per_removal(seq)} AdamW steps of {heal.batch_size} x "
-            f"{heal.grad_accum} x {seq} tokens ({'fresh' if heal.train_data == 'stream' else 'the same'} text "
-            f"each removal), lr {heal.lr:g}, {trained} trained{final}; loss {heal.w_kl:g} x KL to the original's "
+            f"{heal.grad_accum} x {seq} tokens ({text}), lr {heal.lr:g}, {trained} trained{final}; "
+            f"loss {heal.w_kl:g} x KL to the original's "
             f"logits + {heal.w_mse:g} x MSE of mapped hidden states + {heal.w_final:g} x MSE of the final state "
             f"({heal.mse_scale} MSE)" + (f", guarded on {c.data.blocks('val') * seq} validation tokens with up to "
                                          f"{heal.guard_retries} lower-lr retries" if heal.guard else ""))

@@ -22,13 +22,14 @@ import copy
 import dataclasses
 import functools
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, teacher_text
 from .checkpoint import History, IterationRecord, PendingIteration, ResumePoint
 from .config import PruneConfig
 from .data import StreamPosition
@@ -37,7 +38,7 @@ from .errors import NonFiniteError
 from .guard import Guard, GuardLog, kl_task
 from .heal import accelerator_for, heal
 from .heal_job import HealLog, plan
-from .heal_text import carried_lr, last_position, validation_blocks
+from .heal_text import carried_lr, healing_text, last_position, validation_blocks
 from .importance import REMOVAL_METRICS, ScoringContext, Selection, select_layers
 from .inputs import RunInputs, evaluate_student, final_evaluation
 from .models import model_name
@@ -58,6 +59,12 @@ def cache_folder(out: Path | None) -> Path | None:
     return None if out is None else Path(out) / "cache" / f"teacher-{process_state().process_index}"
 
 
+def text_folder(out: Path | None) -> Path:
+    """Where --train-data teacher writes the original's text: in the output folder, so that a
+    resumed run reads it again (no folder: a temporary one)."""
+    return Path(out) / teacher_text.FOLDER if out is not None else Path(tempfile.mkdtemp(prefix="layerprune-text-"))
+
+
 @dataclass
 class Shared:
     """What several runs on the same inputs share: a comparison's variants."""
@@ -65,6 +72,7 @@ class Shared:
     targets: TargetCache
     validation: torch.Tensor | None = None   # the healing guard's blocks (None: healing unguarded)
     accelerator: object = None
+    text: object = None   # what healings read (heal_text.healing_text)
 
 
 class PruneRun:
@@ -77,6 +85,7 @@ class PruneRun:
         self.point, self.shared = resume or ResumePoint(), shared
         self.records: list[IterationRecord] = list(self.point.records)
         self.student = student   # None: a copy of the teacher, made at setup (--fsdp: a sharded copy, made before)
+        self.text = None   # what healings read: the training stream, or the teacher's text
         self.position = StreamPosition()   # where the next healing's fresh text starts
         self.lr: float | None = None       # the next healing's starting lr: the guard's last winner (None: --heal-lr)
         self.validation: torch.Tensor | None = None
@@ -94,8 +103,11 @@ class PruneRun:
         if self.shared is not None:
             self.targets, self.accelerator = self.shared.targets, self.shared.accelerator
             self.validation = self.shared.validation if healing else None
+            self.text = self.shared.text or inputs.corpus.train
             return self
         self.validation = validation_blocks(config, inputs.corpus, self.count, self.progress)
+        self.text = healing_text(config, inputs.corpus, self.count, inputs.teacher, text_folder(self.out),
+                                 self.progress)
         self.targets = TargetCache(config.heal, inputs.teacher, config.data.seq_len, config.data.batch_size,
                                    cache_folder(self.out), self.progress)
         if healing:
@@ -208,7 +220,7 @@ class PruneRun:
             return None
         count = heal_config.final_blocks() if final else heal_config.blocks_per_removal(seq_len)
         reuse = heal_config.train_data == "reuse"
-        stream = self.inputs.corpus.train
+        stream = self.text
         start = StreamPosition() if reuse else self.position
         end = stream.advance(start, count)
         text = stream.span(start, count)
@@ -229,8 +241,10 @@ class PruneRun:
                 self.validation_task = kl_task(self.validation, config.data.batch_size)
             guard = None if self.validation is None else \
                 Guard(self.inputs.teacher, self.validation_task, config.data.batch_size, heal_config.guard_retries)
-            log.info("healing iteration %d: %d steps on %d blocks (%s text from document %d); %s", pending.iteration,
-                     steps, count, "the same" if reuse else "fresh", start.doc, caches.why)
+            where = f"the original's own text from block {start.doc}" if heal_config.train_data == "teacher" else \
+                f"{'the same' if reuse else 'fresh'} text from document {start.doc}"
+            log.info("healing iteration %d: %d steps on %d blocks (%s); %s", pending.iteration, steps, count, where,
+                     caches.why)
             result = heal(self.student, self.inputs.teacher, text, job, targets, self.progress, guard,
                           self.accelerator)
         if not reuse:

@@ -182,4 +182,6 @@ def test_seeds_run_every_variant_once_each_and_report_mean_spread_and_interval(t
     assert low <= min(seeds) and max(seeds) <= high
     unhealed = [plain["per_seed"][s]["quality_retained"]["1"] for s in ("0", "1")]
     assert unhealed[0] == unhealed[1]   # nothing random without healing
-    assert "the mean over seeds 0, 1" in (out / "compare.md").read_text()
+    table = (out / "compare.md").read_text()
+    assert "a variant run on several seeds gives the mean over them" in table
+    assert table.count(" | 0, 1 |") == 2   # each variant's seeds

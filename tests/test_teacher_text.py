@@ -29,7 +29,12 @@ def all_blocks(text):
 def test_the_teacher_continues_the_training_prompts_and_an_interrupted_text_resumes_to_the_same(
         teacher_and_stream, tmp_path):
     teacher, stream = teacher_and_stream
-    whole = generate(teacher, stream, 40, tmp_path / "whole", seed=3, skip=range(2, 4), progress=False)
+
+    def write(count, folder, seed=3):   # 4 prompts a part, so that the text takes several parts
+        return generate(teacher, stream, count, tmp_path / folder, seed=seed, skip=range(2, 4), progress=False,
+                        batch_size=4)
+
+    whole = write(40, "whole")
     blocks = all_blocks(whole)
     assert whole.count == len(blocks) >= 40 and blocks.shape[1] == 32
     assert 0 <= blocks.min() and blocks.max() < teacher.config.vocab_size
@@ -41,16 +46,16 @@ def test_the_teacher_continues_the_training_prompts_and_an_interrupted_text_resu
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert summary["blocks"] == whole.count and summary["prompts"] > 0
 
-    started = generate(teacher, stream, 5, tmp_path / "resumed", seed=3, skip=range(2, 4), progress=False)
+    started = write(5, "resumed")
     assert 5 <= started.count < whole.count   # stopped after the part that reached 5 blocks
-    resumed = generate(teacher, stream, 40, tmp_path / "resumed", seed=3, skip=range(2, 4), progress=False)
+    resumed = write(40, "resumed")
     assert torch.equal(all_blocks(resumed), blocks)
     assert torch.equal(torch.stack(list(resumed.span(StreamPosition(3), 4).read())), blocks[3:7])
     assert resumed.advance(StreamPosition(3), 4) == StreamPosition(7)
-    other = generate(teacher, stream, 40, tmp_path / "other", seed=4, skip=range(2, 4), progress=False)
+    other = write(40, "other", seed=4)
     assert not torch.equal(all_blocks(other)[:10], blocks[:10])   # the seed draws another text
     with pytest.raises(LayerpruneError, match="of another run"):
-        generate(teacher, stream, 60, tmp_path / "whole", seed=4, progress=False)
+        write(60, "whole", seed=4)
 
 
 def test_a_chat_model_is_asked_to_continue_the_text(teacher_and_stream):
@@ -87,7 +92,7 @@ def command(tiny_dir, text_file, out, *extra):
             "--final-tasks", "perplexity", "--no-speed", "--quiet", "--train-data", "teacher", *extra]
 
 
-def test_a_run_heals_on_the_teachers_text_and_resumes_mid_generation(tiny_dir, text_file, tmp_path):
+def test_a_run_heals_on_the_teachers_text_and_resumes_after_a_kill_while_writing_it(tiny_dir, text_file, tmp_path):
     whole = tmp_path / "whole"
     done = run(command(tiny_dir, text_file, whole))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 FOLDER = "teacher_text"
 # Long enough to say what the text is about, short enough that most of a block is the teacher's.
 PROMPT_TOKENS = 32
-BATCH = 16   # prompts generated together
+# Prompts generated together: on SmolLM2 on 2 CPU cores, 172 tokens/s at 64 against 107 at 16.
+BATCH = 64
 INSTRUCTION = "Continue the following text.\n\n"
 BYTES_PER_TOKEN = 4   # stored as int32
 
@@ -147,7 +148,7 @@ def _continue(teacher, tokenizer, prompts: list[list[int]], max_len: int, seed: 
 
 
 def generate(teacher, stream: TrainStream, count: int, folder: Path, seed: int, skip: range = range(0),
-             progress: bool = True) -> GeneratedText:
+             progress: bool = True, batch_size: int = BATCH) -> GeneratedText:
     """`count` blocks of the teacher's text in `folder`, generating what is not there yet; the
     prompts come from the stream's blocks in order, but for those at the offsets in `skip` (the
     guard's validation text)."""
@@ -165,7 +166,7 @@ def generate(teacher, stream: TrainStream, count: int, folder: Path, seed: int, 
     with tqdm(total=count, initial=written, desc="writing healing text with the original", unit="block",
               disable=not progress, leave=False) as bar:
         while written < count:
-            batch = [prompt_ids(tokenizer, block) for block, _ in itertools.islice(source, BATCH)]
+            batch = [prompt_ids(tokenizer, block) for block, _ in itertools.islice(source, batch_size)]
             if not batch:
                 raise LayerpruneError(f"the training split ran out of prompts after {used} of them, with {written} "
                                       f"of {count} blocks of teacher text written",

@@ -126,7 +126,7 @@ def _read_state(folder: Path, seq_len: int, seed: int) -> tuple[int, int, int, l
 
 
 @torch.no_grad()
-def _continue(teacher, tokenizer, prompts: list[list[int]], max_len: int, seed: int) -> list[list[int]]:
+def sample_continuations(teacher, tokenizer, prompts: list[list[int]], max_len: int, seed: int) -> list[list[int]]:
     """Each prompt followed by the teacher's sampled continuation (to its end of sequence, or to
     `max_len` tokens in all)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -171,7 +171,7 @@ def generate(teacher, stream: TrainStream, count: int, folder: Path, seed: int, 
                 raise LayerpruneError(f"the training split ran out of prompts after {used} of them, with {written} "
                                       f"of {count} blocks of teacher text written",
                                       "give more text, lower --heal-tokens, or use --train-data stream")
-            for text in _continue(teacher, tokenizer, batch, seq_len, seed * 1_000_003 + parts):
+            for text in sample_continuations(teacher, tokenizer, batch, seq_len, seed * 1_000_003 + parts):
                 carry += text
             whole = len(carry) // seq_len
             blocks = torch.tensor(carry[:whole * seq_len], dtype=torch.int32).view(whole, seq_len)

@@ -112,10 +112,11 @@ def test_a_run_heals_on_the_teachers_text_and_resumes_after_a_kill_while_writing
     assert all(torch.equal(a[k], b[k]) for k in a)   # the resumed text is the uninterrupted one
 
 
-def test_teacher_text_over_the_disk_budget_stops_before_any_work(tiny_dir, text_file, tmp_path):
+def test_teacher_text_over_the_disk_budget_stops_before_any_work(tiny_dir, text_file, tmp_path, capsys):
+    from layerprune.cli import main
+
     out = tmp_path / "full"
-    result = run(command(tiny_dir, text_file, out, "--cache-disk", "0.000001"))
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "disk budget" in errors[0], result.stderr[-2000:]
+    assert main(command(tiny_dir, text_file, out, "--cache-disk", "0.000001")[3:]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "disk budget" in errors[0]
     assert not (out / "teacher_text").exists()

@@ -2,8 +2,8 @@
 
 Healings read the training stream one after the other (or its first blocks again, with
 `--train-data reuse`, or the original's own text written from the stream's prompts, with
-`--train-data teacher`: teacher_text.py); the guard's validation blocks lie just past the last of them, so they are
-training-split text that no step trains on and that is never the held-out text. Everything is
+`--train-data teacher`: teacher_text.py); the guard's validation blocks lie just past the last
+of them, so they are training-split text that no step trains on and that is never the held-out text. Everything is
 located before any heavy work, so a stream too short for the run fails at once.
 """
 

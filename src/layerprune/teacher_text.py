@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from .data import Blocks, StreamPosition, TrainStream
 from .errors import LayerpruneError
 from .faults import crash_point
 from .io import write_file, write_json
+from .targets import default_budgets
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ def disk_bytes(blocks: int, seq_len: int) -> int:
 def check_disk(blocks: int, seq_len: int, folder: Path, budget_gib: float | None) -> None:
     """Fail before any work where the text would not fit --cache-disk (default: half the free
     space of the disk that holds `folder`)."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    budget = budget_gib * 2**30 if budget_gib is not None else shutil.disk_usage(existing).free / 2
+    budget = budget_gib * 2**30 if budget_gib is not None else default_budgets(folder)[1]
     needed = disk_bytes(blocks, seq_len)
     if needed > budget:
         raise LayerpruneError(f"--train-data teacher writes {blocks} blocks of {seq_len} tokens "
@@ -83,16 +82,18 @@ class GeneratedText:
     the number of blocks before it."""
 
     folder: Path
-    parts: int
-    count: int
+    sizes: tuple[int, ...]   # blocks in each part
+
+    @property
+    def count(self) -> int:
+        return sum(self.sizes)
 
     def blocks(self, start: StreamPosition = StreamPosition()):
         seen = 0
-        for index in range(self.parts):
-            for block in load_file(self.folder / part_name(index))["blocks"].long():
-                if seen >= start.doc:
-                    yield block
-                seen += 1
+        for index, size in enumerate(self.sizes):
+            if seen + size > start.doc:   # parts wholly before the start are not read
+                yield from load_file(self.folder / part_name(index))["blocks"].long()[max(start.doc - seen, 0):]
+            seen += size
 
     def span(self, start: StreamPosition, count: int) -> Blocks:
         if start.doc + count > self.count:
@@ -109,20 +110,19 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.safetensors"
 
 
-def _read_state(folder: Path, seq_len: int, seed: int) -> tuple[int, int, int, list[int]]:
-    """(parts written, prompts used, blocks written, tokens carried into the next part)."""
-    parts, prompts, blocks, carry = 0, 0, 0, []
-    while (folder / part_name(parts)).exists():
-        with safe_open(folder / part_name(parts), "pt") as part:
+def _read_state(folder: Path, seq_len: int, seed: int) -> tuple[list[int], int, list[int]]:
+    """(blocks in each part written, prompts used, tokens carried into the next part)."""
+    sizes, prompts, carry = [], 0, []
+    while (folder / part_name(len(sizes))).exists():
+        with safe_open(folder / part_name(len(sizes)), "pt") as part:
             meta = part.metadata()
             if (int(meta["seq_len"]), int(meta["seed"])) != (seq_len, seed):
                 raise LayerpruneError(f"{folder} holds the teacher's text of another run (sequence length "
                                       f"{meta['seq_len']}, seed {meta['seed']})",
                                       f"delete {folder} or use another --out")
             prompts, carry = int(meta["prompts"]), part.get_tensor("carry").tolist()
-            blocks += part.get_slice("blocks").get_shape()[0]
-        parts += 1
-    return parts, prompts, blocks, carry
+            sizes.append(part.get_slice("blocks").get_shape()[0])
+    return sizes, prompts, carry
 
 
 @torch.no_grad()
@@ -154,9 +154,10 @@ def generate(teacher, stream: TrainStream, count: int, folder: Path, seed: int, 
     guard's validation text)."""
     seq_len, tokenizer = stream.seq_len, stream.tokenizer
     folder.mkdir(parents=True, exist_ok=True)
-    parts, used, written, carry = _read_state(folder, seq_len, seed)
+    sizes, used, carry = _read_state(folder, seq_len, seed)
+    written = sum(sizes)
     if written >= count:
-        return GeneratedText(folder, parts, written)
+        return GeneratedText(folder, tuple(sizes))
     started, new = time.perf_counter(), 0
     source = (block for index, block in enumerate(stream.blocks()) if index not in skip)
     for _ in range(used):   # the prompts already turned into text
@@ -171,15 +172,16 @@ def generate(teacher, stream: TrainStream, count: int, folder: Path, seed: int, 
                 raise LayerpruneError(f"the training split ran out of prompts after {used} of them, with {written} "
                                       f"of {count} blocks of teacher text written",
                                       "give more text, lower --heal-tokens, or use --train-data stream")
-            for text in sample_continuations(teacher, tokenizer, batch, seq_len, seed * 1_000_003 + parts):
+            for text in sample_continuations(teacher, tokenizer, batch, seq_len, seed * 1_000_003 + len(sizes)):
                 carry += text
             whole = len(carry) // seq_len
             blocks = torch.tensor(carry[:whole * seq_len], dtype=torch.int32).view(whole, seq_len)
             carry, used = carry[whole * seq_len:], used + len(batch)
             meta = {"prompts": str(used), "seq_len": str(seq_len), "seed": str(seed)}
-            write_file(folder / part_name(parts), lambda tmp: save_file(
+            write_file(folder / part_name(len(sizes)), lambda tmp: save_file(
                 {"blocks": blocks, "carry": torch.tensor(carry, dtype=torch.int32)}, str(tmp), metadata=meta))
-            parts, written, new = parts + 1, written + whole, new + whole
+            sizes.append(whole)
+            written, new = written + whole, new + whole
             bar.update(whole)
             crash_point("teacher-text")
     teacher.train(teacher_was_training)
@@ -188,5 +190,5 @@ def generate(teacher, stream: TrainStream, count: int, folder: Path, seed: int, 
              new, new * seq_len, used, seconds, new * seq_len / max(seconds, 1e-9), folder)
     write_json(folder / "summary.json", {"blocks": written, "prompts": used, "seq_len": seq_len,
                                          "prompt_tokens": prompt_length(seq_len), "seconds_this_start": seconds})
-    return GeneratedText(folder, parts, written)
+    return GeneratedText(folder, tuple(sizes))
 

@@ -1,7 +1,9 @@
 """What a healing step costs, local beside global: SmolLM2-135M with one layer removed, healed on
 the embedded training text with the default recipe (trained layers: the cut's two neighbours on
 each side), its steps all local (`--heal-local-steps`, MSE at the cut's mapped state, no LM head,
-no layer above it) or all global (teacher and student through the head, KL + MSE).
+no layer above it) or all global (teacher and student through the head, KL + MSE); and the global
+step as it was before the student started from the teacher's state below its lowest trained layer
+(heal_loss.shares_prefix), running its own frozen prefix.
 
     python bench/bench_heal_step.py               # 3 repeats of 6 steps each, interleaved; medians
 
@@ -18,6 +20,7 @@ import time
 
 
 def main() -> None:
+    from layerprune import heal_loss
     from layerprune.config import DataConfig, HealConfig
     from layerprune.data import load_corpus
     from layerprune.heal import heal
@@ -34,25 +37,28 @@ def main() -> None:
     config = HealConfig(steps=args.steps, guard=False)
     count = config.blocks_per_removal(DataConfig().seq_len)
     text = load_corpus(DataConfig(), tokenizer).train.take(count)[0]
-    seconds: dict[str, list[float]] = {"local": [], "global": []}
+    shares = heal_loss.shares_prefix
+    seconds: dict[str, list[float]] = {"local": [], "global": [], "global, own prefix": []}
     for _ in range(args.repeats):
         for phase in seconds:
             student = copy.deepcopy(teacher)
             remove_layers(student, [args.layer])
             local = args.steps if phase == "local" else 0
+            heal_loss.shares_prefix = (lambda *a: False) if phase == "global, own prefix" else shares
             job = plan(student, HealConfig(steps=args.steps, guard=False, local_steps=local), args.steps,
                        iteration=1, seed=0, dropped=[args.layer])
             started = time.perf_counter()
             heal(student, teacher, text, job, progress=False)
             seconds[phase].append((time.perf_counter() - started) / args.steps)
             print(f"{phase}: {seconds[phase][-1]:.2f} s a step", flush=True)
-    local, whole = (statistics.median(seconds[p]) for p in ("local", "global"))
+    local, whole, own = (statistics.median(seconds[p]) for p in seconds)
     print(f"\n{args.steps} steps of {config.batch_size * config.grad_accum} blocks of {DataConfig().seq_len} tokens, "
           f"layer {args.layer} removed, trained layers {job.layers}, medians of {args.repeats}\n")
     print("| phase | s a step | against global |")
     print("| --- | --- | --- |")
     print(f"| local | {local:.2f} | {local / whole:.2f} |")
     print(f"| global | {whole:.2f} | 1.00 |")
+    print(f"| global, own prefix (before 2026-12-04) | {own:.2f} | {own / whole:.2f} |")
 
 
 if __name__ == "__main__":

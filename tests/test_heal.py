@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+from layerprune import heal_loss
 from layerprune.config import HealConfig
 from layerprune.errors import LayerpruneError, NonFiniteError
 from layerprune.heal import heal
@@ -153,6 +154,37 @@ class TestHeal:
             for a, b in zip(reference.rows, run.rows):
                 for key in ("loss", "kl", "mse", "final_mse"):
                     assert a[key] == pytest.approx(b[key], abs=1e-4), (name, key)
+
+    @pytest.mark.parametrize("local", [0, 4])
+    def test_the_student_started_from_the_teachers_state_heals_as_the_whole_pass(self, monkeypatch, local):
+        """Below the lowest trained layer the student is still the teacher: starting it from the
+        teacher's state there gives the losses and weights of running its own prefix."""
+        teacher = tiny_model("llama")
+        data = blocks()
+        config = quick(grad_accum=2, steps=6, local_steps=local)
+        assert heal_loss.shares_prefix(pruned(teacher, [3]), teacher, 1)
+
+        def run():
+            student = pruned(teacher, [3])
+            return student, heal(student, teacher, data, job_for(student, config, [3]), progress=False)
+
+        shared, shared_log = run()
+        monkeypatch.setattr(heal_loss, "shares_prefix", lambda *args: False)
+        own, own_log = run()
+        for a, b in zip(own_log.rows, shared_log.rows):
+            for key in ("loss", "kl", "mse", "final_mse"):
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+        for key, value in own.state_dict().items():
+            torch.testing.assert_close(shared.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+    def test_a_student_whose_bottom_differs_from_the_teacher_runs_its_own_prefix(self):
+        teacher = tiny_model("llama")
+        assert not heal_loss.shares_prefix(pruned(teacher, [0]), teacher, 1)   # a cut below
+        assert not heal_loss.shares_prefix(pruned(teacher, [3]), teacher, 0)   # nothing below (lora, all)
+        touched = pruned(teacher, [3])
+        with torch.no_grad():
+            find_layers(touched).layers[0].mlp.down_proj.weight[0, 0] += 1e-3   # a patch or a healing below
+        assert not heal_loss.shares_prefix(touched, teacher, 1)
 
     @pytest.mark.parametrize("trainable, local", [("neighbours", 0), ("lora", 0), ("neighbours", 3)])
     def test_healing_resumed_from_its_checkpoint_ends_bit_identical(self, trainable, local):

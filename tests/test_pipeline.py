@@ -57,9 +57,11 @@ def test_one_shot_and_block_modes(tiny_dir, text_file, tmp_path, mode, metric):
 
 def test_healing_runs_in_the_loop_and_logs(tiny_dir, text_file, tmp_path):
     out = tmp_path / "o"
-    history = prune(config(tiny_dir, text_file, out, metric="bi", remove=2, heal=QUICK_HEAL), progress=False)
+    history = prune(config(tiny_dir, text_file, out, metric="bi", remove=2, heal=QUICK_HEAL, eval_before_heal=True),
+                    progress=False)
     heal = history.iterations[0].heal
     assert heal.steps == 2 and "kl" in history.iterations[0].held_out_after and "kl" in heal.held_out_before
+    assert f"{heal.held_out_before['kl']:.4f} -> " in (out / "report.md").read_text()
     saved = json.loads((out / "history.json").read_text())["iterations"][0]["heal"]
     assert saved["held_out_after"] == history.iterations[0].eval.headline()
     rows = (out / "logs" / "heal.csv").read_text().splitlines()
@@ -165,6 +167,10 @@ class TestHealingGuard:
         assert saved["iterations"][1]["heal"]["guard"] == history.iterations[1].heal.guard
         assert "Every healing was guarded" in (out / "README.md").read_text()
         assert "Healing guard" in (out / "report.md").read_text()
+        # no held-out evaluation of the cut before healing unless asked for: the report gives the guard's KL
+        assert not history.iterations[0].heal.held_out_before
+        guard = history.iterations[0].heal.guard
+        assert f"{guard['kl_before']:.4f} -> {guard['kl_after']:.4f} (validation)" in (out / "report.md").read_text()
 
     def test_a_guard_that_rolls_back_every_retry_keeps_the_cut_and_warns(self, tiny_dir, text_file, tmp_path,
                                                                           caplog):
@@ -172,7 +178,8 @@ class TestHealingGuard:
                           guard_retries=1)
         out = tmp_path / "o"
         with caplog.at_level("WARNING", logger="layerprune"):
-            history = prune(config(tiny_dir, text_file, out, metric="bi", remove=1, heal=heal), progress=False)
+            history = prune(config(tiny_dir, text_file, out, metric="bi", remove=1, heal=heal, eval_before_heal=True),
+                            progress=False)
         guard = history.iterations[0].heal.guard
         assert guard["outcome"] == "unhealed" and guard["retries"] == 1 and guard["kl_after"] == guard["kl_before"]
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

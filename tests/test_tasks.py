@@ -70,6 +70,35 @@ def test_teacher_against_itself_retains_everything():
     assert 0.0 <= scores["copy_generate"]["score"] <= 1.0
 
 
+def test_copy_generate_in_batches_scores_as_one_item_at_a_time():
+    """The items generate together; each copy is still the model's own greedy one, cut at its end."""
+    from layerprune.tasks.copying import _copy_items, _until_end, build_copy_generate
+
+    model = tiny_model("llama")
+    docs = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(300)) for i in range(4)]
+    ctx = TaskData(TinyTokenizer(), torch.randint(3, 96, (4, 16)), docs, 2)
+
+    def one_at_a_time():
+        copies = []
+        for prompt, paragraph in _copy_items(ctx):
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(paragraph),
+                                 do_sample=False, pad_token_id=0)
+            copies.append((out[0, len(prompt):].tolist(), paragraph))
+        return copies
+
+    model.generation_config.eos_token_id = None
+    seen = [set(copy) for copy, _ in one_at_a_time()]
+    # an end token some copies meet and others not, so that rows of one batch end at different steps
+    model.generation_config.eos_token_id = next(t for t in set.union(*seen) if not all(t in s for s in seen))
+    copies = one_at_a_time()
+    assert len({len(copy) for copy, _ in copies}) > 1
+    expected = sum(lcs_length(copy, paragraph) / len(paragraph) for copy, paragraph in copies) / len(copies)
+    assert build_copy_generate(ctx).run(model)["score"] == pytest.approx(expected, abs=1e-9)
+    model.generation_config.eos_token_id = [5, 9]   # a batch pads the rows that ended: they are cut there
+    assert _until_end([3, 9, 0, 0], model) == [3, 9] and _until_end([3, 4], model) == [3, 4]
+
+
 def test_mc_file_and_bad_files(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text("\n".join(json.dumps({"question": f"q{i}", "choices": ["yes", "no"], "answer": "AB"[i % 2]})

@@ -304,8 +304,8 @@ def _per_seed(result: dict, seeds: list[int]) -> dict[int, dict]:
     return {seeds[0]: figures(own)}
 
 
-# A variant's configuration may differ between parts only in what names the part, not the variant.
-PART_KEYS = ("seed", "seeds", "out", "methods", "healing")
+# A variant's configuration may differ between parts only in what names the part, or changes no figure.
+PART_KEYS = ("seed", "seeds", "out", "methods", "healing", "eval_before_heal")
 
 
 def _check_same_variant(name: str, described: dict, result: dict, config: dict, have: dict, seeded: dict) -> None:

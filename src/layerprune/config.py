@@ -297,6 +297,9 @@ class Recipe(ModelConfig):
                                  "tasks the quality metric measures on calibration text")
     eval_tasks: tuple[str, ...] = opt(("perplexity", "token_accuracy", "kl"),
                                       "held-out tasks after each removal; quality retained is their mean")
+    eval_before_heal: bool = opt(False, "also evaluate each cut on the held-out text before healing it, for the "
+                                        "report's held-out KL before -> after (one more held-out evaluation per "
+                                        "removal; without it the report gives the guard's validation KL)")
     protect_first: int = opt(0, "never remove the first N layers")
     protect_last: int = opt(0, "never remove the last N layers")
     shortlist: int | None = opt(None, "score only the N layers Block Influence ranks lowest with the expensive metric")

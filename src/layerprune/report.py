@@ -209,9 +209,7 @@ def report_markdown(rep: dict, history: "History", plots: dict) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for record in history.iterations:
-        heal = record.heal
-        kl = (f"{heal.held_out_before['kl']:.4f} -> {record.held_out_after['kl']:.4f}"
-              if heal is not None and "kl" in heal.held_out_before else "-")
+        kl = healing_kl(record)
         lines.append(f"| {record.iteration} | {record.removed_original} | {record.layers_after} | "
                      f"{with_interval(record.eval.quality_retained, record.eval.interval)} | {kl} | "
                      f"{sum(record.timings.values()):.0f} |")
@@ -222,6 +220,20 @@ def report_markdown(rep: dict, history: "History", plots: dict) -> str:
     lines += speed_table(rep["speed"])
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def healing_kl(record) -> str:
+    """What one healing did to KL against the original: on held-out text where the run measured
+    the cut before healing (--eval-before-heal), else on the guard's validation text."""
+    heal = record.heal
+    if heal is None:
+        return "-"
+    if "kl" in heal.held_out_before and "kl" in record.held_out_after:
+        return f"{heal.held_out_before['kl']:.4f} -> {record.held_out_after['kl']:.4f} (held-out)"
+    if heal.guard and heal.guard.get("kl_after") is not None:
+        guarded = GuardLog(**heal.guard)
+        return f"{guarded.kl_before:.4f} -> {guarded.kl_after:.4f} (validation)"
+    return "-"
 
 
 def guard_lines(history: "History") -> list[str]:

@@ -226,7 +226,7 @@ class PruneRun:
         text = stream.span(start, count)
         state = self.point.heal_state if self._resumed(pending.iteration) is not None else None
         with self.targets.healing(text, pending.iteration) as (caches, targets):
-            if state is None:
+            if state is None and config.eval_before_heal:
                 pending = dataclasses.replace(pending, held_out_before=evaluate_student(self.inputs,
                                                                                         self.student).headline())
             save = None if self.out is None else \

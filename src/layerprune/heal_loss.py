@@ -12,6 +12,7 @@ give the reference's losses (tests/test_heal.py checks every combination). A loc
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,8 @@ from .targets import TeacherTargets
 
 if TYPE_CHECKING:
     from .heal_job import HealJob
+
+log = logging.getLogger(__name__)
 
 
 class FrozenPrefix:
@@ -92,6 +95,9 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
                           s_rec["final"], t_rec["final"], mask, weights)
 
     start, shared, prefix = _prefix(job, student, teacher, targets)
+    if shared:
+        log.info("healing iteration %d: below layer %d the student is still the original: it starts from the "
+                 "teacher's state there", job.iteration, start)
     if targets is None and not shared and not job.prefix_cache:
         return straightforward
     depth = num_layers(student)

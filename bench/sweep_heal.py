@@ -37,7 +37,7 @@ import yaml
 from layerprune import DataConfig, PruneConfig, prune
 from layerprune.data import StreamPosition, load_corpus
 from layerprune.models import load_model
-from layerprune.options import to_dict
+from layerprune.options import from_dict, to_dict
 from layerprune.inputs import scores_and_rows
 from layerprune.tasks import TaskData, build_tasks, quality_retained
 from layerprune.tasks.interval import bootstrap_interval
@@ -82,6 +82,7 @@ RECIPE_VARIANTS = {
     "local-30-global-22": ({}, {"steps": 52, "local_steps": 30}),
     "teacher-text": ({}, {"train_data": "teacher"}),
     "final-third": lambda remove: ({}, {"steps": 20, "final_steps": 10 * remove}),
+    "bf16": ({}, {"mixed_precision": "bf16"}),   # healing under bfloat16 autocast: a cheaper step
 }
 
 
@@ -107,8 +108,8 @@ def reusable(previous: Path | None, config: PruneConfig) -> Path | None:
     folder = previous / Path(config.out).name
     if not (folder / "history.json").is_file() or not (folder / "config.yaml").is_file():
         return None
-    saved = yaml.safe_load((folder / "config.yaml").read_text())
-    return folder if {**saved, "out": config.out} == to_dict(config) else None
+    saved = from_dict(PruneConfig, {**yaml.safe_load((folder / "config.yaml").read_text()), "out": config.out})
+    return folder if to_dict(saved) == to_dict(config) else None   # an option added since takes its default
 
 
 def run_variant(config: PruneConfig, previous: Path | None) -> dict:

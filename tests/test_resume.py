@@ -147,6 +147,7 @@ def test_options_that_change_no_result_may_differ_on_resume(reference, tmp_path)
     other = command(tiny_dir, text_file, out)
     other[other.index("--heal-checkpoint-every") + 1] = "1"
     other.remove("--no-speed")
+    other.append("--eval-before-heal")
     resumed = run(other)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed_healings(json.loads((out / "history.json").read_text())) == {1: 2}

@@ -42,9 +42,10 @@ FOLDER, HEAL_FOLDER, HISTORY = "checkpoint", "heal-checkpoint", "history.json"
 # writes (.metadata and one file per process); the manifest lists whichever was written.
 FILES = {FOLDER: ("state.json",), HEAL_FOLDER: ("state.json", "heal.pt")}
 SHARDED = ".metadata"
-# Options that change no removal, weight or score: a resumed run may set them differently.
+# Options that change no removal, weight or score: a resumed run may set them differently
+# (`eval_before_heal` adds a held-out figure to the report; a resumed run has it for what it heals).
 # `out` is among them: the folder is the run's identity however its path is spelled, moved or not.
-NO_RESULT_OPTIONS = {"out": None, "measure_speed": None, "gguf": None, "gguf_type": None,
+NO_RESULT_OPTIONS = {"out": None, "measure_speed": None, "gguf": None, "gguf_type": None, "eval_before_heal": None,
                      "heal": {"checkpoint_every": None}}
 
 

@@ -2,9 +2,12 @@
 healing, what the guard did on validation text, and quality retained beside the same removals
 without healing.
 
-    layerprune prune --remove 4 --out runs/smollm2-4
+    layerprune prune --remove 4 --eval-before-heal --out runs/smollm2-4
     layerprune prune --remove 4 --heal none --out runs/smollm2-4-noheal
     python bench/heal_table.py runs/smollm2-4 --unhealed runs/smollm2-4-noheal
+
+(Without `--eval-before-heal` a run does not measure its cuts on held-out text before healing them,
+and the held-out column shows "-"; the guard's validation column is there either way.)
 
 Every figure comes from the runs' history.json; nothing is measured here. A row without healing is
 shown only where the unhealed run removed the same original layers, since otherwise the two are not

@@ -158,9 +158,16 @@ def run_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 
 
 @torch.no_grad()
+def states_up_to(model: nn.Module, top: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
+    """`capture`'s states (entering each layer, and leaving the last) of layers 0..top, running
+    only those layers."""
+    with layer_view(model, range(top + 1)), capture(model) as record:
+        run_layers(model, input_ids, attention_mask)
+    return record["states"]
+
+
 def layer_outputs(model: nn.Module, layer_ids: Sequence[int], input_ids: torch.Tensor,
                   attention_mask: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of layers `layer_ids`, running only the layers up to the highest of them."""
-    with layer_view(model, range(max(layer_ids) + 1)), capture(model) as record:
-        run_layers(model, input_ids, attention_mask)
-    return [record["states"][i + 1] for i in layer_ids]
+    states = states_up_to(model, max(layer_ids), input_ids, attention_mask)
+    return [states[i + 1] for i in layer_ids]

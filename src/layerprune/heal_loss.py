@@ -4,9 +4,10 @@ The reference is the straightforward pass: the teacher and the whole student on 
 micro-batch. Where the student's frozen bottom is still the teacher's own (no cut, patch or
 healing has touched it), the teacher's pass already computes the state entering the lowest trained
 layer, and the student starts there (`shares_prefix`): on SmolLM2 with the cut at layer 14 that
-is 15% of a step. Where the healing's text is read again, the teacher's targets come from the
-cache (targets.py) and the frozen bottom of the student runs once per block (FrozenPrefix). All
-give the reference's losses (tests/test_heal.py checks every combination). A local step
+saves 12% of a global step (bench/bench_heal_step.py). Where the healing's text is read again,
+the teacher's targets come from the cache (targets.py) and the frozen bottom of the student runs
+once per block (FrozenPrefix). All give the reference's losses (tests/test_heal.py checks every
+combination). A local step
 (`--heal-local-steps`) runs only the trained layers below the cut's mapped state, for its MSE.
 """
 
@@ -17,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .activations import capture, final_norm, forward_layers, injected, layer_outputs, prefix_state, run_layers
+from .activations import capture, final_norm, forward_layers, injected, layer_outputs, prefix_state, states_up_to
 from .losses import joint_loss, kl_loss, mse_loss, topk_kl_loss
 from .shard import is_sharded
-from .surgery import find_layers, layer_view, num_layers
+from .surgery import find_layers, num_layers
 from .targets import TeacherTargets
 
 if TYPE_CHECKING:
@@ -156,9 +157,8 @@ def local_step(job: "HealJob", model, student, teacher, targets: TeacherTargets 
         mask = torch.ones_like(ids)
         with torch.no_grad():
             if shared:
-                with layer_view(teacher, range(max(originals) + 1)), capture(teacher) as t_rec:
-                    run_layers(teacher, ids, mask)
-                wanted, entering = [t_rec["states"][o + 1] for o in originals], t_rec["states"][start]
+                states = states_up_to(teacher, max(originals), ids, mask)
+                wanted, entering = [states[o + 1] for o in originals], states[start]
             else:
                 wanted = targets.take_layers(rows, originals, ids.device) if targets is not None else \
                     layer_outputs(teacher, originals, ids, mask)

@@ -230,9 +230,9 @@ def healing_kl(record) -> str:
         return "-"
     if "kl" in heal.held_out_before and "kl" in record.held_out_after:
         return f"{heal.held_out_before['kl']:.4f} -> {record.held_out_after['kl']:.4f} (held-out)"
-    if heal.guard and heal.guard.get("kl_after") is not None:
-        guarded = GuardLog(**heal.guard)
-        return f"{guarded.kl_before:.4f} -> {guarded.kl_after:.4f} (validation)"
+    guard = heal.guard or {}
+    if guard.get("kl_after") is not None:
+        return f"{guard['kl_before']:.4f} -> {guard['kl_after']:.4f} (validation)"
     return "-"
 
 

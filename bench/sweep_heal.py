@@ -142,13 +142,14 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=400, help="training-stream blocks before the validation ones")
     parser.add_argument("--blocks", type=int, default=32, help="validation blocks")
     parser.add_argument("--reuse", type=Path, help="an earlier sweep's --out whose identical finished runs are reused")
+    parser.add_argument("--device", default="cpu", help="where the validation is scored: cpu (default), auto or cuda")
     args = parser.parse_args()
     names, seeds = args.variants.split(","), [int(seed) for seed in args.seeds.split(",")]
     unknown = sorted(set(names) - set(VARIANTS) - set(RECIPE_VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}: choose from {', '.join([*VARIANTS, *RECIPE_VARIANTS])}")
 
-    teacher, tokenizer = load_model(args.model, device="cpu")
+    teacher, tokenizer = load_model(args.model, device=args.device)
     data = DataConfig()
     stream = load_corpus(data, tokenizer).train
     # the runs heal on these blocks, and the guarded ones hold back validation blocks just past them
@@ -170,7 +171,7 @@ def main() -> None:
             if key in rows:
                 continue
             row = run_variant(config, args.reuse)
-            student, _ = load_model(config.out, device="cpu")
+            student, _ = load_model(config.out, device=args.device)
             scores, block_rows = scores_and_rows(student, tasks, teacher)
             rows[key] = {"variant": name, "seed": seed, "validation": quality_retained(scores, reference),
                          "validation_interval": bootstrap_interval(block_rows, reference_rows, tasks),

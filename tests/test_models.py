@@ -53,6 +53,33 @@ class TestEmbedded:
             load_model("embedded:gemma3-270m", device="cpu")
         assert not any(tmp_path.iterdir())   # nothing half-written in the cache
 
+    def test_runs_started_together_convert_the_embedded_model_once(self, monkeypatch, tmp_path):
+        """Parallel first runs each converted it and one replaced the folder another was reading."""
+        import threading
+        import time
+
+        from layerprune import models
+
+        monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path))
+        calls = []
+
+        def convert(gguf, target):   # slow enough that every thread finds the folder missing
+            calls.append(gguf)
+            time.sleep(0.2)
+            target.mkdir()
+            (target / "config.json").write_text("{}")
+            (target / "model.safetensors").write_bytes(b"")
+
+        monkeypatch.setattr(models, "convert_gguf", convert)
+        shipped = models.Embedded("embedded:x", "x", lambda: tmp_path / "x.gguf")
+        found = []
+        threads = [threading.Thread(target=lambda: found.append(models.embedded_dir(shipped))) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(calls) == 1 and found == [tmp_path / "x"] * 4
+
     def test_the_joined_file_is_reused_and_named_as_the_run_source(self, monkeypatch, tmp_path):
         from layerprune import models
         from layerprune.gguf_export import source_of

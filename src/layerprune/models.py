@@ -10,6 +10,8 @@ first use converts each once into a plain HF folder in the cache (`$LAYERPRUNE_C
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
@@ -134,12 +136,40 @@ def embedded(model: str | None) -> Embedded | None:
     return found
 
 
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """One process at a time converts an embedded model; the others wait, then find it done.
+    Several first runs at once (compare parts queued on one GPU) each converted it and replaced
+    the folder another one was reading."""
+    path = cache_dir() / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process preparing %s in %s", name, path.parent)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield   # closing the file drops the lock
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
 def embedded_dir(model: Embedded) -> Path:
     """An embedded model as a plain HF folder, converted from its GGUF file on first use."""
     target = cache_dir() / model.folder
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _converted(target):
         return target
-    gguf = model.gguf()
+    gguf = model.gguf()   # not installed: its error before anything is written
+    with cache_lock(model.folder):
+        if not _converted(target):   # else another process converted it while this one waited
+            convert_gguf(gguf, target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """A GGUF file as a plain float32 HF folder, written beside `target` and renamed into place."""
     log.info("converting %s into %s (once)", gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,7 +189,6 @@ def embedded_dir(model: Embedded) -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load_model(name: str | None, dtype: str = "float32", device: str = "auto", weights: bool = True):

@@ -180,8 +180,26 @@ def test_seeds_run_every_variant_once_each_and_report_mean_spread_and_interval(t
     assert healed["quality_retained_spread"]["1"] == [min(seeds), max(seeds)]
     low, high = healed["quality_retained_interval"]["1"]
     assert low <= min(seeds) and max(seeds) <= high
-    unhealed = [plain["per_seed"][s]["quality_retained"]["1"] for s in ("0", "1")]
-    assert unhealed[0] == unhealed[1]   # nothing random without healing
+    assert plain["seeds"] == [0] and "per_seed" not in plain   # nothing random without healing: run once
     table = (out / "compare.md").read_text()
     assert "a variant run on several seeds gives the mean over them" in table
-    assert table.count(" | 0, 1 |") == 2   # each variant's seeds
+    assert table.count(" | 0, 1 |") == 1 and "| shortgpt + no healing |" in table
+
+
+def test_a_variant_without_healing_gives_the_same_figures_on_every_seed(tiny_dir, text_file, tmp_path):
+    """Why compare runs it on the first seed only: with a patch fitted too (layerprune), and on
+    tasks that draw nothing; a task that draws its items makes every variant depend on the seed."""
+    from layerprune.compare import depends_on_seed
+
+    figures = []
+    for seed in ("0", "1"):
+        out = tmp_path / f"seed{seed}"
+        assert main(["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out),
+                     "--remove", "1,2", "--seq-len", "32", "--calib-blocks", "2", "--patch-blocks", "4",
+                     "--eval-blocks", "4", "--quiet", "--device", "cpu", "--methods", "shortgpt,layerprune",
+                     "--healing", "none", "--seeds", seed]) == 0
+        results = json.loads((out / "compare.json").read_text())["results"]
+        figures.append({name: (r["quality_retained"], r["quality_retained_unseen"]) for name, r in results.items()})
+    assert figures[0] == figures[1]
+    assert not depends_on_seed(CompareConfig(out="c"), "none") and depends_on_seed(CompareConfig(out="c"), "distill")
+    assert depends_on_seed(CompareConfig(out="c", eval_tasks=("perplexity", "continuation")), "none")

@@ -38,7 +38,7 @@ from .sources import probe, source_name
 from .surgery import num_layers
 from .targets import TargetCache
 from .teacher_text import FOLDER
-from .tasks import TaskData, build_tasks, quality_retained
+from .tasks import SEEDLESS_TASKS, TaskData, build_tasks, quality_retained
 from .tasks.interval import bootstrap_interval
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,13 @@ def variants(config: CompareConfig) -> list[tuple[str, str]]:
     """(method, healing) pairs the comparison runs."""
     return [(method, heal) for method in config.methods for heal in config.healing
             if not (heal == "none" and method in PUBLISHED_HEALING)]
+
+
+def depends_on_seed(config: CompareConfig, heal: str) -> bool:
+    """Whether a variant's figures change with the seed: healing's data order does, and so do tasks
+    that draw their items. Without healing, on tasks that draw nothing, every seed gives the same
+    figures (the splits, the patch text and the scoring do not depend on it), so it runs once."""
+    return heal != "none" or not set((*config.tasks, *config.eval_tasks)) <= set(SEEDLESS_TASKS)
 
 
 def variant_config(config: CompareConfig, method: str, heal: str, count: int) -> PruneConfig:
@@ -196,13 +203,16 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
         domain = unseen_domain(seeded, teacher, tokenizer)
         for method, heal in variants(config):
             name = variant_name(config, method, heal)
+            if seed != seeds[0] and not depends_on_seed(config, heal):
+                log.info("%s does not depend on the seed: run on seed %d only", name, seeds[0])
+                continue
             start = time.perf_counter()
             quality = run_variant(inputs, seeded, method, heal, shared, domain, progress)
             by_seed.setdefault(name, {})[seed] = {**quality, "seconds": time.perf_counter() - start}
             log.info("%s, seed %d: %s (%.0fs)", name, seed,
                      {n: round(q, 3) for n, q in quality["quality_retained"].items()}, by_seed[name][seed]["seconds"])
     results = {name: {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
-                      **over_seeds(by_seed[name])}
+                      **over_seeds(by_seed[name]), "seeds": sorted(by_seed[name])}
                for method, heal in variants(config) for name in [variant_name(config, method, heal)]}
     shared.targets.close()
     summary = {"model": model_name(config.model), "counts": counts,
@@ -300,8 +310,8 @@ def _per_seed(result: dict, seeds: list[int]) -> dict[int, dict]:
         return {**run, **{key: {int(n): q for n, q in run[key].items()} for key in PER_COUNT if key in run}}
     if "per_seed" in result:
         return {int(seed): figures(run) for seed, run in result["per_seed"].items()}
-    own = {key: result[key] for key in result if key not in ("method", "heal", "patch", "config")}
-    return {seeds[0]: figures(own)}
+    own = {key: result[key] for key in result if key not in ("method", "heal", "patch", "config", "seeds")}
+    return {result.get("seeds", seeds)[0]: figures(own)}
 
 
 # A variant's configuration may differ between parts only in what names the part, or changes no figure.

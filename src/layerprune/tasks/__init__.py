@@ -48,6 +48,8 @@ PARAMETRIC_TASKS: dict[str, Callable[[TaskData, str], Task]] = {
     "mc": choice.build_mc,
     "lm_eval": lm_eval.build_lm_eval,
 }
+# Tasks that draw no items (every block is scored): their figures do not depend on the seed.
+SEEDLESS_TASKS = ("perplexity", "token_accuracy", "kl")
 # Tasks that run whole (generate, or go through lm-eval), so they cannot score importance from
 # one forward pass.
 GENERATIVE_TASKS = ("copy_generate", "lm_eval")

@@ -51,7 +51,7 @@ def main() -> None:
     tasks = build_tasks(TASKS, TaskData(tokenizer, validation, [], data.batch_size, 0))
     reference, reference_rows = scores_and_rows(teacher, tasks, teacher)
     if args.cuts:
-        return block_cuts(teacher, corpus, tasks, reference, reference_rows, args.cuts)
+        return block_cuts(teacher, corpus, tasks, reference, reference_rows, args.cuts, data.batch_size)
     table: dict[str, dict[int, str]] = {}
     for fit in args.fits.split(","):
         student = copy.deepcopy(teacher)
@@ -73,7 +73,7 @@ def main() -> None:
         print(f"| {fit} | " + " | ".join(cells[count] for count in sorted(counts)) + " |")
 
 
-def block_cuts(teacher, corpus, tasks, reference, reference_rows, cuts: str) -> None:
+def block_cuts(teacher, corpus, tasks, reference, reference_rows, cuts: str, batch_size: int) -> None:
     """Each block cut from the original at once (ReplaceMe's way), patched by least squares, by the
     cosine fit's published schedule, and by what `--patch-fit cosine` keeps (the schedule's T, or
     least squares where that ended no closer in angle): the fits' own measure beside quality."""
@@ -86,11 +86,12 @@ def block_cuts(teacher, corpus, tasks, reference, reference_rows, cuts: str) -> 
     print("| block | patch | cosine distance | validation quality retained |\n| --- | --- | --- | --- |")
     for block in cuts.split(","):
         first, last = (int(x) for x in block.split("-"))
-        samples = fit(teacher, [(first, last)], PatchFit(corpus.patch_blocks, "lstsq", 4, False, fit="cosine"))
-        samples = samples[(first, last)]
+        how = PatchFit(corpus.patch_blocks, "lstsq", batch_size, False, fit="cosine")
+        samples = fit(teacher, [(first, last)], how)[(first, last)]
         m, r = torch.cat(samples.ms), torch.cat(samples.rs)
-        kept = solve_cosine(samples)
-        patches = {"none": None, "lstsq": solve(samples.gram()), "cosine, published schedule": cosine_fit(samples),
+        published = cosine_fit(m, r, samples.diagonal)
+        kept = solve_cosine(samples, published)
+        patches = {"none": None, "lstsq": solve(samples.gram()), "cosine, published schedule": published,
                    f"--patch-fit cosine (keeps {kept[1]})": kept[0]}
         for name, t in patches.items():
             student = copy.deepcopy(teacher)

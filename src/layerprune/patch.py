@@ -217,11 +217,10 @@ def cosine_distance(m: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.
     return 1 - torch.nn.functional.cosine_similarity(m * t if t.dim() == 1 else m @ t, r, dim=-1).mean()
 
 
-def cosine_fit(samples: Samples) -> torch.Tensor:
+def cosine_fit(m: torch.Tensor, r: torch.Tensor, diagonal: bool) -> torch.Tensor:
     """ReplaceMe's schedule as published: Adam from the identity on the mean cosine distance."""
-    m, r = torch.cat(samples.ms), torch.cat(samples.rs)
     hidden = m.shape[-1]
-    t = (torch.ones(hidden) if samples.diagonal else torch.eye(hidden)).requires_grad_(True)
+    t = (torch.ones(hidden) if diagonal else torch.eye(hidden)).requires_grad_(True)
     optimizer = torch.optim.Adam([t], lr=COSINE_LR)
     order = torch.Generator().manual_seed(0)
     for _ in range(COSINE_EPOCHS):
@@ -232,15 +231,17 @@ def cosine_fit(samples: Samples) -> torch.Tensor:
     return t.detach()
 
 
-def solve_cosine(samples: Samples) -> tuple[torch.Tensor, str]:
+def solve_cosine(samples: Samples, fitted: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """T minimising the mean cosine distance, and how it was found: "cosine", or "lstsq" where
     the fit did not converge: it ended no closer than the identity, or than the least-squares T
     (which it exists to beat on its own measure), or not finite. The least-squares T is kept then,
     and the log says so: never NaN weights. On SmolLM2 the published schedule ended at a cosine
     distance of 0.46 where least squares reached 0.25, and that patch kept less than no patch at
-    all (`python bench/bench_patch_fit.py --cuts 12-15,13-18`, docs/heal-sweep.md)."""
+    all (`python bench/bench_patch_fit.py --cuts 12-15,13-18`, docs/heal-sweep.md). `fitted`: the
+    schedule's T when the caller already ran it."""
     m, r = torch.cat(samples.ms), torch.cat(samples.rs)
-    t, lstsq = cosine_fit(samples), solve(samples.gram())
+    t = cosine_fit(m, r, samples.diagonal) if fitted is None else fitted
+    lstsq = solve(samples.gram())
     identity = torch.ones_like(t) if samples.diagonal else torch.eye(len(t))
     before, after, least = (float(cosine_distance(m, r, x)) for x in (identity, t, lstsq.float()))
     if torch.isfinite(t).all() and after < min(before, least):

@@ -83,6 +83,11 @@ RECIPE_VARIANTS = {
     "teacher-text": ({}, {"train_data": "teacher"}),
     "final-third": lambda remove: ({}, {"steps": 20, "final_steps": 10 * remove}),
     "bf16": ({}, {"mixed_precision": "bf16"}),   # healing under bfloat16 autocast: a cheaper step
+    # The layer choice's calibration text (today: 32 blocks, the 12 layers Block Influence ranks lowest scored).
+    # calib-8: the default before the GPU sweep of 2026-12-04 (8 blocks, every layer scored; near-ties decided
+    # its choices at -4/-6); calib-32-all: 32 blocks, every layer scored (4x calib-8's scoring).
+    "calib-8": ({"data": DataConfig(calib_tokens=8 * 256), "shortlist": 0}, {}),
+    "calib-32-all": ({"shortlist": 0}, {}),
 }
 
 

@@ -30,8 +30,10 @@ ACCELERATE_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_g
 def test_two_processes_match_one(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     single, double = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([sys.executable, str(SCRIPT), str(single), mode], check=True, env=env, timeout=300)
+    # the one-process run (one thread) beside the two-process one: the machine's cores are not left idle
+    alone = subprocess.Popen([sys.executable, str(SCRIPT), str(single), mode], env=env)
     subprocess.run([*TWO_PROCESSES, str(SCRIPT), str(double), mode], check=True, env=env, timeout=300)
+    assert alone.wait(timeout=300) == 0
     a, b = torch.load(single), torch.load(double)
     assert a.keys() == b.keys()
     for key in a:
@@ -76,11 +78,13 @@ def test_fsdp_run_matches_one_process_and_resumes(tmp_path, trainable, arch):
     save_tiny(tmp_path / "tiny", arch)
     make_text_file(tmp_path / "corpus.txt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LAYERPRUNE_KILL_AT": ""}
-    single = subprocess.run([sys.executable, "-m", "layerprune", *_fsdp_argv(tmp_path / "one", trainable)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
+    # the one-process reference (one thread) runs beside the first launch rather than before it
+    single = subprocess.Popen([sys.executable, "-m", "layerprune", *_fsdp_argv(tmp_path / "one", trainable)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     logged = [arg for arg in _fsdp_argv(tmp_path / "two", trainable) if arg != "--quiet"]
     sharded = _launch([*logged, "--fsdp"], env, launcher=ACCELERATE_TWO if trainable == "neighbours" else TWO_PROCESSES)
+    single_err = single.communicate(timeout=600)[1]
+    assert single.returncode == 0, single_err[-2000:]
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "2 processes, models sharded (FSDP2)" in sharded.stderr
     outs = ["two"]

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from safetensors.torch import load_file
@@ -73,14 +74,80 @@ def resumed_healings(history: dict) -> dict:
     return found
 
 
+def _kill_then_resume(kill_at):
+    def scenario(tiny_dir, text_file, out):
+        killed = run(command(tiny_dir, text_file, out), kill_at)
+        finished = (out / "history.json").exists()
+        return {"killed": killed, "finished": finished, "resumed": run(command(tiny_dir, text_file, out))}
+    return scenario
+
+
+def _other_configuration(tiny_dir, text_file, out):
+    killed = run(command(tiny_dir, text_file, out), "healing:5")   # after the first checkpoint
+    other = command(tiny_dir, text_file, out)
+    other[other.index("--heal-steps") + 1] = "4"
+    return {"killed": killed, "refused": run(other), "overwritten": run(other + ["--overwrite"])}
+
+
+def _corrupt_checkpoint(tiny_dir, text_file, out):
+    killed = run(command(tiny_dir, text_file, out), "healing:2")
+    (out / "heal-checkpoint" / "heal.pt").write_bytes(b"not a checkpoint")
+    return {"killed": killed, "refused": run(command(tiny_dir, text_file, out))}
+
+
+def _nan_while_healing(tiny_dir, text_file, out):
+    failed = run(command(tiny_dir, text_file, out), nan_at="healing:6")  # iteration 2, step 3
+    finished = (out / "history.json").exists()
+    state = json.loads((out / "heal-checkpoint" / "state.json").read_text())
+    return {"failed": failed, "finished": finished, "state": state, "resumed": run(command(tiny_dir, text_file, out))}
+
+
+def _options_changed_on_resume(tiny_dir, text_file, out):
+    killed = run(command(tiny_dir, text_file, out), "healing:2")
+    other = command(tiny_dir, text_file, out)
+    other[other.index("--heal-checkpoint-every") + 1] = "1"
+    other.remove("--no-speed")
+    other.append("--eval-before-heal")
+    return {"killed": killed, "resumed": run(other)}
+
+
+SCENARIOS = {**{kill_at: _kill_then_resume(kill_at) for kill_at, _ in KILLS},
+             "other-configuration": _other_configuration, "corrupt-checkpoint": _corrupt_checkpoint,
+             "nan": _nan_while_healing, "options-changed": _options_changed_on_resume}
+
+
+@pytest.fixture(scope="module")
+def scenarios(reference, tmp_path_factory):
+    """Every interrupted run of this file and what follows it, as many at once as there are cores:
+    each run is one single-threaded process, so one at a time left a core idle for the suite's
+    longest stretch. name -> (folder, the runs' results, or the exception the scenario raised)."""
+    tiny_dir, text_file, _ = reference
+
+    def play(name):
+        out = tmp_path_factory.mktemp(name.replace(":", "-")) / "out"
+        try:
+            return out, SCENARIOS[name](tiny_dir, text_file, out)
+        except Exception as err:   # raised again in its own test, not in every test of the file
+            return out, err
+
+    with ThreadPoolExecutor(max_workers=min(len(SCENARIOS), os.cpu_count() or 1)) as pool:
+        return dict(zip(SCENARIOS, pool.map(play, SCENARIOS)))
+
+
+def played(scenarios, name):
+    out, results = scenarios[name]
+    if isinstance(results, Exception):
+        raise results
+    return out, results
+
+
 @pytest.mark.parametrize("kill_at,resumes", KILLS)
-def test_killed_run_resumes_to_the_same_result(reference, tmp_path, kill_at, resumes):
-    tiny_dir, text_file, ref_out = reference
-    out = tmp_path / "out"
-    killed = run(command(tiny_dir, text_file, out), kill_at)
+def test_killed_run_resumes_to_the_same_result(reference, scenarios, kill_at, resumes):
+    _, _, ref_out = reference
+    out, runs = played(scenarios, kill_at)
+    killed, resumed = runs["killed"], runs["resumed"]
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (out / "history.json").exists()
-    resumed = run(command(tiny_dir, text_file, out))
+    assert not runs["finished"]
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ref = json.loads((ref_out / "history.json").read_text())
     got = json.loads((out / "history.json").read_text())
@@ -94,15 +161,11 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, kill_at, res
     check_output_folder(out, depth=3, removed=3)
 
 
-def test_different_configuration_is_refused_and_overwrite_starts_afresh(reference, tmp_path):
-    tiny_dir, text_file, _ = reference
-    out = tmp_path / "out"
-    assert run(command(tiny_dir, text_file, out), "healing:5").returncode == -9  # after the first checkpoint
-    other = command(tiny_dir, text_file, out)
-    other[other.index("--heal-steps") + 1] = "4"
-    refused = run(other)
-    assert refused.returncode == 2 and "different configuration" in refused.stderr
-    assert run(other + ["--overwrite"]).returncode == 0
+def test_different_configuration_is_refused_and_overwrite_starts_afresh(scenarios):
+    _, runs = played(scenarios, "other-configuration")
+    assert runs["killed"].returncode == -9
+    assert runs["refused"].returncode == 2 and "different configuration" in runs["refused"].stderr
+    assert runs["overwritten"].returncode == 0
 
 
 def test_resume_without_a_run_is_refused(tiny_dir, text_file, tmp_path):
@@ -113,42 +176,34 @@ def test_resume_without_a_run_is_refused(tiny_dir, text_file, tmp_path):
         prune(config, progress=False, resume=True)
 
 
-def test_corrupt_healing_checkpoint_is_refused_with_a_fix(reference, tmp_path):
-    tiny_dir, text_file, _ = reference
-    out = tmp_path / "out"
-    assert run(command(tiny_dir, text_file, out), "healing:2").returncode == -9
-    (out / "heal-checkpoint" / "heal.pt").write_bytes(b"not a checkpoint")
-    refused = run(command(tiny_dir, text_file, out))
+def test_corrupt_healing_checkpoint_is_refused_with_a_fix(scenarios):
+    _, runs = played(scenarios, "corrupt-checkpoint")
+    refused = runs["refused"]
+    assert runs["killed"].returncode == -9
     assert refused.returncode == 2 and "heal.pt has changed since it was written" in refused.stderr
     assert "--overwrite" in refused.stderr
     assert "Traceback" not in refused.stderr
 
 
-def test_nan_while_healing_stops_keeps_the_last_good_checkpoint_and_resumes(reference, tmp_path):
-    tiny_dir, text_file, ref_out = reference
-    out = tmp_path / "out"
-    failed = run(command(tiny_dir, text_file, out), nan_at="healing:6")  # iteration 2, step 3
+def test_nan_while_healing_stops_keeps_the_last_good_checkpoint_and_resumes(reference, scenarios):
+    _, _, ref_out = reference
+    out, runs = played(scenarios, "nan")
+    failed, resumed, state = runs["failed"], runs["resumed"], runs["state"]
     assert failed.returncode == 2, failed.stderr[-2000:]
     assert "non-finite healing loss (nan) at iteration 2 step 3" in failed.stderr
-    assert "Traceback" not in failed.stderr and not (out / "history.json").exists()
-    state = json.loads((out / "heal-checkpoint" / "state.json").read_text())
+    assert "Traceback" not in failed.stderr and not runs["finished"]
     assert (state["pending"]["iteration"], state["pending"]["step"]) == (2, 2)
-    resumed = run(command(tiny_dir, text_file, out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed_healings(json.loads((out / "history.json").read_text())) == {2: 2}
     a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)
 
 
-def test_options_that_change_no_result_may_differ_on_resume(reference, tmp_path):
-    tiny_dir, text_file, ref_out = reference
-    out = tmp_path / "out"
-    assert run(command(tiny_dir, text_file, out), "healing:2").returncode == -9
-    other = command(tiny_dir, text_file, out)
-    other[other.index("--heal-checkpoint-every") + 1] = "1"
-    other.remove("--no-speed")
-    other.append("--eval-before-heal")
-    resumed = run(other)
+def test_options_that_change_no_result_may_differ_on_resume(reference, scenarios):
+    _, _, ref_out = reference
+    out, runs = played(scenarios, "options-changed")
+    assert runs["killed"].returncode == -9
+    resumed = runs["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed_healings(json.loads((out / "history.json").read_text())) == {1: 2}
     a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))

@@ -252,6 +252,8 @@ def recipe(config: dict) -> str:
     # The removal metrics measure calibration text: `quality` on the chosen tasks, `nll` on its NLL alone.
     measured = {"quality": ", ".join(c.tasks), "nll": "NLL"}.get(c.metric)
     calib = f", on {measured} over {c.data.blocks('calib') * seq} calibration tokens" if measured else ""
+    if measured and c.shortlist:
+        calib += f", shortlisted to the {c.shortlist} layers Block Influence ranks lowest each round"
     parts = [f"Layers chosen by the `{c.metric}` metric ({c.mode}{calib})"]
     if c.patch != "none":
         # lstsq becomes a diagonal where the MLP output passes a norm (Gemma): "linear map" covers both.
@@ -275,7 +277,26 @@ def recipe(config: dict) -> str:
             f"logits + {heal.w_mse:g} x MSE of mapped hidden states + {heal.w_final:g} x MSE of the final state "
             f"({heal.mse_scale} MSE)" + (f", guarded on {c.data.blocks('val') * seq} validation tokens with up to "
                                          f"{heal.guard_retries} lower-lr retries" if heal.guard else ""))
-    return "Recipe: " + "; ".join(parts) + "."
+    chosen = (" This is layerprune's default recipe, chosen on validation text cut from the training split "
+              "(its docs/heal-sweep.md): 32 calibration blocks and a shortlist of 12 chose the same layers on "
+              "every seed and kept the most at -2, -4 and -6 on SmolLM2.") if is_default_recipe(c) else ""
+    return "Recipe: " + "; ".join(parts) + "." + chosen
+
+
+# What decides how a model is made; options that change no figure (logging, checkpoints, caches) aside.
+_RECIPE_FIELDS = ("metric", "mode", "patch", "patch_target", "patch_fit", "shortlist", "tasks")
+_HEAL_FIELDS = ("method", "tokens", "steps", "epochs", "local_steps", "train_data", "final_steps", "batch_size",
+                "grad_accum", "lr", "warmup_steps", "weight_decay", "max_grad_norm", "w_kl", "temperature", "w_mse",
+                "w_final", "mse_scale", "mse_layers", "trainable", "radius", "mixed_precision", "guard")
+
+
+def is_default_recipe(config: PruneConfig) -> bool:
+    """Whether a run used the recipe the sweep chose (any model, depth and output)."""
+    default = PruneConfig()
+    return (all(getattr(config, f) == getattr(default, f) for f in _RECIPE_FIELDS)
+            and all(getattr(config.heal, f) == getattr(default.heal, f) for f in _HEAL_FIELDS)
+            and config.data.blocks("calib") * config.data.seq_len == default.data.calib_tokens
+            and config.data.seq_len == default.data.seq_len)
 
 
 def model_card(rep: dict, config_yaml: str, guarded: list[str] = ()) -> str:

@@ -19,6 +19,12 @@ def test_variants_share_the_recipe_and_set_their_method():
     replaceme = variant_config(config, "replaceme", "none", 3)
     assert (replaceme.metric, replaceme.mode, replaceme.patch) == ("angular_last", "block", "lstsq")
     assert variant_config(CompareConfig(out="c", patch="diag"), "layerprune", "none", 1).patch == "diag"
+    # the shortlist is our recipe's: SLEB scores every layer, as published; every method reads the same text
+    shortlisted = CompareConfig(out="c", shortlist=5)
+    assert variant_config(shortlisted, "layerprune", "distill", 2).shortlist == 5
+    assert variant_config(shortlisted, "sleb-nll", "distill", 2).shortlist is None
+    assert variant_config(shortlisted, "sleb-nll", "none", 2).data == variant_config(shortlisted, "layerprune",
+                                                                                      "none", 2).data
 
 
 def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):

@@ -32,8 +32,11 @@ def test_two_processes_match_one(tmp_path, mode):
     single, double = tmp_path / "one.pt", tmp_path / "two.pt"
     # the one-process run (one thread) beside the two-process one: the machine's cores are not left idle
     alone = subprocess.Popen([sys.executable, str(SCRIPT), str(single), mode], env=env)
-    subprocess.run([*TWO_PROCESSES, str(SCRIPT), str(double), mode], check=True, env=env, timeout=300)
-    assert alone.wait(timeout=300) == 0
+    try:
+        subprocess.run([*TWO_PROCESSES, str(SCRIPT), str(double), mode], check=True, env=env, timeout=300)
+        assert alone.wait(timeout=300) == 0
+    finally:
+        alone.kill()   # a no-op once it has finished; otherwise no process outlives a failed test
     a, b = torch.load(single), torch.load(double)
     assert a.keys() == b.keys()
     for key in a:
@@ -82,8 +85,12 @@ def test_fsdp_run_matches_one_process_and_resumes(tmp_path, trainable, arch):
     single = subprocess.Popen([sys.executable, "-m", "layerprune", *_fsdp_argv(tmp_path / "one", trainable)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     logged = [arg for arg in _fsdp_argv(tmp_path / "two", trainable) if arg != "--quiet"]
-    sharded = _launch([*logged, "--fsdp"], env, launcher=ACCELERATE_TWO if trainable == "neighbours" else TWO_PROCESSES)
-    single_err = single.communicate(timeout=600)[1]
+    try:
+        sharded = _launch([*logged, "--fsdp"], env,
+                          launcher=ACCELERATE_TWO if trainable == "neighbours" else TWO_PROCESSES)
+        single_err = single.communicate(timeout=600)[1]
+    finally:
+        single.kill()   # a no-op once it has finished; otherwise no process outlives a failed test
     assert single.returncode == 0, single_err[-2000:]
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "2 processes, models sharded (FSDP2)" in sharded.stderr

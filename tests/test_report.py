@@ -55,6 +55,8 @@ def test_the_card_says_when_a_run_used_the_default_recipe_and_why():
                     PruneConfig(out="o", remove=1, data=DataConfig(calib_tokens=2048))):
         assert "default recipe" not in recipe(to_dict(changed))
     assert "shortlisted" not in recipe(to_dict(PruneConfig(out="o", remove=1, shortlist=0)))
+    # options that change no figure leave it the default recipe
+    assert "default recipe" in recipe(to_dict(PruneConfig(out="o", remove=1, heal=HealConfig(log_every=1))))
 
 
 def test_recipe_says_what_trained_and_on_which_text():

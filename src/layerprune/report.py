@@ -10,6 +10,7 @@ mean over --eval-tasks (the same in every iteration, the headline and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import textwrap
 from pathlib import Path
@@ -21,7 +22,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .config import PruneConfig  # noqa: E402
+from .config import HealConfig, PruneConfig  # noqa: E402
 from .guard import GuardLog  # noqa: E402
 from .io import write_file, write_json, write_text  # noqa: E402
 from .options import from_dict  # noqa: E402
@@ -277,25 +278,28 @@ def recipe(config: dict) -> str:
             f"logits + {heal.w_mse:g} x MSE of mapped hidden states + {heal.w_final:g} x MSE of the final state "
             f"({heal.mse_scale} MSE)" + (f", guarded on {c.data.blocks('val') * seq} validation tokens with up to "
                                          f"{heal.guard_retries} lower-lr retries" if heal.guard else ""))
+    default = PruneConfig()
     chosen = (" This is layerprune's default recipe, chosen on validation text cut from the training split "
-              "(its docs/heal-sweep.md): 32 calibration blocks and a shortlist of 12 chose the same layers on "
-              "every seed and kept the most at -2, -4 and -6 on SmolLM2.") if is_default_recipe(c) else ""
+              f"(its docs/heal-sweep.md): {default.data.blocks('calib')} calibration blocks and a shortlist of "
+              f"{default.shortlist} chose the same layers on every seed and kept the most at -2, -4 and -6 on "
+              "SmolLM2.") if is_default_recipe(c) else ""
     return "Recipe: " + "; ".join(parts) + "." + chosen
 
 
-# What decides how a model is made; options that change no figure (logging, checkpoints, caches) aside.
-_RECIPE_FIELDS = ("metric", "mode", "patch", "patch_target", "patch_fit", "shortlist", "tasks")
-_HEAL_FIELDS = ("method", "tokens", "steps", "epochs", "local_steps", "train_data", "final_steps", "batch_size",
-                "grad_accum", "lr", "warmup_steps", "weight_decay", "max_grad_norm", "w_kl", "temperature", "w_mse",
-                "w_final", "mse_scale", "mse_layers", "trainable", "radius", "mixed_precision", "guard")
+# How layers are chosen and patched; with every healing option but those that change no figure, the recipe.
+_CHOICE_FIELDS = ("metric", "mode", "patch", "patch_target", "patch_fit", "shortlist", "tasks")
+_HEAL_NO_FIGURE = {"log_every", "checkpoint_every", "teacher_cache", "cache_memory", "cache_disk",
+                   "gradient_checkpointing"}
 
 
 def is_default_recipe(config: PruneConfig) -> bool:
-    """Whether a run used the recipe the sweep chose (any model, depth and output)."""
+    """Whether a run used the recipe the sweep chose (any model, depth and output). A healing
+    option added later counts as part of the recipe unless it is named in _HEAL_NO_FIGURE."""
     default = PruneConfig()
-    return (all(getattr(config, f) == getattr(default, f) for f in _RECIPE_FIELDS)
-            and all(getattr(config.heal, f) == getattr(default.heal, f) for f in _HEAL_FIELDS)
-            and config.data.blocks("calib") * config.data.seq_len == default.data.calib_tokens
+    heal = [f.name for f in dataclasses.fields(HealConfig) if f.name not in _HEAL_NO_FIGURE]
+    return (all(getattr(config, f) == getattr(default, f) for f in _CHOICE_FIELDS)
+            and all(getattr(config.heal, f) == getattr(default.heal, f) for f in heal)
+            and config.data.blocks("calib") == default.data.blocks("calib")
             and config.data.seq_len == default.data.seq_len)
 
 

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from layerprune import heal_loss
+from layerprune import heal_loss, losses
 from layerprune.config import HealConfig
 from layerprune.errors import LayerpruneError, NonFiniteError
 from layerprune.heal import heal
@@ -176,6 +176,39 @@ class TestHeal:
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
         for key, value in own.state_dict().items():
             torch.testing.assert_close(shared.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("trainable", ["neighbours", "last"])
+    def test_the_kl_from_the_heads_inputs_heals_as_the_whole_logits(self, monkeypatch, trainable):
+        """The fused KL (losses.head_kl_loss, no [B, T, V] logits) gives the losses and weights of
+        the KL on whole logits, the LM head trained too (`last`)."""
+        teacher = tiny_model("llama")
+        data = blocks()
+        config = quick(grad_accum=2, steps=4, trainable=trainable)
+        assert heal_loss.fused_head(pruned(teacher, [3]), teacher)
+        calls = []
+        monkeypatch.setattr(heal_loss, "head_kl_loss", lambda *a: calls.append(1) or losses.head_kl_loss(*a))
+
+        def run():
+            student = pruned(teacher, [3])
+            return student, heal(student, teacher, data, job_for(student, config, [3]), progress=False)
+
+        fused, fused_log = run()
+        assert calls
+        monkeypatch.setattr(heal_loss, "fused_head", lambda *args: False)
+        whole, whole_log = run()
+        for a, b in zip(whole_log.rows, fused_log.rows):
+            for key in ("loss", "kl", "mse", "final_mse"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key   # float32 rounding of a small KL
+        for key, value in whole.state_dict().items():
+            torch.testing.assert_close(fused.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+
+    def test_a_head_that_is_not_a_linear_map_keeps_the_whole_logits(self):
+        teacher = tiny_model("llama")
+        capped = pruned(teacher, [3])
+        head = capped.get_output_embeddings()
+        head.register_forward_hook(lambda module, args, out: out * 0.5)   # a logit scale, as Cohere's
+        assert not heal_loss.fused_head(capped, teacher)
+        assert not heal_loss.fused_head(teacher, capped)
 
     def test_a_student_whose_bottom_differs_from_the_teacher_runs_its_own_prefix(self):
         teacher = tiny_model("llama")

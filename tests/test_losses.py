@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from layerprune.config import HealConfig
-from layerprune.losses import joint_loss, kl_loss, mse_loss, topk_kl_loss
+from layerprune import losses
+from layerprune.losses import head_kl_loss, joint_loss, kl_loss, mse_loss, topk_kl_loss
 
 
 class TestKL:
@@ -31,6 +32,29 @@ class TestKL:
         full = kl_loss(s, t, torch.ones(2, 3))
         topk = topk_kl_loss(s, values, indices, t.logsumexp(-1), torch.ones(2, 3))
         assert topk.item() == pytest.approx(full.item(), rel=1e-5)
+
+    @pytest.mark.parametrize("bias, temperature", [(False, 1.0), (True, 2.0)])
+    def test_head_kl_gives_kl_losss_value_and_gradients_chunk_by_chunk(self, monkeypatch, bias, temperature):
+        """From the heads' inputs, in chunks of 7 tokens (a ragged last one), with a masked token:
+        the value and the gradients for the state, the head's weight and bias of the whole-logits loss."""
+        monkeypatch.setattr(losses, "ELEMENTS_PER_CHUNK", 7 * 300)
+        torch.manual_seed(0)
+        h, teacher_h = torch.randn(2, 9, 16, requires_grad=True), torch.randn(2, 9, 16)
+        head, teacher_head = torch.nn.Linear(16, 300, bias=bias), torch.nn.Linear(16, 300, bias=bias)
+        mask = torch.ones(2, 9)
+        mask[1, 6:] = 0
+        wrt = [h, *head.parameters()]
+        expected = kl_loss(head(h), teacher_head(teacher_h), mask, temperature)
+        got = head_kl_loss(h, teacher_h, head, teacher_head, mask, temperature)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+        for a, b in zip(torch.autograd.grad(expected, wrt), torch.autograd.grad(got, wrt)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+
+    def test_head_kl_keeps_no_gradient_where_nothing_needs_one(self):
+        h = torch.randn(1, 4, 8)
+        head = torch.nn.Linear(8, 50).requires_grad_(False)
+        loss = head_kl_loss(h, torch.randn(1, 4, 8), head, head, torch.ones(1, 4))
+        assert not loss.requires_grad and loss.item() > 0
 
 
 class TestMSE:

@@ -9,20 +9,28 @@ the teacher's targets come from the cache (targets.py) and the frozen bottom of 
 once per block (FrozenPrefix). All give the reference's losses (tests/test_heal.py checks every
 combination). A local step
 (`--heal-local-steps`) runs only the trained layers below the cut's mapped state, for its MSE.
+
+Where both LM heads are plain linear maps (`fused_head`, probed once a healing), the KL term runs
+from the states entering them (losses.head_kl_loss): neither pass makes its logits for the whole
+micro-batch, so no [B, T, V] tensor is held, a few dozen tokens' logits at a time instead (the
+same products through the head, less memory traffic; tests/test_heal.py checks its losses and
+weights against the KL on whole logits).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import TYPE_CHECKING
 
 import torch
 
 from .activations import capture, final_norm, forward_layers, injected, layer_outputs, prefix_state, states_up_to
-from .losses import joint_loss, kl_loss, mse_loss, topk_kl_loss
+from .losses import head_kl_loss, joint_loss, kl_loss, mse_loss, topk_kl_loss
 from .shard import is_sharded
 from .surgery import find_layers, num_layers
 from .targets import TeacherTargets
+from .tasks.moments import head, linear_head
 
 if TYPE_CHECKING:
     from .heal_job import HealJob
@@ -77,6 +85,33 @@ def shares_prefix(student, teacher, start: int) -> bool:
     return True
 
 
+def fused_head(student, teacher) -> bool:
+    """Whether the KL term can run from the states entering the two LM heads (losses.head_kl_loss):
+    each model's logits are its head's plain linear map of its final norm's output (no capping or
+    scaling), checked on a few tokens, and neither model is sharded. Then neither pass computes
+    its logits for the whole batch (`logits_to_keep`)."""
+    if is_sharded(student) or is_sharded(teacher) or head(student) is None or head(teacher) is None:
+        return False
+    device = next(student.parameters()).device
+    ids = torch.arange(8, device=device)[None] % head(student).weight.shape[0]
+    with torch.no_grad():
+        for model in (student, teacher):
+            try:
+                with capture(model, inputs=False, final=True) as record:
+                    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            except RuntimeError:   # no final norm to read the head's input from
+                return False
+            if record.get("final") is None or not linear_head(model, logits, record["final"]):
+                return False
+    return True
+
+
+def logits_to_keep(model) -> dict:
+    """The forward argument that makes `model` compute logits at the last position only, where
+    its class takes one (the fused KL reads the head's input, not the logits)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {}
+
+
 def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets | None):
     """The function `(ids, rows) -> loss terms` this healing uses, chosen once. With `targets`
     the teacher is not run; with `job.prefix_cache` the frozen bottom of the student runs once
@@ -84,14 +119,23 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
     teacher's state where `shares_prefix`, else whole (the reference)."""
     weights = job.config
     pairs = job.pairs
+    fused = targets is None and fused_head(student, teacher)
+    s_keep, t_keep = (logits_to_keep(student), logits_to_keep(teacher)) if fused else ({}, {})
+
+    def online_kl(t_logits, t_final, mask):
+        """The KL term against the teacher's pass, a function of the student's (logits, final state)."""
+        if fused:
+            return lambda s_logits, s_final: head_kl_loss(s_final, t_final, head(student), head(teacher), mask,
+                                                          weights.temperature)
+        return lambda s_logits, s_final: kl_loss(s_logits, t_logits, mask, weights.temperature)
 
     def straightforward(ids, rows):
         mask = torch.ones_like(ids)
         with torch.no_grad(), capture(teacher, final=True) as t_rec:
-            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False, **t_keep).logits
         with capture(student, final=True) as s_rec:
-            s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        kl = kl_loss(s_logits, t_logits, mask, weights.temperature)
+            s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **s_keep).logits
+        kl = online_kl(t_logits, t_rec["final"], mask)(s_logits, s_rec["final"])
         return joint_loss(kl, [s_rec["states"][k + 1] for k, _ in pairs], [t_rec["states"][o + 1] for _, o in pairs],
                           s_rec["final"], t_rec["final"], mask, weights)
 
@@ -108,12 +152,12 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
         entering the student's layer `start` where the teacher's pass gives it, else None)."""
         if targets is not None:
             t = targets.take(rows, [o for _, o in pairs], ids.device)
-            return (lambda s: topk_kl_loss(s, t["values"], t["indices"], t["lse"], mask, weights.temperature),
+            return (lambda s, _: topk_kl_loss(s, t["values"], t["indices"], t["lse"], mask, weights.temperature),
                     t["layers"], t["final"], None)
         with torch.no_grad(), capture(teacher, final=True) as t_rec:
-            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return (lambda s: kl_loss(s, t_logits, mask, weights.temperature),
-                [t_rec["states"][o + 1] for _, o in pairs], t_rec["final"], t_rec["states"][start])
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False, **t_keep).logits
+        return (online_kl(t_logits, t_rec["final"], mask), [t_rec["states"][o + 1] for _, o in pairs],
+                t_rec["final"], t_rec["states"][start])
 
     def cached(ids, rows):
         mask = torch.ones_like(ids)
@@ -121,9 +165,9 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
         with torch.no_grad():
             entering = given if shared else prefix(rows, ids)
         with injected(student, start, entering, range(start, depth)), capture(student, final=True) as s_rec:
-            s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return joint_loss(kl_of(s_logits), [s_rec["states"][k - start + 1] for k, _ in pairs], t_layers,
-                          s_rec["final"], t_final, mask, weights)
+            s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **s_keep).logits
+        return joint_loss(kl_of(s_logits, s_rec["final"]), [s_rec["states"][k - start + 1] for k, _ in pairs],
+                          t_layers, s_rec["final"], t_final, mask, weights)
 
     return cached
 

@@ -29,6 +29,70 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     return _masked_token_mean(per_token, mask) * temperature ** 2
 
 
+# Logits made at once by head_kl_loss: 16 MiB of fp32, a few dozen tokens of a 50k-262k vocabulary.
+ELEMENTS_PER_CHUNK = 1 << 22
+
+
+def head_kl_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, student_head: torch.nn.Module,
+                 teacher_head: torch.nn.Module, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`kl_loss` from the states entering the two LM heads (plain linear ones), never holding more
+    than a chunk of logits: each chunk's logits, softmaxes and gradient are made and dropped in
+    turn, and backward only scales the gradients kept. A whole micro-batch's logits, their two
+    log-softmaxes and their gradient are each [B, T, V] (SmolLM2: 100 MB a tensor; Gemma-3:
+    540 MB); here the largest temporaries are [chunk, V]. The same products through the head as
+    autograd's, so no more arithmetic."""
+    bias, teacher_bias = getattr(student_head, "bias", None), getattr(teacher_head, "bias", None)
+    return _HeadKL.apply(student_h, teacher_h.detach(), student_head.weight, bias, teacher_head.weight.detach(),
+                         None if teacher_bias is None else teacher_bias.detach(), mask, temperature)
+
+
+class _HeadKL(torch.autograd.Function):
+    """KL(p_teacher || p_student) * t^2, masked mean over tokens, with its gradients for the
+    student's head input, weight and bias computed chunk by chunk in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, h, teacher_h, weight, bias, teacher_weight, teacher_bias, mask, temperature):
+        rows, teacher_rows = h.reshape(-1, h.shape[-1]), teacher_h.reshape(-1, h.shape[-1])
+        keep = mask.reshape(-1).to(torch.float32)
+        count = keep.sum().clamp_min(1.0)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        want_b = bias is not None and ctx.needs_input_grad[3]
+        grad_h = torch.zeros(rows.shape, dtype=torch.float32, device=h.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        step = max(1, ELEMENTS_PER_CHUNK // weight.shape[0])
+        with torch.autocast(h.device.type, enabled=False):   # float32 logits and softmaxes, as kl_loss
+            for start in range(0, rows.shape[0], step):
+                part = slice(start, start + step)
+                x = rows[part].to(weight.dtype)
+                student = F.log_softmax(F.linear(x, weight, bias).float() / temperature, -1)
+                teacher = F.log_softmax(F.linear(teacher_rows[part].to(teacher_weight.dtype), teacher_weight,
+                                                 teacher_bias).float() / temperature, -1)
+                p_teacher = teacher.exp()
+                total += ((p_teacher * (teacher - student)).sum(-1) * keep[part]).sum()
+                if want_h or want_w or want_b:
+                    # d(loss)/d(logits) at a kept token: (p_student - p_teacher) * t / count
+                    grad = (student.exp() - p_teacher) * (keep[part] * (temperature / count)).unsqueeze(-1)
+                    if want_h:
+                        grad_h[part] = grad @ weight.float()
+                    if want_w:
+                        grad_w += grad.t() @ x.float()
+                    if want_b:
+                        grad_b += grad.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.shape, ctx.dtypes = h.shape, (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return (total / count).to(torch.float32) * temperature ** 2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (None if grad_h is None else (grad_h * grad_out).reshape(ctx.shape).to(h_dtype), None,
+                None if grad_w is None else (grad_w * grad_out).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_out).to(b_dtype), None, None, None, None)
+
+
 def topk_kl_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
                  teacher_logsumexp: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_teacher || p_student) from a teacher stored as its top-k logits [B, T, k] (indices

@@ -148,10 +148,7 @@ COMMANDS = {"prune": run_prune, "score": run_score, "eval": run_eval, "compare":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .allocator import keep_freed_memory
     from .processes import process_state
-
-    keep_freed_memory()   # large tensors reuse freed memory instead of faulting in new pages
 
     # Under `accelerate launch` or `torchrun` every process runs the command; the main one alone
     # reports progress.

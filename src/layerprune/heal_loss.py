@@ -92,16 +92,15 @@ def fused_head(student, teacher) -> bool:
     its logits for the whole batch (`logits_to_keep`)."""
     if is_sharded(student) or is_sharded(teacher) or head(student) is None or head(teacher) is None:
         return False
+    if final_norm(student) is None or final_norm(teacher) is None:   # nowhere to read the head's input
+        return False
     device = next(student.parameters()).device
     ids = torch.arange(8, device=device)[None] % head(student).weight.shape[0]
     with torch.no_grad():
         for model in (student, teacher):
-            try:
-                with capture(model, inputs=False, final=True) as record:
-                    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-            except RuntimeError:   # no final norm to read the head's input from
-                return False
-            if record.get("final") is None or not linear_head(model, logits, record["final"]):
+            with capture(model, inputs=False, final=True) as record:
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            if not linear_head(model, logits, record["final"]):
                 return False
     return True
 
@@ -122,11 +121,12 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
     fused = targets is None and fused_head(student, teacher)
     s_keep, t_keep = (logits_to_keep(student), logits_to_keep(teacher)) if fused else ({}, {})
 
+    heads = (head(student), head(teacher)) if fused else None
+
     def online_kl(t_logits, t_final, mask):
         """The KL term against the teacher's pass, a function of the student's (logits, final state)."""
         if fused:
-            return lambda s_logits, s_final: head_kl_loss(s_final, t_final, head(student), head(teacher), mask,
-                                                          weights.temperature)
+            return lambda s_logits, s_final: head_kl_loss(s_final, t_final, *heads, mask, weights.temperature)
         return lambda s_logits, s_final: kl_loss(s_logits, t_logits, mask, weights.temperature)
 
     def straightforward(ids, rows):

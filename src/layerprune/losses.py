@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import HealConfig
+from .tasks.stats import slices
 
 
 def _masked_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -29,18 +30,14 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     return _masked_token_mean(per_token, mask) * temperature ** 2
 
 
-# Logits made at once by head_kl_loss: 16 MiB of fp32, a few dozen tokens of a 50k-262k vocabulary.
-ELEMENTS_PER_CHUNK = 1 << 22
-
-
 def head_kl_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, student_head: torch.nn.Module,
                  teacher_head: torch.nn.Module, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """`kl_loss` from the states entering the two LM heads (plain linear ones), never holding more
-    than a chunk of logits: each chunk's logits, softmaxes and gradient are made and dropped in
-    turn, and backward only scales the gradients kept. A whole micro-batch's logits, their two
-    log-softmaxes and their gradient are each [B, T, V] (SmolLM2: 100 MB a tensor; Gemma-3:
-    540 MB); here the largest temporaries are [chunk, V]. The same products through the head as
-    autograd's, so no more arithmetic."""
+    than a slice of logits (tasks.stats.slices, 16 MiB): each slice's logits, softmaxes and
+    gradient are made and dropped in turn, and backward only scales the gradients kept. A whole
+    micro-batch's logits, their two log-softmaxes and their gradient are each [B, T, V] (SmolLM2:
+    100 MB a tensor; Gemma-3: 540 MB); here the largest temporaries are [slice, V]. The same
+    products through the head as autograd's, so no more arithmetic."""
     bias, teacher_bias = getattr(student_head, "bias", None), getattr(teacher_head, "bias", None)
     return _HeadKL.apply(student_h, teacher_h.detach(), student_head.weight, bias, teacher_head.weight.detach(),
                          None if teacher_bias is None else teacher_bias.detach(), mask, temperature)
@@ -48,7 +45,7 @@ def head_kl_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, student_head:
 
 class _HeadKL(torch.autograd.Function):
     """KL(p_teacher || p_student) * t^2, masked mean over tokens, with its gradients for the
-    student's head input, weight and bias computed chunk by chunk in the forward pass."""
+    student's head input, weight and bias computed slice by slice in the forward pass."""
 
     @staticmethod
     def forward(ctx, h, teacher_h, weight, bias, teacher_weight, teacher_bias, mask, temperature):
@@ -61,10 +58,8 @@ class _HeadKL(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if want_b else None
         total = torch.zeros((), dtype=torch.float64, device=h.device)
-        step = max(1, ELEMENTS_PER_CHUNK // weight.shape[0])
         with torch.autocast(h.device.type, enabled=False):   # float32 logits and softmaxes, as kl_loss
-            for start in range(0, rows.shape[0], step):
-                part = slice(start, start + step)
+            for part in slices(rows.shape[0], weight.shape[0]):   # the evaluation's cache-sized slices
                 x = rows[part].to(weight.dtype)
                 student = F.log_softmax(F.linear(x, weight, bias).float() / temperature, -1)
                 teacher = F.log_softmax(F.linear(teacher_rows[part].to(teacher_weight.dtype), teacher_weight,

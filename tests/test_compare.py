@@ -23,6 +23,8 @@ def test_variants_share_the_recipe_and_set_their_method():
     shortlisted = CompareConfig(out="c", shortlist=5)
     assert variant_config(shortlisted, "layerprune", "distill", 2).shortlist == 5
     assert variant_config(shortlisted, "sleb-nll", "distill", 2).shortlist is None
+    assert variant_config(CompareConfig(out="c", screen=4), "sleb-nll", "none", 2).screen is None
+    assert variant_config(CompareConfig(out="c", screen=4), "layerprune", "none", 2).screen == 4
     assert variant_config(shortlisted, "sleb-nll", "none", 2).data == variant_config(shortlisted, "layerprune",
                                                                                       "none", 2).data
 

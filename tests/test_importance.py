@@ -167,3 +167,44 @@ class TestAngularAgainstTheReference:
         ours = state_distances(model, batches, lambda a, b, m: angular_distance(a, b, m, last_only=True), span=n)
         assert len(ours) == len(reference) + 1
         assert ours[1:] == pytest.approx(reference, rel=1e-4)
+
+
+class TestScreen:
+    """--screen K: every candidate on the first quarter of the calibration batches, the K least
+    important of those on all of them."""
+
+    def _scores(self, model, ctx, part):
+        current, per = candidate_stats(model, ctx.tasks, range(6), progress=False, part=part)
+
+        def value(stats):
+            return evaluate_quality(ctx, stats)
+
+        return {i: value(current) - value(per[i]) for i in range(6)}
+
+    def test_survivors_get_their_full_scores_and_the_rest_their_first_stage_ones(self):
+        model = tiny_model("llama")
+        blocks = torch.randint(3, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+        ctx = _context(model, blocks)   # 4 batches of 2: the first stage is batch 0
+        full, first = self._scores(model, ctx, None), self._scores(model, ctx, slice(0, 1))
+        ctx.screen = 2
+        screened = score_layers(model, "quality", ctx)
+        survivors = sorted(range(6), key=first.__getitem__)[:2]
+        for i in range(6):
+            expected = full[i] if i in survivors else first[i]
+            assert screened[i] == pytest.approx(expected, abs=1e-9)
+        assert full != first   # the two stages do differ on this text
+
+    def test_the_identity_layer_survives_the_screen(self):
+        model = tiny_model("llama")
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(20)
+        make_identity(model, IDENTITY_LAYER)
+        ctx = _context(model, own_samples(model))
+        ctx.screen = 1
+        assert select_layers(model, "quality", "iterative", 1, ctx).drop == [IDENTITY_LAYER]
+
+
+def evaluate_quality(ctx, stats):
+    from layerprune.tasks import quality_retained
+
+    return quality_retained({t.name: t.summary(stats[t.name]) for t in ctx.tasks}, ctx.teacher_scores)

@@ -70,6 +70,20 @@ class TestMoments:
         rows = evaluate_rows(_perturbed(teacher, seed=1), tasks, teacher)   # per-block statistics too
         assert counter.calls == 2 and rows[0]["kl"]["kl"] == pytest.approx(figures[0], rel=1e-6)
 
+    def test_the_teachers_own_evaluation_fills_the_memo(self):
+        """The run scores the teacher on the held-out text first (its reference figures): that
+        pass keeps the moments, so no student evaluation runs the teacher there again."""
+        teacher = tiny_model("llama")
+        blocks = _blocks()
+        tasks = build_tasks(["perplexity", "kl"], TaskData(None, blocks, [], 4))
+        rows = evaluate_rows(teacher, tasks, teacher)
+        assert rows[0]["kl"]["kl"] == pytest.approx(0.0, abs=1e-6) and len(tasks[0].batches) == 2
+        counter = CountingForward(teacher)
+        student = _perturbed(teacher)
+        kl = evaluate_tasks(student, tasks, teacher)["kl"]["kl"]
+        assert counter.calls == 0
+        assert kl == pytest.approx(_kl_by_logits(student, teacher, blocks), rel=1e-5) and kl > 1e-3
+
     def test_a_student_that_trained_its_head_is_compared_with_the_teachers_logits(self):
         teacher = tiny_model("llama")
         counter = CountingForward(teacher)

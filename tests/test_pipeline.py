@@ -136,6 +136,26 @@ def test_a_patched_run_records_its_patch_and_saves_a_plain_model(tiny_dir, text_
     assert plain.iterations[0].patch is None
 
 
+def test_only_the_shortlist_gets_candidate_patches_and_the_screen_runs_in_the_loop(tiny_dir, text_file, tmp_path,
+                                                                                  monkeypatch):
+    from layerprune import run
+
+    fitted = []
+
+    def spy(model, candidates, how):
+        fitted.append(list(candidates))
+        return candidate_patches(model, candidates, how)
+
+    candidate_patches = run.candidate_patches
+    monkeypatch.setattr(run, "candidate_patches", spy)
+    history = prune(config(tiny_dir, text_file, tmp_path / "o", remove=2, patch="lstsq", shortlist=3, screen=1),
+                    progress=False)
+    for record, candidates in zip(history.iterations, fitted, strict=True):
+        assert candidates == record.shortlist and len(candidates) == 3
+        assert len([s for s in record.scores.values() if s is not None and s == s]) == 3   # by original index
+        assert record.removed_current[0] in candidates
+
+
 @pytest.mark.parametrize("train_data", ["stream", "reuse"])
 def test_each_removal_heals_on_fresh_text_or_on_the_same(tiny_dir, text_file, tmp_path, train_data):
     heal = HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1, train_data=train_data, final_steps=1)

@@ -30,7 +30,9 @@ def test_reports_plots_and_model_card(tiny_dir, text_file, tmp_path):
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "metric: quality" in card and "mean of perplexity, token_accuracy, kl" in card
     assert ("Recipe: Layers chosen by the `quality` metric (iterative, on perplexity, token_accuracy over 128 "
-            "calibration tokens, shortlisted to the 12 layers Block Influence ranks lowest each round); "
+            "calibration tokens, shortlisted to the 12 layers Block Influence ranks lowest each round, the 4 least "
+            "important on the first quarter of that text scored on the rest (the others keep their first-quarter "
+            "score)); "
             "each cut patched by a least-squares linear map fitted in closed form on 256 training "
             "tokens and folded into the layer below; healing after each removal: 2 AdamW steps of 2 x 1 x 32 "
             "tokens") in card
@@ -50,7 +52,7 @@ def test_the_card_says_when_a_run_used_the_default_recipe_and_why():
     default = recipe(to_dict(PruneConfig(out="o", remove=3, model="m")))
     assert "This is layerprune's default recipe, chosen on validation text" in default
     assert "over 8192 calibration tokens, shortlisted to the 12 layers" in default
-    for changed in (PruneConfig(out="o", remove=1, shortlist=0),
+    for changed in (PruneConfig(out="o", remove=1, shortlist=0), PruneConfig(out="o", remove=1, screen=0),
                     PruneConfig(out="o", remove=1, heal=HealConfig(lr=1e-3)),
                     PruneConfig(out="o", remove=1, data=DataConfig(calib_tokens=2048))):
         assert "default recipe" not in recipe(to_dict(changed))

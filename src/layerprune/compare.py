@@ -79,8 +79,8 @@ def variant_config(config: CompareConfig, method: str, heal: str, count: int) ->
     metric, mode, patch = METHODS[method]
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(Recipe)}
     published = {"patch": patch, "patch_target": "layer"} if patch else {}
-    if metric != "quality":   # SLEB scores every layer, as published; the shortlist is our recipe's
-        published["shortlist"] = None
+    if metric != "quality":   # SLEB scores every layer on all the text, as published; shortlist and screen are ours
+        published.update(shortlist=None, screen=None)
     healing = dataclasses.replace(config.heal, method=heal, checkpoint_every=0, **PUBLISHED_HEALING.get(method, {}))
     return PruneConfig(**{**shared, "heal": healing, **published},
                        metric=metric, mode=mode, remove=count, final_tasks=(), measure_speed=False)

@@ -309,6 +309,10 @@ class Recipe(ModelConfig):
     # and it pays for the larger calibration budget: 12 x 32 candidate-blocks a round against 30 x 8 before.
     shortlist: int | None = opt(12, "score only the N layers Block Influence ranks lowest with the expensive metric "
                                     "(0: every layer)")
+    # 4: on SmolLM2's rounds 1 and 3 the full winner was among the first quarter's 4 best for every choice
+    # of that quarter (28 of 28), and a round took 0.52-0.56 of the time (bench/bench_screen.py).
+    screen: int | None = opt(4, "score every candidate on the first quarter of the calibration text, and only the N "
+                                "least important of those on the rest (0: every candidate on all of it)")
     # lstsq by default: in the recipe sweep (docs/heal-sweep.md, validation text from the training split)
     # it was level with no patch at 2 removals and ahead at 6, with a 12% lower KL to the original there.
     patch: str = opt("lstsq", "closed-form linear patch at each cut, folded into the layer below: lstsq (a full "
@@ -335,8 +339,9 @@ class Recipe(ModelConfig):
         _one_of(self.patch, PATCHES, "patch")
         _one_of(self.patch_target, PATCH_TARGETS, "patch target")
         _one_of(self.patch_fit, PATCH_FITS, "patch fit")
-        if self.shortlist is not None:
-            _non_negative(self, ("shortlist",))
+        for name in ("shortlist", "screen"):
+            if getattr(self, name) is not None:
+                _non_negative(self, (name,))
         self.heal.validate()
         steps = self.heal.steps_per_removal(self.data.seq_len)
         if self.heal.method != "none" and self.heal.local_steps > steps:

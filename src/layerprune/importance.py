@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
-from .activations import layer_states, run_from
+from .activations import layer_states, run_from, states_up_to
 from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
 from .patch import capture_mlp_outputs, patched_state
 from .surgery import layer_view, num_layers
 from .tasks import Batch, Task, collect_stats, forward_logits, my_share, nll_stats, perplexity_summary, quality_retained
+from .tasks.engine import add_stats
 
 
 # ---------------------------------------------------------------- pure math
@@ -79,6 +80,9 @@ def angular_distance(h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor
 
 # ---------------------------------------------------------------- orchestration
 
+# A screened scoring's first stage reads this fraction (1/N) of the calibration batches.
+SCREEN_FRACTION = 4
+
 
 @dataclass
 class ScoringContext:
@@ -92,6 +96,7 @@ class ScoringContext:
     patches: dict | None = None               # candidate i -> its linear patch T (patch.py); None = plain cuts
     reuse_prefix: bool = True
     progress: bool = True
+    screen: int | None = None   # the removal metrics: only this many candidates go past the first stage
 
 
 @torch.no_grad()
@@ -102,7 +107,7 @@ def state_distances(model, batches: list[Batch], distance: Callable, span: int =
     totals = torch.zeros(depth - span + 1)
     for batch, counts in my_share(batches, model):
         batch = batch.to(device)
-        states, _ = layer_states(model, batch.input_ids, batch.attention_mask)
+        states = states_up_to(model, depth - 1, batch.input_ids, batch.attention_mask)   # no LM head
         for start in range(depth - span + 1):
             totals[start] += counts * distance(states[start], states[start + span], batch.attention_mask).item()
     totals = reduce(totals, reduction="sum")   # each process ran its share of the batches
@@ -132,18 +137,18 @@ def score_reverse(model, ctx: ScoringContext) -> list[float]:
 
 
 def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher=None,
-                    reuse_prefix: bool = True, progress: bool = True, patches: dict | None = None
-                    ) -> tuple[dict, dict]:
+                    reuse_prefix: bool = True, progress: bool = True, patches: dict | None = None,
+                    part: slice | None = None) -> tuple[dict, dict]:
     """Task stats of the current model and of each candidate "current minus layer i", collected by
     the tasks' own loop: per batch, one pass captures the states entering every layer, and each
     candidate runs from its cached state. With `patches`, candidate i is "minus layer i, patched":
     the same pass captures the MLP output of layer i-1, so the patched state costs no layer pass.
-    Returns (current_stats[task], stats[i][task])."""
+    `part`: only these of the tasks' batches. Returns (current_stats[task], stats[i][task])."""
     patches = patches or {}
     if patches and not reuse_prefix:
         raise ValueError("patched candidates are scored from cached states only")
     depth = num_layers(model)
-    batches = {id(task.batches): len(task.batches) for task in tasks if task.run is None}
+    batches = {id(task.batches): len(task.batches[part or slice(None)]) for task in tasks if task.run is None}
     bar = tqdm(total=sum(batches.values()) * len(candidates), desc="scoring layers", unit="cand",
                disable=not progress, leave=False)
 
@@ -163,24 +168,50 @@ def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher
             crash_point("scoring")
 
     with bar:
-        totals = collect_stats(model, tasks, teacher, outputs)
+        totals = collect_stats(model, tasks, teacher, outputs, part)
     return totals["current"], {i: totals[i] for i in candidates}
 
 
+def _added(first: dict, second: dict) -> dict:
+    """{task: sums} of two disjoint sets of batches, added."""
+    total = {name: dict(sums) for name, sums in first.items()}
+    for name, sums in second.items():
+        add_stats(total.setdefault(name, {}), sums)
+    return total
+
+
 def _removal_scores(model, ctx: ScoringContext, tasks: list[Task], value: Callable[[dict], float]) -> list[float]:
-    """importance_i = value(current) - value(current minus i); unscored layers get NaN."""
+    """importance_i = value(current) - value(current minus i); unscored layers get NaN.
+
+    With `ctx.screen` (k) and more candidates than k, scoring runs in two stages: every candidate
+    on the first quarter of the calibration batches, then only the k least important of those on
+    the rest. A survivor's score is over all the batches, exactly what scoring every candidate
+    everywhere gives it; a screened-out candidate keeps its first-stage score. The choice is the
+    unscreened one whenever its winner is among the first stage's k best (bench/bench_screen.py
+    measures how often, and what it saves: candidates far below the cut run most of the model)."""
     depth = num_layers(model)
     candidates = list(range(depth)) if ctx.candidates is None else list(ctx.candidates)
-    current, per_candidate = candidate_stats(model, tasks, candidates, ctx.teacher, ctx.reuse_prefix, ctx.progress,
-                                             ctx.patches)
-    base = value({t.name: t.summary(current[t.name]) for t in tasks})
-    if not math.isfinite(base):
-        raise NonFiniteError(f"the current model's outputs are not finite ({base}) while scoring layers",
-                             "the model is broken; check its weights, or use float32")
-    scores = [float("nan")] * depth
-    for i in candidates:
-        scores[i] = base - value({t.name: t.summary(per_candidate[i][t.name]) for t in tasks})
-    return scores
+
+    def stats(which: Sequence[int], part: slice | None) -> tuple[dict, dict]:
+        return candidate_stats(model, tasks, which, ctx.teacher, ctx.reuse_prefix, ctx.progress, ctx.patches, part)
+
+    def scored(current: dict, per_candidate: dict) -> dict[int, float]:
+        base = value({t.name: t.summary(current[t.name]) for t in tasks})
+        if not math.isfinite(base):
+            raise NonFiniteError(f"the current model's outputs are not finite ({base}) while scoring layers",
+                                 "the model is broken; check its weights, or use float32")
+        return {i: base - value({t.name: t.summary(sums[t.name]) for t in tasks}) for i, sums in per_candidate.items()}
+
+    first = max(1, len(ctx.batches) // SCREEN_FRACTION)
+    if ctx.screen and len(candidates) > ctx.screen and len(ctx.batches) > first:
+        head, early = stats(candidates, slice(0, first))
+        by_layer = scored(head, early)
+        survivors = _lowest([by_layer.get(i, math.nan) for i in range(depth)], candidates, ctx.screen)
+        tail, late = stats(survivors, slice(first, None))
+        by_layer.update(scored(_added(head, tail), {i: _added(early[i], late[i]) for i in survivors}))
+    else:
+        by_layer = scored(*stats(candidates, None))
+    return [by_layer.get(i, math.nan) for i in range(depth)]
 
 
 def score_nll(model, ctx: ScoringContext) -> list[float]:
@@ -236,16 +267,20 @@ def _lowest(scores: list[float], candidates: Sequence[int], count: int) -> list[
     return sorted(sorted(scored, key=lambda i: scores[i])[:count])
 
 
+def shortlisted(model, metric: str, ctx: ScoringContext, shortlist: int | None) -> list[int] | None:
+    """The `shortlist` candidates Block Influence ranks least important, which alone a removal
+    metric then scores (and alone get a candidate patch fitted); None where nothing is narrowed."""
+    candidates = list(ctx.candidates if ctx.candidates is not None else range(num_layers(model)))
+    if not shortlist or metric not in REMOVAL_METRICS or len(candidates) <= shortlist:
+        return None
+    return _lowest(score_bi(model, ctx), candidates, shortlist)
+
+
 def rank_layers(model, metric: str, ctx: ScoringContext, shortlist: int | None
                 ) -> tuple[list[float], list[int] | None]:
-    """Scores of the candidates, and the shortlist they were narrowed to (None: not narrowed);
-    with a shortlist, the removal metrics see only the layers that Block Influence ranks least
-    important."""
-    candidates = list(ctx.candidates if ctx.candidates is not None else range(num_layers(model)))
-    narrowed = None
-    if shortlist and metric in REMOVAL_METRICS and len(candidates) > shortlist:
-        bi = score_bi(model, ctx)
-        narrowed = _lowest(bi, candidates, shortlist)
+    """Scores of the candidates, and the shortlist they were narrowed to (None: not narrowed)."""
+    narrowed = shortlisted(model, metric, ctx, shortlist)
+    if narrowed is not None:
         ctx = dataclasses.replace(ctx, candidates=narrowed)
     return score_layers(model, metric, ctx), narrowed
 

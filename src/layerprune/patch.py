@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from .errors import LayerpruneError
 from .processes import process_count
-from .shard import editable
-from .surgery import find_layers, original_indices, text_config
+from .shard import editable, is_sharded
+from .surgery import find_layers, layer_view, original_indices, text_config
 from .tasks.engine import my_share
 
 log = logging.getLogger(__name__)
@@ -332,9 +332,12 @@ def fit(model: nn.Module, runs: list[tuple[int, int]], how: PatchFit) -> dict[tu
     starts = list(range(0, len(blocks), batch_size))
     work = my_share(starts, model) if split else [(start, True) for start in starts]
     bar = tqdm(work, desc="fitting the patch", unit="batch", disable=not how.progress, leave=False)
+    # Only the layers up to the highest removed one run: nothing above it enters a fit.
+    top = max(b for _, b in runs)
     for start, counts in bar:
         ids = blocks[start:start + batch_size].to(device)
-        with capture(model) as states, capture_mlp_outputs(model, {a - 1 for a, _ in runs}) as mlp:
+        view = layer_view(model, range(top + 1)) if not is_sharded(model) else nullcontext()
+        with view, capture(model) as states, capture_mlp_outputs(model, {a - 1 for a, _ in runs}) as mlp:
             run_layers(model, ids, torch.ones_like(ids))
         targets = lambda b: states["states"][b + 1]  # noqa: E731
         if teacher is not None:

@@ -255,6 +255,9 @@ def recipe(config: dict) -> str:
     calib = f", on {measured} over {c.data.blocks('calib') * seq} calibration tokens" if measured else ""
     if measured and c.shortlist:
         calib += f", shortlisted to the {c.shortlist} layers Block Influence ranks lowest each round"
+    if measured and c.screen:
+        calib += (f", the {c.screen} least important on the first quarter of that text scored on the rest "
+                  "(the others keep their first-quarter score)")
     parts = [f"Layers chosen by the `{c.metric}` metric ({c.mode}{calib})"]
     if c.patch != "none":
         # lstsq becomes a diagonal where the MLP output passes a norm (Gemma): "linear map" covers both.
@@ -287,7 +290,7 @@ def recipe(config: dict) -> str:
 
 
 # How layers are chosen and patched; with every healing option but those that change no figure, the recipe.
-_CHOICE_FIELDS = ("metric", "mode", "patch", "patch_target", "patch_fit", "shortlist", "tasks")
+_CHOICE_FIELDS = ("metric", "mode", "patch", "patch_target", "patch_fit", "shortlist", "screen", "tasks")
 _HEAL_NO_FIGURE = {"log_every", "checkpoint_every", "teacher_cache", "cache_memory", "cache_disk",
                    "gradient_checkpointing"}
 

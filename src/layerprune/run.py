@@ -39,7 +39,7 @@ from .guard import Guard, GuardLog, kl_task
 from .heal import accelerator_for, heal
 from .heal_job import HealLog, plan
 from .heal_text import carried_lr, healing_text, last_position, validation_blocks
-from .importance import REMOVAL_METRICS, ScoringContext, Selection, select_layers
+from .importance import REMOVAL_METRICS, ScoringContext, Selection, select_layers, shortlisted
 from .inputs import RunInputs, evaluate_student, final_evaluation
 from .models import model_name
 from .options import to_dict
@@ -198,14 +198,17 @@ class PruneRun:
         candidates. Returns the selection and those patches (None when candidates were not
         patched), which the cut then reuses."""
         config, inputs = self.config, self.inputs
-        candidates = config.removable(num_layers(self.student))
-        patches = None
-        if config.patch != "none" and config.metric in REMOVAL_METRICS and config.mode != "block":
-            patches = candidate_patches(self.student, candidates, self._patch_fit())
         ctx = ScoringContext(inputs.calib_batches, inputs.importance_tasks, inputs.teacher, inputs.teacher_scores,
-                             candidates=candidates, patches=patches, progress=self.progress)
+                             candidates=config.removable(num_layers(self.student)), progress=self.progress,
+                             screen=config.screen)
         try:
-            return select_layers(self.student, config.metric, config.mode, self.count, ctx, config.shortlist), patches
+            narrowed = shortlisted(self.student, config.metric, ctx, config.shortlist) \
+                if config.mode != "block" else None
+            ctx.candidates = narrowed or ctx.candidates
+            if config.patch != "none" and config.metric in REMOVAL_METRICS and config.mode != "block":
+                ctx.patches = candidate_patches(self.student, ctx.candidates, self._patch_fit())
+            selection = select_layers(self.student, config.metric, config.mode, self.count, ctx)
+            return dataclasses.replace(selection, shortlist=narrowed), ctx.patches
         except NonFiniteError as err:
             raise NonFiniteError(f"iteration {iteration}: {err.problem}; the last checkpoint holds the state before "
                                  "it", err.fix) from err

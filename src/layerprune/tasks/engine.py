@@ -21,7 +21,8 @@ from typing import Callable, Hashable, Iterator
 import torch
 
 from .base import Batch, Task
-from .moments import Moments, head_inputs, same_head
+from ..shard import is_sharded
+from .moments import Moments, head, head_inputs, same_head
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,16 @@ class TeacherSide:
             raise ValueError(f"tasks {[t.name for t in needing]} need a teacher model")
         self.teacher, self.model, self.needed = teacher, model, bool(needing)
         memos = [task.memo for task in needing]
-        self.memo = memos[0] if memos and all(m is memos[0] for m in memos) and teacher is not model \
-            and same_head(model, teacher) else None
+        shared = memos[0] if memos and all(m is memos[0] for m in memos) else None
+        # Scoring the teacher against itself: its own forward fills the memo (`keep`).
+        self.filling = shared if shared is not None and teacher is model and head(model) is not None \
+            and not is_sharded(model) else None
+        self.memo = shared if teacher is not model and same_head(model, teacher) else None
         self.record: dict = {}
         self._watch = None
 
     def __enter__(self) -> "TeacherSide":
-        if self.memo is not None:
+        if self.memo is not None or self.filling is not None:
             self._watch = head_inputs(self.model)
             self.record = self._watch.__enter__()
         return self
@@ -71,6 +75,8 @@ class TeacherSide:
         """The teacher's side on batch `index`: Moments, logits, or None when no task needs it."""
         if not self.needed:
             return None
+        if self.filling is not None and own is not None:
+            self.filling.keep(self.teacher, index, own, self.record["h"])
         moments = self.memo.side(self.teacher, index, batch) if self.memo is not None else None
         return moments if moments is not None else teacher_logits_for(self.teacher, batch, self.model, own)
 
@@ -127,14 +133,17 @@ def summed_over_processes(totals: dict) -> dict:
 
 
 @torch.no_grad()
-def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | None = None) -> dict:
+def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | None = None,
+                  part: slice | None = None) -> dict:
     """Summed task statistics per variant: {variant: {task name: sums}}. Without `outputs`, the
-    one variant is the model itself, under key None. Tasks that run whole are not collected here."""
+    one variant is the model itself, under key None. `part`: only these of each task's batches
+    (they keep their indices, so the teacher's memo still finds them). Tasks that run whole are
+    not collected here."""
     device = next(model.parameters()).device
     totals: dict = {}
     for batches, group in group_by_batches([task for task in tasks if task.run is None]):
         with TeacherSide(model, group, teacher) as teaching:
-            for (index, batch), counts in my_share(list(enumerate(batches)), model):
+            for (index, batch), counts in my_share(list(enumerate(batches))[part or slice(None)], model):
                 batch = batch.to(device)
                 own = forward_logits(model, batch) if outputs is None else None
                 side = teaching.for_batch(index, batch, own)

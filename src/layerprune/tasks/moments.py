@@ -131,14 +131,25 @@ class MomentsMemo:
         self.usable = True
 
     def side(self, teacher, index: int, batch) -> Moments | None:
-        if self.teacher_id != id(teacher):   # another teacher: start again
-            self.batches, self.teacher_id, self.usable = {}, id(teacher), True
+        self._for(teacher)
         if self.usable and index not in self.batches:
             with head_inputs(teacher) as record:
                 logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                  use_cache=False).logits
-            if self.batches or linear_head(teacher, logits, record["h"]):   # checked on the first batch
-                self.batches[index] = teacher_moments(teacher, logits, record["h"])
+            self.keep(teacher, index, logits, record["h"])
+        return self.batches.get(index) if self.usable else None
+
+    def keep(self, teacher, index: int, logits: torch.Tensor, h: torch.Tensor) -> None:
+        """Keep the moments of the teacher's own forward on batch `index` (`h` entering its head):
+        the pass that scores the teacher against itself fills the memo, and no evaluation after
+        it runs the teacher on these batches again."""
+        self._for(teacher)
+        if self.usable and index not in self.batches:
+            if self.batches or linear_head(teacher, logits, h):   # checked on the first batch
+                self.batches[index] = teacher_moments(teacher, logits, h)
             else:
                 self.usable = False
-        return self.batches.get(index) if self.usable else None
+
+    def _for(self, teacher) -> None:
+        if self.teacher_id != id(teacher):   # another teacher: start again
+            self.batches, self.teacher_id, self.usable = {}, id(teacher), True

@@ -156,6 +156,7 @@ def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher
         with capture_mlp_outputs(model, {i - 1 for i in patches}) as mlp:
             states, logits = layer_states(model, batch.input_ids, batch.attention_mask)
         yield "current", logits
+        del logits   # a variant's [B, T, V] logits are gone before the next one is made
         for i in candidates:
             if reuse_prefix:
                 start = patched_state(states[i], mlp[i - 1], patches[i]) if i in patches else states[i]
@@ -164,6 +165,7 @@ def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher
                 with layer_view(model, [k for k in range(depth) if k != i]):
                     logits = forward_logits(model, batch)
             yield i, logits
+            del logits
             bar.update(1)
             crash_point("scoring")
 

@@ -152,6 +152,8 @@ def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | Non
                     variant_side = teaching.of(side)
                     for task in group:
                         add_stats(sums.setdefault(task.name, {}), task.stats(logits, batch, variant_side))
+                    del logits, variant_side   # not held while the next variant runs
+                del own, side
     return summed_over_processes(totals)
 
 

@@ -54,6 +54,7 @@ def evaluate_rows(model, tasks: list[Task], teacher=None) -> tuple[dict, dict[st
                                 for r in range(len(batch.input_ids))] for task in tasks}
             if counts:
                 mine.append((index, rows))
+            del logits, side   # not held while the next batch runs
     parts = gather_object(mine) if process_count() > 1 else mine
     ordered = [rows for _, rows in sorted(parts, key=lambda part: part[0])]
     per_task = {task.name: [row for rows in ordered for row in rows[task.name]] for task in tasks}

@@ -135,3 +135,52 @@ class TestMoments:
         expected = score_layers(student, "quality", ScoringContext(plain[0].batches, plain, teacher, reference,
                                                                  progress=False))
         assert scores == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+class TestHeadByRows:
+    """Past ROW_HEAD_BYTES a batch's logits are made a row at a time from the final norm's output:
+    the same statistics, evaluations and scores as from the whole batch's logits."""
+
+    def _figures(self, student, teacher, blocks):
+        tasks = build_tasks(["perplexity", "token_accuracy", "kl"], TaskData(None, blocks, [], 3))
+        evaluate_rows(teacher, tasks, teacher)   # the teacher's own pass, as a run makes it first
+        reference = evaluate_tasks(teacher, tasks, teacher)
+        scores = score_layers(student, "quality", ScoringContext(tasks[0].batches, tasks, teacher, reference,
+                                                                 progress=False))
+        return evaluate_tasks(student, tasks, teacher), evaluate_rows(student, tasks, teacher), scores
+
+    def test_rows_give_the_whole_batchs_figures(self, monkeypatch):
+        from layerprune.tasks import engine
+
+        teacher = tiny_model("llama")
+        student = _perturbed(teacher)
+        blocks = _blocks(n=6)
+        whole = self._figures(student, teacher, blocks)
+        heads = []
+        student.lm_head.register_forward_hook(lambda m, args, out: heads.append(tuple(out.shape)))
+        monkeypatch.setattr(engine, "ROW_HEAD_BYTES", 0)
+        rows = self._figures(student, teacher, blocks)
+        # never a whole batch's positions through the head (logits_to_keep: the last one), but each row whole
+        assert heads and not any(shape[0] > 1 and shape[1] > 1 for shape in heads)
+        assert any(shape[1] == blocks.shape[1] for shape in heads)
+        for name in whole[0]:
+            for key, value in whole[0][name].items():
+                assert rows[0][name][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
+        for task in ("kl", "perplexity"):
+            key = {"kl": "kl_sum", "perplexity": "nll_sum"}[task]
+            assert [row[key] for row in rows[1][1][task]] == pytest.approx([row[key] for row in whole[1][1][task]],
+                                                                            rel=1e-5, abs=1e-7)
+        assert rows[2] == pytest.approx(whole[2], rel=1e-4, abs=1e-6)
+
+    def test_a_capped_head_keeps_the_whole_logits(self, monkeypatch):
+        from layerprune.tasks import engine
+
+        teacher = tiny_from_table("gemma2")
+        teacher.config.final_logit_softcapping = 0.5
+        student = _perturbed(teacher)
+        blocks = _blocks(n=6)
+        whole = self._figures(student, teacher, blocks)
+        monkeypatch.setattr(engine, "ROW_HEAD_BYTES", 0)
+        rows = self._figures(student, teacher, blocks)
+        assert not engine.head_by_rows(student, build_tasks(["kl"], TaskData(None, blocks, [], 3))[0].batches[0])
+        assert rows[0] == whole[0]

@@ -171,8 +171,10 @@ def test_one_collection_loop_serves_several_variants_at_once():
     model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     blocks = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     tasks = build_tasks(["perplexity", "kl"], TaskData(None, blocks, [], 2))
-    both = collect_stats(model, tasks, model, lambda batch: iter([("a", model(input_ids=batch.input_ids).logits),
-                                                                  ("b", other(input_ids=batch.input_ids).logits)]))
+    def variants(batch, rows):
+        return iter([("a", model(input_ids=batch.input_ids).logits), ("b", other(input_ids=batch.input_ids).logits)])
+
+    both = collect_stats(model, tasks, model, variants)
     assert both["a"] == collect_stats(model, tasks, model)[None]
     assert both["b"] == collect_stats(other, tasks, model)[None]
 

@@ -9,7 +9,9 @@ own business.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -67,11 +69,31 @@ def capture(model: nn.Module, inputs: bool = True, final: bool = False) -> Itera
 
 
 @torch.no_grad()
-def layer_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list, torch.Tensor]:
-    """Run the model once; return (states entering each layer + last output, logits)."""
-    with capture(model) as record:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return record["states"], logits
+def logits_to_keep(model) -> dict:
+    """The forward argument that makes `model` compute logits at the last position only, where
+    its class takes one (for callers that read the head's input, not the logits)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {}
+
+
+@dataclass
+class FinalState:
+    """The final norm's output [B, T, H], standing in for a batch's logits where the caller applies
+    the LM head itself, a row at a time (tasks.engine: a large vocabulary's [B, T, V] is not made)."""
+
+    h: torch.Tensor
+
+
+def _output(model: nn.Module, record: dict, final: bool, **inputs):
+    out = model(**inputs, use_cache=False, **(logits_to_keep(model) if final else {}))
+    return FinalState(record["final"]) if final else out.logits
+
+
+def layer_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, final: bool = False
+                 ) -> tuple[list, torch.Tensor | FinalState]:
+    """Run the model once; return (states entering each layer + last output, logits), or with
+    `final` the final norm's output in place of the logits."""
+    with capture(model, final=final) as record:
+        return record["states"], _output(model, record, final, input_ids=input_ids, attention_mask=attention_mask)
 
 
 @contextmanager
@@ -99,11 +121,12 @@ def injected(model: nn.Module, start: int, hidden: torch.Tensor, keep: Sequence[
 
 @torch.no_grad()
 def run_from(model: nn.Module, start: int, hidden: torch.Tensor, keep: Sequence[int],
-             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+             input_ids: torch.Tensor, attention_mask: torch.Tensor, final: bool = False
+             ) -> torch.Tensor | FinalState:
     """Logits of the model restricted to layers `keep` (all >= start), given the state entering
-    layer `start`."""
-    with injected(model, start, hidden, keep):
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    layer `start`; with `final`, the final norm's output instead."""
+    with injected(model, start, hidden, keep), capture(model, inputs=False, final=final) as record:
+        return _output(model, record, final, input_ids=input_ids, attention_mask=attention_mask)
 
 
 class _Stop(Exception):

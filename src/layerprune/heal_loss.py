@@ -19,18 +19,18 @@ weights against the KL on whole logits).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import TYPE_CHECKING
 
 import torch
 
-from .activations import capture, final_norm, forward_layers, injected, layer_outputs, prefix_state, states_up_to
+from .activations import (capture, final_norm, forward_layers, injected, layer_outputs, logits_to_keep, prefix_state,
+                          states_up_to)
 from .losses import head_kl_loss, joint_loss, kl_loss, mse_loss, topk_kl_loss
 from .shard import is_sharded
 from .surgery import find_layers, num_layers
 from .targets import TeacherTargets
-from .tasks.moments import head, linear_head
+from .tasks.moments import head, plain_head
 
 if TYPE_CHECKING:
     from .heal_job import HealJob
@@ -90,25 +90,7 @@ def fused_head(student, teacher) -> bool:
     each model's logits are its head's plain linear map of its final norm's output (no capping or
     scaling), checked on a few tokens, and neither model is sharded. Then neither pass computes
     its logits for the whole batch (`logits_to_keep`)."""
-    if is_sharded(student) or is_sharded(teacher) or head(student) is None or head(teacher) is None:
-        return False
-    if final_norm(student) is None or final_norm(teacher) is None:   # nowhere to read the head's input
-        return False
-    device = next(student.parameters()).device
-    ids = torch.arange(8, device=device)[None] % head(student).weight.shape[0]
-    with torch.no_grad():
-        for model in (student, teacher):
-            with capture(model, inputs=False, final=True) as record:
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-            if not linear_head(model, logits, record["final"]):
-                return False
-    return True
-
-
-def logits_to_keep(model) -> dict:
-    """The forward argument that makes `model` compute logits at the last position only, where
-    its class takes one (the fused KL reads the head's input, not the logits)."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {}
+    return plain_head(student) and plain_head(teacher)
 
 
 def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets | None):

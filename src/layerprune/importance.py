@@ -28,8 +28,8 @@ from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
 from .patch import capture_mlp_outputs, patched_state
 from .surgery import layer_view, num_layers
-from .tasks import Batch, Task, collect_stats, forward_logits, my_share, nll_stats, perplexity_summary, quality_retained
-from .tasks.engine import add_stats
+from .tasks import Batch, Task, collect_stats, my_share, nll_stats, perplexity_summary, quality_retained
+from .tasks.engine import add_stats, forward_output
 
 
 # ---------------------------------------------------------------- pure math
@@ -152,18 +152,19 @@ def candidate_stats(model, tasks: list[Task], candidates: Sequence[int], teacher
     bar = tqdm(total=sum(batches.values()) * len(candidates), desc="scoring layers", unit="cand",
                disable=not progress, leave=False)
 
-    def outputs(batch: Batch):
+    def outputs(batch: Batch, rows: bool):
         with capture_mlp_outputs(model, {i - 1 for i in patches}) as mlp:
-            states, logits = layer_states(model, batch.input_ids, batch.attention_mask)
+            states, logits = layer_states(model, batch.input_ids, batch.attention_mask, final=rows)
         yield "current", logits
         del logits   # a variant's [B, T, V] logits are gone before the next one is made
         for i in candidates:
             if reuse_prefix:
                 start = patched_state(states[i], mlp[i - 1], patches[i]) if i in patches else states[i]
-                logits = run_from(model, i, start, range(i + 1, depth), batch.input_ids, batch.attention_mask)
+                logits = run_from(model, i, start, range(i + 1, depth), batch.input_ids, batch.attention_mask,
+                                  final=rows)
             else:
                 with layer_view(model, [k for k in range(depth) if k != i]):
-                    logits = forward_logits(model, batch)
+                    logits = forward_output(model, batch, rows)
             yield i, logits
             del logits
             bar.update(1)

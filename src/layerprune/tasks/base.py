@@ -24,6 +24,10 @@ class Batch:
     target_mask: torch.Tensor        # [B, T], 1 = position whose next token is scored
     extra: dict = field(default_factory=dict)
 
+    def row(self, r: int) -> "Batch":
+        """Row r alone, as a batch of one (plain token rows: no `extra`)."""
+        return Batch(self.input_ids[r:r + 1], self.attention_mask[r:r + 1], self.target_mask[r:r + 1])
+
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device),
                      {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.extra.items()})

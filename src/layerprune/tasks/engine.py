@@ -17,22 +17,71 @@ from __future__ import annotations
 import logging
 import time
 from typing import Callable, Hashable, Iterator
+from weakref import WeakKeyDictionary
 
 import torch
 
-from .base import Batch, Task
+from ..activations import FinalState, capture, logits_to_keep
 from ..shard import is_sharded
-from .moments import Moments, head, head_inputs, same_head
+from .base import Batch, Task
+from .moments import Moments, head, head_inputs, plain_head, same_head
 
 log = logging.getLogger(__name__)
 
-# outputs(batch) yields (variant key, logits) for each model variant scored on the batch.
-Outputs = Callable[[Batch], Iterator[tuple[Hashable, torch.Tensor]]]
+# outputs(batch, rows) yields (variant key, logits) for each model variant scored on the batch; with
+# `rows`, the final norm's output (a FinalState) in place of the logits.
+Outputs = Callable[[Batch, bool], Iterator[tuple[Hashable, torch.Tensor | FinalState]]]
+
+
+# A batch's logits larger than this are made a row at a time, from the final norm's output: 4 x 256
+# tokens over Gemma-3's 262K vocabulary are 1 GB of float32. Smaller ones are made whole: a row at a
+# time, SmolLM2's head and statistics took 0.48 s a batch against 0.44 s.
+ROW_HEAD_BYTES = 1 << 28
+
+_plain_heads: WeakKeyDictionary = WeakKeyDictionary()
 
 
 @torch.no_grad()
 def forward_logits(model, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+
+def head_by_rows(model, batch: Batch) -> bool:
+    """Whether `batch`'s logits are made a row at a time (`each_row`): plain token rows, whose
+    logits would pass ROW_HEAD_BYTES, through a head that is a plain linear map (probed once per
+    model)."""
+    module = head(model)
+    if module is None or batch.extra or len(batch.input_ids) < 2 or \
+            batch.input_ids.numel() * module.weight.shape[0] * 4 <= ROW_HEAD_BYTES:
+        return False
+    if model not in _plain_heads:
+        _plain_heads[model] = plain_head(model)
+    return _plain_heads[model]
+
+
+@torch.no_grad()
+def forward_output(model, batch: Batch, rows: bool) -> torch.Tensor | FinalState:
+    """The batch's logits, or with `rows` the final norm's output (the head runs on one position)."""
+    if not rows:
+        return forward_logits(model, batch)
+    with capture(model, inputs=False, final=True) as record:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+              **logits_to_keep(model))
+    return FinalState(record["final"])
+
+
+def each_row(model, out, batch: Batch, side, whole: bool = False):
+    """(logits, batch, teacher side) of each row of a model's output on `batch`: a FinalState's rows
+    through the model's head, one row's logits at a time (the statistics are sums over rows); with
+    `whole`, a logits tensor once as it is."""
+    if whole and not isinstance(out, FinalState):
+        yield out, batch, side
+        return
+    module = head(model) if isinstance(out, FinalState) else None
+    for r in range(len(batch.input_ids)):
+        logits = module(out.h[r:r + 1]) if module is not None else out[r:r + 1]
+        yield logits, batch.row(r), None if side is None else side[r:r + 1]
+        del logits
 
 
 def teacher_logits_for(teacher, batch: Batch, model=None, logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,18 +120,27 @@ class TeacherSide:
         if self._watch is not None:
             self._watch.__exit__(*exc)
 
-    def for_batch(self, index: int, batch: Batch, own: torch.Tensor | None = None):
+    def by_rows(self, batch: Batch) -> bool:
+        """Whether the model's logits on `batch` are made a row at a time (not where the model is
+        the teacher and a task compares with it: then its own logits are the teacher's side)."""
+        return head_by_rows(self.model, batch) and not (self.needed and self.teacher is self.model)
+
+    def for_batch(self, index: int, batch: Batch, own=None):
         """The teacher's side on batch `index`: Moments, logits, or None when no task needs it."""
         if not self.needed:
             return None
+        own = None if isinstance(own, FinalState) else own
         if self.filling is not None and own is not None:
             self.filling.keep(self.teacher, index, own, self.record["h"])
         moments = self.memo.side(self.teacher, index, batch) if self.memo is not None else None
         return moments if moments is not None else teacher_logits_for(self.teacher, batch, self.model, own)
 
-    def of(self, side):
-        """`side` for the model variant whose forward ran last (moments need its head input)."""
-        return side.against(self.record["h"]) if isinstance(side, Moments) else side
+    def of(self, side, out=None):
+        """`side` for the model variant whose forward ran last, or whose output is `out` (moments
+        need its head input: a FinalState is it)."""
+        if not isinstance(side, Moments):
+            return side
+        return side.against(out.h if isinstance(out, FinalState) else self.record["h"])
 
 
 def group_by_batches(tasks: list[Task]) -> list[tuple[list[Batch], list[Task]]]:
@@ -145,14 +203,16 @@ def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | Non
         with TeacherSide(model, group, teacher) as teaching:
             for (index, batch), counts in my_share(list(enumerate(batches))[part or slice(None)], model):
                 batch = batch.to(device)
-                own = forward_logits(model, batch) if outputs is None else None
+                rows = teaching.by_rows(batch)
+                own = forward_output(model, batch, rows) if outputs is None else None
                 side = teaching.for_batch(index, batch, own)
-                for key, logits in (outputs(batch) if outputs is not None else [(None, own)]):
+                for key, out in (outputs(batch, rows) if outputs is not None else [(None, own)]):
                     sums = totals.setdefault(key, {}) if counts else {}
-                    variant_side = teaching.of(side)
-                    for task in group:
-                        add_stats(sums.setdefault(task.name, {}), task.stats(logits, batch, variant_side))
-                    del logits, variant_side   # not held while the next variant runs
+                    variant_side = teaching.of(side, out)
+                    for logits, part_batch, part_side in each_row(model, out, batch, variant_side, whole=True):
+                        for task in group:
+                            add_stats(sums.setdefault(task.name, {}), task.stats(logits, part_batch, part_side))
+                    del out, variant_side   # not held while the next variant runs
                 del own, side
     return summed_over_processes(totals)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Batch, Task
+from .base import Task
 from ..processes import process_count
-from .engine import TeacherSide, add_stats, forward_logits, my_share, quality_retained
+from .engine import TeacherSide, add_stats, each_row, forward_output, my_share, quality_retained
 
 DRAWS = 1000
 
@@ -28,10 +28,6 @@ def _blockwise(tasks: list[Task]) -> bool:
         return False
     batches = tasks[0].batches
     return all(task.batches is batches for task in tasks) and not any(batch.extra for batch in batches)
-
-
-def _row(batch: Batch, r: int) -> Batch:
-    return Batch(batch.input_ids[r:r + 1], batch.attention_mask[r:r + 1], batch.target_mask[r:r + 1])
 
 
 @torch.no_grad()
@@ -48,13 +44,15 @@ def evaluate_rows(model, tasks: list[Task], teacher=None) -> tuple[dict, dict[st
     with TeacherSide(model, tasks, teacher) as teaching:
         for (index, batch), counts in my_share(list(enumerate(batches)), model):
             batch = batch.to(device)
-            logits = forward_logits(model, batch)
-            side = teaching.of(teaching.for_batch(index, batch, logits))
-            rows = {task.name: [task.stats(logits[r:r + 1], _row(batch, r), None if side is None else side[r:r + 1])
-                                for r in range(len(batch.input_ids))] for task in tasks}
+            out = forward_output(model, batch, teaching.by_rows(batch))
+            side = teaching.of(teaching.for_batch(index, batch, out), out)
+            rows: dict[str, list[dict]] = {task.name: [] for task in tasks}
+            for logits, row, row_side in each_row(model, out, batch, side):
+                for task in tasks:
+                    rows[task.name].append(task.stats(logits, row, row_side))
             if counts:
                 mine.append((index, rows))
-            del logits, side   # not held while the next batch runs
+            del out, side   # not held while the next batch runs
     parts = gather_object(mine) if process_count() > 1 else mine
     ordered = [rows for _, rows in sorted(parts, key=lambda part: part[0])]
     per_task = {task.name: [row for rows in ordered for row in rows[task.name]] for task in tasks}

@@ -114,6 +114,22 @@ def linear_head(model, logits: torch.Tensor, h: torch.Tensor) -> bool:
     return bool(((again - logits.float()).abs().amax() <= LINEAR_TOLERANCE * scale).item())
 
 
+def plain_head(model) -> bool:
+    """Whether the model's logits are its LM head's plain linear map of its final norm's output (no
+    capping or scaling), checked on 8 tokens, and it is not sharded: then a caller may apply the
+    head itself, to a part of the tokens at a time."""
+    from ..activations import capture, final_norm
+    from ..shard import is_sharded
+
+    if is_sharded(model) or head(model) is None or final_norm(model) is None:
+        return False
+    device = next(model.parameters()).device
+    ids = torch.arange(PROBE_TOKENS, device=device)[None] % head(model).weight.shape[0]
+    with torch.no_grad(), capture(model, inputs=False, final=True) as record:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    return linear_head(model, logits, record["final"])
+
+
 @torch.no_grad()
 def teacher_moments(teacher, logits: torch.Tensor, h: torch.Tensor) -> Moments:
     """The moments of the teacher's `logits` [B, T, V], given `h` [B, T, H] entering its head."""

@@ -172,6 +172,22 @@ class TestHeadByRows:
                                                                             rel=1e-5, abs=1e-7)
         assert rows[2] == pytest.approx(whole[2], rel=1e-4, abs=1e-6)
 
+    def test_the_teachers_moments_are_made_a_row_at_a_time_too(self, monkeypatch):
+        from layerprune.tasks import engine
+
+        teacher = tiny_model("llama")
+        student = _perturbed(teacher)
+        blocks = _blocks(n=6)
+        whole = evaluate_tasks(student, build_tasks(["kl"], TaskData(None, blocks, [], 3)), teacher)["kl"]["kl"]
+        monkeypatch.setattr(engine, "ROW_HEAD_BYTES", 0)
+        heads = []
+        teacher.lm_head.register_forward_hook(lambda m, args, out: heads.append(tuple(out.shape)))
+        tasks = build_tasks(["kl"], TaskData(None, blocks, [], 3))
+        rows = evaluate_tasks(student, tasks, teacher)["kl"]["kl"]
+        assert len(tasks[0].memo.batches) == 2   # a row is [T, V]; never [B, T, V] with B and T over 1
+        assert heads and not any(len(shape) == 3 and shape[0] > 1 and shape[1] > 1 for shape in heads)
+        assert rows == pytest.approx(whole, rel=1e-5)
+
     def test_a_capped_head_keeps_the_whole_logits(self, monkeypatch):
         from layerprune.tasks import engine
 

@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 Outputs = Callable[[Batch, bool], Iterator[tuple[Hashable, torch.Tensor | FinalState]]]
 
 
-# A batch's logits larger than this are made a row at a time, from the final norm's output: 4 x 256
-# tokens over Gemma-3's 262K vocabulary are 1 GB of float32. Smaller ones are made whole: a row at a
-# time, SmolLM2's head and statistics took 0.48 s a batch against 0.44 s.
-ROW_HEAD_BYTES = 1 << 28
+# A batch's logits larger than this are made a row at a time, from the final norm's output. Only
+# past 2 GiB: on Gemma-3-270M (4 x 256 tokens x 262K: 1 GB a batch) rows took a run's peak RSS from
+# 5.19 to 4.28 GB but its scoring from 187 to 234 s (docs/results.md); where a batch's logits are
+# several GB, memory is what stops a run.
+ROW_HEAD_BYTES = 1 << 31
 
 _plain_heads: WeakKeyDictionary = WeakKeyDictionary()
 

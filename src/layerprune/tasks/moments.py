@@ -131,16 +131,19 @@ def plain_head(model) -> bool:
 
 
 @torch.no_grad()
-def teacher_moments(teacher, logits: torch.Tensor, h: torch.Tensor) -> Moments:
-    """The moments of the teacher's `logits` [B, T, V], given `h` [B, T, H] entering its head."""
-    weight = head(teacher).weight.float()
-    batch, length, _ = logits.shape
-    expected = torch.empty(batch, length, weight.shape[1], dtype=torch.float32, device=logits.device)
-    lse = torch.empty(batch, length, dtype=torch.float64, device=logits.device)
+def teacher_moments(teacher, logits: torch.Tensor | None, h: torch.Tensor) -> Moments:
+    """The moments of the teacher's `logits` [B, T, V], given `h` [B, T, H] entering its head;
+    without `logits` (a plain linear head), each row's logits are made from `h`, one at a time."""
+    module = head(teacher)
+    weight = module.weight.float()
+    batch, length, _ = h.shape
+    expected = torch.empty(batch, length, weight.shape[1], dtype=torch.float32, device=h.device)
+    lse = torch.empty(batch, length, dtype=torch.float64, device=h.device)
     for b in range(batch):   # a whole row at a time: one large product through the head, not many small ones
-        row = logits[b].float()
+        row = (logits[b] if logits is not None else module(h[b])).float()
         lse[b] = torch.logsumexp(row, -1).double()
         expected[b] = torch.softmax(row, -1) @ weight
+        del row
     return Moments(expected, h.float().clone(), lse)
 
 
@@ -155,12 +158,16 @@ class MomentsMemo:
         self.usable = True
 
     def side(self, teacher, index: int, batch) -> Moments | None:
+        from .engine import FinalState, forward_output, head_by_rows
+
         self._for(teacher)
         if self.usable and index not in self.batches:
             with head_inputs(teacher) as record:
-                logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 use_cache=False).logits
-            self.keep(teacher, index, logits, record["h"])
+                out = forward_output(teacher, batch, head_by_rows(teacher, batch))
+            if isinstance(out, FinalState):   # a plain linear head, probed: no batch-wide logits
+                self.batches[index] = teacher_moments(teacher, None, out.h)
+            else:
+                self.keep(teacher, index, out, record["h"])
         return self.batches.get(index) if self.usable else None
 
     def keep(self, teacher, index: int, logits: torch.Tensor, h: torch.Tensor) -> None:

@@ -1,10 +1,11 @@
 """What a healing step costs, local beside global: SmolLM2-135M with one layer removed, healed on
 the embedded training text with the default recipe (trained layers: the cut's two neighbours on
 each side), its steps all local (`--heal-local-steps`, MSE at the cut's mapped state, no LM head,
-no layer above it) or all global (teacher and student through the head, KL + MSE); and the global
-step as it was before the student started from the teacher's state below its lowest trained layer
-(heal_loss.shares_prefix), running its own frozen prefix, and before its KL ran from the heads'
-inputs a chunk of tokens at a time (heal_loss.fused_head), on whole [B, T, V] logits.
+no layer above it) or all global (teacher and student through the head, KL + MSE), in float32 or
+under bfloat16 autocast; and the global step as it was before the student started from the
+teacher's state below its lowest trained layer (heal_loss.shares_prefix), running its own frozen
+prefix, and before its KL ran from the heads' inputs a chunk of tokens at a time
+(heal_loss.fused_head), on whole [B, T, V] logits.
 
     python bench/bench_heal_step.py               # 3 repeats of 6 steps each, interleaved; medians
     python bench/bench_heal_step.py --model embedded:gemma3-270m --layer 8 --phases global,whole-logits
@@ -22,11 +23,14 @@ import time
 
 
 # phase -> its row's name
-PHASES = {"local": "local", "global": "global", "own-prefix": "global, own prefix (before 2026-12-04)",
+PHASES = {"local": "local", "global": "global", "bf16": "global, bf16 autocast (--heal-mixed-precision bf16)",
+          "own-prefix": "global, own prefix (before 2026-12-04)",
           "whole-logits": "global, whole logits (before the fused KL)"}
 
 
 def main() -> None:
+    from accelerate.state import AcceleratorState
+
     from layerprune import heal_loss
     from layerprune.config import DataConfig, HealConfig
     from layerprune.data import load_corpus
@@ -58,7 +62,10 @@ def main() -> None:
             local = args.steps if phase == "local" else 0
             heal_loss.shares_prefix = (lambda *a: False) if phase == "own-prefix" else shares
             heal_loss.fused_head = (lambda *a: False) if phase == "whole-logits" else fused
-            job = plan(student, HealConfig(steps=args.steps, guard=False, local_steps=local), args.steps,
+            precision = "bf16" if phase == "bf16" else "no"
+            AcceleratorState._reset_state()   # one process, one precision per Accelerator: a bench's phases differ
+            job = plan(student, HealConfig(steps=args.steps, guard=False, local_steps=local, mixed_precision=precision),
+                       args.steps,
                        iteration=1, seed=0, dropped=[args.layer])
             started = time.perf_counter()
             heal(student, teacher, text, job, progress=False)

@@ -59,3 +59,31 @@ class TestValidate:
             CompareConfig(out="c", methods=("magic",)).validate()
         with pytest.raises(LayerpruneError, match="must be positive"):
             CompareConfig(out="c", counts=(0,)).validate()
+
+
+class TestIgnored:
+    def test_options_a_configuration_never_reads_are_named_with_what_they_need(self):
+        config = parse("prune", "--out", "o", "--remove", "1", "--metric", "bi", "--screen", "2", "--patch", "none",
+                       "--patch-fit", "cosine", "--heal", "none", "--heal-steps", "60", "--lora-r", "8")
+        lines = config.ignored()
+        assert "--screen has no effect here: it applies with --metric nll or quality outside --mode block" in lines
+        assert "--patch-fit has no effect here: it applies with --patch lstsq or diag" in lines
+        assert "--heal-steps has no effect here: it applies with --heal distill" in lines
+        assert "--lora-r has no effect here: it applies with --heal distill" in lines   # the first reason only
+        assert len(lines) == 4
+
+    def test_defaults_and_options_that_count_are_not_named(self):
+        assert PruneConfig(out="o", remove=1).ignored() == []
+        lora = parse("prune", "--out", "o", "--remove", "1", "--trainable", "lora", "--lora-r", "8", "--radius", "3")
+        assert lora.ignored() == ["--radius has no effect here: it applies with --trainable neighbours"]
+        assert parse("prune", "--out", "o", "--remove", "1", "--screen", "2", "--heal-steps", "9").ignored() == []
+
+    def test_a_run_logs_them_before_anything_else(self, tmp_path, caplog):
+        from layerprune.pipeline import prune
+
+        (tmp_path / "a-file").write_text("mine")
+        config = parse("prune", "--out", str(tmp_path / "a-file"), "--remove", "1", "--heal", "none",
+                       "--heal-lr", "0.1")
+        with pytest.raises(LayerpruneError, match="is a file"):
+            prune(config, progress=False)
+        assert "--heal-lr has no effect here: it applies with --heal distill" in caplog.text

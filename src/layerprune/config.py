@@ -31,6 +31,8 @@ PATCHES = ("none", "lstsq", "diag")
 PATCH_TARGETS, PATCH_FITS = ("layer", "teacher"), ("lstsq", "normalised", "cosine")
 TRAIN_DATA, MSE_SCALES = ("stream", "reuse", "teacher"), ("raw", "relative", "channel")
 GGUF_TYPES = ("source", "q8_0", "f16", "f32")
+# The metrics that score a layer by removing it (and so score patched candidates, on a shortlist, screened).
+REMOVAL_METRICS = ("nll", "quality")
 # The healing budget when neither --heal-tokens nor --heal-steps is given.
 DEFAULT_HEAL_STEPS = 30
 
@@ -395,6 +397,33 @@ class PruneConfig(Recipe):
         if self.fsdp and self.heal.method != "none" and self.heal.train_data == "teacher":
             raise LayerpruneError("--train-data teacher generates with the whole original, which --fsdp shards",
                                   "use --train-data stream with --fsdp, or run without --fsdp")
+
+    def ignored(self) -> list[str]:
+        """The options given (away from their defaults) that this configuration never reads, each
+        with what would make it count: a run logs them instead of doing without them in silence."""
+        heal, data = self.heal, self.data
+        rules = [   # (config, field, ignored when, what it needs)
+            (self, "tasks", self.metric != "quality", "--metric quality"),
+            *[(self, name, self.metric not in REMOVAL_METRICS or self.mode == "block",
+               f"--metric {' or '.join(REMOVAL_METRICS)} outside --mode block") for name in ("shortlist", "screen")],
+            *[(self, name, self.patch == "none", "--patch lstsq or diag") for name in ("patch_target", "patch_fit")],
+            *[(data, name, self.patch == "none", "--patch lstsq or diag") for name in ("patch_tokens", "patch_blocks")],
+            (self, "speedup_estimate", self.target_speedup is None, "--target-speedup"),
+            (self, "gguf_type", not self.gguf, "model.gguf written (drop --no-gguf)"),
+            *[(heal, f.name, heal.method == "none", "--heal distill")
+              for f in dataclasses.fields(heal) if f.name != "method"],
+            *[(heal, name, heal.trainable != "lora", "--trainable lora") for name in ("lora_r", "lora_alpha")],
+            (heal, "radius", heal.trainable != "neighbours", "--trainable neighbours"),
+            (heal, "guard_retries", not heal.guard, "the healing guard (drop --no-heal-guard)"),
+            (data, "val_tokens", not heal.guard or heal.method == "none", "the healing guard"),
+            *[(heal, name, not heal.teacher_cache, "the teacher cache") for name in ("cache_memory", "cache_disk")],
+        ]
+        found = {}
+        for config, name, unused, needs in rules:
+            default = {f.name: f for f in dataclasses.fields(config)}[name].default
+            if unused and getattr(config, name) != default:
+                found.setdefault(flag_of(type(config), name), needs)
+        return [f"{flag} has no effect here: it applies with {needs}" for flag, needs in found.items()]
 
     def most_removable(self, depth: int) -> int:
         """How many of `depth` layers may go: the unprotected ones, one layer always kept."""

@@ -24,6 +24,7 @@ from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from .activations import layer_states, run_from, states_up_to
+from .config import REMOVAL_METRICS
 from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
 from .patch import capture_mlp_outputs, patched_state
@@ -239,9 +240,6 @@ METRICS: dict[str, Callable[[object, ScoringContext], list[float]]] = {
     "quality": score_quality,
 }
 # Metrics that run the model once per candidate; a shortlist narrows their candidates.
-REMOVAL_METRICS = ("nll", "quality")
-
-
 def score_layers(model, metric: str, ctx: ScoringContext) -> list[float]:
     return METRICS[metric](model, ctx)
 

@@ -44,6 +44,8 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     check_trainable(config.dtype, config.device, config.heal.method != "none")
     if config.fsdp:
         check_launch()
+    for line in config.ignored() if is_main_process() else ():
+        log.warning(line)
     out = Path(config.out)
     with outdir.claimed(out, config.model, overwrite, main=is_main_process()):
         return _prune(config, out, progress, resume)

@@ -31,7 +31,7 @@ import torch
 
 from . import checkpoint, teacher_text
 from .checkpoint import History, IterationRecord, PendingIteration, ResumePoint
-from .config import PruneConfig
+from .config import REMOVAL_METRICS, PruneConfig
 from .data import StreamPosition
 from .depth import Depth
 from .errors import NonFiniteError
@@ -39,7 +39,7 @@ from .guard import Guard, GuardLog, kl_task
 from .heal import accelerator_for, heal
 from .heal_job import HealLog, plan
 from .heal_text import carried_lr, healing_text, last_position, validation_blocks
-from .importance import REMOVAL_METRICS, ScoringContext, Selection, select_layers, shortlisted
+from .importance import ScoringContext, Selection, select_layers, shortlisted
 from .inputs import RunInputs, evaluate_student, final_evaluation
 from .models import model_name
 from .options import to_dict

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from layerprune.errors import LayerpruneError
-from layerprune.models import check_context, check_same_vocabulary, load_model, max_positions
+from layerprune.models import check_context, check_same_vocabulary, load_model, max_positions, transformers_bars
 
 from common import tiny_model
 
@@ -13,6 +13,26 @@ def test_a_local_folder_loads_frozen_with_a_pad_token(tiny_dir):
     assert tokenizer.pad_token_id is not None
     bf16, _ = load_model(str(tiny_dir), "bfloat16", "cpu")
     assert next(bf16.parameters()).dtype == torch.bfloat16
+
+
+def test_a_run_without_progress_gets_no_transformers_bars_and_leaves_them_as_found(tiny_dir, capsys):
+    from transformers.utils import logging as hf_logging
+
+    found = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()   # the CLI's tests turn them off for the process
+    with transformers_bars(False):
+        assert not hf_logging.is_progress_bar_enabled()
+        load_model(str(tiny_dir), "float32", "cpu")
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    with transformers_bars(True):
+        assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    with transformers_bars(False):
+        pass
+    assert not hf_logging.is_progress_bar_enabled()   # turned off before: still off
+    if found:
+        hf_logging.enable_progress_bar()
 
 
 def test_vocabulary_and_context_checks():

@@ -29,7 +29,7 @@ from .heal_job import check_mse_layers
 from .heal_text import check_teacher_text_disk, healing_text, validation_blocks
 from .inputs import RunInputs, build_inputs, check_names, scores_and_rows
 from .io import write_json, write_text
-from .models import check_trainable, load_model, model_name
+from .models import check_trainable, load_model, model_name, transformers_bars
 from .options import to_dict
 from .report import plot_cost, plot_quality, with_interval
 from .processes import is_main_process
@@ -169,7 +169,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     check_output(out)
     if (out / "compare.json").exists():
         raise LayerpruneError(f"{out} already holds a comparison", "choose another --out")
-    with outdir.claimed(out, config.model, main=is_main_process()):
+    with outdir.claimed(out, config.model, main=is_main_process()), transformers_bars(progress):
         return _compare(config, out, progress)
 
 

@@ -191,6 +191,22 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def transformers_bars(progress: bool):
+    """transformers' own bars (loading weights, writing shards) follow a run's `progress`: a
+    caller of the Python API who asked for none gets none (the CLI turns them off for good)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not progress:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name: str | None, dtype: str = "float32", device: str = "auto", weights: bool = True):
     """Return (model, tokenizer) for a local folder, a GGUF file, a hub id, or None for the default.
     `weights=False`: the model's shape alone, on the meta device (--fsdp: the main process reads

@@ -22,7 +22,7 @@ from .depth import Depth, plan_depth
 from .heal_job import check_mse_layers
 from .heal_text import check_teacher_text_disk
 from .inputs import build_inputs, check_names
-from .models import check_trainable, load_model, model_name
+from .models import check_trainable, load_model, model_name, transformers_bars
 from .options import to_dict
 from .output import clear_run_files, save_result, warn_if_no_gguf
 from .processes import is_main_process, processes_line, wait_for_everyone
@@ -47,7 +47,7 @@ def prune(config: PruneConfig, progress: bool = True, resume: bool = False, over
     for line in config.ignored() if is_main_process() else ():
         log.warning(line)
     out = Path(config.out)
-    with outdir.claimed(out, config.model, overwrite, main=is_main_process()):
+    with outdir.claimed(out, config.model, overwrite, main=is_main_process()), transformers_bars(progress):
         return _prune(config, out, progress, resume)
 
 

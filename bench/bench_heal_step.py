@@ -29,8 +29,6 @@ PHASES = {"local": "local", "global": "global", "bf16": "global, bf16 autocast (
 
 
 def main() -> None:
-    from accelerate.state import AcceleratorState
-
     from layerprune import heal_loss
     from layerprune.config import DataConfig, HealConfig
     from layerprune.data import load_corpus
@@ -63,7 +61,6 @@ def main() -> None:
             heal_loss.shares_prefix = (lambda *a: False) if phase == "own-prefix" else shares
             heal_loss.fused_head = (lambda *a: False) if phase == "whole-logits" else fused
             precision = "bf16" if phase == "bf16" else "no"
-            AcceleratorState._reset_state()   # one process, one precision per Accelerator: a bench's phases differ
             job = plan(student, HealConfig(steps=args.steps, guard=False, local_steps=local, mixed_precision=precision),
                        args.steps,
                        iteration=1, seed=0, dropped=[args.layer])

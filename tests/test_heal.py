@@ -82,6 +82,15 @@ class TestHeal:
                    if k.startswith("model.layers.2."))
         assert not any(p.requires_grad for p in student.parameters())
 
+    def test_one_process_heals_in_one_precision_then_another(self):
+        """A notebook or a sweep runs healings of different precisions in one process."""
+        teacher = tiny_model("llama")
+        for precision in ("no", "bf16", "no"):
+            student = pruned(teacher, [3])
+            log = heal(student, teacher, blocks(), job_for(student, quick(steps=1, mixed_precision=precision), [3]),
+                       progress=False)
+            assert torch.isfinite(torch.tensor(log.rows[0]["loss"]))
+
     def test_healing_lowers_held_out_kl(self):
         teacher = tiny_model("llama")
         with torch.no_grad():

@@ -94,8 +94,14 @@ def accelerator_for(config: HealConfig, device: torch.device):
     micro-batches, also across the loader's epoch ends, so a step boundary is a clean point to
     checkpoint and resume."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, GradientAccumulationPlugin
 
+    # accelerate keeps one mixed precision per process and refuses another ("restart your
+    # runtime"); here the precision is a run's, so a second run in one process (a notebook, a
+    # sweep) drops the old one. The processes and device (its PartialState) stay.
+    if AcceleratorState._shared_state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision:
+        AcceleratorState._reset_state()
     accumulation = GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False)
     # a local step leaves the trained layers above the cut's mapped state without gradients
     unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.local_steps else []

@@ -23,7 +23,7 @@ import time
 
 
 # phase -> its row's name
-PHASES = {"local": "local", "global": "global", "bf16": "global, bf16 autocast (--heal-mixed-precision bf16)",
+PHASES = {"local": "local", "global": "global", "bf16": "global, bf16 autocast (--mixed-precision bf16)",
           "own-prefix": "global, own prefix (before 2026-12-04)",
           "whole-logits": "global, whole logits (before the fused KL)"}
 

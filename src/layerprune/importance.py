@@ -239,7 +239,8 @@ METRICS: dict[str, Callable[[object, ScoringContext], list[float]]] = {
     "nll": score_nll,
     "quality": score_quality,
 }
-# Metrics that run the model once per candidate; a shortlist narrows their candidates.
+
+
 def score_layers(model, metric: str, ctx: ScoringContext) -> list[float]:
     return METRICS[metric](model, ctx)
 

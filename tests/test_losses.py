@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from layerprune.config import HealConfig
-from layerprune.tasks import stats
+from layerprune import losses
 from layerprune.losses import head_kl_loss, joint_loss, kl_loss, mse_loss, topk_kl_loss
 
 
@@ -37,7 +37,7 @@ class TestKL:
     def test_head_kl_gives_kl_losss_value_and_gradients_chunk_by_chunk(self, monkeypatch, bias, temperature):
         """From the heads' inputs, in chunks of 7 tokens (a ragged last one), with a masked token:
         the value and the gradients for the state, the head's weight and bias of the whole-logits loss."""
-        monkeypatch.setattr(stats, "ELEMENTS_PER_SLICE", 7 * 300)
+        monkeypatch.setattr(losses, "HEAD_KL_ELEMENTS", 7 * 300)
         torch.manual_seed(0)
         h, teacher_h = torch.randn(2, 9, 16, requires_grad=True), torch.randn(2, 9, 16)
         head, teacher_head = torch.nn.Linear(16, 300, bias=bias), torch.nn.Linear(16, 300, bias=bias)

@@ -43,6 +43,17 @@ def head_kl_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, student_head:
                          None if teacher_bias is None else teacher_bias.detach(), mask, temperature)
 
 
+# Logits per slice of `head_kl_loss`: 32 MiB (SmolLM2: 170 tokens). Its fewer, larger products through
+# the head outweigh the slices' falling out of cache: a healing micro-batch's KL took 0.77 s against
+# 0.88 s at the evaluation's 16 MiB (bench/bench_head_kl.py, 2026-12-05).
+HEAD_KL_ELEMENTS = 1 << 23
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, -1)
+
+
 class _HeadKL(torch.autograd.Function):
     """KL(p_teacher || p_student) * t^2, masked mean over tokens, with its gradients for the
     student's head input, weight and bias computed slice by slice in the forward pass."""
@@ -59,16 +70,18 @@ class _HeadKL(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if want_b else None
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         with torch.autocast(h.device.type, enabled=False):   # float32 logits and softmaxes, as kl_loss
-            for part in slices(rows.shape[0], weight.shape[0]):   # the evaluation's cache-sized slices
+            for part in slices(rows.shape[0], weight.shape[0], HEAD_KL_ELEMENTS):
                 x = rows[part].to(weight.dtype)
-                student = F.log_softmax(F.linear(x, weight, bias).float() / temperature, -1)
-                teacher = F.log_softmax(F.linear(teacher_rows[part].to(teacher_weight.dtype), teacher_weight,
-                                                 teacher_bias).float() / temperature, -1)
+                student = _log_softmax(F.linear(x, weight, bias), temperature)
+                teacher = _log_softmax(F.linear(teacher_rows[part].to(teacher_weight.dtype), teacher_weight,
+                                                teacher_bias), temperature)
                 p_teacher = teacher.exp()
-                total += ((p_teacher * (teacher - student)).sum(-1) * keep[part]).sum()
+                # in place from here: each [slice, V] temporary is made once (SmolLM2: 33 MB)
+                total += (teacher.sub_(student).mul_(p_teacher).sum(-1) * keep[part]).sum()
+                del teacher
                 if want_h or want_w or want_b:
                     # d(loss)/d(logits) at a kept token: (p_student - p_teacher) * t / count
-                    grad = (student.exp() - p_teacher) * (keep[part] * (temperature / count)).unsqueeze(-1)
+                    grad = student.exp_().sub_(p_teacher).mul_((keep[part] * (temperature / count)).unsqueeze(-1))
                     if want_h:
                         grad_h[part] = grad @ weight.float()
                     if want_w:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 ELEMENTS_PER_SLICE = 1 << 22  # 16 MiB of fp32 logits
 
 
-def slices(length: int, vocab: int):
-    step = max(1, ELEMENTS_PER_SLICE // vocab)
+def slices(length: int, vocab: int, elements: int = ELEMENTS_PER_SLICE):
+    step = max(1, elements // vocab)
     for start in range(0, length, step):
         yield slice(start, min(start + step, length))
 

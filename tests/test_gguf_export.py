@@ -15,6 +15,7 @@ from layerprune import ExportConfig, export_gguf
 from layerprune import gguf_export
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
+from layerprune.models import load_model
 
 from common import CONFIGS, SMALL, check_output_folder, make_text_file
 
@@ -332,3 +333,17 @@ def test_gemma3_cut_that_breaks_the_attention_pattern_is_refused_in_one_line(cap
     with pytest.raises(LayerpruneError, match=r"full attention where \(i \+ 1\) % 6 == 0, but the kept layers "
                                               r"have it at \[\]"):
         export_gguf(out, progress=False)
+
+
+def test_a_gguf_file_loads_parsing_it_once_and_as_transformers_reads_it(tmp_path, monkeypatch, source):
+    """transformers parses a GGUF file once for the config, once for the weights and again for
+    the tokenizer; load_model reads it once (models.gguf_read_once), with the same weights, and
+    leaves gguf's own functions as they were."""
+    parses = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kw: parses.append(args) or reader(*args, **kw))
+    model, _ = load_model(str(source), device="cpu")
+    assert len(parses) == 1
+    expected = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    assert len(parses) == 3   # put back: transformers alone parses it twice for the model (config, weights)
+    torch.testing.assert_close(logits(model, IDS), logits(expected, IDS), rtol=0, atol=0)

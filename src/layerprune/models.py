@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import logging
 import os
@@ -168,13 +169,33 @@ def embedded_dir(model: Embedded) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def gguf_read_once():
+    """Within the block, gguf-py parses a file once and builds a tensor-name map once per shape.
+    transformers loads a GGUF model by parsing the whole file three times (tokenizer, config,
+    weights: each header holds the vocabulary, 295,000 strings for SmolLM2) and rebuilds gguf's
+    name map for every tensor; SmolLM2's first conversion spent 12 of its 20 s there. Both are
+    looked up in `gguf` at each call, so memoising them there for the block's length is enough;
+    they are put back after (a file changed on disk meanwhile would not be seen)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=4)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def convert_gguf(gguf: Path, target: Path) -> None:
     """A GGUF file as a plain float32 HF folder, written beside `target` and renamed into place."""
     log.info("converting %s into %s (once)", gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # GGUF weights arrive dequantised; drop the quantizer so the model saves as plain safetensors.
     loaded.hf_quantizer = None
     if hasattr(loaded.config, "quantization_config"):
@@ -211,8 +232,6 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto", w
     """Return (model, tokenizer) for a local folder, a GGUF file, a hub id, or None for the default.
     `weights=False`: the model's shape alone, on the meta device (--fsdp: the main process reads
     the weights and the others receive their shards of them)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     kwargs: dict = {}
     shipped = embedded(name)
@@ -232,6 +251,28 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto", w
         if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
             raise LayerpruneError(f"{name} has no config.json, so it is not a Hugging Face model folder",
                                   "point --model at the folder that holds config.json and the weights")
+    with gguf_read_once() if kwargs else contextlib.nullcontext():
+        model, tokenizer = _read(name, source, kwargs, torch_dtype, weights)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Ids the text and the special tokens can produce (an added token past the vocabulary, as GGUF
+    # conversion makes, never comes out of plain text).
+    rows = model.get_input_embeddings().num_embeddings
+    ids = [tokenizer.vocab_size - 1, *(i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id,
+                                                  tokenizer.pad_token_id) if i is not None)]
+    if max(ids) >= rows:
+        raise LayerpruneError(f"the tokenizer of {name!r} gives ids up to {max(ids)} but the model's embedding only "
+                              f"{rows} rows", "give the tokenizer that was trained with this model")
+    if weights:
+        model.to(torch_device)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _read(name: str, source: str, kwargs: dict, torch_dtype, weights: bool):
+    """(model, tokenizer) from `source` (`kwargs`: the GGUF file in it), every failure as one line."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
@@ -260,19 +301,6 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto", w
     except (OSError, ValueError) as err:
         raise LayerpruneError(f"cannot load the tokenizer of {name!r}: {first_line(err)}",
                               "put the tokenizer files next to the model") from err
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # Ids the text and the special tokens can produce (an added token past the vocabulary, as GGUF
-    # conversion makes, never comes out of plain text).
-    rows = model.get_input_embeddings().num_embeddings
-    ids = [tokenizer.vocab_size - 1, *(i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id,
-                                                  tokenizer.pad_token_id) if i is not None)]
-    if max(ids) >= rows:
-        raise LayerpruneError(f"the tokenizer of {name!r} gives ids up to {max(ids)} but the model's embedding only "
-                              f"{rows} rows", "give the tokenizer that was trained with this model")
-    if weights:
-        model.to(torch_device)
-    model.eval().requires_grad_(False)
     return model, tokenizer
 
 

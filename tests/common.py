@@ -10,9 +10,14 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig,
                           MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
 
+from layerprune.config import HealConfig
+
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# A quick healing for runs on the tiny model: two steps per removal and one final, on reused text.
+QUICK = HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1, final_steps=1, train_data="reuse")
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**SMALL),

@@ -16,7 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from common import CONFIGS, TinyTokenizer, make_text_file, save_tiny
+from common import CONFIGS, QUICK, TinyTokenizer, make_text_file, save_tiny
+from layerprune.config import DataConfig, PruneConfig
+from layerprune.inputs import build_inputs
+from layerprune.models import load_model
 
 
 def _digest(folder) -> str:
@@ -54,3 +57,16 @@ def tiny_dir(_shared):
 @pytest.fixture
 def text_file(_shared):
     return _shared / "corpus.txt"
+
+
+@pytest.fixture
+def inputs_for(tiny_dir, text_file):
+    def make(**kw):
+        data = DataConfig(source=str(text_file), seq_len=32, calib_blocks=4, patch_blocks=8, eval_blocks=4,
+                          batch_size=2)
+        config = PruneConfig(**{"out": "unused", "model": str(tiny_dir), "data": data, "device": "cpu",
+                                "metric": "bi", "remove": 2, "final_tasks": ("perplexity",),
+                                "measure_speed": False, "heal": QUICK, **kw})
+        teacher, tokenizer = load_model(config.model, device="cpu")
+        return config, build_inputs(config, teacher, tokenizer, config.final_tasks, teacher_scores=False)
+    return make

@@ -2,31 +2,13 @@
 
 import time
 
-import pytest
 
 from layerprune import heal as heal_module
 from layerprune import run as run_module
-from layerprune.config import DataConfig, HealConfig, PruneConfig
+from layerprune.config import HealConfig
 from layerprune.depth import Depth
-from layerprune.inputs import build_inputs
-from layerprune.models import load_model
 from layerprune.run import PruneRun
 from layerprune.surgery import num_layers
-
-QUICK = HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1, final_steps=1, train_data="reuse")
-
-
-@pytest.fixture
-def inputs_for(tiny_dir, text_file):
-    def make(**kw):
-        data = DataConfig(source=str(text_file), seq_len=32, calib_blocks=4, patch_blocks=8, eval_blocks=4,
-                          batch_size=2)
-        config = PruneConfig(**{"out": "unused", "model": str(tiny_dir), "data": data, "device": "cpu",
-                                "metric": "bi", "remove": 2, "final_tasks": ("perplexity",),
-                                "measure_speed": False, "heal": QUICK, **kw})
-        teacher, tokenizer = load_model(config.model, device="cpu")
-        return config, build_inputs(config, teacher, tokenizer, config.final_tasks, teacher_scores=False)
-    return make
 
 
 class TestPruneRun:

@@ -33,6 +33,7 @@ from .importance import Selection
 from .io import remove_folder, verify_folder, write_folder, write_json
 from .processes import is_main_process
 from .shard import is_sharded, load_shards, save_shards
+from .student import own
 from .surgery import num_layers, remove_layers
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,7 @@ def restore_student(student, folder: Path, records: list[IterationRecord]) -> No
             state = {"model": student.state_dict()}
             load_shards(state, folder)   # in place, each process its shard
         else:
+            own(student)   # the saved weights are loaded in place
             load_model(student, str(weights), strict=True, device=str(next(student.parameters()).device))
     except (RuntimeError, OSError, ValueError) as err:
         raise LayerpruneError(f"{weights} does not fit the model its state.json describes "

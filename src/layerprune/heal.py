@@ -40,6 +40,7 @@ from .heal_job import HealJob, HealLog
 from .heal_loss import local_step, loss_step
 from .models import check_same_vocabulary
 from .shard import adapters_synchronised, is_sharded, merge_adapters
+from .student import own
 from .surgery import find_layers
 from .targets import TeacherTargets
 
@@ -61,10 +62,12 @@ def set_trainable(student, layers: list[int], config: HealConfig):
                         if isinstance(m, torch.nn.Linear)})
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=names, lora_dropout=0.0)
         return get_peft_model(student, lora)
-    for index in layers:
-        blocks[index].requires_grad_(True)
+    opened = [blocks[index] for index in layers]
     if config.trainable == "last":   # and the LM head (with tied embeddings, the input embedding too)
-        student.get_output_embeddings().requires_grad_(True)
+        opened.append(student.get_output_embeddings())
+    for module in opened:
+        own(module)   # trained in place: no longer the teacher's weights
+        module.requires_grad_(True)
     return student
 
 
@@ -193,6 +196,11 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
         if is_sharded(inner):
             merge_adapters(inner)
         else:
+            from peft.tuners.lora import LoraLayer
+
+            for module in inner.modules():   # merging writes the adapted weights in place
+                if isinstance(module, LoraLayer):
+                    own(module)
             inner.merge_and_unload()
     student.requires_grad_(False)
     accelerator.free_memory()   # the next healing prepares its own model, optimizer and loader

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from .errors import LayerpruneError
 from .processes import process_count
 from .shard import editable, is_sharded
+from .student import own
 from .surgery import find_layers, layer_view, original_indices, text_config
 from .tasks.engine import my_share
 
@@ -265,6 +266,7 @@ def _norm_offset(norm: nn.Module, hidden: int) -> float:
 @torch.no_grad()
 def fold(model: nn.Module, layer: int, t: torch.Tensor) -> None:
     """Make layer `layer` write M T instead of M, in its own weights."""
+    own(find_layers(model).layers[layer])   # it shared the teacher's weights
     with editable(find_layers(model).layers[layer]):   # with --fsdp: this layer alone, gathered
         _fold(paths(model)[layer], text_config(model).hidden_size, t)
 

@@ -1,7 +1,7 @@
 """PruneRun: one pruning run, its lifecycle written out as its methods.
 
     run = PruneRun(config, inputs, depth, out=out, resume=point)
-    run.setup()        # the student (a copy of the teacher, or a checkpoint's), where the training
+    run.setup()        # the student (the teacher's copy sharing its weights, or a checkpoint's), where the training
                        # stream stands, the healing guard's validation text, one Accelerator,
                        # the teacher-target cache
     for iteration in run.remaining():
@@ -18,7 +18,6 @@ step for all. Which text each healing reads is heal_text.py's; the run only walk
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
@@ -47,6 +46,7 @@ from .processes import is_main_process, process_state, wait_for_everyone
 from .patch import PatchFit, candidate_patches, remove_and_patch
 from .report import with_interval, write_loss_log
 from .speed import compare_speed
+from .student import student_of
 from .surgery import num_layers, original_indices
 from .targets import TargetCache
 
@@ -84,7 +84,8 @@ class PruneRun:
         self.config, self.inputs, self.depth, self.out, self.progress = config, inputs, depth, out, progress
         self.point, self.shared = resume or ResumePoint(), shared
         self.records: list[IterationRecord] = list(self.point.records)
-        self.student = student   # None: a copy of the teacher, made at setup (--fsdp: a sharded copy, made before)
+        self.student = student   # None: the teacher's copy that shares its weights (student.py), made at setup
+        # (--fsdp: a sharded copy, made before)
         self.text = None   # what healings read: the training stream, or the teacher's text
         self.position = StreamPosition()   # where the next healing's fresh text starts
         self.lr: float | None = None       # the next healing's starting lr: the guard's last winner (None: --heal-lr)
@@ -96,7 +97,7 @@ class PruneRun:
 
     def setup(self) -> "PruneRun":
         config, inputs, healing = self.config, self.inputs, self.config.heal.method != "none"
-        self.student = self.student or copy.deepcopy(inputs.teacher)
+        self.student = self.student or student_of(inputs.teacher)
         if self.point.folder is not None:
             checkpoint.restore_student(self.student, self.point.folder, self.point.records)
         self.position, self.lr = last_position(self.records), carried_lr(self.records)

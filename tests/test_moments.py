@@ -188,6 +188,25 @@ class TestHeadByRows:
         assert heads and not any(len(shape) == 3 and shape[0] > 1 and shape[1] > 1 for shape in heads)
         assert rows == pytest.approx(whole, rel=1e-5)
 
+    def test_past_memo_row_bytes_the_teacher_alone_goes_by_rows(self, monkeypatch):
+        """Below ROW_HEAD_BYTES the student's batch logits are whole; the teacher's moments, made
+        while those are held, go a row at a time past MEMO_ROW_BYTES (Gemma's healing peak)."""
+        from layerprune.tasks import engine
+
+        teacher = tiny_model("llama")
+        student = _perturbed(teacher)
+        blocks = _blocks(n=6)
+        whole = evaluate_tasks(student, build_tasks(["kl"], TaskData(None, blocks, [], 3)), teacher)["kl"]["kl"]
+        monkeypatch.setattr(engine, "MEMO_ROW_BYTES", 0)
+        shapes = {"teacher": [], "student": []}
+        for name, model in (("teacher", teacher), ("student", student)):
+            model.lm_head.register_forward_hook(lambda m, args, out, name=name: shapes[name].append(tuple(out.shape)))
+        rows = evaluate_tasks(student, build_tasks(["kl"], TaskData(None, blocks, [], 3)), teacher)["kl"]["kl"]
+        assert set(shapes["student"]) == {(3, 24, 96)}
+        batch_wide = [shape for shape in shapes["teacher"] if len(shape) == 3 and shape[0] > 1 and shape[1] > 1]
+        assert shapes["teacher"] and not batch_wide
+        assert rows == pytest.approx(whole, rel=1e-5)
+
     def test_a_capped_head_keeps_the_whole_logits(self, monkeypatch):
         from layerprune.tasks import engine
 

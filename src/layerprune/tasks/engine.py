@@ -38,6 +38,11 @@ Outputs = Callable[[Batch, bool], Iterator[tuple[Hashable, torch.Tensor | FinalS
 # 5.19 to 4.28 GB but its scoring from 187 to 234 s (docs/results.md); where a batch's logits are
 # several GB, memory is what stops a run.
 ROW_HEAD_BYTES = 1 << 31
+# The teacher's moments (moments.MomentsMemo) are made while a student's logits of the same batch
+# are held, once per text: past this, from the teacher's head input a row at a time. On Gemma-3-270M
+# the teacher's batch logits beside the student's (1.07 GB each) were a healing's peak (5.18 GB, in
+# the guard's first check); SmolLM2's (201 MB a batch) stay whole.
+MEMO_ROW_BYTES = 1 << 29
 
 _plain_heads: WeakKeyDictionary = WeakKeyDictionary()
 
@@ -47,13 +52,14 @@ def forward_logits(model, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
 
-def head_by_rows(model, batch: Batch) -> bool:
+def head_by_rows(model, batch: Batch, limit: int | None = None) -> bool:
     """Whether `batch`'s logits are made a row at a time (`each_row`): plain token rows, whose
-    logits would pass ROW_HEAD_BYTES, through a head that is a plain linear map (probed once per
-    model)."""
+    logits would pass `limit` bytes (default ROW_HEAD_BYTES), through a head that is a plain linear
+    map (probed once per model)."""
     module = head(model)
+    limit = ROW_HEAD_BYTES if limit is None else limit
     if module is None or batch.extra or len(batch.input_ids) < 2 or \
-            batch.input_ids.numel() * module.weight.shape[0] * 4 <= ROW_HEAD_BYTES:
+            batch.input_ids.numel() * module.weight.shape[0] * 4 <= limit:
         return False
     if model not in _plain_heads:
         _plain_heads[model] = plain_head(model)

@@ -158,13 +158,14 @@ class MomentsMemo:
         self.usable = True
 
     def side(self, teacher, index: int, batch) -> Moments | None:
-        from .engine import FinalState, forward_output, head_by_rows
+        from . import engine
 
         self._for(teacher)
         if self.usable and index not in self.batches:
             with head_inputs(teacher) as record:
-                out = forward_output(teacher, batch, head_by_rows(teacher, batch))
-            if isinstance(out, FinalState):   # a plain linear head, probed: no batch-wide logits
+                limit = min(engine.ROW_HEAD_BYTES, engine.MEMO_ROW_BYTES)
+                out = engine.forward_output(teacher, batch, engine.head_by_rows(teacher, batch, limit))
+            if isinstance(out, engine.FinalState):   # a plain linear head, probed: no batch-wide logits
                 self.batches[index] = teacher_moments(teacher, None, out.h)
             else:
                 self.keep(teacher, index, out, record["h"])

@@ -251,7 +251,7 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "auto", w
         if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
             raise LayerpruneError(f"{name} has no config.json, so it is not a Hugging Face model folder",
                                   "point --model at the folder that holds config.json and the weights")
-    with gguf_read_once() if kwargs else contextlib.nullcontext():
+    with gguf_read_once() if "gguf_file" in kwargs else contextlib.nullcontext():
         model, tokenizer = _read(name, source, kwargs, torch_dtype, weights)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -266,8 +266,9 @@ def _norm_offset(norm: nn.Module, hidden: int) -> float:
 @torch.no_grad()
 def fold(model: nn.Module, layer: int, t: torch.Tensor) -> None:
     """Make layer `layer` write M T instead of M, in its own weights."""
-    own(find_layers(model).layers[layer])   # it shared the teacher's weights
-    with editable(find_layers(model).layers[layer]):   # with --fsdp: this layer alone, gathered
+    module = find_layers(model).layers[layer]
+    own(module)   # it shared the teacher's weights
+    with editable(module):   # with --fsdp: this layer alone, gathered
         _fold(paths(model)[layer], text_config(model).hidden_size, t)
 
 

@@ -1,9 +1,9 @@
 """PruneRun: one pruning run, its lifecycle written out as its methods.
 
     run = PruneRun(config, inputs, depth, out=out, resume=point)
-    run.setup()        # the student (the teacher's copy sharing its weights, or a checkpoint's), where the training
-                       # stream stands, the healing guard's validation text, one Accelerator,
-                       # the teacher-target cache
+    run.setup()        # the student (the teacher's layers over its weights, or a checkpoint's),
+                       # where the training stream stands, the healing guard's validation text,
+                       # one Accelerator, the teacher-target cache
     for iteration in run.remaining():
         run.step(iteration)    # score -> cut + patch -> heal -> evaluate -> checkpoint
     history = run.finish(started)   # final healing, final suite, speed

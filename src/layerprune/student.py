@@ -6,9 +6,10 @@ the patch is folded, and the layers healing trains. A deep copy held every weigh
 student is made of new modules over the teacher's tensors, and a module gets tensors of its own
 the first time something is about to change them in place (`own`). Whatever writes a student's
 weights owns them first: the patch's fold, healing's trainable layers and LoRA's merge, a
-checkpoint's weights loaded into it. A forgotten `own` would change the teacher too; the tests
-run whole prunes (patch, healing, the guard's restores, LoRA, resume) and compare the teacher with
-its copy from before, bit for bit.
+checkpoint's weights loaded into it. A forgotten `own` would change the teacher too:
+tests/test_student.py runs whole prunes (patched cuts, guarded and final healing, every kind of
+trainable) and compares the teacher with its copy from before, bit for bit; tests/test_resume.py's
+killed runs, resumed, end as the uninterrupted one.
 
 Only plain tensors are shared: a sharded (--fsdp) student is built apart (shard.py) and a deep
 copy of a student owns everything it holds.

@@ -160,9 +160,10 @@ class TestHeadByRows:
         student.lm_head.register_forward_hook(lambda m, args, out: heads.append(tuple(out.shape)))
         monkeypatch.setattr(engine, "ROW_HEAD_BYTES", 0)
         rows = self._figures(student, teacher, blocks)
-        # never a whole batch's positions through the head (logits_to_keep: the last one), but each row whole
-        assert heads and not any(shape[0] > 1 and shape[1] > 1 for shape in heads)
-        assert any(shape[1] == blocks.shape[1] for shape in heads)
+        # each row whole through the head, never a batch (nor its last positions: the head is not run
+        # for the forward that makes the final states); (1, 8) is the probe of a plain linear head
+        assert heads and set(heads) <= {(1, blocks.shape[1], 96), (1, 8, 96)}
+        assert (1, blocks.shape[1], 96) in heads
         for name in whole[0]:
             for key, value in whole[0][name].items():
                 assert rows[0][name][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
@@ -188,24 +189,26 @@ class TestHeadByRows:
         assert heads and not any(len(shape) == 3 and shape[0] > 1 and shape[1] > 1 for shape in heads)
         assert rows == pytest.approx(whole, rel=1e-5)
 
-    def test_past_memo_row_bytes_the_teacher_alone_goes_by_rows(self, monkeypatch):
-        """Below ROW_HEAD_BYTES the student's batch logits are whole; the teacher's moments, made
-        while those are held, go a row at a time past MEMO_ROW_BYTES (Gemma's healing peak)."""
+    def test_the_teacher_scoring_itself_goes_by_rows_and_fills_the_memo(self, monkeypatch):
+        """The run's first pass (the teacher against itself) makes no batch-wide logits either: its
+        moments come from its final state, its own KL is nil, and the student's later KL, through
+        that memo, is the one from whole logits."""
         from layerprune.tasks import engine
 
         teacher = tiny_model("llama")
         student = _perturbed(teacher)
         blocks = _blocks(n=6)
         whole = evaluate_tasks(student, build_tasks(["kl"], TaskData(None, blocks, [], 3)), teacher)["kl"]["kl"]
-        monkeypatch.setattr(engine, "MEMO_ROW_BYTES", 0)
-        shapes = {"teacher": [], "student": []}
-        for name, model in (("teacher", teacher), ("student", student)):
-            model.lm_head.register_forward_hook(lambda m, args, out, name=name: shapes[name].append(tuple(out.shape)))
-        rows = evaluate_tasks(student, build_tasks(["kl"], TaskData(None, blocks, [], 3)), teacher)["kl"]["kl"]
-        assert set(shapes["student"]) == {(3, 24, 96)}
-        batch_wide = [shape for shape in shapes["teacher"] if len(shape) == 3 and shape[0] > 1 and shape[1] > 1]
-        assert shapes["teacher"] and not batch_wide
-        assert rows == pytest.approx(whole, rel=1e-5)
+        monkeypatch.setattr(engine, "ROW_HEAD_BYTES", 0)
+        shapes = []
+        teacher.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+        tasks = build_tasks(["kl"], TaskData(None, blocks, [], 3))
+        own, _ = evaluate_rows(teacher, tasks, teacher)
+        assert len(tasks[0].memo.batches) == 2 and own["kl"]["kl"] == pytest.approx(0.0, abs=1e-6)
+        assert shapes and not [shape for shape in shapes if len(shape) == 3 and shape[0] > 1 and shape[1] > 1]
+        made = len(shapes)
+        assert evaluate_tasks(student, tasks, teacher)["kl"]["kl"] == pytest.approx(whole, rel=1e-5)
+        assert len(shapes) == made   # the student's KL ran from the memo: the teacher's head never again
 
     def test_a_capped_head_keeps_the_whole_logits(self, monkeypatch):
         from layerprune.tasks import engine

@@ -179,6 +179,27 @@ def test_one_collection_loop_serves_several_variants_at_once():
     assert both["b"] == collect_stats(other, tasks, model)[None]
 
 
+def test_no_logits_outlive_their_statistics():
+    """Scoring, evaluation and per-block evaluation free a variant's logits before the next
+    forward makes its own (a loop variable left bound to them held Gemma-3's 1 GB a batch twice)."""
+    import weakref
+
+    from layerprune.importance import ScoringContext, score_layers
+    from layerprune.tasks.interval import evaluate_rows
+
+    teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    blocks = torch.randint(3, 96, (6, 16), generator=torch.Generator().manual_seed(0))
+    tasks = build_tasks(["perplexity", "token_accuracy", "kl"], TaskData(None, blocks, [], 2))
+    made, alive = [], []
+    student.register_forward_pre_hook(lambda m, a: alive.append(sum(ref() is not None for ref in made)))
+    student.register_forward_hook(lambda m, a, out: made.append(weakref.ref(out.logits)))
+    reference = evaluate_tasks(teacher, tasks, teacher)
+    evaluate_tasks(student, tasks, teacher)
+    evaluate_rows(student, tasks, teacher)
+    score_layers(student, "quality", ScoringContext(tasks[0].batches, tasks, teacher, reference, progress=False))
+    assert len(made) > 10 and alive and not any(alive)
+
+
 class TestInterval:
     """Per-block statistics and the paired bootstrap over held-out blocks."""
 

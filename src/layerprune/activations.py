@@ -83,17 +83,21 @@ class FinalState:
     h: torch.Tensor
 
 
-def _output(model: nn.Module, record: dict, final: bool, **inputs):
-    out = model(**inputs, use_cache=False, **(logits_to_keep(model) if final else {}))
-    return FinalState(record["final"]) if final else out.logits
+def final_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, final: bool):
+    """The model's logits, or with `final` the final norm's output, the LM head not run at all (a
+    head over Gemma-3's 262K vocabulary costs 0.1 s even for `logits_to_keep`'s one position a
+    row: it reads all of its 671 MB)."""
+    if final:
+        return FinalState(_until_final_norm(model, input_ids, attention_mask, normed=True))
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def layer_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, final: bool = False
                  ) -> tuple[list, torch.Tensor | FinalState]:
     """Run the model once; return (states entering each layer + last output, logits), or with
     `final` the final norm's output in place of the logits."""
-    with capture(model, final=final) as record:
-        return record["states"], _output(model, record, final, input_ids=input_ids, attention_mask=attention_mask)
+    with capture(model) as record:
+        return record["states"], final_output(model, input_ids, attention_mask, final)
 
 
 @contextmanager
@@ -125,24 +129,31 @@ def run_from(model: nn.Module, start: int, hidden: torch.Tensor, keep: Sequence[
              ) -> torch.Tensor | FinalState:
     """Logits of the model restricted to layers `keep` (all >= start), given the state entering
     layer `start`; with `final`, the final norm's output instead."""
-    with injected(model, start, hidden, keep), capture(model, inputs=False, final=final) as record:
-        return _output(model, record, final, input_ids=input_ids, attention_mask=attention_mask)
+    with injected(model, start, hidden, keep):
+        return final_output(model, input_ids, attention_mask, final)
 
 
 class _Stop(Exception):
     pass
 
 
-def _until_final_norm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _until_final_norm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      normed: bool = False) -> torch.Tensor:
     """Run the model's (current view of its) layers; return the state entering the final norm,
-    having run neither the norm nor the LM head."""
+    having run neither the norm nor the LM head; with `normed`, the norm's output (the head not run)."""
     record = {}
 
     def grab(module, args, kwargs):
         record["h"] = _hidden_arg(args, kwargs)
         raise _Stop
 
-    handle = final_norm(model).register_forward_pre_hook(grab, with_kwargs=True)
+    def grab_normed(module, args, output):
+        record["h"] = _output_tensor(output)
+        raise _Stop
+
+    norm = final_norm(model)
+    handle = norm.register_forward_hook(grab_normed) if normed else \
+        norm.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop:

@@ -21,7 +21,7 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from ..activations import FinalState, capture, logits_to_keep
+from ..activations import FinalState, final_output
 from ..shard import is_sharded
 from .base import Batch, Task
 from .moments import Moments, head, head_inputs, plain_head, same_head
@@ -33,16 +33,12 @@ log = logging.getLogger(__name__)
 Outputs = Callable[[Batch, bool], Iterator[tuple[Hashable, torch.Tensor | FinalState]]]
 
 
-# A batch's logits larger than this are made a row at a time, from the final norm's output. Only
-# past 2 GiB: on Gemma-3-270M (4 x 256 tokens x 262K: 1 GB a batch) rows took a run's peak RSS from
-# 5.19 to 4.28 GB but its scoring from 187 to 234 s (docs/results.md); where a batch's logits are
-# several GB, memory is what stops a run.
-ROW_HEAD_BYTES = 1 << 31
-# The teacher's moments (moments.MomentsMemo) are made while a student's logits of the same batch
-# are held, once per text: past this, from the teacher's head input a row at a time. On Gemma-3-270M
-# the teacher's batch logits beside the student's (1.07 GB each) were a healing's peak (5.18 GB, in
-# the guard's first check); SmolLM2's (201 MB a batch) stay whole.
-MEMO_ROW_BYTES = 1 << 29
+# A batch's logits larger than this are made a row at a time (256 tokens x 262K: 268 MB on
+# Gemma-3), from the final norm's output, by every model: the student's variants in scoring and
+# evaluation, the teacher scoring itself and making its moments. On Gemma-3-270M (4 x 256 tokens:
+# 1.07 GB a batch) whole batches took a run's peak RSS to 4.56 GB, where its two float32 models
+# are 2.14 GB (docs/results.md); SmolLM2's batches (201 MB) stay whole.
+ROW_HEAD_BYTES = 1 << 28
 
 _plain_heads: WeakKeyDictionary = WeakKeyDictionary()
 
@@ -52,14 +48,13 @@ def forward_logits(model, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
 
-def head_by_rows(model, batch: Batch, limit: int | None = None) -> bool:
+def head_by_rows(model, batch: Batch) -> bool:
     """Whether `batch`'s logits are made a row at a time (`each_row`): plain token rows, whose
-    logits would pass `limit` bytes (default ROW_HEAD_BYTES), through a head that is a plain linear
-    map (probed once per model)."""
+    logits would pass ROW_HEAD_BYTES, through a head that is a plain linear map (probed once per
+    model)."""
     module = head(model)
-    limit = ROW_HEAD_BYTES if limit is None else limit
     if module is None or batch.extra or len(batch.input_ids) < 2 or \
-            batch.input_ids.numel() * module.weight.shape[0] * 4 <= limit:
+            batch.input_ids.numel() * module.weight.shape[0] * 4 <= ROW_HEAD_BYTES:
         return False
     if model not in _plain_heads:
         _plain_heads[model] = plain_head(model)
@@ -68,13 +63,8 @@ def head_by_rows(model, batch: Batch, limit: int | None = None) -> bool:
 
 @torch.no_grad()
 def forward_output(model, batch: Batch, rows: bool) -> torch.Tensor | FinalState:
-    """The batch's logits, or with `rows` the final norm's output (the head runs on one position)."""
-    if not rows:
-        return forward_logits(model, batch)
-    with capture(model, inputs=False, final=True) as record:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-              **logits_to_keep(model))
-    return FinalState(record["final"])
+    """The batch's logits, or with `rows` the final norm's output (the head not run)."""
+    return final_output(model, batch.input_ids, batch.attention_mask, rows)
 
 
 def each_row(model, out, batch: Batch, side, whole: bool = False):
@@ -128,17 +118,21 @@ class TeacherSide:
             self._watch.__exit__(*exc)
 
     def by_rows(self, batch: Batch) -> bool:
-        """Whether the model's logits on `batch` are made a row at a time (not where the model is
-        the teacher and a task compares with it: then its own logits are the teacher's side)."""
-        return head_by_rows(self.model, batch) and not (self.needed and self.teacher is self.model)
+        """Whether the model's logits on `batch` are made a row at a time."""
+        return head_by_rows(self.model, batch)
 
     def for_batch(self, index: int, batch: Batch, own=None):
-        """The teacher's side on batch `index`: Moments, logits, or None when no task needs it."""
+        """The teacher's side on batch `index`: Moments, logits, or None when no task needs it.
+        `own`: the model's output on the batch (where the model is the teacher, its own logits are
+        the side; made a row at a time, its own moments, kept from its final state)."""
         if not self.needed:
             return None
-        own = None if isinstance(own, FinalState) else own
         if self.filling is not None and own is not None:
-            self.filling.keep(self.teacher, index, own, self.record["h"])
+            self.filling.keep(self.teacher, index, own, self.record.get("h"))
+        if isinstance(own, FinalState):
+            if self.filling is not None and index in self.filling.batches:
+                return self.filling.batches[index]
+            own = None
         moments = self.memo.side(self.teacher, index, batch) if self.memo is not None else None
         return moments if moments is not None else teacher_logits_for(self.teacher, batch, self.model, own)
 
@@ -215,13 +209,20 @@ def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | Non
                 side = teaching.for_batch(index, batch, own)
                 for key, out in (outputs(batch, rows) if outputs is not None else [(None, own)]):
                     sums = totals.setdefault(key, {}) if counts else {}
-                    variant_side = teaching.of(side, out)
-                    for logits, part_batch, part_side in each_row(model, out, batch, variant_side, whole=True):
-                        for task in group:
-                            add_stats(sums.setdefault(task.name, {}), task.stats(logits, part_batch, part_side))
-                    del out, variant_side   # not held while the next variant runs
+                    add_variant_stats(sums, group, model, out, batch, teaching.of(side, out))
+                    del out   # not held while the next variant runs
                 del own, side
     return summed_over_processes(totals)
+
+
+def add_variant_stats(sums: dict, tasks: list[Task], model, out, batch: Batch, side) -> None:
+    """Add one model variant's statistics on `batch` into `sums` ({task: sums}). A function of its
+    own so that nothing of `out` outlives it: a loop variable left bound to the last logits (or to
+    a view of them) would hold a whole batch's logits while the next variant or batch makes its own
+    (on Gemma-3, 1 GB more at every peak)."""
+    for logits, part_batch, part_side in each_row(model, out, batch, side, whole=True):
+        for task in tasks:
+            add_stats(sums.setdefault(task.name, {}), task.stats(logits, part_batch, part_side))
 
 
 def summaries(tasks: list[Task], sums: dict) -> dict[str, dict[str, float]]:

@@ -45,14 +45,10 @@ def evaluate_rows(model, tasks: list[Task], teacher=None) -> tuple[dict, dict[st
         for (index, batch), counts in my_share(list(enumerate(batches)), model):
             batch = batch.to(device)
             out = forward_output(model, batch, teaching.by_rows(batch))
-            side = teaching.of(teaching.for_batch(index, batch, out), out)
-            rows: dict[str, list[dict]] = {task.name: [] for task in tasks}
-            for logits, row, row_side in each_row(model, out, batch, side):
-                for task in tasks:
-                    rows[task.name].append(task.stats(logits, row, row_side))
+            rows = _row_stats(tasks, model, out, batch, teaching.of(teaching.for_batch(index, batch, out), out))
             if counts:
                 mine.append((index, rows))
-            del out, side   # not held while the next batch runs
+            del out   # not held while the next batch runs
     parts = gather_object(mine) if process_count() > 1 else mine
     ordered = [rows for _, rows in sorted(parts, key=lambda part: part[0])]
     per_task = {task.name: [row for rows in ordered for row in rows[task.name]] for task in tasks}
@@ -63,6 +59,16 @@ def evaluate_rows(model, tasks: list[Task], teacher=None) -> tuple[dict, dict[st
             add_stats(total, row)
         sums[task.name] = task.summary(total)
     return sums, per_task
+
+
+def _row_stats(tasks: list[Task], model, out, batch, side) -> dict[str, list[dict]]:
+    """{task: statistics of each row of `batch`}. Its own function so that no loop variable keeps
+    a row of `out` (a view: the whole batch's logits) alive once it returns."""
+    rows: dict[str, list[dict]] = {task.name: [] for task in tasks}
+    for logits, row, row_side in each_row(model, out, batch, side):
+        for task in tasks:
+            rows[task.name].append(task.stats(logits, row, row_side))
+    return rows
 
 
 def bootstrap_interval(rows: dict[str, list[dict]], teacher_rows: dict[str, list[dict]], tasks: list[Task],

@@ -163,22 +163,23 @@ class MomentsMemo:
         self._for(teacher)
         if self.usable and index not in self.batches:
             with head_inputs(teacher) as record:
-                limit = min(engine.ROW_HEAD_BYTES, engine.MEMO_ROW_BYTES)
-                out = engine.forward_output(teacher, batch, engine.head_by_rows(teacher, batch, limit))
-            if isinstance(out, engine.FinalState):   # a plain linear head, probed: no batch-wide logits
-                self.batches[index] = teacher_moments(teacher, None, out.h)
-            else:
-                self.keep(teacher, index, out, record["h"])
+                out = engine.forward_output(teacher, batch, engine.head_by_rows(teacher, batch))
+            self.keep(teacher, index, out, record.get("h"))
         return self.batches.get(index) if self.usable else None
 
-    def keep(self, teacher, index: int, logits: torch.Tensor, h: torch.Tensor) -> None:
-        """Keep the moments of the teacher's own forward on batch `index` (`h` entering its head):
-        the pass that scores the teacher against itself fills the memo, and no evaluation after
-        it runs the teacher on these batches again."""
+    def keep(self, teacher, index: int, out, h: torch.Tensor | None) -> None:
+        """Keep the moments of the teacher's own forward on batch `index` (its logits, with `h`
+        entering its head; or a FinalState, where its head was probed a plain linear map and no
+        batch-wide logits were made): the pass that scores the teacher against itself fills the
+        memo, and no evaluation after it runs the teacher on these batches again."""
+        from ..activations import FinalState
+
         self._for(teacher)
         if self.usable and index not in self.batches:
-            if self.batches or linear_head(teacher, logits, h):   # checked on the first batch
-                self.batches[index] = teacher_moments(teacher, logits, h)
+            if isinstance(out, FinalState):
+                self.batches[index] = teacher_moments(teacher, None, out.h)
+            elif self.batches or linear_head(teacher, out, h):   # checked on the first batch
+                self.batches[index] = teacher_moments(teacher, out, h)
             else:
                 self.usable = False
 

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))   # the device runs the repository as it came, uninstalled
 
 from layerprune.io import sha256  # noqa: E402
+
 PACK = ROOT / ".gpu"
 KIT = Path("/tmp/layerprune-kit")
 CARRY_LIMIT = 64 << 20       # what one device call takes: the repository and the carried folder
@@ -122,7 +123,7 @@ def pack(out: Path, parts: int = 2) -> list[Path]:
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "-d", str(first / "wheels"), f"gguf=={version('gguf')}"], check=True)
     source = smollm2_gguf_path()
-    manifest = {"sha256": sha256(source), "size": source.stat().st_size, "parts": split_file(source, folders)}
+    manifest = {"sha256": sha256(source), "parts": split_file(source, folders)}
     (first / "manifest.json").write_text(json.dumps(manifest, indent=1))
     repo = tracked_bytes()
     for folder in folders:

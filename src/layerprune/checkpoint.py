@@ -46,8 +46,9 @@ SHARDED = ".metadata"
 # Options that change no removal, weight or score: a resumed run may set them differently
 # (`eval_before_heal` adds a held-out figure to the report; a resumed run has it for what it heals).
 # `out` is among them: the folder is the run's identity however its path is spelled, moved or not.
+# bench: the benchmark suite's items are read by the final report alone, which no checkpoint holds.
 NO_RESULT_OPTIONS = {"out": None, "measure_speed": None, "gguf": None, "gguf_type": None, "eval_before_heal": None,
-                     "heal": {"checkpoint_every": None}}
+                     "heal": {"checkpoint_every": None}, "bench": None}
 
 
 @dataclass

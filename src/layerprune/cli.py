@@ -112,19 +112,31 @@ def run_eval(config: EvalConfig, args) -> int:
     from .api import evaluate
     from .io import write_json
 
-    result = evaluate(config)
+    result = evaluate(config, progress=not args.quiet)
+    if "bench" in result:
+        print(bench_table(result["bench"]))
     teacher = result.get("teacher_tasks", {})
-    print(f"{'task':<16} {'measure':<12} {'model':>10} {'teacher':>10} {'retained':>9}")
+    if result["tasks"]:
+        print(f"{'task':<16} {'measure':<12} {'model':>10} {'teacher':>10} {'retained':>9}")
     for task, values in result["tasks"].items():
         for key, value in values.items():
             ref = teacher.get(task, {}).get(key)
             retained = f"{value / ref:9.3f}" if key == "score" and ref else ""
             print(f"{task:<16} {key:<12} {value:>10.4f} {'' if ref is None else f'{ref:10.4f}':>10} {retained}")
     if "quality_retained" in result:
-        print(f"quality retained: {result['quality_retained']:.4f} (mean over {', '.join(config.tasks)})")
+        print(f"quality retained: {result['quality_retained']:.4f} (mean over "
+              f"{', '.join(result['quality_retained_tasks'])})")
     if config.json:
         write_json(Path(config.json), result)
     return 0
+
+
+def bench_table(bench: dict) -> str:
+    """The suite's per-task table: scores, retention and chance-corrected retention with their
+    paired 95% intervals (or the model's scores alone, without an original)."""
+    from .tasks.retention import suite_lines
+
+    return "\n".join(suite_lines(bench))
 
 
 def run_compare(config: CompareConfig, args) -> int:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from . import outdir
 from .checkpoint import check_output
+from .compare_bench import KEYS as BENCH_KEYS, PER_COUNT as BENCH_PER_COUNT, Benchmarks, bench_section, \
+    benchmarks_for, check_suites, per_count, plot_bench
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import EVERY_SPLIT, held_blocks
 from .depth import Depth, plan_depth
@@ -123,14 +125,26 @@ def variant_name(config: CompareConfig, method: str, heal: str) -> str:
     return f"{method}{patch} + {healed if heal == 'distill' else 'no healing'}"
 
 
+@dataclass(frozen=True)
+class Measures:
+    """What every variant is measured on besides held-out text: the unseen domain and the
+    benchmark suites (either may be None)."""
+
+    domain: Domain | None
+    bench: Benchmarks | None
+
+
 def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: Shared,
-                domain: Domain | None, progress: bool) -> dict[str, dict[int, float]]:
+                measures: Measures, progress: bool) -> dict[str, dict[int, float]]:
     """Quality retained after removing each count of layers, with its 95% interval over held-out
-    blocks, on held-out text and on the unseen `domain` (measured after each step that reaches a
-    count); and the seconds of scoring, cutting, healing and evaluating that each count took."""
+    blocks, on held-out text and on the unseen domain, and benchmark retention (measured after
+    each step that reaches a count); and the seconds of scoring, cutting, healing and evaluating
+    that each count took."""
     mode = METHODS[method][1]
     counts = sorted(config.counts)
+    domain = measures.domain
     unseen: dict[int, tuple[float, list[float] | None]] = {}
+    bench: dict[int, dict] = {}
 
     def run(count: int):
         variant = PruneRun(variant_config(config, method, heal, count), inputs, Depth(count, f"--remove {count}"),
@@ -140,6 +154,9 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
             removed = count if mode != "iterative" else iteration
             if domain is not None and removed in counts:
                 unseen[removed] = domain.retained(variant.student, inputs.teacher)
+            if measures.bench is not None and removed in counts:
+                bench[removed] = measures.bench.measure(variant.student, progress,
+                                                        f"{variant_name(config, method, heal)} at -{removed}")
         return variant.records
 
     if mode == "iterative":   # one run to the deepest count, read off after each removal
@@ -157,13 +174,14 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
     if domain is not None:
         measured["quality_retained_unseen"] = {n: q for n, (q, _) in unseen.items()}
         measured["quality_retained_unseen_interval"] = {n: interval for n, (_, interval) in unseen.items()}
-    return measured
+    return {**measured, **per_count(bench)}
 
 
 def compare(config: CompareConfig, progress: bool = True) -> dict:
     """Run every method x healing variant; write compare.json, compare.md and compare.png to config.out."""
     config.validate()
     check_names(config, None)
+    check_suites(config.final_tasks)
     check_trainable(config.dtype, config.device, "distill" in config.healing)
     out = Path(config.out)
     check_output(out)
@@ -192,6 +210,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                                 progress), None,
                     accelerator_for(config.heal, next(teacher.parameters()).device) if healing else None)
     by_seed: dict[str, dict[int, dict]] = {}
+    bench = benchmarks_for(config, teacher, tokenizer, progress)
     for seed in seeds:
         # A seed changes the healings' data order and the sampled task items: inputs are built per seed.
         seeded = dataclasses.replace(config, seed=seed)
@@ -209,7 +228,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                 log.info("%s does not depend on the seed: run on seed %d only", name, seeds[0])
                 continue
             start = time.perf_counter()
-            quality = run_variant(inputs, seeded, method, heal, shared, domain, progress)
+            quality = run_variant(inputs, seeded, method, heal, shared, Measures(domain, bench), progress)
             by_seed.setdefault(name, {})[seed] = {**quality, "seconds": time.perf_counter() - start}
             log.info("%s, seed %d: %s (%.0fs)", name, seed,
                      {n: round(q, 3) for n, q in quality["quality_retained"].items()}, by_seed[name][seed]["seconds"])
@@ -221,7 +240,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                "eval_tasks": list(config.eval_tasks), "data": source_name(config.data.source),
                "unseen_data": config.unseen_data, "teacher_eval": inputs.teacher_eval, "results": results,
                "seeds": list(seeds),
-               "config": to_dict(config)}
+               "config": to_dict(config), **({"bench": bench.describe()} if bench is not None else {})}
     if is_main_process():
         write_comparison(out, summary)
     return summary
@@ -239,7 +258,7 @@ def over_seeds(runs: dict[int, dict]) -> dict:
     first = next(iter(runs.values()))
     merged["seconds_per_count"] = {n: sum(r["seconds_per_count"][n] for r in runs.values()) / len(runs)
                                    for n in first["seconds_per_count"]}
-    for key in ("quality_retained", "quality_retained_unseen"):
+    for key in ("quality_retained", "quality_retained_unseen", *BENCH_KEYS):
         if key not in first:
             continue
         values = {n: [r[key][n] for r in runs.values()] for n in first[key]}
@@ -263,6 +282,7 @@ def write_comparison(out: Path, summary: dict) -> None:
                   for name, r in summary["results"].items() if key in r}
         if curves:
             plot_quality(curves, out / file, f"quality retained on held-out {text} ({tasks})")
+    plot_bench(summary, out)
     costs = {name: [(r["seconds_per_count"][n], r["quality_retained"][n], n) for n in sorted(r["quality_retained"])]
              for name, r in summary["results"].items() if "seconds_per_count" in r}
     if costs:
@@ -273,9 +293,9 @@ def write_comparison(out: Path, summary: dict) -> None:
 # A variant's figures per count of layers removed (JSON keys are strings, read back as ints).
 PER_COUNT = ("removed_original", "quality_retained", "quality_retained_interval", "quality_retained_spread",
              "quality_retained_unseen", "quality_retained_unseen_interval", "quality_retained_unseen_spread",
-             "seconds_per_count")
+             "seconds_per_count", *BENCH_PER_COUNT)
 # What must agree for two comparisons' variants to stand in one table.
-SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval")
+SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval", "bench")
 
 
 def merge_comparisons(summaries: list[dict]) -> dict:
@@ -373,4 +393,5 @@ def comparison_markdown(summary: dict) -> str:
              "![quality retained against seconds spent](compare_seconds.png)"]
     if unseen:
         plots.append(f"![quality retained on {unseen}](compare_unseen.png)")
-    return "\n".join(lines) + "\n\n" + "\n".join(plots) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(plots) + "\n" + "\n".join(bench_section(summary, _column_cells)) \
+        + "\n"

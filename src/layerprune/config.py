@@ -256,6 +256,27 @@ class HealConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """The benchmark suites (`bench`, `mmlu`: tasks/suite.py): how many items each task scores and
+    which share of every task's items is reserved, never evaluated, for choosing recipes."""
+
+    # 200 items a task: one `layerprune eval --tasks bench` of SmolLM2 with the original cached
+    # takes about 5 minutes on two CPU cores (docs/evaluation.md has the interval widths it buys).
+    items: int = opt(200, "items each benchmark task scores, the same for every model (0: the whole split, "
+                          "less the calibration share)", flag="--bench-items")
+    calibration: float = opt(0.2, "share of every benchmark task's items (by a hash of the item) reserved for "
+                                  "choosing recipes and never evaluated", flag="--bench-calibration")
+    cache: bool = opt(True, "keep the original's benchmark results in the layerprune cache folder and reuse them",
+                      flag="--bench-cache")
+
+    def validate(self) -> None:
+        _non_negative(self, ("items",), "bench.")
+        if not 0 <= self.calibration < 1:
+            raise LayerpruneError(f"--bench-calibration must be in [0, 1), got {self.calibration}",
+                                  "give a share such as 0.2")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """What every command reads: a model, where it runs, and text."""
 
@@ -286,11 +307,18 @@ class ScoreConfig(ModelConfig):
 class EvalConfig(ModelConfig):
     """`layerprune eval`: held-out scores of a model, against a teacher."""
 
-    teacher: str | None = opt(None, "the original model, for kl and quality retained")
+    teacher: str | None = opt(None, "the original model, for kl, quality retained and benchmark retention (default: "
+                                    "the original named in --model's history.json, when it is a layerprune run)")
     tasks: tuple[str, ...] = opt(("perplexity", "token_accuracy", "continuation", "copy"),
-                                 "tasks: perplexity, token_accuracy, kl, continuation, copy, copy_generate, mmlu, "
+                                 "tasks: bench (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA), mmlu "
+                                 "(5-shot), perplexity, token_accuracy, kl, continuation, copy, copy_generate, "
                                  "mc:FILE.jsonl, lm_eval:NAME[@DIR]")
-    json: str | None = opt(None, "also write the results to this JSON file")
+    json: str | None = opt(None, "also write the results (per-item benchmark results included) to this JSON file")
+    bench: BenchConfig = opt(BenchConfig(), "")
+
+    def validate(self) -> None:
+        super().validate()
+        self.bench.validate()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,6 +356,7 @@ class Recipe(ModelConfig):
                                   "tokens do not dominate; closed form) or cosine (ReplaceMe's mean cosine distance, "
                                   "by Adam from the identity)")
     heal: HealConfig = opt(HealConfig(), "")
+    bench: BenchConfig = opt(BenchConfig(), "")
 
     def validate(self) -> None:
         super().validate()
@@ -345,6 +374,7 @@ class Recipe(ModelConfig):
             if getattr(self, name) is not None:
                 _non_negative(self, (name,))
         self.heal.validate()
+        self.bench.validate()
         steps = self.heal.steps_per_removal(self.data.seq_len)
         if self.heal.method != "none" and self.heal.local_steps > steps:
             raise LayerpruneError(f"--heal-local-steps {self.heal.local_steps} is more than the {steps} healing steps "
@@ -441,6 +471,9 @@ class CompareConfig(Recipe):
     counts: tuple[int, ...] = opt((2, 4, 6), "comma-separated layer counts to remove", flag="--remove")
     methods: tuple[str, ...] = opt(COMPARE_METHODS, "comma-separated subset of the methods")
     healing: tuple[str, ...] = opt(HEAL_METHODS[::-1], "none, distill or both")
+    final_tasks: tuple[str, ...] = opt((), "benchmark suites every variant is scored on at every count: bench, mmlu "
+                                           "(retention per task family, chance-corrected, and each variant's paired "
+                                           "difference from layerprune's, in compare.md)")
     unseen_data: str | None = opt("embedded:news", "a second held-out text, of a domain nothing is trained or "
                                                    "scored on, all of it read as held-out text (--eval-tokens); "
                                                    "quality retained is reported on it too")

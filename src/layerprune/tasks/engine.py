@@ -191,6 +191,18 @@ def summed_over_processes(totals: dict) -> dict:
     return merged
 
 
+def evaluation_bar(share: list, tasks: list[Task]):
+    """A bar over an evaluation's batches (held-out text takes minutes on larger models), shown
+    where progress is logged (not under --quiet) and on the main process only."""
+    from tqdm.auto import tqdm
+
+    from ..processes import is_main_process
+
+    shown = log.isEnabledFor(logging.INFO) and is_main_process() and len(share) > 1
+    names = ", ".join(dict.fromkeys(task.name for task in tasks))
+    return tqdm(share, desc=f"evaluating {names}", unit="batch", leave=False, disable=not shown)
+
+
 @torch.no_grad()
 def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | None = None,
                   part: slice | None = None) -> dict:
@@ -202,7 +214,8 @@ def collect_stats(model, tasks: list[Task], teacher=None, outputs: Outputs | Non
     totals: dict = {}
     for batches, group in group_by_batches([task for task in tasks if task.run is None]):
         with TeacherSide(model, group, teacher) as teaching:
-            for (index, batch), counts in my_share(list(enumerate(batches))[part or slice(None)], model):
+            share = my_share(list(enumerate(batches))[part or slice(None)], model)
+            for (index, batch), counts in (share if outputs is not None else evaluation_bar(share, group)):
                 batch = batch.to(device)
                 rows = teaching.by_rows(batch)
                 own = forward_output(model, batch, rows) if outputs is None else None

@@ -17,7 +17,7 @@ import torch
 
 from .base import Task
 from ..processes import process_count
-from .engine import TeacherSide, add_stats, each_row, forward_output, my_share, quality_retained
+from .engine import TeacherSide, add_stats, each_row, evaluation_bar, forward_output, my_share, quality_retained
 
 DRAWS = 1000
 
@@ -42,7 +42,7 @@ def evaluate_rows(model, tasks: list[Task], teacher=None) -> tuple[dict, dict[st
     batches = tasks[0].batches
     mine: list[tuple[int, dict[str, list[dict]]]] = []
     with TeacherSide(model, tasks, teacher) as teaching:
-        for (index, batch), counts in my_share(list(enumerate(batches)), model):
+        for (index, batch), counts in evaluation_bar(my_share(list(enumerate(batches)), model), tasks):
             batch = batch.to(device)
             out = forward_output(model, batch, teaching.by_rows(batch))
             rows = _row_stats(tasks, model, out, batch, teaching.of(teaching.for_batch(index, batch, out), out))

@@ -1,0 +1,169 @@
+"""The benchmark columns of a comparison (`compare --final-tasks bench`).
+
+Every variant is scored on the suite's items after each count it reaches, the original once
+(from the cache when it is there). compare.json keeps each variant's per-item results per
+count, so a merged table (bench/merge_compare.py) computes its intervals and differences from
+them without running anything again. The section it writes: the suite's retention per count
+(the best bold, `~` where a variant's interval reaches the best one's, as for quality
+retained), then per count a table with a column per task family, chance-corrected retention,
+and each variant's paired difference from the reference variant (layerprune with healing where
+it ran, else the first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .report import plot_quality
+from .tasks.retention import difference, retention
+from .tasks.suite import SUITES, ItemResults, SuiteRequest, request_for, run_suite
+from .tasks.suite_cache import original_results
+from .errors import LayerpruneError
+
+KEYS = ("bench_retention", "bench_chance_corrected")
+PER_COUNT = ("bench_items", *KEYS, *(f"{k}_interval" for k in KEYS), *(f"{k}_spread" for k in KEYS))
+TABLE_NOTE = ("zero-shot lm-eval tasks on validation items (MMLU: test), acc_norm for HellaSwag, ARC-c and "
+              "OpenBookQA and acc for the others; retention = the ratio of mean scores (the field's convention), "
+              "with its 95% paired bootstrap interval over items")
+
+
+def check_suites(names) -> None:
+    unknown = [name for name in names if name not in SUITES]
+    if unknown:
+        raise LayerpruneError(f"compare's --final-tasks takes the benchmark suites only, not {', '.join(unknown)}",
+                              f"use {' or '.join(SUITES)} (held-out quality is always measured)")
+
+
+@dataclass(frozen=True)
+class Benchmarks:
+    """The suite request and the original's per-item results, shared by every variant."""
+
+    request: SuiteRequest
+    original: ItemResults
+    tokenizer: object
+
+    def measure(self, student, progress: bool, who: str) -> dict:
+        items = run_suite(student, self.tokenizer, self.request, progress, who=who)
+        figures = retention(items, self.original)["suite"]
+        measured = {"bench_items": items.to_json(), "bench_retention": figures["ratio_of_means"],
+                    "bench_retention_interval": figures["ratio_of_means_interval"]}
+        if "chance_corrected" in figures:
+            measured.update(bench_chance_corrected=figures["chance_corrected"],
+                            bench_chance_corrected_interval=figures["chance_corrected_interval"])
+        return measured
+
+    def describe(self) -> dict:
+        return {"request": self.request.describe(), "original": self.original.to_json()}
+
+
+def benchmarks_for(config, teacher, tokenizer, progress: bool) -> Benchmarks | None:
+    if not config.final_tasks:
+        return None
+    request = request_for(config.final_tasks, config.bench.items or None, config.bench.calibration)
+    name = config.model or "embedded default"
+    return Benchmarks(request, original_results(teacher, tokenizer, request, name, config.bench.cache, progress),
+                      tokenizer)
+
+
+def per_count(measured: dict[int, dict]) -> dict:
+    """{count: figures} of one variant -> {key: {count: value}}, as compare.json keeps them."""
+    out: dict = {}
+    for count, figures in measured.items():
+        for key, value in figures.items():
+            out.setdefault(key, {})[count] = value
+    return out
+
+
+def _items(result: dict, count: int) -> ItemResults | None:
+    """A variant's per-item results at one count (a several-seed variant: its first seed's)."""
+    if "bench_items" in result:
+        return ItemResults.from_json(result["bench_items"][count])
+    for seed in sorted(result.get("per_seed", {}), key=int):
+        run = result["per_seed"][seed]
+        if "bench_items" in run:
+            return ItemResults.from_json(run["bench_items"][count])
+    return None
+
+
+def _reference(results: dict) -> str:
+    healed = [name for name, r in results.items() if r["method"] == "layerprune" and r["heal"] == "distill"]
+    return healed[0] if healed else next(iter(results))
+
+
+def _span(value: float, interval) -> str:
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _families(original: ItemResults) -> dict[str, list[str]]:
+    found = {task.name: task.family or task.name for name in SUITES for task in SUITES[name]}
+    families: dict[str, list[str]] = {}
+    for task in original.tasks:
+        families.setdefault(found.get(task, task), []).append(task)
+    return families
+
+
+def family_table(summary: dict, count: int) -> list[str]:
+    """One count's table: a column per task family, chance-corrected, and the difference from
+    the reference variant, each with its paired interval."""
+    original = ItemResults.from_json(summary["bench"]["original"])
+    families = _families(original)
+    results = {name: r for name, r in summary["results"].items() if _items(r, count) is not None}
+    if not results:
+        return []
+    reference = _reference(results)
+    lines = [f"| -{count} | " + " | ".join(families) + f" | chance-corrected | difference from {reference} |",
+             "| --- |" + " --- |" * (len(families) + 2)]
+    for name, r in results.items():
+        items = _items(r, count)
+        cells = []
+        for tasks in families.values():
+            part = retention(ItemResults({t: items.tasks[t] for t in tasks}),
+                             ItemResults({t: original.tasks[t] for t in tasks}))["suite"]
+            cells.append(_span(part["ratio_of_means"], part["ratio_of_means_interval"]))
+        suite = retention(items, original)["suite"]
+        corrected = _span(suite["chance_corrected"], suite["chance_corrected_interval"]) \
+            if "chance_corrected" in suite else "-"
+        if name == reference:
+            delta = "-"
+        else:
+            diff = difference(items, _items(results[reference], count), original)["suite"]
+            delta = _span(diff["difference"], diff["interval"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {corrected} | {delta} |")
+    return lines
+
+
+def bench_section(summary: dict, column_cells) -> list[str]:
+    """compare.md's benchmark section (empty without --final-tasks)."""
+    if not summary.get("bench"):
+        return []
+    counts, results = summary["counts"], summary["results"]
+    measured = {name: r for name, r in results.items() if "bench_retention" in r}
+    if not measured:
+        return []
+    original = ItemResults.from_json(summary["bench"]["original"])
+    left = retention(original, original)["suite"]["left_out"]
+    columns = {n: column_cells(measured, "bench_retention", n) for n in counts}
+    lines = ["", f"## Benchmark retention ({', '.join(summary['bench']['request']['tasks'])})", "",
+             f"{TABLE_NOTE}. Chance-corrected retention: (score - chance) / (original - chance), chance the best "
+             "constant answer's score" + (f"; left out of it, the original not above chance beyond its interval: "
+                                          f"{', '.join(left)}" if left else "") +
+             f". {summary['bench']['request']['items'] or 'all'} items a task, "
+             f"{summary['bench']['request']['calibration']:g} of each task reserved for calibration.", "",
+             "| method | " + " | ".join(f"-{n}" for n in counts) + " |", "| --- |" + " --- |" * len(counts)]
+    for name in measured:
+        lines.append(f"| {name} | " + " | ".join(columns[n][name] for n in counts) + " |")
+    for n in counts:
+        lines += ["", *family_table(summary, n)]
+    lines += ["", "![benchmark retention against layers removed](compare_bench.png)"]
+    return lines
+
+
+def plot_bench(summary: dict, out: Path) -> None:
+    if not summary.get("bench"):
+        return
+    curves = {name: [(0, 1.0), *sorted(r["bench_retention"].items())]
+              for name, r in summary["results"].items() if "bench_retention" in r}
+    if curves:
+        plot_quality(curves, out / "compare_bench.png", "benchmark retention (ratio of mean scores, "
+                                                        f"{', '.join(summary['bench']['request']['tasks'])})")

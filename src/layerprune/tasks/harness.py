@@ -28,10 +28,33 @@ from transformers import DynamicCache
 from tqdm.auto import tqdm
 
 DEFAULT_MAX_LENGTH = 2048
-# A batch of prefixes holds at most this many positions (padding included) ...
+# An item's choices share one run of their context where that saves at least this many tokens
+# (PIQA's short goals before two long solutions, and WinoGrande's contexts, which differ, run whole).
+SHARE_MIN = 32
+# A batch of first-pass rows holds at most this many positions (padding included) ...
 PREFIX_TOKENS = 8192
-# ... and a run of continuations makes at most this many bytes of float32 logits.
+# ... and a run makes at most this many bytes of float32 logits.
 TAIL_LOGIT_BYTES = 1 << 28
+
+
+def _score(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
+    """(sum of log-probabilities, all greedy) of `targets`, one per row of `logits`."""
+    logp = F.log_softmax(logits.float(), -1)
+    wanted = torch.tensor(targets, device=logp.device)
+    return float(logp.gather(-1, wanted[:, None]).sum()), bool((logp.argmax(-1) == wanted).all())
+
+
+def _tail_parts(tails: list, rows: int, positions: int) -> list[list]:
+    """Continuations sorted by length, cut into runs of at most `rows` rows and `positions`
+    padded positions (their logits' bound), so a run pads little."""
+    parts: list[list] = []
+    for tail in tails:
+        width = len(tail[2]) - 1
+        if parts and len(parts[-1]) < rows and (len(parts[-1]) + 1) * width <= positions:
+            parts[-1].append(tail)
+        else:
+            parts.append([tail])
+    return parts
 
 
 def max_length_of(model) -> int:
@@ -76,63 +99,74 @@ class InMemoryLM(TemplateLM):
         return self.tokenizer.encode(string, **options)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        groups: dict[tuple[int, ...], list[int]] = {}
-        continuations = []
-        for index, (_, context, continuation) in enumerate(requests):
-            whole = (context + continuation)[-(self.max_length + 1):]
-            n = len(continuation)
-            # The prefix: every input up to the one whose logits predict the continuation's first
-            # token; requests with the same prefix (an item's choices) share one run of it.
-            groups.setdefault(tuple(whole[:len(whole) - n]), []).append(index)
-            continuations.append(whole[len(whole) - n:])
         results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
         bar = tqdm(total=len(requests), desc="benchmark requests", leave=False, file=self.bar_file,
                    disable=not self.progress)
-        # Longest first, as HFLM orders them (a memory peak shows at the start), and prefixes of
-        # like length share a batch.
-        ordered = sorted(groups, key=len, reverse=True)
+        # Longest first, as HFLM orders them (a memory peak shows at the start), and rows of like
+        # length share a batch.
+        rows = sorted(self._rows(requests), key=lambda row: len(row[0]), reverse=True)
         start = 0
-        while start < len(ordered):
-            rows = max(1, min(self.batch_size, PREFIX_TOKENS // len(ordered[start])))
-            chunk = ordered[start:start + rows]
-            members = [[(m, continuations[m]) for m in groups[prefix]] for prefix in chunk]
-            for index, value in self._score_prefixes([list(p) for p in chunk], members):
+        while start < len(rows):
+            keep = max(inside for _, members in rows[start:start + self.batch_size] for _, _, inside in members)
+            count = max(1, min(self.batch_size, PREFIX_TOKENS // len(rows[start][0]),
+                               TAIL_LOGIT_BYTES // (4 * self.vocab_size * keep)))
+            chunk = rows[start:start + count]
+            for index, value in self._score_rows(chunk):
                 results[index] = value
-            bar.update(sum(len(m) for m in members))
-            start += rows
+            bar.update(sum(len(members) for _, members in chunk))
+            start += count
         bar.close()
         self.requests_scored += len(requests)
         return results
 
+    def _rows(self, requests) -> list[tuple[list[int], list[tuple[int, list[int], int]]]]:
+        """The first pass's rows: (tokens, [(request, continuation, how many of its tokens the row
+        predicts)]). Requests with the same prefix (every input up to the one that predicts the
+        continuation's first token: an item's choices) share a row of it where that saves at
+        least SHARE_MIN tokens; any other request is a row of its own, whole, as in HFLM."""
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for index, (_, context, continuation) in enumerate(requests):
+            whole = (context + continuation)[-(self.max_length + 1):]
+            n = len(continuation)
+            groups.setdefault(tuple(whole[:len(whole) - n]), []).append((index, whole[len(whole) - n:]))
+        rows = []
+        for prefix, members in groups.items():
+            if (len(members) - 1) * len(prefix) >= SHARE_MIN:
+                rows.append((list(prefix), [(index, c, 1) for index, c in members]))
+            else:
+                rows += [((list(prefix) + c)[:-1], [(index, c, len(c))]) for index, c in members]
+        return rows
+
     @torch.no_grad()
-    def _score_prefixes(self, prefixes: list[list[int]], members: list[list[tuple[int, list[int]]]]):
-        """(request index, (log-likelihood, greedy)) of every continuation after its prefix.
-        Prefixes run left-padded in one batch (positions from the mask, as generation does), so
-        every row's last position predicts its continuations' first tokens; the continuations'
-        other tokens run after the prefixes' cache, each row reading its own prefix's."""
+    def _score_rows(self, rows):
+        """(request index, (log-likelihood, greedy)) of every continuation of `rows`. Rows run
+        left-padded in one batch (positions from the mask, as generation does), so every row ends
+        at the last position and the head runs on the last `keep` positions alone; continuations
+        longer than their row predicts run after the rows' cache, each reading its own row's."""
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prefixes)
-        ids = torch.zeros(len(prefixes), width, dtype=torch.long)
+        width = max(len(tokens) for tokens, _ in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, prefix in enumerate(prefixes):
-            ids[row, width - len(prefix):] = torch.tensor(prefix)
-            mask[row, width - len(prefix):] = 1
-        tails = [(row, index, c) for row, group in enumerate(members) for index, c in group if len(c) > 1]
+        for r, (tokens, _) in enumerate(rows):
+            ids[r, width - len(tokens):] = torch.tensor(tokens)
+            mask[r, width - len(tokens):] = 1
+        keep = max(inside for _, members in rows for _, _, inside in members)
+        tails = [(r, index, c) for r, (_, members) in enumerate(rows) for index, c, inside in members
+                 if len(c) > inside]
         cache = DynamicCache(config=self.model.config) if tails else None
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                          position_ids=(mask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=bool(tails),
-                         logits_to_keep=1, **({self.cache_arg: cache} if tails else {}))
-        first = F.log_softmax(out.logits[:, -1].float(), -1)
-        best = first.argmax(-1)
-        scores = {index: (float(first[row, c[0]]), bool(best[row] == c[0]))
-                  for row, group in enumerate(members) for index, c in group}
+                         logits_to_keep=keep, **({self.cache_arg: cache} if tails else {}))
+        scores = {}
+        for r, (_, members) in enumerate(rows):
+            for index, c, inside in members:
+                scores[index] = _score(out.logits[r, keep - inside:], c[:inside])
         del out
-        longest = max((len(c) - 1 for _, _, c in tails), default=0)
-        per_call = max(1, TAIL_LOGIT_BYTES // (longest * self.vocab_size * 4)) if tails else 1
-        for start in range(0, len(tails), per_call):
-            part = tails[start:start + per_call]
+        parts = _tail_parts(sorted(tails, key=lambda t: len(t[2])), 2 * self.batch_size,
+                            TAIL_LOGIT_BYTES // (4 * self.vocab_size))
+        for part in parts:
             # A cache grows with each run after it: every part but a lone one starts from a copy.
-            own = cache if len(tails) <= per_call else copy.deepcopy(cache)
+            own = cache if len(parts) == 1 else copy.deepcopy(cache)
             self._score_tails(own, mask, part, scores, device)
         return scores.items()
 
@@ -152,11 +186,9 @@ class InMemoryLM(TemplateLM):
         logits = self.model(input_ids=ids.to(device), attention_mask=torch.cat([before, own], -1).to(device),
                             position_ids=positions.to(device), use_cache=True, **{self.cache_arg: cache}).logits
         for r, (_, index, c) in enumerate(tails):
-            logp = F.log_softmax(logits[r, :len(c) - 1].float(), -1)
-            targets = torch.tensor(c[1:], device=logp.device)
             total, greedy = scores[index]
-            scores[index] = (total + float(logp.gather(-1, targets[:, None]).sum()),
-                             greedy and bool((logp.argmax(-1) == targets).all()))
+            more, more_greedy = _score(logits[r, :len(c) - 1], c[1:])
+            scores[index] = (total + more, greedy and more_greedy)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         raise NotImplementedError("the benchmark suite scores choices only; use lm_eval:NAME@DIR for "

@@ -94,9 +94,10 @@ def retention(model: ItemResults, original: ItemResults, draws: int = DRAWS, see
                 "retention": float(m.mean() / o.mean()) if o.mean() else float("nan"),
                 "retention_interval": _interval(drawn_model[name] / drawn_original[name]),
                 "chance": chances[name], "original_above_chance": above,
-                "chance_corrected": float((m.mean() - chances[name]) / (o.mean() - chances[name])),
+                # None where the original is not above chance: the ratio would divide by noise.
+                "chance_corrected": float((m.mean() - chances[name]) / (o.mean() - chances[name])) if above else None,
                 "chance_corrected_interval": _interval((drawn_model[name] - chances[name])
-                                                       / (drawn_original[name] - chances[name])),
+                                                       / (drawn_original[name] - chances[name])) if above else None,
                 "acc": float(np.mean(model.tasks[name]["acc"])),
                 "acc_norm": float(np.mean(model.tasks[name]["acc_norm"])),
                 "original_acc": float(np.mean(original.tasks[name]["acc"])),
@@ -156,10 +157,10 @@ def suite_lines(bench: dict) -> list[str]:
     lines.append(f"{'task':<14} {'items':>5} {'metric':<8} {'model':>6} {'original':>8} {'chance':>6}  "
                  f"{'retained [95%]':<22}  chance-corrected [95%]")
     for name, row in figures["tasks"].items():
-        corrected = _span(row["chance_corrected"], row["chance_corrected_interval"])
+        corrected = _span(row["chance_corrected"], row["chance_corrected_interval"]) \
+            if row["original_above_chance"] else "- (the original is not above chance)"
         lines.append(f"{name:<14} {row['items']:>5} {row['metric']:<8} {row['score']:>6.3f} {row['original']:>8.3f} "
-                     f"{row['chance']:>6.3f}  {_span(row['retention'], row['retention_interval']):<22}  "
-                     f"{corrected if row['original_above_chance'] else corrected + ' (original not above chance)'}")
+                     f"{row['chance']:>6.3f}  {_span(row['retention'], row['retention_interval']):<22}  {corrected}")
     suite = figures["suite"]
     lines.append(f"suite: mean {suite['score']:.3f} against {suite['original']:.3f}; retained (ratio of means) "
                  f"{_span(suite['ratio_of_means'], suite['ratio_of_means_interval'])}, mean of ratios "

@@ -294,3 +294,21 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
         from layerprune.compare_bench import check_suites
 
         check_suites(["perplexity"])
+
+
+def test_a_tokenizer_that_cannot_encode_the_text_is_one_line():
+    tokenizer = hf_char_tokenizer()
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode(self, text, **kw):
+            raise ValueError("no such character")
+
+    with pytest.raises(LayerpruneError, match="cannot encode the benchmark text"):
+        InMemoryLM(tiny_model("llama"), Broken(), progress=False).loglikelihood(_lm_requests(), True)
+    # A choice the tokenizer turns into nothing: said, not scored as an empty answer.
+    empty = [SimpleNamespace(args=("Question: x\\nAnswer:", ""))]
+    with pytest.raises(LayerpruneError, match="as no tokens"):
+        InMemoryLM(tiny_model("llama"), tokenizer, progress=False).loglikelihood(empty, True)

@@ -61,8 +61,7 @@ def benchmarks_for(config, teacher, tokenizer, progress: bool) -> Benchmarks | N
     if not config.final_tasks:
         return None
     request = request_for(config.final_tasks, config.bench.items or None, config.bench.calibration)
-    name = config.model or "embedded default"
-    return Benchmarks(request, original_results(teacher, tokenizer, request, name, config.bench.cache, progress),
+    return Benchmarks(request, original_results(teacher, tokenizer, request, None, config.bench.cache, progress),
                       tokenizer)
 
 

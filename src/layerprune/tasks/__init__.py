@@ -97,11 +97,10 @@ def build_suite(name: str, data: TaskData) -> Task:
 
     def run(model, teacher=None) -> dict[str, float]:
         if model is teacher:
-            return _suite_summary(original_results(model, data.tokenizer, request, "teacher", bench.cache,
-                                                   data.progress), None)
-        items = run_suite(model, data.tokenizer, request, data.progress)
-        kept = None if teacher is None else original_results(teacher, data.tokenizer, request, "teacher",
-                                                             bench.cache, data.progress)
+            return _suite_summary(original_results(model, data.tokenizer, request, None, bench.cache), None)
+        items = run_suite(model, data.tokenizer, request)
+        kept = None if teacher is None else original_results(teacher, data.tokenizer, request, None,
+                                                             bench.cache)
         return _suite_summary(items, kept)
 
     return Task(name, [], None, None, run=run)

@@ -58,7 +58,6 @@ class TaskData:
     batch_size: int
     seed: int = 0
     bench: object | None = None    # the run's BenchConfig, for the benchmark suites
-    progress: bool = True
 
     @functools.cached_property
     def block_batches(self) -> list[Batch]:

@@ -2,30 +2,35 @@
 
 lm-eval defines the benchmark tasks (prompts, choices, metrics); a model only answers its
 log-likelihood requests, each a (context, continuation) pair. lm-eval's own `HFLM` runs every
-pair whole, so a 4-way HellaSwag item runs its context four times and computes logits at
-every context position. `InMemoryLM` groups the requests whose inputs share everything but the
-continuation's tokens (a multiple-choice item's choices), runs each shared prefix once, in
-left-padded batches of prefixes with a KV cache, reads the first continuation token's
-log-probability from the last position alone, and runs the choices' remaining tokens after
-their own prefix's row of the cache, batched too. Tokenisation is
-lm-eval's own (`TemplateLM._encode_pair`) and `tok_encode` follows `HFLM.tok_encode`, so the
-per-request log-likelihoods equal HFLM's (tests/test_suite.py checks within 1e-4).
+pair whole, so a 4-way HellaSwag item runs its context four times, and it computes logits at
+every position. `InMemoryLM` groups the requests whose inputs share everything but the
+continuation's tokens (a multiple-choice item's choices) and runs that shared prefix once,
+where it saves enough to pay for a second pass; other requests run whole. The first pass is
+left-padded, so every row ends at the last position and the LM head runs on the last positions
+alone (on SmolLM2 the head is a fifth of a token's arithmetic); the choices' remaining tokens
+run after their own row of its KV cache, sorted by length. Tokenisation is lm-eval's own
+(`TemplateLM._encode_pair`) and `tok_encode` follows `HFLM.tok_encode`, so the per-request
+log-likelihoods equal HFLM's (tests/test_suite.py checks within 1e-4).
 
-Tasks whose choices share no context (WinoGrande varies the context and scores a shared
-continuation) gain only the head's saving. Generation is not served here: the suite is
-multiple choice, and `lm_eval:NAME@DIR` tasks keep lm-eval's HFLM.
+On a CPU a model this small is bound by its matrix products, so the gain is the tokens saved:
+most on HellaSwag and ARC (long shared contexts, short choices), little on PIQA (short goals,
+long solutions) and WinoGrande (its two contexts differ). Generation is not served here: the
+suite is multiple choice, and `lm_eval:NAME@DIR` tasks keep lm-eval's HFLM.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from transformers import DynamicCache
 from tqdm.auto import tqdm
+
+from ..errors import LayerpruneError
 
 DEFAULT_MAX_LENGTH = 2048
 # An item's choices share one run of their context where that saves at least this many tokens
@@ -96,12 +101,18 @@ class InMemoryLM(TemplateLM):
         options = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         if add_special_tokens is None and string.startswith(self.tokenizer.decode(self.prefix_token_id)):
             options["add_special_tokens"] = False
-        return self.tokenizer.encode(string, **options)
+        try:
+            return self.tokenizer.encode(string, **options)
+        except Exception as err:   # a tokenizer's own failure, whatever its type: said in one line
+            raise LayerpruneError(f"the model's tokenizer cannot encode the benchmark text {string[:60]!r} ({err})",
+                                  "use a model whose tokenizer covers the tasks' text (any HF text tokenizer)") from err
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+        # Shown where progress is logged (not under --quiet), like every evaluation's bar.
+        shown = self.progress and logging.getLogger(__name__).isEnabledFor(logging.INFO)
         bar = tqdm(total=len(requests), desc="benchmark requests", leave=False, file=self.bar_file,
-                   disable=not self.progress)
+                   disable=not shown)
         # Longest first, as HFLM orders them (a memory peak shows at the start), and rows of like
         # length share a batch.
         rows = sorted(self._rows(requests), key=lambda row: len(row[0]), reverse=True)
@@ -125,7 +136,10 @@ class InMemoryLM(TemplateLM):
         continuation's first token: an item's choices) share a row of it where that saves at
         least SHARE_MIN tokens; any other request is a row of its own, whole, as in HFLM."""
         groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-        for index, (_, context, continuation) in enumerate(requests):
+        for index, ((_, text), context, continuation) in enumerate(requests):
+            if not continuation:
+                raise LayerpruneError(f"the model's tokenizer encodes the benchmark answer {text!r} as no tokens",
+                                      "use a model whose tokenizer covers the tasks' text (any HF text tokenizer)")
             whole = (context + continuation)[-(self.max_length + 1):]
             n = len(continuation)
             groups.setdefault(tuple(whole[:len(whole) - n]), []).append((index, whole[len(whole) - n:]))

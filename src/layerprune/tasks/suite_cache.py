@@ -60,16 +60,19 @@ def cache_meta(model, tokenizer, request: SuiteRequest, name: str) -> dict:
 
 
 def cache_path(meta: dict) -> Path:
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+    """The model's name is not part of the key: the same weights under two names are one original."""
+    keyed = {key: value for key, value in meta.items() if key != "model"}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir() / "bench" / f"{key}.json"
 
 
-def original_results(model, tokenizer, request: SuiteRequest, name: str, use_cache: bool = True,
+def original_results(model, tokenizer, request: SuiteRequest, name: str | None = None, use_cache: bool = True,
                      progress: bool = True) -> ItemResults:
     """The original's per-item results: from the cache when they are there, else scored (and
-    kept)."""
+    kept). `name`: how log lines name it (default: where its weights were loaded from)."""
     if not use_cache:
         return run_suite(model, tokenizer, request, progress, who="original")
+    name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or "the original"
     meta = cache_meta(model, tokenizer, request, name)
     path = cache_path(meta)
     if path.is_file():

@@ -62,7 +62,7 @@ def test_compare_writes_table_and_plot(tiny_dir, text_file, tmp_path):
 
 def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, text_file, tmp_path, monkeypatch):
     """Iterative variants are read off after each removal: the unseen domain is measured then too."""
-    from layerprune.compare import Domain, run_variant, unseen_domain
+    from layerprune.compare import Domain, Measures, run_variant, unseen_domain
     from layerprune.config import DataConfig
     from layerprune.models import load_model
     from layerprune.inputs import build_inputs
@@ -81,12 +81,12 @@ def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, t
     monkeypatch.setattr(Domain, "retained",
                         lambda self, student, teacher: depths.append(student.config.num_hidden_layers) or (1.0, None))
     shared = Shared(TargetCache(config.heal, teacher, 32, 2))
-    quality = run_variant(inputs, config, "iterative-bi", "none", shared, domain, progress=False)
+    quality = run_variant(inputs, config, "iterative-bi", "none", shared, Measures(domain, None), progress=False)
     assert depths == [5, 3] and set(quality["quality_retained_unseen"]) == {1, 3}
     # a domain of the held-out tasks themselves: the unseen figures equal the held-out ones
     monkeypatch.undo()
     held_out = Domain("held-out", inputs.eval_tasks, inputs.teacher_eval, inputs.teacher_rows)
-    quality = run_variant(inputs, config, "shortgpt", "none", shared, held_out, progress=False)
+    quality = run_variant(inputs, config, "shortgpt", "none", shared, Measures(held_out, None), progress=False)
     assert quality["quality_retained_unseen"] == pytest.approx(quality["quality_retained"])
     assert quality["quality_retained_unseen_interval"] == quality["quality_retained_interval"]
 

@@ -79,18 +79,18 @@ def tiny_root(tmp_path, monkeypatch):
 def test_suite_scores_chosen_items_outside_the_calibration_share(tiny_root):
     root, arc, boolq = tiny_root
     tokenizer = hf_char_tokenizer()
-    request = SuiteRequest((TINY_ARC, TINY_BOOLQ), items=12, calibration=0.25)
+    request = SuiteRequest((TINY_ARC, TINY_BOOLQ), items=8, calibration=0.25)
     first = run_suite(tiny_model("llama", seed=0), tokenizer, request, progress=False)
     second = run_suite(tiny_model("llama", seed=1), tokenizer, request, progress=False)
     for name, rows in (("tiny_arc", arc), ("tiny_boolq", boolq)):
         items = first.tasks[name]["item"]
-        assert items == second.tasks[name]["item"] and len(items) == 12 == len(set(items))
+        assert items == second.tasks[name]["item"] and len(items) == 8 == len(set(items))
         docs = [{key: rows[key][int(item.split("/")[1])] for key in rows} for item in items]
         assert not any(is_calibration(doc, 0.25) for doc in docs)
     # BoolQ's target is its boolean answer (the stock task reads a `label` the arrow file lacks).
     answers = [int(boolq["answer"][int(item.split("/")[1])]) for item in first.tasks["tiny_boolq"]["item"]]
     assert first.tasks["tiny_boolq"]["target"] == answers
-    assert first.tasks["tiny_arc"]["choices"] == [4] * 12
+    assert first.tasks["tiny_arc"]["choices"] == [4] * 8
     assert set(first.tasks["tiny_arc"]["acc"]) <= {0.0, 1.0} and first.tasks["tiny_arc"]["metric"] == "acc_norm"
 
 
@@ -216,7 +216,7 @@ def test_eval_bench_on_smollm2_against_itself(tmp_path, capsys):
     from layerprune.models import DEFAULT_MODEL
 
     out = tmp_path / "eval.json"
-    code = main(["eval", "--tasks", "bench", "--bench-items", "2", "--teacher", DEFAULT_MODEL, "--no-bench-cache",
+    code = main(["eval", "--tasks", "bench", "--bench-items", "1", "--teacher", DEFAULT_MODEL, "--no-bench-cache",
                  "--json", str(out), "--quiet"])
     assert code == 0
     import json
@@ -224,7 +224,7 @@ def test_eval_bench_on_smollm2_against_itself(tmp_path, capsys):
     bench = json.loads(out.read_text())["bench"]
     assert set(bench["retention"]["tasks"]) == {t.name for t in suite.BENCH}
     assert bench["retention"]["suite"]["ratio_of_means"] == pytest.approx(1.0)
-    assert all(len(rows["item"]) == 2 for rows in bench["items"].values())
+    assert all(len(rows["item"]) == 1 for rows in bench["items"].values())
     assert bench["items"] == bench["original_items"]
     printed = capsys.readouterr().out
     assert "hellaswag" in printed and "ratio of means" in printed
@@ -271,7 +271,7 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
     monkeypatch.setitem(suite.SUITES, "bench", (TINY_ARC, TINY_BOOLQ))
     common = ["--model", str(tiny_dir), "--data", str(text_file), "--remove", "1,2", "--seq-len", "32",
               "--calib-blocks", "2", "--patch-blocks", "4", "--eval-blocks", "2", "--heal-steps", "1",
-              "--heal-grad-accum", "1", "--quiet", "--device", "cpu", "--final-tasks", "bench", "--bench-items", "8",
+              "--heal-grad-accum", "1", "--quiet", "--device", "cpu", "--final-tasks", "bench", "--bench-items", "6",
               "--unseen-data", "embedded:news"]
     parts = []
     for methods, healing in (("layerprune", "distill"), ("shortgpt", "none")):
@@ -282,7 +282,7 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
         assert set(result["bench_retention"]) == {"1", "2"}
         for n, (low, high) in result["bench_retention_interval"].items():
             assert low <= result["bench_retention"][n] <= high
-        assert all(len(items["tiny_arc"]["item"]) == 8 for items in result["bench_items"].values())
+        assert all(len(items["tiny_arc"]["item"]) == 6 for items in result["bench_items"].values())
     merged = merge_comparisons(parts)
     (tmp_path / "merged").mkdir()
     write_comparison(tmp_path / "merged", merged)

@@ -49,6 +49,9 @@ def _check_paired(a: ItemResults, b: ItemResults, name: str) -> None:
 
 
 def _interval(values: np.ndarray) -> list[float]:
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).all():   # 0 / 0 on every draw: no interval to give
+        return [float("nan"), float("nan")]
     low, high = np.nanpercentile(values, [2.5, 97.5])
     return [float(low), float(high)]
 

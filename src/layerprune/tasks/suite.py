@@ -259,7 +259,7 @@ def run_suite(model, tokenizer, request: SuiteRequest, progress: bool = True, wh
         lm = InMemoryLM(model, tokenizer, request.batch_size, progress, bar_file=terminal)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         with contextlib.redirect_stderr(io.StringIO()), _quiet_datasets():
-            manager = TaskManager(include_path=folder, include_defaults=True)
+            manager = TaskManager(include_path=folder, include_defaults=False)
             result = simple_evaluate(model=lm, tasks=wanted, task_manager=manager, samples=choice.samples,
                                      log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     per_task = {task.name: _collect(task, names[task.name], result["samples"]) for task in request.tasks}

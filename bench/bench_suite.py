@@ -52,12 +52,12 @@ def main() -> None:
     totals = {"ours": 0.0, "hflm": 0.0, "items": 0}
     with tempfile.TemporaryDirectory() as folder:
         names = suite.write_yamls(Path(folder), tasks, root)
-        choice = suite.choose_items(tasks, root, names, args.items, 0.2)
+        chosen = suite.choose_items(tasks, root, names, args.items, 0.2)
         with contextlib.redirect_stderr(io.StringIO()):
             manager = TaskManager(include_path=folder, include_defaults=True)
         for task in tasks:
-            wanted = [n for n in names[task.name] if n in choice.samples]
-            samples = {n: choice.samples[n] for n in wanted}
+            wanted = [n for n in names[task.name] if n in chosen]
+            samples = {n: chosen[n] for n in wanted}
             seconds: dict[str, list[float]] = {"ours": [], "hflm": []}
             answers, logps = {}, {}
             for _ in range(args.repeats):

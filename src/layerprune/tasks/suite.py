@@ -147,18 +147,6 @@ def is_calibration(doc: dict, share: float) -> bool:
     return int(item_hash(doc)[:12], 16) / float(1 << 48) < share
 
 
-@dataclass(frozen=True)
-class ItemChoice:
-    """Which items a suite evaluates: {lm-eval task: [doc indices]}, drawn for `items` per task
-    (None: all) outside the calibration share."""
-
-    samples: dict[str, list[int]]
-    available: dict[str, int]   # evaluation items each of our tasks had (the split less the calibration share)
-
-    def key(self) -> dict:
-        return {name: ids for name, ids in sorted(self.samples.items())}
-
-
 def _docs(path: str) -> list[dict]:
     from datasets import Dataset
 
@@ -166,9 +154,10 @@ def _docs(path: str) -> list[dict]:
 
 
 def choose_items(tasks: tuple[BenchTask, ...], root: Path, names: dict[str, list[str]], items: int | None,
-                 calibration: float, seed: int = 0) -> ItemChoice:
+                 calibration: float, seed: int = 0) -> dict[str, list[int]]:
+    """Which items a suite evaluates, {lm-eval task: [doc indices]}: `items` a task (None: all)
+    drawn with `seed` from those outside the calibration share."""
     samples: dict[str, list[int]] = {}
-    available: dict[str, int] = {}
     for task in tasks:
         pool: list[tuple[str, int]] = []
         total = 0
@@ -177,7 +166,6 @@ def choose_items(tasks: tuple[BenchTask, ...], root: Path, names: dict[str, list
             docs = _docs(_arrow(folder, "test" if task is MMLU else SPLIT))
             total += len(docs)
             pool += [(lm_name, i) for i, doc in enumerate(docs) if not is_calibration(doc, calibration)]
-        available[task.name] = len(pool)
         if len(pool) < MIN_EVAL_ITEMS <= total:
             raise LayerpruneError(f"--bench-calibration {calibration:g} leaves {task.name} {len(pool)} evaluation "
                                   f"items of {total}, fewer than {MIN_EVAL_ITEMS}",
@@ -188,7 +176,7 @@ def choose_items(tasks: tuple[BenchTask, ...], root: Path, names: dict[str, list
         random.Random(f"{seed}:{task.name}").shuffle(pool)
         for lm_name, index in sorted(pool[:items] if items is not None else pool):
             samples.setdefault(lm_name, []).append(index)
-    return ItemChoice(samples, available)
+    return samples
 
 
 @dataclass
@@ -250,17 +238,16 @@ def run_suite(model, tokenizer, request: SuiteRequest, progress: bool = True, wh
     terminal = sys.stderr
     with tempfile.TemporaryDirectory(prefix="layerprune-bench-") as folder:
         names = write_yamls(Path(folder), request.tasks, root)
-        choice = choose_items(request.tasks, root, names, request.items, request.calibration, request.seed)
-        wanted = [name for task in request.tasks for name in names[task.name] if name in choice.samples]
-        count = sum(len(ids) for ids in choice.samples.values())
-        log.info("benchmark suite on the %s: %s, %d items (%s)", who, ", ".join(t.name for t in request.tasks),
-                 count, "MMLU's test split" if request.tasks == (MMLU,) else "validation splits"
-                 + ("; MMLU: test" if MMLU in request.tasks else ""))
+        samples = choose_items(request.tasks, root, names, request.items, request.calibration, request.seed)
+        wanted = [name for task in request.tasks for name in names[task.name] if name in samples]
+        count = sum(len(ids) for ids in samples.values())
+        log.info("benchmark suite on the %s: %s, %d items (validation splits; MMLU: test)", who,
+                 ", ".join(t.name for t in request.tasks), count)
         lm = InMemoryLM(model, tokenizer, request.batch_size, progress, bar_file=terminal)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         with contextlib.redirect_stderr(io.StringIO()), _quiet_datasets():
             manager = TaskManager(include_path=folder, include_defaults=False)
-            result = simple_evaluate(model=lm, tasks=wanted, task_manager=manager, samples=choice.samples,
+            result = simple_evaluate(model=lm, tasks=wanted, task_manager=manager, samples=samples,
                                      log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     per_task = {task.name: _collect(task, names[task.name], result["samples"]) for task in request.tasks}
     log.info("benchmark suite on the %s done: %d items, %d requests in %.0fs", who, count, lm.requests_scored,

@@ -165,4 +165,5 @@ def plot_bench(summary: dict, out: Path) -> None:
               for name, r in summary["results"].items() if "bench_retention" in r}
     if curves:
         plot_quality(curves, out / "compare_bench.png", "benchmark retention (ratio of mean scores, "
-                                                        f"{', '.join(summary['bench']['request']['tasks'])})")
+                     f"{', '.join(summary['bench']['request']['tasks'])}; validation items)",
+                     "benchmark accuracy retained (original = 1)")

@@ -64,9 +64,10 @@ def plot_importance(history: "History", path: Path) -> None:
     plt.close(fig)
 
 
-def _save_quality_plot(fig, ax, xlabel: str, title: str, path: Path) -> None:
+def _save_quality_plot(fig, ax, xlabel: str, title: str, path: Path,
+                       ylabel: str = "quality retained (held-out, teacher = 1)") -> None:
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("quality retained (held-out, teacher = 1)")
+    ax.set_ylabel(ylabel)
     ax.set_title(textwrap.fill(title, 60), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -75,12 +76,13 @@ def _save_quality_plot(fig, ax, xlabel: str, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_quality(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+def plot_quality(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str | None = None
+                 ) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, points in curves.items():
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", label=label)
-    _save_quality_plot(fig, ax, "layers removed", title, path)
+    _save_quality_plot(fig, ax, "layers removed", title, path, *([ylabel] if ylabel else []))
 
 
 def plot_cost(points: dict[str, list[tuple[float, float, int]]], path: Path, title: str) -> None:

@@ -23,6 +23,7 @@ by acc_norm, its number of choices and its target, so retention, intervals and c
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -153,6 +154,14 @@ def _docs(path: str) -> list[dict]:
     return list(Dataset.from_file(path))
 
 
+@functools.lru_cache(maxsize=128)
+def _evaluation_share(path: str, calibration: float) -> tuple[int, tuple[int, ...]]:
+    """(items in the file, indices outside the calibration share): hashed once per process, not
+    once per model a comparison scores."""
+    docs = _docs(path)
+    return len(docs), tuple(i for i, doc in enumerate(docs) if not is_calibration(doc, calibration))
+
+
 def choose_items(tasks: tuple[BenchTask, ...], root: Path, names: dict[str, list[str]], items: int | None,
                  calibration: float, seed: int = 0) -> dict[str, list[int]]:
     """Which items a suite evaluates, {lm-eval task: [doc indices]}: `items` a task (None: all)
@@ -163,9 +172,9 @@ def choose_items(tasks: tuple[BenchTask, ...], root: Path, names: dict[str, list
         total = 0
         folders = [root / task.data / s for s in mmlu_subjects(root)] if task is MMLU else [root / task.data]
         for folder, lm_name in zip(folders, names[task.name]):
-            docs = _docs(_arrow(folder, "test" if task is MMLU else SPLIT))
-            total += len(docs)
-            pool += [(lm_name, i) for i, doc in enumerate(docs) if not is_calibration(doc, calibration)]
+            size, kept = _evaluation_share(_arrow(folder, "test" if task is MMLU else SPLIT), calibration)
+            total += size
+            pool += [(lm_name, i) for i in kept]
         if len(pool) < MIN_EVAL_ITEMS <= total:
             raise LayerpruneError(f"--bench-calibration {calibration:g} leaves {task.name} {len(pool)} evaluation "
                                   f"items of {total}, fewer than {MIN_EVAL_ITEMS}",

@@ -128,8 +128,8 @@ def phase_scoring(args) -> dict:
 
 def _heal_run(model, blocks, targets, steps, topk, tmp):
     from layerprune.config import HealConfig
-    from layerprune.heal import heal
-    from layerprune.heal_job import plan
+    from layerprune.healing.loop import heal
+    from layerprune.healing.job import plan
     from layerprune.surgery import remove_layers
 
     student = copy.deepcopy(model)
@@ -145,7 +145,7 @@ def _heal_run(model, blocks, targets, steps, topk, tmp):
 
 def phase_healing(args) -> dict:
     """Healing steps: teacher + full student every step, against cached targets + frozen prefix."""
-    from layerprune.targets import compute_targets
+    from layerprune.healing.targets import compute_targets
 
     model, _, corpus = setup(patch_blocks=args.patch_blocks)
     tokens = args.heal_steps * 2 * 2 * 256

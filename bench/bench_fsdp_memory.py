@@ -58,7 +58,7 @@ def watch_model_state(seen: dict) -> None:
     the optimizer's states, exactly, from the tensors."""
     import torch
 
-    import layerprune.heal as heal
+    import layerprune.healing.loop as heal
     import layerprune.run as run
 
     setup, step = run.PruneRun.setup, heal._Attempt._step

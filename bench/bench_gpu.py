@@ -80,8 +80,8 @@ def scoring_round(model, blocks: torch.Tensor, batch_size: int, device: str) -> 
 
 def healing(model, steps: int, batch: int, seq_len: int, device: str) -> dict:
     from layerprune.config import HealConfig
-    from layerprune.heal import heal
-    from layerprune.heal_job import plan
+    from layerprune.healing.loop import heal
+    from layerprune.healing.job import plan
     from layerprune.surgery import remove_layers
 
     depth = model.config.num_hidden_layers

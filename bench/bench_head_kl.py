@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from layerprune import losses
+from layerprune.healing import losses
 from layerprune.tasks.stats import ELEMENTS_PER_SLICE
 
 

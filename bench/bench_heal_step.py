@@ -29,11 +29,11 @@ PHASES = {"local": "local", "global": "global", "bf16": "global, bf16 autocast (
 
 
 def main() -> None:
-    from layerprune import heal_loss
+    from layerprune.healing import step as heal_loss
     from layerprune.config import DataConfig, HealConfig
     from layerprune.data import load_corpus
-    from layerprune.heal import heal
-    from layerprune.heal_job import plan
+    from layerprune.healing.loop import heal
+    from layerprune.healing.job import plan
     from layerprune.models import load_model
     from layerprune.surgery import remove_layers
 

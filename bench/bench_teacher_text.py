@@ -17,7 +17,7 @@ import time
 def main() -> None:
     from layerprune.data import TrainStream
     from layerprune.models import load_model
-    from layerprune.teacher_text import prompt_ids, sample_continuations
+    from layerprune.healing.teacher_text import prompt_ids, sample_continuations
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="16,64", help="comma-separated prompts per generation batch")

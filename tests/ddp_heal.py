@@ -8,10 +8,10 @@ import torch
 from accelerate import PartialState
 
 from layerprune.config import HealConfig
-from layerprune.heal import heal
-from layerprune.heal_job import plan
+from layerprune.healing.loop import heal
+from layerprune.healing.job import plan
 from layerprune.surgery import remove_layers
-from layerprune.targets import TeacherTargets
+from layerprune.healing.targets import TeacherTargets
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import tiny_model  # noqa: E402

@@ -6,7 +6,7 @@ import torch
 from layerprune.checkpoint import (Evaluation, History, IterationRecord, PendingIteration, find_checkpoint,
                                    restore_student, resume_point, save_checkpoint, save_heal_checkpoint)
 from layerprune.errors import LayerpruneError
-from layerprune.heal_job import HealLog
+from layerprune.healing.job import HealLog
 from layerprune.importance import Selection
 from layerprune.surgery import remove_layers
 
@@ -161,3 +161,36 @@ def test_checkpoint_round_trip_with_tied_embeddings(tmp_path):
     for key, value in student.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def _changed(field):
+    """A valid value of a HealConfig field other than its default."""
+    default = field.default
+    named = {"method": "none", "train_data": "reuse", "trainable": "all", "mse_scale": "raw", "mixed_precision": "bf16",
+             "tokens": 4096, "steps": 5, "mse_layers": (1,), "cache_memory": 1.0, "cache_disk": 1.0}
+    if field.name in named:
+        return named[field.name]
+    return (not default) if isinstance(default, bool) else default * 2 if default else 1
+
+
+def test_resume_and_the_card_read_one_declaration_of_what_changes_a_result():
+    """Each healing option changed alone: resume accepts it exactly when the card still calls the
+    run the default recipe; the cache options change the KL term (top-k targets), so they count."""
+    import dataclasses
+
+    from layerprune.checkpoint import _results_part
+    from layerprune.config import HealConfig, PruneConfig
+    from layerprune.options import to_dict
+    from layerprune.report import is_default_recipe
+
+    base = PruneConfig(out="o", remove=1)
+    free = []
+    for field in dataclasses.fields(HealConfig):
+        changed = dataclasses.replace(base, heal=dataclasses.replace(base.heal, **{field.name: _changed(field)}))
+        assert changed.heal != base.heal, field.name
+        resumable = _results_part(to_dict(changed)) == _results_part(to_dict(base))
+        assert resumable == is_default_recipe(changed), field.name
+        free += [field.name] if resumable else []
+    assert sorted(free) == ["checkpoint_every", "gradient_checkpointing", "log_every"]
+    for cache in ({"teacher_cache": False}, {"cache_disk": 1.0}, {"cache_memory": 1.0}):
+        assert not is_default_recipe(dataclasses.replace(base, heal=dataclasses.replace(base.heal, **cache)))

@@ -66,8 +66,7 @@ def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, t
     from layerprune.config import DataConfig
     from layerprune.models import load_model
     from layerprune.inputs import build_inputs
-    from layerprune.run import Shared
-    from layerprune.targets import TargetCache
+    from layerprune.healing import build_resources
 
     other = make_text_file(tmp_path / "other.txt", docs=40, seed=1)
     config = CompareConfig(out="unused", model=str(tiny_dir), device="cpu", counts=(1, 3), unseen_data=str(other),
@@ -80,7 +79,7 @@ def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, t
     depths = []
     monkeypatch.setattr(Domain, "retained",
                         lambda self, student, teacher: depths.append(student.config.num_hidden_layers) or (1.0, None))
-    shared = Shared(TargetCache(config.heal, teacher, 32, 2))
+    shared = build_resources(config, inputs.corpus, 3, teacher, tmp_path / "text", None, False)
     quality = run_variant(inputs, config, "iterative-bi", "none", shared, Measures(domain, None), progress=False)
     assert depths == [5, 3] and set(quality["quality_retained_unseen"]) == {1, 3}
     # a domain of the held-out tasks themselves: the unseen figures equal the held-out ones

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from layerprune.config import HealConfig
-from layerprune.guard import RETRY_LR_FACTOR, Guard, loss_rises, validation_kl
-from layerprune.heal import heal
-from layerprune.heal_job import plan
+from layerprune.healing.guard import RETRY_LR_FACTOR, Guard, loss_rises, validation_kl
+from layerprune.healing.loop import heal
+from layerprune.healing.job import plan
 from layerprune.surgery import find_layers, remove_layers
 
 from common import tiny_model
@@ -78,7 +78,7 @@ def test_planted_massive_activations_old_defaults_worsen_new_defaults_improve():
     assert held_out_kl(old, teacher) > 2 * before
     new, log = healed(teacher, HealConfig(**BUDGET), guard_of(teacher), drop=4)
     assert held_out_kl(new, teacher) < 0.8 * before          # on blocks the guard never saw
-    assert log.guard["kl_after"] < log.guard["kl_before"] and log.guard["retries"] >= 1
+    assert log.guard.kl_after < log.guard.kl_before and log.guard.retries >= 1
 
 
 def test_a_healing_forced_to_diverge_is_rolled_back_and_recorded():
@@ -86,15 +86,15 @@ def test_a_healing_forced_to_diverge_is_rolled_back_and_recorded():
     config = HealConfig(**BUDGET, lr=1.0, checkpoint_every=10)
     student, log = healed(teacher, config, guard_of(teacher))
     guard = log.guard
-    assert guard["retries"] == 2 and guard["outcome"] == "unhealed" and guard["lr_won"] is None
-    assert sorted({c["lr"] for c in guard["checks"]}, reverse=True) == [1.0, RETRY_LR_FACTOR, RETRY_LR_FACTOR ** 2]
+    assert guard.retries == 2 and guard.outcome == "unhealed" and guard.lr_won is None
+    assert sorted({c["lr"] for c in guard.checks}, reverse=True) == [1.0, RETRY_LR_FACTOR, RETRY_LR_FACTOR ** 2]
     assert {row["attempt"] for row in log.rows} == {0, 1, 2}
-    assert guard["kl_after"] == guard["kl_before"]
+    assert guard.kl_after == guard.kl_before
     # the unhealed cut, bit for bit
     for key, value in cut_only(teacher).state_dict().items():
         assert torch.equal(student.state_dict()[key], value), key
     # each diverging attempt ended at its first check, not after all 30 steps
-    assert all(c["step"] == 10 for c in guard["checks"])
+    assert all(c["step"] == 10 for c in guard.checks)
 
 
 def test_a_sound_healing_is_kept_at_the_lr_given():
@@ -102,19 +102,19 @@ def test_a_sound_healing_is_kept_at_the_lr_given():
     before = held_out_kl(cut_only(teacher), teacher)
     student, log = healed(teacher, HealConfig(**BUDGET, lr=7e-4), guard_of(teacher))
     guard = log.guard
-    assert guard["retries"] == 0 and guard["outcome"] in ("healed", "rolled back")
-    assert guard["lr_won"] == 7e-4 and all(c["lr"] == 7e-4 for c in guard["checks"])   # --heal-lr is honoured
-    assert guard["kl_after"] < 0.7 * guard["kl_before"]
+    assert guard.retries == 0 and guard.outcome in ("healed", "rolled back")
+    assert guard.lr_won == 7e-4 and all(c["lr"] == 7e-4 for c in guard.checks)   # --heal-lr is honoured
+    assert guard.kl_after < 0.7 * guard.kl_before
     assert held_out_kl(student, teacher) < before
-    assert [c["step"] for c in guard["checks"]] == [10, 20, 30]
+    assert [c["step"] for c in guard.checks] == [10, 20, 30]
 
 
 def test_the_kept_state_is_the_best_check():
     """Whatever the attempts did, the student ends on the state of the lowest check."""
     teacher = plain_teacher()
     student, log = healed(teacher, HealConfig(**BUDGET, lr=3e-2, checkpoint_every=5), guard_of(teacher))
-    best = min([log.guard["kl_before"], *(c["kl"] for c in log.guard["checks"])])
-    assert log.guard["kl_after"] == best
+    best = min([log.guard.kl_before, *(c["kl"] for c in log.guard.checks)])
+    assert log.guard.kl_after == best
     assert validation_kl(student, teacher, VALIDATION, 4) == pytest.approx(best, rel=1e-6)
 
 

@@ -4,13 +4,13 @@ import dataclasses
 import pytest
 import torch
 
-from layerprune import heal_loss, losses
+from layerprune.healing import losses, step as heal_loss
 from layerprune.config import HealConfig
 from layerprune.errors import LayerpruneError, NonFiniteError
-from layerprune.heal import heal
-from layerprune.heal_job import HealLog, cut_positions, mse_pairs, plan, trainable_layers
+from layerprune.healing.loop import heal
+from layerprune.healing.job import HealLog, cut_positions, mse_pairs, plan, trainable_layers
 from layerprune.surgery import find_layers, remove_layers
-from layerprune.targets import TeacherTargets
+from layerprune.healing.targets import TeacherTargets
 from layerprune.tasks import TaskData, build_tasks, evaluate_tasks
 
 from common import tiny_model

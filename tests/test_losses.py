@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from layerprune.config import HealConfig
-from layerprune import losses
-from layerprune.losses import head_kl_loss, joint_loss, kl_loss, mse_loss, topk_kl_loss
+from layerprune.healing import losses
+from layerprune.healing.losses import head_kl_loss, joint_loss, kl_loss, mse_loss, topk_kl_loss
 
 
 class TestKL:

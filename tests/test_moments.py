@@ -10,7 +10,8 @@ import torch
 from layerprune.importance import ScoringContext, score_layers
 from layerprune.tasks import TaskData, build_tasks, evaluate_tasks
 from layerprune.tasks.interval import evaluate_rows
-from layerprune.tasks.moments import MomentsMemo, same_head
+from layerprune.heads import same_head
+from layerprune.tasks.engine import MomentsMemo
 from layerprune.tasks.stats import token_kl
 
 from common import tiny_from_table, tiny_model

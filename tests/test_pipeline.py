@@ -178,19 +178,20 @@ class TestHealingGuard:
         heal = HealConfig(steps=4, batch_size=2, grad_accum=1, warmup_steps=1, lr=3e-4, checkpoint_every=2)
         history = prune(config(tiny_dir, text_file, out, metric="bi", remove=2, heal=heal), progress=False)
         first = history.iterations[0].heal.guard
-        assert first["checks"][0]["lr"] == 3e-4 and first["checks"][0]["attempt"] == 0
+        assert first.checks[0]["lr"] == 3e-4 and first.checks[0]["attempt"] == 0
         for record in history.iterations:
             guard = record.heal.guard
-            assert guard["kl_after"] <= guard["kl_before"]
-            assert {"kl_before", "best", "retries", "lr_won", "checks", "outcome"} <= set(guard)
+            assert guard.kl_after <= guard.kl_before and guard.outcome and guard.checks
         saved = json.loads((out / "history.json").read_text())
-        assert saved["iterations"][1]["heal"]["guard"] == history.iterations[1].heal.guard
+        assert saved["iterations"][1]["heal"]["guard"] == history.iterations[1].heal.guard.to_json()
+        assert {"kl_before", "best", "retries", "lr_won", "checks", "outcome"} <= set(saved["iterations"][1]["heal"]
+                                                                                       ["guard"])
         assert "Every healing was guarded" in (out / "README.md").read_text()
         assert "Healing guard" in (out / "report.md").read_text()
         # no held-out evaluation of the cut before healing unless asked for: the report gives the guard's KL
         assert not history.iterations[0].heal.held_out_before
         guard = history.iterations[0].heal.guard
-        assert f"{guard['kl_before']:.4f} -> {guard['kl_after']:.4f} (validation)" in (out / "report.md").read_text()
+        assert f"{guard.kl_before:.4f} -> {guard.kl_after:.4f} (validation)" in (out / "report.md").read_text()
 
     def test_a_guard_that_rolls_back_every_retry_keeps_the_cut_and_warns(self, tiny_dir, text_file, tmp_path,
                                                                           caplog):
@@ -201,7 +202,7 @@ class TestHealingGuard:
             history = prune(config(tiny_dir, text_file, out, metric="bi", remove=1, heal=heal, eval_before_heal=True),
                             progress=False)
         guard = history.iterations[0].heal.guard
-        assert guard["outcome"] == "unhealed" and guard["retries"] == 1 and guard["kl_after"] == guard["kl_before"]
+        assert guard.outcome == "unhealed" and guard.retries == 1 and guard.kl_after == guard.kl_before
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert any("the unhealed cut is kept" in line and "\n" not in line for line in warned)
         assert "the unhealed cut is kept" in (out / "README.md").read_text()
@@ -212,7 +213,7 @@ class TestHealingGuard:
     def test_validation_is_past_all_healed_text(self, tiny_dir, text_file, tmp_path):
         """The guard's blocks follow the last healing's text in the training stream."""
         from layerprune.data import load_corpus
-        from layerprune.heal_text import healing_offsets, validation_blocks
+        from layerprune.healing.text import healing_offsets, validation_blocks
 
         cfg = config(tiny_dir, text_file, tmp_path / "o", metric="bi", remove=2, heal=QUICK_HEAL)
         _, tokenizer = load_model(str(tiny_dir), device="cpu")

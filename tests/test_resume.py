@@ -107,7 +107,7 @@ def _options_changed_on_resume(tiny_dir, text_file, out):
     other = command(tiny_dir, text_file, out)
     other[other.index("--heal-checkpoint-every") + 1] = "1"
     other.remove("--no-speed")
-    other.append("--eval-before-heal")
+    other += ["--eval-before-heal", "--heal-log-every", "3"]   # --heal-log-every was refused before 2026-12-07
     return {"killed": killed, "resumed": run(other)}
 
 

@@ -2,9 +2,8 @@
 
 import time
 
-
-from layerprune import heal as heal_module
-from layerprune import run as run_module
+from layerprune.data import StreamPosition
+from layerprune.healing import healer as healer_module, loop as heal_module
 from layerprune.config import HealConfig
 from layerprune.depth import Depth
 from layerprune.run import PruneRun
@@ -23,15 +22,15 @@ class TestPruneRun:
         assert history.final_layers == num_layers(run.student) == 4 and history.final_heal is not None
         assert history.removed_original == [layer for r in run.records for layer in r.removed_original]
         assert num_layers(inputs.teacher) == 6   # the teacher is never touched
-        assert run.records[0].heal.text["start"] == [0, 0]   # reused text: every healing from the start
+        assert run.records[0].heal.text.start == StreamPosition()   # reused text: every healing from the start
         run.close()
-        assert run.targets.shared is None
+        assert run.resources.targets.shared is None
 
     def test_one_shot_removes_every_layer_in_one_step(self, inputs_for):
         config, inputs = inputs_for(mode="one-shot", heal=HealConfig(method="none"))
         run = PruneRun(config, inputs, Depth(2, "--remove 2"), progress=False).setup()
         assert list(run.remaining()) == [1]
-        assert len(run.step(1).removed_original) == 2 and run.accelerator is None
+        assert len(run.step(1).removed_original) == 2 and run.resources.accelerator is None
 
     def test_one_accelerator_heals_every_removal_of_a_run(self, inputs_for, monkeypatch):
         made = []
@@ -41,7 +40,7 @@ class TestPruneRun:
             made.append(1)
             return real(*args)
 
-        monkeypatch.setattr(run_module, "accelerator_for", counted)
+        monkeypatch.setattr(healer_module, "accelerator_for", counted)
         monkeypatch.setattr(heal_module, "accelerator_for", counted)
         config, inputs = inputs_for()
         run = PruneRun(config, inputs, Depth(2, "--remove 2"), progress=False).setup()

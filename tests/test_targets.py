@@ -4,7 +4,7 @@ import pytest
 
 from layerprune.config import HealConfig
 from layerprune.errors import LayerpruneError
-from layerprune.targets import TargetCache, TeacherTargets, check_budgets, plan_caches, target_bytes_per_block
+from layerprune.healing.targets import TargetCache, TeacherTargets, check_budgets, plan_caches, target_bytes_per_block
 
 from common import tiny_model
 

@@ -10,7 +10,7 @@ from layerprune import HealConfig, PruneConfig
 from layerprune.data import StreamPosition, TrainStream
 from layerprune.errors import LayerpruneError
 from layerprune.models import load_model
-from layerprune.teacher_text import INSTRUCTION, check_disk, generate, prompt_ids, prompt_length
+from layerprune.healing.teacher_text import INSTRUCTION, check_disk, generate, prompt_ids, prompt_length
 
 from common import check_output_folder
 from test_resume import run

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .shard import is_sharded
 from .surgery import find_layers, layer_view
 
 
@@ -186,8 +187,6 @@ def forward_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 @torch.no_grad()
 def run_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
     """`forward_layers` without gradients, whole for a sharded model."""
-    from .shard import is_sharded
-
     forward_layers(model, input_ids, attention_mask, whole=is_sharded(model))
 
 

@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from .config import PruneConfig
 from .errors import LayerpruneError
-from .heal_job import HealLog
+from .healing import HealLog
 from .importance import Selection
 from .io import remove_folder, verify_folder, write_folder, write_json
+from .options import result_free
 from .processes import is_main_process
 from .shard import is_sharded, load_shards, save_shards
 from .student import own
@@ -43,12 +45,9 @@ FOLDER, HEAL_FOLDER, HISTORY = "checkpoint", "heal-checkpoint", "history.json"
 # writes (.metadata and one file per process); the manifest lists whichever was written.
 FILES = {FOLDER: ("state.json",), HEAL_FOLDER: ("state.json", "heal.pt")}
 SHARDED = ".metadata"
-# Options that change no removal, weight or score: a resumed run may set them differently
-# (`eval_before_heal` adds a held-out figure to the report; a resumed run has it for what it heals).
-# `out` is among them: the folder is the run's identity however its path is spelled, moved or not.
-# bench: the benchmark suite's items are read by the final report alone, which no checkpoint holds.
-NO_RESULT_OPTIONS = {"out": None, "measure_speed": None, "gguf": None, "gguf_type": None, "eval_before_heal": None,
-                     "heal": {"checkpoint_every": None}, "bench": None}
+# Options that change no removal, weight or score (declared `result=False` in config/): a resumed run
+# may set them differently.
+NO_RESULT_OPTIONS = result_free(PruneConfig)
 
 
 @dataclass
@@ -117,7 +116,7 @@ class PendingIteration:
     step: int = 0
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "selection": self.selection.to_json()}
 
     @classmethod
     def from_json(cls, data: dict) -> "PendingIteration":
@@ -144,6 +143,7 @@ class History:
     depth: str = ""   # why this many layers were removed (the user's target, and what it came to)
     status: str = "complete"
     files: dict | None = None   # the result's files beside history.json: name -> {bytes, sha256}
+    speed: dict = field(default_factory=dict)   # prefill/decode throughput, original and pruned (speed.py)
 
     def to_json(self) -> dict:
         return {**asdict(self), "iterations": [r.to_json() for r in self.iterations],

@@ -1,9 +1,9 @@
 """`compare`: the paper's method and its baselines on the same model, data and budgets.
 
-One set of inputs (teacher, corpus, tasks, teacher scores), one teacher-
-target cache, one validation text and one Accelerator serve every variant:
-each variant is a `PruneRun` on them, starting from a fresh copy of the
-teacher.
+One preparation (prepare.py: the teacher, corpus, tasks and teacher scores,
+and the healing resources: one teacher-target cache, one validation text with
+the original's moments on it, one Accelerator) serves every variant: each
+variant is a `PruneRun` on it, starting from a fresh copy of the teacher.
 Iterative methods run once to the deepest cut and are read off after each
 removal; one-shot and block methods choose differently for each count, so
 they run once per count. Quality retained is the same measure as in `prune`:
@@ -24,22 +24,18 @@ from .compare_bench import KEYS as BENCH_KEYS, PER_COUNT as BENCH_PER_COUNT, Ben
     benchmarks_for, check_suites, per_count, plot_bench
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import EVERY_SPLIT, held_blocks
-from .depth import Depth, plan_depth
+from .depth import Depth
 from .errors import LayerpruneError
-from .heal import accelerator_for
-from .heal_job import check_mse_layers
-from .heal_text import check_teacher_text_disk, healing_text, validation_blocks
-from .inputs import RunInputs, build_inputs, check_names, scores_and_rows
+from .healing import Resources
+from .inputs import RunInputs, scores_and_rows
 from .io import write_json, write_text
-from .models import check_trainable, load_model, model_name, transformers_bars
+from .models import model_name, transformers_bars
 from .options import to_dict
+from .prepare import check, prepare
 from .report import plot_cost, plot_quality, with_interval
 from .processes import is_main_process
-from .run import PruneRun, Shared, cache_folder
-from .sources import probe, source_name
-from .surgery import num_layers
-from .targets import TargetCache
-from .teacher_text import FOLDER
+from .run import PruneRun
+from .sources import source_name
 from .tasks import SEEDLESS_TASKS, TaskData, build_tasks, quality_retained
 from .tasks.interval import bootstrap_interval
 
@@ -134,7 +130,7 @@ class Measures:
     bench: Benchmarks | None
 
 
-def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, shared: Shared,
+def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, resources: Resources,
                 measures: Measures, progress: bool) -> dict[str, dict[int, float]]:
     """Quality retained after removing each count of layers, with its 95% interval over held-out
     blocks, on held-out text and on the unseen domain, and benchmark retention (measured after
@@ -148,7 +144,7 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
 
     def run(count: int):
         variant = PruneRun(variant_config(config, method, heal, count), inputs, Depth(count, f"--remove {count}"),
-                           shared=shared, progress=progress).setup()
+                           resources, progress=progress).setup()
         for iteration in variant.remaining():
             variant.step(iteration)
             removed = count if mode != "iterative" else iteration
@@ -177,12 +173,22 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
     return {**measured, **per_count(bench)}
 
 
+def deepest(config: CompareConfig, seed: int | None = None) -> PruneConfig:
+    """The variant configuration a comparison is prepared with: its deepest cut, healed where any
+    variant heals (the stream must hold those healings; the guard's blocks lie past them)."""
+    heal = "distill" if "distill" in config.healing else "none"
+    variant = variant_config(config, config.methods[0], heal, max(config.counts))
+    return variant if seed is None else dataclasses.replace(variant, seed=seed)
+
+
 def compare(config: CompareConfig, progress: bool = True) -> dict:
     """Run every method x healing variant; write compare.json, compare.md and compare.png to config.out."""
     config.validate()
-    check_names(config, None)
+    check(deepest(config), warn_ignored=False)
     check_suites(config.final_tasks)
-    check_trainable(config.dtype, config.device, "distill" in config.healing)
+    if config.unseen_data is not None and config.unseen_data == source_name(config.data.source):
+        raise LayerpruneError(f"--unseen-data {config.unseen_data} is also the training data, so it is not unseen",
+                              "give --unseen-data another source than --data")
     out = Path(config.out)
     check_output(out)
     if (out / "compare.json").exists():
@@ -193,34 +199,20 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
 
 def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     counts = sorted(set(config.counts))
-    probe(config.data)
-    if config.unseen_data is not None and config.unseen_data == source_name(config.data.source):
-        raise LayerpruneError(f"--unseen-data {config.unseen_data} is also the training data, so it is not unseen",
-                              "give --unseen-data another source than --data")
-    teacher, tokenizer = load_model(config.model, config.dtype, config.device)
-    deepest = variant_config(config, config.methods[0], "distill", max(counts))
-    plan_depth(deepest, teacher)   # the deepest cut fits the model
-    check_mse_layers(config.heal, num_layers(teacher))
     seeds = config.seeds or (config.seed,)
-    check_teacher_text_disk(deepest, max(counts), out, copies=len(seeds))
     patching = any(variant_config(config, method, "none", 1).patch != "none" for method in config.methods)
-    healing = "distill" in config.healing
-    # With --train-data reuse every variant heals on the same blocks: one target cache for all of them.
-    shared = Shared(TargetCache(config.heal, teacher, config.data.seq_len, config.data.batch_size, cache_folder(out),
-                                progress), None,
-                    accelerator_for(config.heal, next(teacher.parameters()).device) if healing else None)
+    # the inputs every seed builds: no final suite (benchmarks are measured apart), the teacher's
+    # importance scores where the quality metric runs, the patch text where any variant patches
+    options = dict(final_tasks=(), teacher_scores="layerprune" in config.methods, patch_pool=patching)
+    prepared = prepare(deepest(config, seeds[0]), out, progress, seeds=tuple(seeds), **options)
+    teacher, tokenizer = prepared.teacher, prepared.tokenizer
     by_seed: dict[str, dict[int, dict]] = {}
     bench = benchmarks_for(config, teacher, tokenizer, progress)
     for seed in seeds:
         # A seed changes the healings' data order and the sampled task items: inputs are built per seed.
         seeded = dataclasses.replace(config, seed=seed)
-        inputs = build_inputs(seeded, teacher, tokenizer, (), teacher_scores="layerprune" in config.methods,
-                              patch_pool=patching)
-        # Every variant is guarded on the same blocks, past the deepest variant's healed text.
-        shared.validation = validation_blocks(deepest, inputs.corpus, max(counts), progress) if healing else None
-        # With --train-data teacher, every variant heals on the same text the original wrote (one per seed).
-        shared.text = healing_text(dataclasses.replace(deepest, seed=seed), inputs.corpus, max(counts), teacher,
-                                   out / f"{FOLDER}-seed{seed}", progress) if healing else None
+        if seed != seeds[0]:
+            prepared = prepared.for_seed(deepest(config, seed), out, progress, **options)
         domain = unseen_domain(seeded, teacher, tokenizer)
         for method, heal in variants(config):
             name = variant_name(config, method, heal)
@@ -228,17 +220,18 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                 log.info("%s does not depend on the seed: run on seed %d only", name, seeds[0])
                 continue
             start = time.perf_counter()
-            quality = run_variant(inputs, seeded, method, heal, shared, Measures(domain, bench), progress)
+            quality = run_variant(prepared.inputs, seeded, method, heal, prepared.resources, Measures(domain, bench),
+                                  progress)
             by_seed.setdefault(name, {})[seed] = {**quality, "seconds": time.perf_counter() - start}
             log.info("%s, seed %d: %s (%.0fs)", name, seed,
                      {n: round(q, 3) for n, q in quality["quality_retained"].items()}, by_seed[name][seed]["seconds"])
     results = {name: {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
                       **over_seeds(by_seed[name]), "seeds": sorted(by_seed[name])}
                for method, heal in variants(config) for name in [variant_name(config, method, heal)]}
-    shared.targets.close()
+    prepared.resources.close()
     summary = {"model": model_name(config.model), "counts": counts,
                "eval_tasks": list(config.eval_tasks), "data": source_name(config.data.source),
-               "unseen_data": config.unseen_data, "teacher_eval": inputs.teacher_eval, "results": results,
+               "unseen_data": config.unseen_data, "teacher_eval": prepared.inputs.teacher_eval, "results": results,
                "seeds": list(seeds),
                "config": to_dict(config), **({"bench": bench.describe()} if bench is not None else {})}
     if is_main_process():

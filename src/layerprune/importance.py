@@ -98,6 +98,8 @@ class ScoringContext:
     reuse_prefix: bool = True
     progress: bool = True
     screen: int | None = None   # the removal metrics: only this many candidates go past the first stage
+    # the removal metrics score patched candidates: candidates -> their patches (patch.candidate_patches)
+    fit_patches: Callable[[list[int]], dict] | None = None
 
 
 @torch.no_grad()
@@ -262,6 +264,11 @@ class Selection:
     drop: list[int]
     shortlist: list[int] | None = None
     block_start: int | None = None
+    # the candidates' fitted patches, which the cut reuses (not recorded: a resumed cut refits its own)
+    patches: dict | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return {"scores": self.scores, "drop": self.drop, "shortlist": self.shortlist, "block_start": self.block_start}
 
 
 def _lowest(scores: list[float], candidates: Sequence[int], count: int) -> list[int]:
@@ -278,25 +285,19 @@ def shortlisted(model, metric: str, ctx: ScoringContext, shortlist: int | None) 
     return _lowest(score_bi(model, ctx), candidates, shortlist)
 
 
-def rank_layers(model, metric: str, ctx: ScoringContext, shortlist: int | None
-                ) -> tuple[list[float], list[int] | None]:
-    """Scores of the candidates, and the shortlist they were narrowed to (None: not narrowed)."""
-    narrowed = shortlisted(model, metric, ctx, shortlist)
-    if narrowed is not None:
-        ctx = dataclasses.replace(ctx, candidates=narrowed)
-    return score_layers(model, metric, ctx), narrowed
-
-
 def select_layers(model, metric: str, mode: str, count: int, ctx: ScoringContext,
                   shortlist: int | None = None) -> Selection:
     """What to remove now. iterative: the least important layer; one-shot: the `count` least
     important of one scoring; block: the contiguous run of `count` candidates whose input and
-    output states are closest (Gromov et al.)."""
+    output states are closest (Gromov et al.). A removal metric scores only the `shortlist` and,
+    with `ctx.fit_patches`, patched candidates (their patches come back in the selection)."""
     if mode != "block":
-        scores, narrowed = rank_layers(model, metric, ctx, shortlist)
-        every = ctx.candidates if ctx.candidates is not None else range(num_layers(model))
-        drop = _lowest(scores, narrowed or every, 1 if mode == "iterative" else count)
-        return Selection(scores, drop, shortlist=narrowed)
+        narrowed = shortlisted(model, metric, ctx, shortlist)
+        candidates = list(narrowed or (ctx.candidates if ctx.candidates is not None else range(num_layers(model))))
+        patches = ctx.fit_patches(candidates) if ctx.fit_patches is not None and metric in REMOVAL_METRICS else None
+        scores = score_layers(model, metric, dataclasses.replace(ctx, candidates=candidates, patches=patches))
+        drop = _lowest(scores, candidates, 1 if mode == "iterative" else count)
+        return Selection(scores, drop, shortlist=narrowed, patches=patches)
     distance = block_influence if metric == "bi" else (
         lambda a, b, m: angular_distance(a, b, m, last_only=metric == "angular_last"))
     by_start = state_distances(model, ctx.batches, distance, span=count)

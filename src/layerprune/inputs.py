@@ -23,7 +23,7 @@ from .importance import check_metric
 from .models import check_context
 from .patch import effective_kind
 from .surgery import check_cut_supported
-from .targets import check_budgets
+from .healing.targets import check_budgets
 from .tasks import Task, TaskData, blocks_to_batches, build_tasks, check_task_name, evaluate_tasks, quality_retained
 from .tasks.interval import bootstrap_interval, evaluate_rows
 

@@ -137,3 +137,21 @@ def to_yaml(config) -> str:
     import yaml
 
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def changes_result(field: dataclasses.Field) -> bool:
+    """Whether an option changes the pruned model or a recorded figure (config.opt's `result`)."""
+    return field.metadata.get("result", True)
+
+
+def result_free(cls) -> dict:
+    """The options of `cls` declared `result=False`, as {name: None}, nested configs as their own
+    dict of such names: what resume lets change and the card's "default recipe" ignores."""
+    found: dict = {}
+    for field in dataclasses.fields(cls):
+        nested = field.default_factory if dataclasses.is_dataclass(field.default_factory) else None
+        if not changes_result(field):
+            found[field.name] = None
+        elif nested is not None and result_free(nested):
+            found[field.name] = result_free(nested)
+    return found

@@ -26,7 +26,7 @@ from .report import set_card_section, write_report
 log = logging.getLogger(__name__)
 
 
-def save_result(out: Path, student, tokenizer, history: History, speed: dict, config: PruneConfig
+def save_result(out: Path, student, tokenizer, history: History, config: PruneConfig
                 ) -> LayerpruneError | None:
     """Model files, config.yaml, reports and model.gguf first (via a staging folder), history
     last: its presence means complete, and it lists the size and sha256 of every file beside it.
@@ -46,7 +46,7 @@ def save_result(out: Path, student, tokenizer, history: History, speed: dict, co
             save_model(student, tokenizer, stage)
         full_disk_point("result")
         write_text(stage / "config.yaml", to_yaml(config))
-        write_report(stage, history, speed)
+        write_report(stage, history)
         source = source_of(config.model) if config.gguf else None
         if source is not None:
             try:

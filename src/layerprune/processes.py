@@ -49,3 +49,16 @@ def processes_line(fsdp: bool) -> str:
     """What the run's first log line says of its processes (nothing for one)."""
     count = process_count()
     return "" if count == 1 else f"; {count} processes" + (", models sharded (FSDP2)" if fsdp else " (data parallel)")
+
+
+def averaged_over_processes(statistic):
+    """A normaliser taken over the whole global batch: when N processes each hold 1/N of it, the
+    teacher's power is averaged over them (it carries no gradient), so a loss divided by it, and
+    the healed weights, do not depend on the number of processes."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return statistic
+    total = statistic.detach().clone()
+    dist.all_reduce(total)   # a sum: gloo has no average
+    return total / dist.get_world_size()

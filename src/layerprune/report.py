@@ -1,7 +1,7 @@
 """What a run leaves for people: report.json, report.md, plots, a model card, and the healing loss log.
 
 Everything here is derived from the typed `History` the pipeline recorded;
-nothing is measured again except speed, which the pipeline passes in.
+nothing is measured again.
 Every quality figure names the tasks it averages: "quality retained" is the
 mean over --eval-tasks (the same in every iteration, the headline and
 `compare`), "suite quality retained" the mean over the wider final suite.
@@ -23,9 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .config import HealConfig, PruneConfig  # noqa: E402
-from .guard import GuardLog  # noqa: E402
 from .io import write_file, write_json, write_text  # noqa: E402
-from .options import from_dict  # noqa: E402
+from .options import changes_result, from_dict  # noqa: E402
 
 if TYPE_CHECKING:
     from .checkpoint import History
@@ -130,7 +129,7 @@ def _tasks_named(names) -> str:
     return ", ".join(names)
 
 
-def summary(history: "History", speed: dict) -> dict:
+def summary(history: "History") -> dict:
     return {
         "model": history.model,
         "original_layers": history.original_layers,
@@ -146,7 +145,7 @@ def summary(history: "History", speed: dict) -> dict:
         "depth": history.depth,
         "teacher_eval": history.teacher_eval,
         "final_eval": history.final_suite.tasks,
-        "speed": speed,
+        "speed": history.speed,
         "seconds": history.seconds,
         "config": history.config,
     }
@@ -233,9 +232,9 @@ def healing_kl(record) -> str:
         return "-"
     if "kl" in heal.held_out_before and "kl" in record.held_out_after:
         return f"{heal.held_out_before['kl']:.4f} -> {record.held_out_after['kl']:.4f} (held-out)"
-    guard = heal.guard or {}
-    if guard.get("kl_after") is not None:
-        return f"{guard['kl_before']:.4f} -> {guard['kl_after']:.4f} (validation)"
+    guard = heal.guard
+    if guard is not None and guard.kl_after is not None:
+        return f"{guard.kl_before:.4f} -> {guard.kl_after:.4f} (validation)"
     return "-"
 
 
@@ -243,7 +242,7 @@ def guard_lines(history: "History") -> list[str]:
     """One line per guarded healing: what it did to validation KL, and what was kept."""
     heals = [(f"iteration {r.iteration}", r.heal) for r in history.iterations]
     heals.append(("final healing", history.final_heal))
-    return [f"- {name}: {GuardLog(**heal.guard).sentence()}" for name, heal in heals
+    return [f"- {name}: {heal.guard.sentence()}" for name, heal in heals
             if heal is not None and heal.guard]
 
 
@@ -291,17 +290,15 @@ def recipe(config: dict) -> str:
     return "Recipe: " + "; ".join(parts) + "." + chosen
 
 
-# How layers are chosen and patched; with every healing option but those that change no figure, the recipe.
+# How layers are chosen and patched; with every healing option that changes a result, the recipe.
 _CHOICE_FIELDS = ("metric", "mode", "patch", "patch_target", "patch_fit", "shortlist", "screen", "tasks")
-_HEAL_NO_FIGURE = {"log_every", "checkpoint_every", "teacher_cache", "cache_memory", "cache_disk",
-                   "gradient_checkpointing"}
 
 
 def is_default_recipe(config: PruneConfig) -> bool:
-    """Whether a run used the recipe the sweep chose (any model, depth and output). A healing
-    option added later counts as part of the recipe unless it is named in _HEAL_NO_FIGURE."""
+    """Whether a run used the recipe the sweep chose (any model, depth and output). Every healing
+    option counts unless config/ declares it `result=False` (the declaration resume reads too)."""
     default = PruneConfig()
-    heal = [f.name for f in dataclasses.fields(HealConfig) if f.name not in _HEAL_NO_FIGURE]
+    heal = [f.name for f in dataclasses.fields(HealConfig) if changes_result(f)]
     return (all(getattr(config, f) == getattr(default, f) for f in _CHOICE_FIELDS)
             and all(getattr(config.heal, f) == getattr(default.heal, f) for f in heal)
             and config.data.blocks("calib") == default.data.blocks("calib")
@@ -333,7 +330,7 @@ def model_card(rep: dict, config_yaml: str, guarded: list[str] = ()) -> str:
     )
 
 
-def write_report(out: Path, history: "History", speed: dict) -> dict:
+def write_report(out: Path, history: "History") -> dict:
     """report.json, report.md, the plots and README.md (the model card) into `out`; `out` holds
     config.yaml already."""
     plots = {}
@@ -344,7 +341,7 @@ def write_report(out: Path, history: "History", speed: dict) -> dict:
     plots["quality"] = PLOTS["quality"]
     if plot_heal(history, out / PLOTS["heal"]):
         plots["heal"] = PLOTS["heal"]
-    rep = summary(history, speed)
+    rep = summary(history)
     write_json(out / "report.json", rep)
     write_text(out / "report.md", report_markdown(rep, history, plots))
     write_text(out / "README.md", model_card(rep, (out / "config.yaml").read_text(encoding="utf-8"),

@@ -7,7 +7,7 @@ pass is then a collective: all processes must run the same passes in the same or
 why the shares of batches are padded to one length (tasks.engine.my_share) and why everything
 that reads or writes whole tensors goes through the few functions here:
 - `editable(module)`: a cut's patch folds into one layer, gathered alone and written back;
-- `drop_units(model, layers)`: a removed layer's unit leaves the root's list, nothing gathered;
+- a removed layer's unit leaves the root's list with the cut (surgery.drop_units), nothing gathered;
 - `save_folder`: the output folder is written one gathered unit at a time;
 - `load_sharded_models`: the main process reads the weights, the others get their shards;
 - `save_shards`/`load_shards`: checkpoints through torch.distributed.checkpoint, each process
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import LayerpruneError
+from .models import load_model, resolve_device
 from .processes import LAUNCH_FIX, is_main_process, process_count, wait_for_everyone
 from .surgery import find_layers
 
@@ -81,7 +82,6 @@ def load_sharded_models(name: str | None, dtype: str, device: str, mixed_precisi
     be deep-copied, and a copy before sharding would hold two whole models."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from .models import load_model, resolve_device
 
     main, place = is_main_process(), resolve_device(device)
     teacher, tokenizer = load_model(name, dtype, device, weights=main)
@@ -138,18 +138,6 @@ def merge_adapters(model: nn.Module) -> None:
                 if isinstance(module, LoraLayer):
                     module.merge()
     model.unload()
-
-
-def drop_units(model: nn.Module, removed: list[nn.Module]) -> None:
-    """Forget the FSDP units of layers cut out of a sharded model: the root lists every unit once
-    it has run, and would otherwise keep the removed layers' shards alive."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
-        return
-    context = model._get_fsdp_state()._state_ctx
-    gone = {id(layer._get_fsdp_state()) for layer in removed if isinstance(layer, FSDPModule)}
-    context.all_states[:] = [state for state in context.all_states if id(state) not in gone]
 
 
 @contextmanager

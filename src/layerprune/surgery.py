@@ -164,8 +164,6 @@ def remove_layers(model: nn.Module, drop: Sequence[int]) -> list[int]:
     bad = [d for d in drop if not 0 <= d < depth]
     if bad:
         raise ValueError(f"layers {bad} do not exist in a model of {depth} layers")
-    from .shard import drop_units
-
     check_cut_supported(model)
     originals = original_indices(model)
     removed = [find_layers(model).layers[d] for d in sorted(set(drop))]
@@ -173,6 +171,19 @@ def remove_layers(model: nn.Module, drop: Sequence[int]) -> list[int]:
     drop_units(model, removed)
     check_structure(model)
     return [originals[d] for d in sorted(set(drop))]
+
+
+def drop_units(model: nn.Module, removed: list[nn.Module]) -> None:
+    """Forget the FSDP units of layers cut out of a sharded model: the root lists every unit once
+    it has run, and would otherwise keep the removed layers' shards alive (shard.py makes the
+    units; the cut is the one place a unit goes)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return
+    context = model._get_fsdp_state()._state_ctx
+    gone = {id(layer._get_fsdp_state()) for layer in removed if isinstance(layer, FSDPModule)}
+    context.all_states[:] = [state for state in context.all_states if id(state) not in gone]
 
 
 def check_structure(model: nn.Module) -> None:

@@ -20,8 +20,7 @@ from typing import Callable
 from ..errors import LayerpruneError
 from . import choice, copying, lm_eval
 from .base import Batch, Task, TaskData, blocks_to_batches
-from .moments import MomentsMemo
-from .engine import collect_stats, evaluate_tasks, forward_logits, my_share, quality_retained, summaries
+from .engine import MomentsMemo, collect_stats, evaluate_tasks, forward_logits, my_share, quality_retained, summaries
 from .retention import retention, task_score
 from .suite import SUITES, ItemResults, data_root, request_for, run_suite
 from .suite_cache import original_results

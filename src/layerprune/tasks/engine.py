@@ -22,9 +22,10 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..activations import FinalState, final_output
+from ..heads import head, head_inputs, linear_head, plain_head, same_head
 from ..shard import is_sharded
 from .base import Batch, Task
-from .moments import Moments, head, head_inputs, plain_head, same_head
+from .moments import Moments, teacher_moments
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,43 @@ class TeacherSide:
         if not isinstance(side, Moments):
             return side
         return side.against(out.h if isinstance(out, FinalState) else self.record["h"])
+
+
+class MomentsMemo:
+    """The teacher's moments on one fixed list of batches, per batch index, made the first time an
+    evaluation needs the teacher there. Once the teacher's head turns out not to be linear, `side`
+    answers None and every evaluation runs the teacher as before."""
+
+    def __init__(self):
+        self.batches: dict[int, Moments] = {}
+        self.teacher_id: int | None = None
+        self.usable = True
+
+    def side(self, teacher, index: int, batch) -> Moments | None:
+        self._for(teacher)
+        if self.usable and index not in self.batches:
+            with head_inputs(teacher) as record:
+                out = forward_output(teacher, batch, head_by_rows(teacher, batch))
+            self.keep(teacher, index, out, record.get("h"))
+        return self.batches.get(index) if self.usable else None
+
+    def keep(self, teacher, index: int, out, h: torch.Tensor | None) -> None:
+        """Keep the moments of the teacher's own forward on batch `index` (its logits, with `h`
+        entering its head; or a FinalState, where its head was probed a plain linear map and no
+        batch-wide logits were made): the pass that scores the teacher against itself fills the
+        memo, and no evaluation after it runs the teacher on these batches again."""
+        self._for(teacher)
+        if self.usable and index not in self.batches:
+            if isinstance(out, FinalState):
+                self.batches[index] = teacher_moments(teacher, None, out.h)
+            elif self.batches or linear_head(teacher, out, h):   # checked on the first batch
+                self.batches[index] = teacher_moments(teacher, out, h)
+            else:
+                self.usable = False
+
+    def _for(self, teacher) -> None:
+        if self.teacher_id != id(teacher):   # another teacher: start again
+            self.batches, self.teacher_id, self.usable = {}, id(teacher), True
 
 
 def group_by_batches(tasks: list[Task]) -> list[tuple[list[Batch], list[Task]]]:

@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 
 from . import teacher_text
-from .checkpoint import IterationRecord
-from .config import Recipe
-from .data import Corpus, StreamPosition, TrainStream
-from .guard import GuardLog
-from .processes import is_main_process, wait_for_everyone
+from ..config import Recipe
+from ..data import Corpus, StreamPosition, TrainStream
+from .job import HealLog
+from ..processes import is_main_process, wait_for_everyone
 
 
 def healing_offsets(config: Recipe, count: int) -> list[int]:
@@ -74,13 +73,13 @@ def healing_text(config: Recipe, corpus: Corpus, count: int, teacher, folder: Pa
     return text
 
 
-def carried_lr(records: list[IterationRecord]) -> float | None:
+def carried_lr(recorded: list[HealLog | None]) -> float | None:
     """The lr the next healing starts from: what the guard settled on last (resume)."""
-    guarded = [r.heal.guard for r in records if r.heal is not None and r.heal.guard]
-    return GuardLog(**guarded[-1]).next_lr() if guarded else None
+    guarded = [heal.guard for heal in recorded if heal is not None and heal.guard is not None]
+    return guarded[-1].next_lr() if guarded else None
 
 
-def last_position(records: list[IterationRecord]) -> StreamPosition:
+def last_position(recorded: list[HealLog | None]) -> StreamPosition:
     """Where the training stream stood after the recorded healings (resume)."""
-    ends = [r.heal.text["end"] for r in records if r.heal is not None and r.heal.text.get("end")]
-    return StreamPosition.from_json(ends[-1]) if ends else StreamPosition()
+    ends = [heal.text.end for heal in recorded if heal is not None and heal.text is not None]
+    return ends[-1] if ends else StreamPosition()

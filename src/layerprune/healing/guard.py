@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..tasks import TaskData, build_tasks, evaluate_tasks
+
 
 # Each retry's learning rate, relative to the attempt before it.
 RETRY_LR_FACTOR = 0.25
@@ -36,8 +38,6 @@ RISE_FACTOR = 1.25
 def kl_task(blocks: torch.Tensor, batch_size: int):
     """The held-out `kl` task on the validation blocks: the project's one KL evaluation, which
     also splits its batches across processes under `accelerate launch`."""
-    from .tasks import TaskData, build_tasks
-
     return build_tasks(["kl"], TaskData(None, blocks, [], batch_size))[0]
 
 
@@ -49,8 +49,6 @@ def as_kl_task(blocks_or_task, batch_size: int):
 def validation_kl(student, teacher, blocks_or_task, batch_size: int = 4) -> float:
     """Mean per-token KL(original || student) over validation blocks [n, seq_len] (or their
     `kl_task`), in eval mode."""
-    from .tasks import evaluate_tasks
-
     task = as_kl_task(blocks_or_task, batch_size)
     training = student.training
     student.eval()

@@ -4,15 +4,39 @@ Conventions (shared by every function here): logits are [B, T, V], hidden
 states [B, T, D], `mask` is [B, T] with 1 for real tokens. Softmaxes run in
 fp32 whatever the model dtype. Each term is a mean over unmasked tokens, so
 padding never changes a loss, and a batch with no unmasked token gives 0.
+Nothing here reads a configuration or talks to other processes: the weights
+come as a `LossWeights`, and a normaliser that must cover the whole global
+batch is reduced by the `reduce` function the caller passes (step.py passes
+the average over processes).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from .config import HealConfig
-from .tasks.stats import slices
+from ..tasks.stats import slices
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The paper's loss weights and the MSE's scale (config.HealConfig's fields of the same names)."""
+
+    w_kl: float = 1.0
+    w_mse: float = 1.0
+    w_final: float = 1.0
+    mse_scale: str = "channel"
+
+    @classmethod
+    def of(cls, config) -> "LossWeights":
+        return cls(config.w_kl, config.w_mse, config.w_final, config.mse_scale)
+
+
+def _unreduced(statistic: torch.Tensor) -> torch.Tensor:
+    return statistic
 
 
 def _masked_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -116,7 +140,7 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, tea
 
 
 def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor,
-             scale: str = "raw") -> torch.Tensor:
+             scale: str = "raw", reduce: Callable[[torch.Tensor], torch.Tensor] = _unreduced) -> torch.Tensor:
     """Mean squared error over hidden dimensions, averaged over unmasked tokens.
 
     - raw: as it is; its size depends on the model's hidden-state scale (SmolLM2's is 2-3 where
@@ -125,47 +149,37 @@ def mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: t
       outputs zeros scores 1, whatever the model. A few massive-activation channels (hundreds of
       times the rest, as Qwen, Gemma and Llama models carry) still dominate both sides.
     - channel: each channel's error divided by that channel's own mean square, then averaged over
-      channels, so every channel counts alike and a student that outputs zeros again scores 1."""
+      channels, so every channel counts alike and a student that outputs zeros again scores 1.
+
+    `reduce` turns this batch's teacher power into the global batch's (relative and channel)."""
     teacher = teacher_hidden.float()
     squared = (student_hidden.float() - teacher).pow(2)
     if scale == "channel":
         weights = mask.to(torch.float32).unsqueeze(-1)
         count = weights.sum().clamp_min(1.0)
         error = (squared * weights).sum((0, 1)) / count
-        power = averaged_over_processes((teacher.pow(2) * weights).sum((0, 1)) / count)
+        power = reduce((teacher.pow(2) * weights).sum((0, 1)) / count)
         # a channel the teacher leaves near zero is measured against a thousandth of the median
         # channel's power (the median: massive channels would lift a mean far above the rest)
         return (error / torch.maximum(power, 1e-3 * power.median() + 1e-12)).mean()
     error = _masked_token_mean(squared.mean(-1), mask)
     if scale == "raw":
         return error
-    return error / averaged_over_processes(_masked_token_mean(teacher.pow(2).mean(-1), mask)).clamp_min(1e-12)
-
-
-def averaged_over_processes(statistic: torch.Tensor) -> torch.Tensor:
-    """A normaliser taken over the whole global batch: when N processes each hold 1/N of it, the
-    teacher's power is averaged over them (it carries no gradient), so a loss divided by it, and
-    the healed weights, do not depend on the number of processes."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return statistic
-    total = statistic.detach().clone()
-    dist.all_reduce(total)   # a sum: gloo has no average
-    return total / dist.get_world_size()
+    return error / reduce(_masked_token_mean(teacher.pow(2).mean(-1), mask)).clamp_min(1e-12)
 
 
 def joint_loss(kl: torch.Tensor, student_hidden: list, teacher_hidden: list, student_final, teacher_final, mask,
-               weights: HealConfig) -> dict[str, torch.Tensor]:
+               weights: LossWeights, reduce: Callable[[torch.Tensor], torch.Tensor] = _unreduced
+               ) -> dict[str, torch.Tensor]:
     """The paper's loss: w_kl * KL + w_mse * sum of mapped-layer MSEs + w_final * final-state MSE,
-    with the weights and the MSE's scale (`mse_scale`) read from the healing's configuration.
+    with the weights and the MSE's scale (`mse_scale`) of `weights`; `reduce` as in `mse_loss`.
 
     `kl` comes from `kl_loss` (teacher logits at hand) or `topk_kl_loss` (teacher cached);
     `student_hidden[j]` is compared with `teacher_hidden[j]` (the caller maps layers).
     Returns every term and their weighted sum under "loss"."""
     zero = kl.new_zeros(())
     scale = weights.mse_scale
-    mse = sum((mse_loss(s, t, mask, scale) for s, t in zip(student_hidden, teacher_hidden)), zero)
-    final = mse_loss(student_final, teacher_final, mask, scale) if weights.w_final else zero
+    mse = sum((mse_loss(s, t, mask, scale, reduce) for s, t in zip(student_hidden, teacher_hidden)), zero)
+    final = mse_loss(student_final, teacher_final, mask, scale, reduce) if weights.w_final else zero
     loss = weights.w_kl * kl + weights.w_mse * mse + weights.w_final * final
     return {"loss": loss, "kl": kl, "mse": mse, "final_mse": final}

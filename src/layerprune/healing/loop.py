@@ -1,6 +1,6 @@
 """Healing: distil the pruned student towards the ORIGINAL teacher, on Accelerate.
 
-Lifecycle of one healing: `heal_job.plan()` turns a removal into a `HealJob`
+Lifecycle of one healing: `job.plan()` turns a removal into a `HealJob`
 (where the cuts are, which layers train, which layer outputs the MSE term
 matches), computed once and handed to the teacher-target cache and to
 `heal()`; `heal` picks its loss step once (cached targets with a frozen
@@ -31,17 +31,17 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .config import HealConfig
-from .data import Blocks
-from .errors import LayerpruneError, NonFiniteError
-from .faults import crash_point, poisoned
+from ..config import HealConfig
+from ..data import Blocks
+from ..errors import LayerpruneError, NonFiniteError
+from ..faults import crash_point, poisoned
 from .guard import ABORT_FACTOR, RETRY_LR_FACTOR, Guard, load_trained, trained_state
-from .heal_job import HealJob, HealLog
-from .heal_loss import local_step, loss_step
-from .models import check_same_vocabulary
-from .shard import adapters_synchronised, is_sharded, merge_adapters
-from .student import own
-from .surgery import find_layers
+from .job import HealJob, HealLog
+from .step import local_step, loss_step
+from ..models import check_same_vocabulary
+from ..shard import adapters_synchronised, is_sharded, merge_adapters
+from ..student import own
+from ..surgery import find_layers
 from .targets import TeacherTargets
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     accelerator.free_memory()   # the next healing prepares its own model, optimizer and loader
     return HealLog(job.steps, job.layers, job.pairs, rows, resume["step"] if resume is not None else None,
                    held_out_before=job.held_out_before, text=job.text,
-                   guard=guard_log.to_json() if guard_log is not None else None)
+                   guard=guard_log)
 
 
 @contextlib.contextmanager
@@ -349,7 +349,7 @@ def _restore(state: dict, model, optimizer, scheduler, guard: Guard | None) -> N
     if "sharded_in" in state:   # --fsdp: read each process's shards into templates of the live ones
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        from .shard import load_shards
+        from ..shard import load_shards
 
         tensors = {"trainable": trained_state(model), "optimizer": _optimizer_state(model, optimizer)}
         if guard is not None:

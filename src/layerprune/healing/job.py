@@ -1,4 +1,5 @@
-"""One healing, decided before it starts (`HealJob`, from `plan`), and what it did (`HealLog`).
+"""One healing, decided before it starts (`HealJob`, from `plan`), the text it reads (`TextSpan`),
+and what it did (`HealLog`).
 
 A removal fixes everything a healing needs to know about the model: where the cuts are (in
 the indexing after the removal), which layers train (the cut's neighbours by default, as in
@@ -11,9 +12,35 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .config import HealConfig
-from .errors import LayerpruneError
-from .surgery import num_layers, original_indices
+from ..config import HealConfig
+from ..data import StreamPosition
+from ..errors import LayerpruneError
+from ..surgery import num_layers, original_indices
+from .guard import GuardLog
+
+
+@dataclass(frozen=True)
+class TextSpan:
+    """Which training text a healing read: the stream from `start` to `end` (a reused text starts
+    at the beginning each time), `blocks` of it, `epochs` passes, and what was cached and why."""
+
+    start: StreamPosition
+    end: StreamPosition
+    blocks: int
+    epochs: int
+    caches: str
+
+    def to_json(self) -> dict:
+        return {"start": self.start.to_json(), "end": self.end.to_json(), "blocks": self.blocks,
+                "epochs": self.epochs, "caches": self.caches}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "TextSpan | None":
+        """None for a record written before healings recorded their text."""
+        if not data or "end" not in data:
+            return None
+        return cls(StreamPosition.from_json(data["start"]), StreamPosition.from_json(data["end"]), data["blocks"],
+                   data.get("epochs", 1), data.get("caches", ""))
 
 
 @dataclass(frozen=True)
@@ -35,8 +62,8 @@ class HealJob:
     resume: dict | None = None
     on_checkpoint: Callable[[dict], None] | None = None
     lr: float | None = None   # the learning rate to start from (None: config.lr); the guard may lower it
-    local_steps: int = 0   # the first steps are local (heal_loss.local_step): config.local_steps after a cut
-    text: dict = field(default_factory=dict)   # which training text: stream positions, blocks, caches used
+    local_steps: int = 0   # the first steps are local (step.local_step): config.local_steps after a cut
+    text: TextSpan | None = None   # which training text: stream positions, blocks, caches used
     held_out_before: dict = field(default_factory=dict)   # held-out KL and perplexity of the cut, unhealed
 
     @property
@@ -55,11 +82,12 @@ class HealLog:
     rows: list[dict] = field(default_factory=list)
     resumed_at_step: int | None = None
     held_out_before: dict = field(default_factory=dict)
-    text: dict = field(default_factory=dict)   # which training text: stream positions, blocks, caches used
-    guard: dict | None = None   # guard.GuardLog: validation KL before, at each check, kept; retries; lr that won
+    text: TextSpan | None = None   # which training text: stream positions, blocks, caches used
+    guard: GuardLog | None = None   # validation KL before, at each check, kept; retries; lr that won
 
     def to_json(self) -> dict:
-        data = asdict(self)
+        data = {**asdict(self), "text": self.text.to_json() if self.text is not None else {},
+                "guard": self.guard.to_json() if self.guard is not None else None}
         for key in ("resumed_at_step", "guard"):
             if data[key] is None:
                 del data[key]
@@ -72,7 +100,9 @@ class HealLog:
     def from_json(cls, data: dict) -> "HealLog":
         derived = ("first_loss", "last_loss", "held_out_after")   # written for readers of the JSON
         fields = {k: v for k, v in data.items() if k not in derived}
-        return cls(**{**fields, "mse_pairs": [tuple(p) for p in fields["mse_pairs"]]})
+        guard = GuardLog(**fields["guard"]) if fields.get("guard") else None
+        return cls(**{**fields, "mse_pairs": [tuple(p) for p in fields["mse_pairs"]],
+                      "text": TextSpan.from_json(fields.get("text")), "guard": guard})
 
 
 def cut_positions(dropped: list[int]) -> list[int]:
@@ -87,7 +117,7 @@ LAST_LAYERS = 3
 
 def trainable_layers(depth: int, cuts: list[int], config: HealConfig) -> list[int]:
     """Current indices of the layers that train: the neighbours of each cut (radius r: r layers
-    below it and r above), all layers, or the last LAST_LAYERS (with the LM head, heal.py)."""
+    below it and r above), all layers, or the last LAST_LAYERS (with the LM head, loop.py)."""
     if config.trainable == "last":
         return list(range(max(0, depth - LAST_LAYERS), depth))
     if config.trainable in ("all", "lora") or not cuts:

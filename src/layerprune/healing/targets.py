@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .activations import capture, prefix_state
-from .config import HealConfig
-from .data import Blocks
-from .errors import LayerpruneError
-from .io import write_json
+from ..activations import capture, prefix_state
+from ..config import HealConfig
+from ..data import Blocks
+from ..errors import LayerpruneError
+from ..io import write_json
 
 log = logging.getLogger(__name__)
 

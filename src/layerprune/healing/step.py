@@ -24,16 +24,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .activations import (capture, final_norm, forward_layers, injected, layer_outputs, logits_to_keep, prefix_state,
+from ..activations import (capture, final_norm, forward_layers, injected, layer_outputs, logits_to_keep, prefix_state,
                           states_up_to)
-from .losses import head_kl_loss, joint_loss, kl_loss, mse_loss, topk_kl_loss
-from .shard import is_sharded
-from .surgery import find_layers, num_layers
+from .losses import LossWeights, head_kl_loss, joint_loss, kl_loss, mse_loss, topk_kl_loss
+from ..processes import averaged_over_processes
+from ..shard import is_sharded
+from ..surgery import find_layers, num_layers
 from .targets import TeacherTargets
-from .tasks.moments import head, plain_head
+from ..heads import head, plain_head
 
 if TYPE_CHECKING:
-    from .heal_job import HealJob
+    from .job import HealJob
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
     the teacher is not run; with `job.prefix_cache` the frozen bottom of the student runs once
     per block; with neither, every micro-batch runs the teacher, and the student from the
     teacher's state where `shares_prefix`, else whole (the reference)."""
-    weights = job.config
+    temperature, weights = job.config.temperature, LossWeights.of(job.config)
     pairs = job.pairs
     fused = targets is None and fused_head(student, teacher)
     s_keep, t_keep = (logits_to_keep(student), logits_to_keep(teacher)) if fused else ({}, {})
@@ -108,8 +109,8 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
     def online_kl(t_logits, t_final, mask):
         """The KL term against the teacher's pass, a function of the student's (logits, final state)."""
         if fused:
-            return lambda s_logits, s_final: head_kl_loss(s_final, t_final, *heads, mask, weights.temperature)
-        return lambda s_logits, s_final: kl_loss(s_logits, t_logits, mask, weights.temperature)
+            return lambda s_logits, s_final: head_kl_loss(s_final, t_final, *heads, mask, temperature)
+        return lambda s_logits, s_final: kl_loss(s_logits, t_logits, mask, temperature)
 
     def straightforward(ids, rows):
         mask = torch.ones_like(ids)
@@ -119,7 +120,7 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
             s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **s_keep).logits
         kl = online_kl(t_logits, t_rec["final"], mask)(s_logits, s_rec["final"])
         return joint_loss(kl, [s_rec["states"][k + 1] for k, _ in pairs], [t_rec["states"][o + 1] for _, o in pairs],
-                          s_rec["final"], t_rec["final"], mask, weights)
+                          s_rec["final"], t_rec["final"], mask, weights, averaged_over_processes)
 
     start, shared, prefix = _prefix(job, student, teacher, targets)
     if shared:
@@ -134,7 +135,7 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
         entering the student's layer `start` where the teacher's pass gives it, else None)."""
         if targets is not None:
             t = targets.take(rows, [o for _, o in pairs], ids.device)
-            return (lambda s, _: topk_kl_loss(s, t["values"], t["indices"], t["lse"], mask, weights.temperature),
+            return (lambda s, _: topk_kl_loss(s, t["values"], t["indices"], t["lse"], mask, temperature),
                     t["layers"], t["final"], None)
         with torch.no_grad(), capture(teacher, final=True) as t_rec:
             t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False, **t_keep).logits
@@ -149,7 +150,7 @@ def loss_step(job: "HealJob", model, student, teacher, targets: TeacherTargets |
         with injected(student, start, entering, range(start, depth)), capture(student, final=True) as s_rec:
             s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **s_keep).logits
         return joint_loss(kl_of(s_logits, s_rec["final"]), [s_rec["states"][k - start + 1] for k, _ in pairs],
-                          t_layers, s_rec["final"], t_final, mask, weights)
+                          t_layers, s_rec["final"], t_final, mask, weights, averaged_over_processes)
 
     return cached
 
@@ -170,7 +171,7 @@ def local_step(job: "HealJob", model, student, teacher, targets: TeacherTargets 
     """The loss of a local step, `(ids, rows) -> loss terms`: the trained layers at and below the
     cut's mapped state (the MSE pairs') learn the original's state there. Only the trained layers up
     to the highest pair run with gradients, from the frozen prefix's state; no layer above them,
-    no final norm, no LM head (heal_job.plan checks that a trained layer lies below a pair)."""
+    no final norm, no LM head (job.plan checks that a trained layer lies below a pair)."""
     start, shared, prefix = _prefix(job, student, teacher, targets)
     pairs = [(k, o) for k, o in job.pairs if k >= start]
     top = max(k for k, _ in pairs)
@@ -191,7 +192,7 @@ def local_step(job: "HealJob", model, student, teacher, targets: TeacherTargets 
                 entering = prefix(rows, ids)
         with injected(student, start, entering, range(start, top + 1)), capture(student) as s_rec:
             forward_layers(model, ids, mask, whole)
-        mse = sum(mse_loss(s_rec["states"][k - start + 1], t, mask, config.mse_scale)
+        mse = sum(mse_loss(s_rec["states"][k - start + 1], t, mask, config.mse_scale, averaged_over_processes)
                   for (k, _), t in zip(pairs, wanted))
         zero = mse.new_zeros(())
         return {"loss": config.w_mse * mse, "kl": zero, "mse": mse, "final_mse": zero}

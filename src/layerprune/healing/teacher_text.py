@@ -28,10 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import Blocks, StreamPosition, TrainStream
-from .errors import LayerpruneError
-from .faults import crash_point
-from .io import write_file, write_json
+from ..data import Blocks, StreamPosition, TrainStream
+from ..errors import LayerpruneError
+from ..faults import crash_point
+from ..io import write_file, write_json
 from .targets import default_budgets
 
 log = logging.getLogger(__name__)

@@ -78,7 +78,8 @@ def block_cuts(teacher, corpus, tasks, reference, reference_rows, cuts: str, bat
     cosine fit's published schedule, and by what `--patch-fit cosine` keeps (the schedule's T, or
     least squares where that ended no closer in angle): the fits' own measure beside quality."""
     from layerprune.inputs import scores_and_rows
-    from layerprune.patch import PatchFit, cosine_distance, cosine_fit, fit, fold, solve, solve_cosine
+    from layerprune.patch import PatchFit, fit, fold
+    from layerprune.patch_math import cosine_distance, cosine_fit, solve, solve_cosine
     from layerprune.surgery import remove_layers
     from layerprune.tasks import quality_retained
     from layerprune.tasks.interval import bootstrap_interval

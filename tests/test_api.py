@@ -1,4 +1,6 @@
 import pytest
+import torch
+import torch.nn.functional as F
 
 from layerprune import DataConfig, EvalConfig, ScoreConfig, evaluate, score
 from layerprune.errors import LayerpruneError
@@ -6,10 +8,29 @@ from layerprune.errors import LayerpruneError
 DATA = dict(seq_len=32, calib_blocks=2, patch_blocks=2, eval_blocks=2, batch_size=2)
 
 
-def test_score_ranks_every_layer_with_original_indices(tiny_dir, text_file):
-    rows = score(ScoreConfig(model=str(tiny_dir), device="cpu", data=DataConfig(source=str(text_file), **DATA)),
-                 progress=False)
-    assert [r["layer"] for r in rows] == list(range(6)) and all(r["score"] >= 0 for r in rows)
+def test_score_gives_each_layer_its_block_influence_under_its_original_index(tiny_dir, text_file, tmp_path):
+    """On a model already cut (layers 1 and 3 gone), every row names the layer's original index and
+    holds its Block Influence: 1 - cos between the states entering and leaving it, computed here
+    from HF's own hidden states on the same calibration blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerprune.data import load_corpus
+    from layerprune.surgery import remove_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    remove_layers(model, [1, 3])
+    model.save_pretrained(tmp_path / "cut")
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "cut")
+    data = DataConfig(source=str(text_file), **DATA)
+    rows = score(ScoreConfig(model=str(tmp_path / "cut"), device="cpu", data=data), progress=False)
+    assert [r["layer"] for r in rows] == [0, 2, 4, 5] and [r["current"] for r in rows] == [0, 1, 2, 3]
+    blocks = load_corpus(data, AutoTokenizer.from_pretrained(tiny_dir)).blocks["calib"]
+    with torch.no_grad():
+        states = [model(input_ids=blocks[i:i + 2], output_hidden_states=True).hidden_states
+                  for i in range(0, len(blocks), 2)]
+    for current in range(3):   # the last layer's output passes the final norm in HF's list: not compared
+        expected = sum(float((1 - F.cosine_similarity(h[current], h[current + 1], dim=-1)).mean()) for h in states)
+        assert rows[current]["score"] == pytest.approx(expected / len(states), rel=1e-4)
     with pytest.raises(LayerpruneError, match="unknown metric"):
         score(ScoreConfig(metric="magic"))
 

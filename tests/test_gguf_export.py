@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from layerprune import ExportConfig, export_gguf
-from layerprune import gguf_export
+from layerprune import gguf_export, gguf_layout
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 from layerprune.models import load_model
@@ -73,7 +73,7 @@ def write_tiny_gguf(path, model, arch="llama"):
             continue  # a tied head has no tensor of its own, as in Gemma's files
         base, suffix = hf_name.rsplit(".", 1)
         name = f"{names.get_name(base)}.{suffix}"
-        rows = gguf_export.LAYOUTS[arch].to_gguf(name, tensor.numpy(), lambda _, key: heads[key])
+        rows = gguf_layout.LAYOUTS[arch].to_gguf(name, tensor.numpy(), lambda _, key: heads[key])
         writer.add_tensor(name, gguf.quants.quantize(rows, source_type(name)), raw_dtype=source_type(name))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -131,7 +131,7 @@ def tiny(arch):
     return model
 
 
-@pytest.mark.parametrize("arch", list(gguf_export.LAYOUTS))
+@pytest.mark.parametrize("arch", list(gguf_layout.LAYOUTS))
 def test_source_reads_back_as_the_model(tmp_path, arch):
     """The HF-to-GGUF layout of every architecture the export handles (for llama, the rotary
     permutation of q and k) is the inverse of transformers' reading."""
@@ -246,7 +246,7 @@ def one_line_error(capsys, argv, expected):
 
 
 def test_unsupported_architecture_still_writes_the_folder_then_fails(caplog, capsys, monkeypatch, tmp_path, source):
-    monkeypatch.setattr(gguf_export, "LAYOUTS", {"qwen2": gguf_export.SAME})
+    monkeypatch.setattr(gguf_export, "LAYOUTS", {"qwen2": gguf_layout.SAME})
     out = tmp_path / "out"
     one_line_error(capsys, prune_args(source, make_text_file(tmp_path / "c.txt"), out),
                    "does not handle the architecture 'llama'")

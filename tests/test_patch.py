@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from layerprune import patch
+from layerprune import patch, patch_math
 from layerprune.errors import LayerpruneError
 from layerprune.importance import candidate_stats
 from layerprune.surgery import find_layers
@@ -117,16 +117,16 @@ class TestSolve:
         with torch.no_grad():
             find_layers(model).layers[1].mlp.down_proj.weight.zero_()
         grams = patch.fit(model, [(2, 2)], how())
-        t = patch.solve(grams[(2, 2)])
+        t = patch_math.solve(grams[(2, 2)])
         assert torch.equal(t, torch.eye(32, dtype=torch.float64))
         patch.remove_and_patch(model, [2], how())
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
     def test_an_ill_conditioned_gram_still_solves_finite(self):
         m = torch.randn(100, 1, dtype=torch.float64) @ torch.randn(1, 8, dtype=torch.float64)  # rank 1
-        gram = patch.Gram(torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, 8, dtype=torch.float64))
+        gram = patch_math.Gram(torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, 8, dtype=torch.float64))
         gram.add(m, m * 2)
-        t = patch.solve(gram)
+        t = patch_math.solve(gram)
         assert torch.isfinite(t).all() and torch.allclose(m @ t, m * 2, atol=1e-3)
 
 
@@ -183,7 +183,7 @@ class TestCosineFit:
     where it does not converge."""
 
     @staticmethod
-    def angles_and_sizes_disagree() -> patch.Samples:
+    def angles_and_sizes_disagree() -> patch_math.Samples:
         """Rows where least squares and the cosine fit want different T: most tokens' targets are
         their M turned slightly (A, near the identity, where Adam from the identity reaches), a few
         massive tokens' are M through an unrelated B, and those dominate the squared error."""
@@ -193,24 +193,24 @@ class TestCosineFit:
         b = torch.randn(8, 8, generator=g)
         m[:40] *= 100
         r = torch.cat([m[:40] @ b, m[40:] @ a])
-        samples = patch.Samples(diagonal=False)
+        samples = patch_math.Samples(diagonal=False)
         samples.add(m, r)
         return samples
 
     def test_the_cosine_fit_brings_the_patched_state_closer_in_angle(self):
         samples = self.angles_and_sizes_disagree()
         m, r = torch.cat(samples.ms), torch.cat(samples.rs)
-        t, method = patch.solve_cosine(samples)
+        t, method = patch_math.solve_cosine(samples)
         assert method == "cosine" and torch.isfinite(t).all()
-        closer = patch.cosine_distance(m, r, t.float())
-        assert closer < patch.cosine_distance(m, r, torch.eye(8))
-        assert closer < patch.cosine_distance(m, r, patch.solve(samples.gram()).float())
+        closer = patch_math.cosine_distance(m, r, t.float())
+        assert closer < patch_math.cosine_distance(m, r, torch.eye(8))
+        assert closer < patch_math.cosine_distance(m, r, patch_math.solve(samples.gram()).float())
 
     def test_the_rows_give_the_gram_passs_least_squares(self):
         model = tiny_model("llama")
         samples = patch.fit(model, [(3, 3)], how(fit="cosine"))[(3, 3)]
-        reference = patch.solve(patch.fit(model, [(3, 3)], how())[(3, 3)])
-        torch.testing.assert_close(patch.solve(samples.gram()), reference, rtol=1e-4, atol=1e-6)
+        reference = patch_math.solve(patch.fit(model, [(3, 3)], how())[(3, 3)])
+        torch.testing.assert_close(patch_math.solve(samples.gram()), reference, rtol=1e-4, atol=1e-6)
 
     def test_a_fit_no_closer_than_least_squares_keeps_least_squares(self, monkeypatch, caplog):
         """On SmolLM2 the published schedule ended farther in angle than the least-squares T and
@@ -224,18 +224,18 @@ class TestCosineFit:
         patch.remove_and_patch(plain, [3], how())
         for a, b in zip(model.parameters(), plain.parameters()):
             torch.testing.assert_close(a, b)
-        monkeypatch.setattr(patch, "COSINE_EPOCHS", 0)   # no step taken: no closer than the identity
-        assert patch.solve_cosine(self.angles_and_sizes_disagree())[1] == "lstsq"
+        monkeypatch.setattr(patch_math, "COSINE_EPOCHS", 0)   # no step taken: no closer than the identity
+        assert patch_math.solve_cosine(self.angles_and_sizes_disagree())[1] == "lstsq"
 
     def test_a_fit_gone_non_finite_keeps_least_squares(self):
         samples = patch.fit(tiny_model("llama"), [(3, 3)], how(fit="cosine"))[(3, 3)]
         samples.rs[0][0, 0] = float("nan")   # one broken token: the loss and the fit go non-finite
-        t, method = patch.solve_cosine(samples)
+        t, method = patch_math.solve_cosine(samples)
         assert method == "lstsq" and torch.isfinite(t).all()
 
     def test_a_diagonal_patch_fits_by_cosine_too(self):
         samples = patch.fit(tiny_model("llama"), [(2, 2)], how(kind="diag", fit="cosine"))[(2, 2)]
-        t, method = patch.solve_cosine(samples)
+        t, method = patch_math.solve_cosine(samples)
         assert t.dim() == 1 and torch.isfinite(t).all() and method in ("cosine", "lstsq")
 
 
@@ -246,10 +246,10 @@ class TestNormalisedFit:
         model = tiny_model("llama")
         samples = patch.fit(model, [(3, 3)], how(fit="cosine"))[(3, 3)]   # the rows themselves
         m, r = torch.cat(samples.ms).double(), torch.cat(samples.rs).double()
-        weights = 1 / (r.pow(2).mean(-1, keepdim=True) + patch.TOKEN_FLOOR)
-        gram = patch.Gram((weights * m).T @ m, (weights * m).T @ r)
-        expected = patch.solve(gram)
-        got = patch.solve(patch.fit(model, [(3, 3)], how(fit="normalised"))[(3, 3)])
+        weights = 1 / (r.pow(2).mean(-1, keepdim=True) + patch_math.TOKEN_FLOOR)
+        gram = patch_math.Gram((weights * m).T @ m, (weights * m).T @ r)
+        expected = patch_math.solve(gram)
+        got = patch_math.solve(patch.fit(model, [(3, 3)], how(fit="normalised"))[(3, 3)])
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
     def test_a_massive_token_does_not_dominate(self):
@@ -260,16 +260,16 @@ class TestNormalisedFit:
         m[0], r[0] = 300 * torch.randn(8, generator=g), 300 * torch.randn(8, generator=g)   # an attention sink
         errors = {}
         for normalised in (False, True):
-            gram = patch.Gram(torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, 8, dtype=torch.float64),
+            gram = patch_math.Gram(torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, 8, dtype=torch.float64),
                               normalised=normalised)
             gram.add(m, r)
-            errors[normalised] = float((patch.solve(gram) - truth).abs().max())
+            errors[normalised] = float((patch_math.solve(gram) - truth).abs().max())
         assert errors[True] < 0.1 < errors[False]
 
     def test_a_cut_records_it_and_candidates_are_scored_with_it(self):
         model = tiny_model("llama")
         fitted = patch.candidate_patches(model, [2, 3], how(fit="normalised"))
-        direct = patch.solve(patch.fit(model, [(3, 3)], how(fit="normalised"))[(3, 3)])
+        direct = patch_math.solve(patch.fit(model, [(3, 3)], how(fit="normalised"))[(3, 3)])
         torch.testing.assert_close(fitted[3], direct)
         assert not torch.allclose(fitted[3], patch.candidate_patches(model, [3], how())[3])
         _, info = patch.remove_and_patch(model, [3], how(fit="normalised"), fitted)

@@ -194,3 +194,25 @@ def test_resume_and_the_card_read_one_declaration_of_what_changes_a_result():
     assert sorted(free) == ["checkpoint_every", "gradient_checkpointing", "log_every"]
     for cache in ({"teacher_cache": False}, {"cache_disk": 1.0}, {"cache_memory": 1.0}):
         assert not is_default_recipe(dataclasses.replace(base, heal=dataclasses.replace(base.heal, **cache)))
+
+
+def test_a_history_written_before_the_healing_package_still_reads_reports_and_writes_back(tmp_path):
+    """history.json of 2026-12-06 (guard and text were dicts then): read into the typed records,
+    written back the same (plus the speed the run now records), and reported."""
+    from pathlib import Path
+
+    from layerprune.data import StreamPosition
+    from layerprune.healing import GuardLog
+    from layerprune.report import write_report
+
+    data = json.loads((Path(__file__).parent / "data" / "history-2026-12-06.json").read_text())
+    history = History.from_json(data)
+    heal = history.iterations[1].heal
+    assert isinstance(heal.guard, GuardLog) and heal.guard.outcome == "unhealed"
+    assert heal.text.start == StreamPosition(*data["iterations"][1]["heal"]["text"]["start"]) and heal.text.blocks == 8
+    written = history.to_json()
+    assert written.pop("speed") == {} and written == data
+    (tmp_path / "config.yaml").write_text("model: tiny\n")
+    report = write_report(tmp_path, history)
+    assert report["removed_original"] == data["removed_original"]
+    assert "the unhealed cut is kept" in (tmp_path / "README.md").read_text()

@@ -241,3 +241,33 @@ def load_shards(state: dict, folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     dcp.load(state, checkpoint_id=str(folder))
+
+
+def prepare_training(accelerator, model: nn.Module, optimizer, loader, lora: bool):
+    """The healing's (model, optimizer, loader) through Accelerate: DDP for an unsharded model;
+    for a sharded one, FSDP2 reduces the gradients itself (no DDP), except LoRA's adapters, which
+    are plain tensors beside the sharded rest and get DDP alone."""
+    if is_sharded(model) and not lora:
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+        return model, optimizer, loader
+    if is_sharded(model):
+        adapters_synchronised(model)
+    return accelerator.prepare(model, optimizer, loader)
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The optimizer's state for a checkpoint: its own, or this process's shards of it."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer.optimizer)
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer.optimizer, state)

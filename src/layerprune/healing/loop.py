@@ -39,7 +39,8 @@ from .guard import ABORT_FACTOR, RETRY_LR_FACTOR, Guard, load_trained, trained_s
 from .job import HealJob, HealLog
 from .step import local_step, loss_step
 from ..models import check_same_vocabulary
-from ..shard import adapters_synchronised, is_sharded, merge_adapters
+from ..shard import (is_sharded, load_optimizer_state, load_shards, merge_adapters, optimizer_state,
+                     prepare_training)
 from ..student import own
 from ..surgery import find_layers
 from .targets import TeacherTargets
@@ -154,12 +155,7 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.start_lr, weight_decay=config.weight_decay)
     loader = torch.utils.data.DataLoader(TrainingRows(text, job.seed), batch_size=config.batch_size)
-    if is_sharded(student) and config.trainable != "lora":   # FSDP2 reduces the gradients itself: no DDP
-        optimizer, loader = accelerator.prepare(optimizer, loader)
-    else:
-        if is_sharded(student):   # LoRA: DDP for the adapters alone, beside the sharded rest
-            adapters_synchronised(model)
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = prepare_training(accelerator, model, optimizer, loader, config.trainable == "lora")
     # the student's forward goes through the prepared model: DDP synchronises gradients only for
     # a forward pass made through its wrapper
     terms_of = loss_step(job, model, student, teacher, targets)
@@ -323,7 +319,7 @@ class _Attempt:
         With a sharded student the tensors go under "sharded", each process holding its shard."""
         state = {"step": step, "attempt": self.attempt, "ended": self.ended, "rows": list(rows),
                  "rng": torch.get_rng_state(), "scheduler": self.scheduler.state_dict()}
-        tensors = {"trainable": trained_state(inner), "optimizer": _optimizer_state(inner, self.optimizer)}
+        tensors = {"trainable": trained_state(inner), "optimizer": optimizer_state(inner, self.optimizer)}
         if self.guard is not None:
             state["guard"] = self.guard.state()
         if is_sharded(inner):
@@ -335,23 +331,11 @@ class _Attempt:
         return state
 
 
-def _optimizer_state(model, optimizer) -> dict:
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer.optimizer)
-
-
 def _restore(state: dict, model, optimizer, scheduler, guard: Guard | None) -> None:
     mismatch = LayerpruneError("the healing checkpoint does not match the layers this healing trains",
                                "pass --overwrite to start afresh")
     if "sharded_in" in state:   # --fsdp: read each process's shards into templates of the live ones
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        from ..shard import load_shards
-
-        tensors = {"trainable": trained_state(model), "optimizer": _optimizer_state(model, optimizer)}
+        tensors = {"trainable": trained_state(model), "optimizer": optimizer_state(model, optimizer)}
         if guard is not None:
             tensors["best"] = trained_state(model)
         try:
@@ -359,13 +343,13 @@ def _restore(state: dict, model, optimizer, scheduler, guard: Guard | None) -> N
         except Exception as err:   # torch.distributed.checkpoint names missing or misshapen keys its own way
             raise mismatch from err
         load_trained(model, tensors["trainable"])
-        set_optimizer_state_dict(model, optimizer.optimizer, tensors["optimizer"])
+        load_optimizer_state(model, optimizer, tensors["optimizer"])
         if guard is not None:
             guard.best_state = tensors["best"]
     else:
         if {name for name, p in model.named_parameters() if p.requires_grad} != state["trainable"].keys():
             raise mismatch
         load_trained(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])

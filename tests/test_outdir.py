@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from layerprune import faults, outdir, pipeline
+from layerprune import faults, outdir, prepare
 from layerprune.run import PruneRun
 from layerprune.cli import main
 from layerprune.errors import write_error
@@ -49,7 +49,7 @@ def test_a_second_run_on_a_locked_folder_is_refused_at_once_and_sigkill_leaves_n
         def never(*args, **kwargs):
             raise AssertionError("the model was loaded although the folder is in use")
 
-        monkeypatch.setattr(pipeline, "load_model", never)
+        monkeypatch.setattr(prepare, "load_model", never)
         code, lines = run(capsys, *prune_args(tiny_dir, text_file, out))
         assert code == 2 and len(lines) == 1
         assert f"is in use by another layerprune run (process {holder.pid})" in lines[0]
@@ -152,7 +152,7 @@ def test_a_read_only_folder_is_one_line_before_the_model_is_loaded(capsys, monke
         raise AssertionError("the model was loaded although the folder is read-only")
 
     monkeypatch.setattr(outdir, "open", read_only, raising=False)
-    monkeypatch.setattr(pipeline, "load_model", never)
+    monkeypatch.setattr(prepare, "load_model", never)
     code, lines = run(capsys, *prune_args(tiny_dir, text_file, tmp_path / "out"))
     assert code == 2 and "Read-only file system" in lines[0] and "writable" in lines[0]
 

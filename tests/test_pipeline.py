@@ -4,6 +4,7 @@ import pytest
 
 from layerprune import DataConfig, HealConfig, PruneConfig, prune
 from layerprune.errors import LayerpruneError
+from layerprune.data import StreamPosition
 from layerprune.models import load_model
 from layerprune.depth import Depth
 from layerprune.inputs import build_inputs
@@ -161,15 +162,15 @@ def test_each_removal_heals_on_fresh_text_or_on_the_same(tiny_dir, text_file, tm
     heal = HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1, train_data=train_data, final_steps=1)
     history = prune(config(tiny_dir, text_file, tmp_path / "o", metric="bi", remove=2, heal=heal), progress=False)
     texts = [record.heal.text for record in history.iterations] + [history.final_heal.text]
-    assert [t["blocks"] for t in texts] == [4, 4, 2]
+    assert [t.blocks for t in texts] == [4, 4, 2]
     if train_data == "stream":   # one stretch after the other, the final healing after both
-        assert texts[0]["start"] == [0, 0] and texts[1]["start"] == texts[0]["end"]
-        assert texts[2]["start"] == texts[1]["end"] != texts[0]["end"]
+        assert texts[0].start == StreamPosition(0, 0) and texts[1].start == texts[0].end
+        assert texts[2].start == texts[1].end != texts[0].end
     else:
-        assert all(t["start"] == [0, 0] for t in texts) and texts[0]["end"] == texts[1]["end"]
-        assert "teacher targets cached" in texts[0]["caches"] and "teacher targets cached" in texts[1]["caches"]
-        assert "holds other blocks" in texts[2]["caches"]   # the final healing's 2 blocks are not the cache's 4
-    assert "read once" in texts[0]["caches"] or train_data == "reuse"
+        assert all(t.start == StreamPosition(0, 0) for t in texts) and texts[0].end == texts[1].end
+        assert "teacher targets cached" in texts[0].caches and "teacher targets cached" in texts[1].caches
+        assert "holds other blocks" in texts[2].caches   # the final healing's 2 blocks are not the cache's 4
+    assert "read once" in texts[0].caches or train_data == "reuse"
 
 
 class TestHealingGuard:

@@ -312,3 +312,27 @@ def test_a_tokenizer_that_cannot_encode_the_text_is_one_line():
     empty = [SimpleNamespace(args=("Question: x\\nAnswer:", ""))]
     with pytest.raises(LayerpruneError, match="as no tokens"):
         InMemoryLM(tiny_model("llama"), tokenizer, progress=False).loglikelihood(empty, True)
+
+
+def test_rank_agreement_orders_variants_within_a_count_and_pooled():
+    from layerprune.compare_bench import agreement_lines, rank_agreement
+
+    def variant(quality, bench):
+        return {"quality_retained": quality, "bench_retention": bench,
+                "bench_chance_corrected": {n: 2 * v - 1 for n, v in bench.items()}}
+
+    # at -4 the two measures order the four variants alike; at -6 in reverse
+    results = {f"v{i}": variant({"4": 0.9 - 0.1 * i, "6": 0.8 - 0.1 * i}, {"4": 0.99 - 0.01 * i, "6": 0.90 + 0.01 * i})
+               for i in range(4)}
+    agreement = rank_agreement({"results": results})
+    assert agreement["-4"]["bench_retention"]["rho"] == pytest.approx(1.0)
+    assert agreement["-6"]["bench_retention"]["rho"] == pytest.approx(-1.0)
+    assert agreement["-4"]["bench_chance_corrected"]["rho"] == pytest.approx(1.0)
+    assert agreement["pooled"]["n"] == 8 and -1 < agreement["pooled"]["bench_retention"]["rho"] < 1
+    assert 0 < agreement["-4"]["bench_retention"]["p"] <= 1
+    table = "\n".join(agreement_lines(agreement))
+    assert "| -4 | 4 | +1.00 |" in table and "| -6 | 4 | -1.00 |" in table and "| pooled | 8 |" in table
+    # two variants are no ranking within a count: only the pooled row is claimed
+    two = rank_agreement({"results": {k: results[k] for k in ("v0", "v1")}})
+    assert "bench_retention" not in two["-4"] and two["pooled"]["n"] == 4
+    assert [line for line in agreement_lines(two) if line.startswith("| -") and "---" not in line] == []

@@ -19,6 +19,7 @@ import resource
 import sys
 import tempfile
 import time
+from queue import Empty
 
 import torch
 
@@ -307,13 +308,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.heal_steps < 3:
+        parser.error("--heal-steps must be at least 3 (a step's seconds are the difference from 2 steps)")
     results = {}
     ctx = mp.get_context("spawn")
     for name in args.phases.split(","):
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(name, args, queue))
         proc.start()
-        results[name] = queue.get()
+        while name not in results:   # a phase that dies puts nothing: say so instead of waiting forever
+            try:
+                results[name] = queue.get(timeout=5)
+            except Empty:
+                if not proc.is_alive():
+                    sys.exit(f"error: the {name} phase failed (exit code {proc.exitcode}); its traceback is above")
         proc.join()
         print(f"== {name}")
         print(json.dumps(results[name], indent=2))

@@ -329,7 +329,7 @@ def test_rank_agreement_orders_variants_within_a_count_and_pooled():
     assert agreement["-6"]["bench_retention"]["rho"] == pytest.approx(-1.0)
     assert agreement["-4"]["bench_chance_corrected"]["rho"] == pytest.approx(1.0)
     assert agreement["pooled"]["n"] == 8 and -1 < agreement["pooled"]["bench_retention"]["rho"] < 1
-    assert 0 < agreement["-4"]["bench_retention"]["p"] <= 1
+    assert agreement["-4"]["bench_retention"]["p"] == pytest.approx(2 / 24)   # exact: 2 of 4! orders as extreme
     table = "\n".join(agreement_lines(agreement))
     assert "| -4 | 4 | +1.00 |" in table and "| -6 | 4 | -1.00 |" in table and "| pooled | 8 |" in table
     # two variants are no ranking within a count: only the pooled row is claimed

@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .report import plot_quality
 from .tasks.retention import difference, retention
 from .tasks.suite import SUITES, ItemResults, SuiteRequest, request_for, run_suite
@@ -168,11 +166,7 @@ def rank_agreement(summary: dict) -> dict:
     p-value (exact up to 8 models, 50,000 pairings beyond): a table has a handful of variants.
     Pooled, the count orders both measures by itself, so within a count is the question that
     matters. scipy comes with the eval extra, as the benchmark figures do."""
-    from scipy.stats import permutation_test, rankdata
-
-    def rho(x, y, axis=-1):   # Pearson's r of ranks, vectorised over the permutations
-        x, y = x - x.mean(axis, keepdims=True), y - y.mean(axis, keepdims=True)
-        return (x * y).sum(axis) / np.sqrt((x * x).sum(axis) * (y * y).sum(axis))
+    from scipy.stats import PermutationMethod, pearsonr, rankdata   # Spearman's rho: Pearson's r of ranks
 
     pairs: dict[str, dict] = {}
     for name, r in summary["results"].items():
@@ -191,8 +185,7 @@ def rank_agreement(summary: dict) -> dict:
             xs = [row[0] for row in rows if row[column] is not None]
             ys = [row[column] for row in rows if row[column] is not None]
             if len(xs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1:
-                test = permutation_test((rankdata(xs), rankdata(ys)), rho, permutation_type="pairings",
-                                        vectorized=True, n_resamples=50000, rng=0)
+                test = pearsonr(rankdata(xs), rankdata(ys), method=PermutationMethod(n_resamples=50000, rng=0))
                 figures[key] = {"rho": float(test.statistic), "p": float(test.pvalue), "n": len(xs)}
         agreement[group] = figures
     return agreement

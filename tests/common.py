@@ -11,6 +11,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma3
                           MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
 
 from layerprune.config import HealConfig
+from layerprune.surgery import find_layers
 
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
@@ -183,3 +184,15 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     for path in sorted(Path(folder).glob("*.safetensors")):
         weights.update(load_file(str(path)))
     return weights
+
+
+def teacher_with_massive_channels():
+    """A tiny Llama whose third MLP writes two residual channels 500x larger than the rest, as
+    the massive activations of real Qwen, Gemma and Llama models: every later norm is dominated
+    by them, and a weight step that is harmless elsewhere moves the output a lot."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+        find_layers(model).layers[2].mlp.down_proj.weight[[3, 17]] *= 500
+    return model

@@ -10,9 +10,9 @@ from layerprune.config import HealConfig
 from layerprune.healing.guard import RETRY_LR_FACTOR, Guard, loss_rises, validation_kl
 from layerprune.healing.loop import heal
 from layerprune.healing.job import plan
-from layerprune.surgery import find_layers, remove_layers
+from layerprune.surgery import remove_layers
 
-from common import tiny_model
+from common import teacher_with_massive_channels, tiny_model
 
 
 def blocks(seed, n, length=32):
@@ -20,18 +20,6 @@ def blocks(seed, n, length=32):
 
 
 TRAIN, VALIDATION, HELD_OUT = blocks(0, 64), blocks(1, 8), blocks(2, 8)
-
-
-def teacher_with_massive_channels():
-    """A tiny Llama whose third MLP writes two residual channels 500x larger than the rest, as
-    the massive activations of real Qwen, Gemma and Llama models: every later norm is dominated
-    by them, and a weight step that is harmless elsewhere moves the output a lot."""
-    torch.manual_seed(0)
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20)
-        find_layers(model).layers[2].mlp.down_proj.weight[[3, 17]] *= 500
-    return model
 
 
 def plain_teacher():

@@ -3,7 +3,7 @@ import json
 
 from layerprune import DataConfig, HealConfig, PruneConfig, prune
 from layerprune.options import to_dict
-from layerprune.report import recipe, speed_table, write_loss_log
+from layerprune.report import below_headline, recipe, speed_table, task_table, write_loss_log
 
 from common import check_output_folder
 
@@ -86,3 +86,24 @@ def test_loss_log_replaces_the_rows_of_a_redone_iteration(tmp_path):
     write_loss_log(path, [{**row, "loss": 0.5}])  # iteration 1 healed again after a resume
     rows = list(csv.DictReader(path.open()))
     assert [(r["iteration"], r["step"], r["loss"]) for r in rows] == [("2", "1", "1.0"), ("1", "1", "0.5")]
+
+
+def test_a_task_the_headline_would_hide_is_named_with_its_interval():
+    """copy_generate halving while the headline says 0.927: the card and the report name it; a task
+    whose interval reaches the headline, or that keeps as much, is not named."""
+    teacher = {"kl": {"score": 1.0}, "copy_generate": {"score": 0.527, "samples": 256.0},
+               "continuation": {"score": 0.5}, "copy": {"score": 0.8}}
+    pruned = {"kl": {"score": 0.9},
+              "copy_generate": {"score": 0.27, "samples": 256.0, "retention": 0.512, "retention_low": 0.46,
+                                "retention_high": 0.57},
+              "continuation": {"score": 0.3}, "copy": {"score": 0.79}}
+    rep = {"quality_retained": 0.927, "quality_retained_interval": [0.92, 0.935], "teacher_eval": teacher,
+           "final_eval": pruned, "quality_retained_tasks": ["kl"]}   # kl is the headline's own part
+    lines = below_headline(rep)
+    assert lines == ["- **copy_generate** keeps 0.512 [0.460, 0.570] of the original, below the headline's 0.927",
+                     "- **continuation** keeps 0.600 (no interval) of the original, below the headline's 0.927"]
+    pruned["copy_generate"]["retention_high"] = 0.95          # its interval reaches the headline: not named
+    assert [line for line in below_headline(rep) if "copy_generate" in line] == []
+    table = "\n".join(task_table(teacher, pruned))
+    assert "| copy_generate | score | 0.527 | 0.27 | 0.512 [0.460, 0.950] |" in table
+    assert "retention_low" not in table and "| copy_generate | samples |" in table

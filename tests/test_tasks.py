@@ -76,7 +76,7 @@ def test_copy_generate_in_batches_scores_as_one_item_at_a_time():
 
     model = tiny_model("llama")
     docs = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(300)) for i in range(4)]
-    ctx = TaskData(TinyTokenizer(), torch.randint(3, 96, (4, 16)), docs, 2)
+    ctx = TaskData(TinyTokenizer(), torch.randint(3, 96, (4, 16)), docs, 2, copy_samples=16)
 
     def one_at_a_time():
         copies = []
@@ -253,3 +253,63 @@ class TestInterval:
         generating = Task("copy_generate", [], None, None, run=lambda model, teacher: {"score": 1.0})
         assert evaluate_rows(tiny_model("llama"), [generating]) is None
         assert bootstrap_interval({}, {}, self.tasks()) is None
+
+
+def letters(i: int) -> str:
+    return "".join(chr(97 + (i * 7 + j) % 26) for j in range(300))
+
+
+def test_a_chat_model_is_asked_through_its_template_and_plain_stays_plain():
+    """The paragraph's ids sit unchanged between the rendered template's two parts; copy:plain and
+    copy_generate:plain keep the plain prompt; a base model (no template) gets the plain prompt."""
+    from common import hf_char_tokenizer
+    from layerprune.tasks.copying import COPY_TOKENS, _copy_items
+
+    tokenizer = hf_char_tokenizer()
+    ctx = TaskData(tokenizer, torch.zeros(1, 8, dtype=torch.long), [letters(i) for i in range(4)], 2)
+    plain = _copy_items(ctx, 4, plain=True)
+    assert plain[0][0][:8] == tokenizer("Repeat t", add_special_tokens=False)["input_ids"]
+    assert _copy_items(ctx, 4) == plain                       # no chat template: the plain prompt
+    tokenizer.chat_template = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}" \
+                              "{% if add_generation_prompt %}<s>[assistant] {% endif %}"
+    chat = _copy_items(ctx, 4)
+    for (prompt, paragraph), (plain_prompt, same) in zip(chat, plain):
+        assert paragraph == same and len(paragraph) == COPY_TOKENS
+        head = tokenizer("<s>[user] Repeat the text exactly.\nText: ", add_special_tokens=False)["input_ids"]
+        tail = tokenizer("</s><s>[assistant] ", add_special_tokens=False)["input_ids"]
+        assert prompt == head + paragraph + tail and 1 in prompt   # "<s>" is the special id, not its characters
+    names = [task.name for task in build_tasks(["copy", "copy:plain", "copy_generate", "copy_generate:plain"], ctx)]
+    assert names == ["copy", "copy:plain", "copy_generate", "copy_generate:plain"]
+    assert build_tasks(["copy:plain"], ctx)[0].batches[0].input_ids[0, :len(plain[0][0])].tolist() == plain[0][0]
+    assert build_tasks(["copy"], ctx)[0].batches[0].input_ids[0, :len(chat[0][0])].tolist() == chat[0][0]
+    with pytest.raises(LayerpruneError, match="copying prompt"):
+        check_task_name("copy_generate:chat")
+
+
+def test_copy_generate_against_the_original_gives_retention_with_its_paired_interval():
+    """The original generates once for every evaluation of the task's life; the pruned model's
+    summary carries its retention and a 95% interval around it."""
+    import copy
+
+    from layerprune.surgery import remove_layers
+    from layerprune.tasks.retention import paired_ratio
+
+    teacher = tiny_model("llama")
+    pruned = copy.deepcopy(teacher)
+    remove_layers(pruned, [2])
+    ctx = TaskData(TinyTokenizer(), torch.zeros(1, 8, dtype=torch.long), [letters(i) for i in range(4)], 2,
+                   copy_samples=24)
+    task = build_tasks(["copy_generate"], ctx)[0]
+    calls = []
+    generate = teacher.generate
+    teacher.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    original = evaluate_tasks(teacher, [task], teacher)["copy_generate"]
+    first = evaluate_tasks(pruned, [task], teacher)["copy_generate"]
+    again = evaluate_tasks(pruned, [task], teacher)["copy_generate"]
+    assert len(calls) == 1 and first == again and original["samples"] == 24 and "retention" not in original
+    assert first["retention"] == pytest.approx(first["score"] / original["score"])
+    assert first["retention_low"] <= first["retention"] <= first["retention_high"]
+    assert first["retention_high"] - first["retention_low"] > 0
+    ratio, interval = paired_ratio([1.0, 0.5, 0.0, 1.0], [1.0, 1.0, 0.5, 1.0])
+    assert ratio == pytest.approx(2.5 / 3.5) and interval[0] < ratio < interval[1]
+    assert paired_ratio([0.5] * 5, [1.0] * 5)[1] == [0.5, 0.5]   # no spread, no width

@@ -111,18 +111,23 @@ def run_score(config: ScoreConfig, args) -> int:
 def run_eval(config: EvalConfig, args) -> int:
     from .api import evaluate
     from .io import write_json
+    from .report import RETENTION_KEYS, with_interval
 
     result = evaluate(config, progress=not args.quiet)
     if "bench" in result:
         print(bench_table(result["bench"]))
     teacher = result.get("teacher_tasks", {})
     if result["tasks"]:
-        print(f"{'task':<16} {'measure':<12} {'model':>10} {'teacher':>10} {'retained':>9}")
+        print(f"{'task':<20} {'measure':<12} {'model':>10} {'teacher':>10} retained [95% interval over items]")
     for task, values in result["tasks"].items():
         for key, value in values.items():
+            if key in RETENTION_KEYS:
+                continue
             ref = teacher.get(task, {}).get(key)
-            retained = f"{value / ref:9.3f}" if key == "score" and ref else ""
-            print(f"{task:<16} {key:<12} {value:>10.4f} {'' if ref is None else f'{ref:10.4f}':>10} {retained}")
+            retained = f"{value / ref:.3f}" if key == "score" and ref else ""
+            if key == "score" and "retention_low" in values:
+                retained = with_interval(values["retention"], [values["retention_low"], values["retention_high"]])
+            print(f"{task:<20} {key:<12} {value:>10.4f} {'' if ref is None else f'{ref:10.4f}':>10} {retained}")
     if "quality_retained" in result:
         print(f"quality retained: {result['quality_retained']:.4f} (mean over "
               f"{', '.join(result['quality_retained_tasks'])})")

@@ -32,7 +32,8 @@ from .io import write_json, write_text
 from .models import model_name, transformers_bars
 from .options import to_dict
 from .prepare import check, prepare
-from .report import plot_cost, plot_quality, with_interval
+from .plots import plot_cost, plot_quality
+from .report import with_interval
 from .processes import is_main_process
 from .run import PruneRun
 from .sources import source_name

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .report import plot_quality
+from .plots import plot_quality
 from .tasks.retention import difference, retention
 from .tasks.suite import SUITES, ItemResults, SuiteRequest, request_for, run_suite
 from .tasks.suite_cache import original_results

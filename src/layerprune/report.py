@@ -12,117 +12,19 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .config import HealConfig, PruneConfig  # noqa: E402
-from .io import write_file, write_json, write_text  # noqa: E402
-from .options import changes_result, from_dict  # noqa: E402
+from .config import HealConfig, PruneConfig
+from .healing.lr_probe import ProbeLog
+from .io import write_file, write_json, write_text
+from .options import changes_result, from_dict
+from .plots import plot_heal, plot_importance, plot_quality, quality_curve
 
 if TYPE_CHECKING:
     from .checkpoint import History
 
 PLOTS = {"importance": "importance_heatmap.png", "quality": "quality_retained.png", "heal": "heal_loss.png"}
-
-
-def quality_curve(history: "History") -> list[tuple[int, float]]:
-    """(layers removed, held-out quality retained) after each step, starting from the teacher."""
-    points, removed = [(0, 1.0)], 0
-    for record in history.iterations:
-        removed += len(record.removed_original)
-        points.append((removed, record.eval.quality_retained))
-    return points
-
-
-def plot_importance(history: "History", path: Path) -> None:
-    depth = history.original_layers
-    grid = np.full((len(history.iterations), depth), np.nan)
-    for row, record in enumerate(history.iterations):
-        for layer, score in record.scores.items():
-            if score is not None:
-                grid[row, int(layer)] = score
-    fig, ax = plt.subplots(figsize=(max(6, depth * 0.3), 1.5 + 0.4 * len(grid)))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    for row, record in enumerate(history.iterations):
-        for layer in record.removed_original:
-            ax.add_patch(plt.Rectangle((layer - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    ax.set_xlabel("original layer index (red: removed at this iteration; blank: already gone or not scored)")
-    ax.set_ylabel("iteration")
-    ax.set_yticks(range(len(grid)), [str(i + 1) for i in range(len(grid))])
-    ax.set_title(f"layer importance ({history.config['metric']}; higher = more important)")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _save_quality_plot(fig, ax, xlabel: str, title: str, path: Path,
-                       ylabel: str = "quality retained (held-out, teacher = 1)") -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(textwrap.fill(title, 60), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_quality(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str | None = None
-                 ) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, points in curves.items():
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=label)
-    _save_quality_plot(fig, ax, "layers removed", title, path, *([ylabel] if ylabel else []))
-
-
-def plot_cost(points: dict[str, list[tuple[float, float, int]]], path: Path, title: str) -> None:
-    """Quality retained against seconds, one line per method through its (seconds, quality,
-    layers removed) points, each point labelled with its count."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, rows in points.items():
-        seconds, quality, _ = zip(*rows)
-        ax.plot(seconds, quality, marker="o", label=label)
-        for x, y, n in rows:
-            ax.annotate(f"-{n}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    ax.set_xscale("log")
-    _save_quality_plot(fig, ax, "seconds spent (scoring, cuts, healing, evaluation; log scale)", title, path)
-
-
-def plot_heal(history: "History", path: Path) -> bool:
-    heals = [record.heal for record in history.iterations] + [history.final_heal]
-    rows = [row for log in heals if log is not None for row in log.rows]
-    if not rows:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = np.arange(1, len(rows) + 1)
-    for key, label in (("loss", "total"), ("kl", "KL (unweighted)"), ("mse", "MSE mapped layers"),
-                       ("final_mse", "MSE final state")):
-        ax.plot(x, [row[key] for row in rows], label=label, linewidth=1)
-    starts = [i for i in range(1, len(rows)) if rows[i]["iteration"] != rows[i - 1]["iteration"]]
-    for s in starts:
-        ax.axvline(s + 0.5, color="grey", linestyle=":", linewidth=1)
-    retries = [i for i in range(1, len(rows)) if rows[i]["iteration"] == rows[i - 1]["iteration"]
-               and rows[i].get("attempt", 0) != rows[i - 1].get("attempt", 0)]
-    for s in retries:
-        ax.axvline(s + 0.5, color="red", linestyle="--", linewidth=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("healing step (dotted: next removal; red dashed: the guard's retry at a lower lr)")
-    ax.set_ylabel("loss")
-    ax.set_title("healing losses")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def _tasks_named(names) -> str:
@@ -157,13 +59,50 @@ def _fmt(value) -> str:
     return str(value)
 
 
+RETENTION_KEYS = ("retention", "retention_low", "retention_high")
+
+
 def task_table(teacher: dict, pruned: dict) -> list[str]:
-    lines = ["| task | measure | original | pruned | retained |", "| --- | --- | --- | --- | --- |"]
+    """One row per task measure; a task scored item by item against the original (copy_generate,
+    the benchmark suites) shows its retention with its paired 95% interval."""
+    lines = ["| task | measure | original | pruned | retained [95% interval over items] |",
+             "| --- | --- | --- | --- | --- |"]
     for task, values in pruned.items():
         ref = teacher.get(task, {})
         for key, value in values.items():
+            if key in RETENTION_KEYS:
+                continue
             retained = f"{value / ref[key]:.3f}" if key == "score" and ref.get(key) else ""
+            if key == "score" and "retention_low" in values:
+                retained = with_interval(values["retention"], [values["retention_low"], values["retention_high"]])
             lines.append(f"| {task} | {key} | {_fmt(ref.get(key, ''))} | {_fmt(value)} | {retained} |")
+    return lines
+
+
+def hidden_tasks(rep: dict) -> list[str]:
+    """A paragraph naming the tasks `below_headline` finds, for the report and the card (none: nothing)."""
+    lines = below_headline(rep)
+    return ["Not every task keeps what the headline says:", "", *lines, ""] if lines else []
+
+
+def below_headline(rep: dict) -> list[str]:
+    """The final tasks a headline would hide: retention below the headline's by more than the
+    task's own interval (its upper end under the headline), or, for a task without an interval,
+    below the headline's interval. The headline's own tasks are its parts, not hidden by it."""
+    headline_value = rep["quality_retained"]
+    floor = (rep.get("quality_retained_interval") or [headline_value])[0]
+    lines = []
+    for task, values in rep["final_eval"].items():
+        if task in rep.get("quality_retained_tasks", ()):
+            continue
+        original = rep["teacher_eval"].get(task, {}).get("score")
+        if "retention_high" in values and values["retention_high"] < headline_value:
+            kept = with_interval(values["retention"], [values["retention_low"], values["retention_high"]])
+        elif "retention_high" not in values and original and values["score"] / original < floor:
+            kept = f"{values['score'] / original:.3f} (no interval)"
+        else:
+            continue
+        lines.append(f"- **{task}** keeps {kept} of the original, below the headline's {headline_value:.3f}")
     return lines
 
 
@@ -200,7 +139,7 @@ def report_markdown(rep: dict, history: "History", plots: dict) -> str:
     lines = [
         f"# layerprune report: {rep['model']}", "",
         f"{rep['original_layers']} -> {rep['final_layers']} layers; removed (original indices, in order): "
-        f"{rep['removed_original']}. {headline(rep)}", "",
+        f"{rep['removed_original']}. {headline(rep)}", "", *hidden_tasks(rep),
         f"Metric `{config['metric']}`, mode `{config['mode']}`, healing `{config['heal']['method']}`; "
         f"{rep['seconds']:.0f} s in all.", "",
         "## Held-out evaluation (final suite)", "", *task_table(rep["teacher_eval"], rep["final_eval"]), "",
@@ -239,11 +178,17 @@ def healing_kl(record) -> str:
 
 
 def guard_lines(history: "History") -> list[str]:
-    """One line per guarded healing: what it did to validation KL, and what was kept."""
+    """One line per guarded healing: what it did to validation KL, and what was kept (and before
+    the first, where it ran, what the lr probe tried and chose)."""
     heals = [(f"iteration {r.iteration}", r.heal) for r in history.iterations]
     heals.append(("final healing", history.final_heal))
-    return [f"- {name}: {heal.guard.sentence()}" for name, heal in heals
-            if heal is not None and heal.guard]
+    lines = []
+    for name, heal in heals:
+        if heal is not None and heal.lr_probe:
+            lines.append(f"- {name}: {ProbeLog(**heal.lr_probe).sentence()}")
+        if heal is not None and heal.guard:
+            lines.append(f"- {name}: {heal.guard.sentence()}")
+    return lines
 
 
 def recipe(config: dict) -> str:
@@ -321,7 +266,7 @@ def model_card(rep: dict, config_yaml: str, guarded: list[str] = ()) -> str:
         f"importance metric ({rep['config']['mode']}), and healing by {healed_by}."
         f" `config.json` keeps the original index of every kept layer in `layerprune_original_layers`."
         + (f" Depth: {rep['depth']}." if rep.get("depth") else "") + "\n\n"
-        f"{recipe(rep['config'])}\n\n{guard}{headline(rep)}\n\n"
+        f"{recipe(rep['config'])}\n\n{guard}{headline(rep)}\n\n" + "".join(f"{line}\n" for line in hidden_tasks(rep))
         + "\n".join(task_table(rep["teacher_eval"], rep["final_eval"]))
         + "\n\nLoad it like any causal LM:\n\n```python\nfrom transformers import AutoModelForCausalLM\n"
         "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n```\n\n"

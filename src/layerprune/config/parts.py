@@ -100,7 +100,10 @@ class HealConfig:
     final_steps: int = opt(0, "extra healing steps after the last removal", flag="--heal-final-steps")
     batch_size: int = opt(2, "global micro-batch of training blocks", flag="--heal-batch-size")
     grad_accum: int = opt(2, "micro-batches per optimizer step", flag="--heal-grad-accum")
-    lr: float = opt(5e-4, "AdamW learning rate", flag="--heal-lr")
+    lr: float = opt(5e-4, "AdamW learning rate (with --heal-lr-probe: the top of the probe's ladder)", flag="--heal-lr")
+    lr_probe: bool = opt(False, "before the first healing, try the lr and the guard's lower rungs for a few steps "
+                                "each on validation text and start at the one that healed best (needs the guard)",
+                         flag="--heal-lr-probe")
     warmup_steps: int = opt(8, "linear warm-up steps before the cosine decay", flag="--heal-warmup-steps")
     weight_decay: float = opt(0.05, "AdamW weight decay", flag="--heal-weight-decay")
     max_grad_norm: float = opt(0.3, "gradient clipping norm", flag="--heal-max-grad-norm")
@@ -181,6 +184,9 @@ class HealConfig:
         if min(self.w_kl, self.w_mse, self.w_final) < 0 or self.w_kl + self.w_mse + self.w_final == 0:
             raise LayerpruneError("distillation loss weights must be >= 0 and not all zero",
                                   "set --w-kl, --w-mse, --w-final accordingly")
+        if self.lr_probe and not self.guard and self.method != "none":
+            raise LayerpruneError("--heal-lr-probe measures each rung on the guard's validation blocks, which "
+                                  "--no-heal-guard switches off", "drop --no-heal-guard, or drop --heal-lr-probe")
         if self.local_steps and self.method != "none":
             self._check_local()
 

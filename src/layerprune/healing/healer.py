@@ -4,7 +4,8 @@
 once per comparison (every variant): the teacher-target cache, the Accelerator, the guard's KL
 task on its validation blocks (which keeps the original's moments there, so the original runs on
 them once), and the text healings read. A `Healer` is one run's: its `HealConfig`, where its
-training stream stands, and the learning rate the guard carries from one healing to the next.
+training stream stands, and the learning rate the guard carries from one healing to the next (the
+first healing's chosen by a short probe with --heal-lr-probe: lr_probe.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from ..config import Recipe
 from ..data import Corpus, StreamPosition
 from ..processes import process_state
 from .guard import Guard, kl_task
-from .job import HealLog, TextSpan, plan
+from .job import HealJob, HealLog, TextSpan, plan
 from .loop import accelerator_for, heal
+from .lr_probe import ProbeLog, probe_lr
 from .targets import TargetCache
 from .teacher_text import FOLDER as TEACHER_TEXT_FOLDER
 from .text import carried_lr, healing_text, last_position, validation_blocks
@@ -128,6 +130,8 @@ class Healer:
             validation = self.resources.validation
             guard = None if validation is None else \
                 Guard(self.teacher, validation, config.data.batch_size, heal_config.guard_retries)
+            if heal_config.lr_probe and self.lr is None and guard is not None:
+                job = self._probed(student, text, job, targets, guard)
             where = f"the original's own text from block {start.doc}" if heal_config.train_data == "teacher" else \
                 f"{'the same' if reuse else 'fresh'} text from document {start.doc}"
             log.info("healing iteration %d: %d steps on %d blocks (%s); %s", removal.iteration, steps, count, where,
@@ -141,3 +145,11 @@ class Healer:
             (log.warning if result.guard.outcome == "unhealed" else log.info)(
                 "healing iteration %d: %s", removal.iteration, result.guard.sentence())
         return result
+
+    def _probed(self, student, text, job: HealJob, targets, guard: Guard) -> HealJob:
+        """`job` starting at the lr the probe chose (lr_probe.py); a resumed healing reads the
+        probe's record from its checkpoint instead of probing again."""
+        saved = (job.resume or {}).get("lr_probe")
+        probe = ProbeLog(**saved) if saved else probe_lr(student, self.teacher, text, job, targets, guard,
+                                                         self.resources.accelerator, heal, self.progress)
+        return dataclasses.replace(job, lr=probe.chosen, lr_probe=probe.to_json())

@@ -65,6 +65,7 @@ class HealJob:
     local_steps: int = 0   # the first steps are local (step.local_step): config.local_steps after a cut
     text: TextSpan | None = None   # which training text: stream positions, blocks, caches used
     held_out_before: dict = field(default_factory=dict)   # held-out KL and perplexity of the cut, unhealed
+    lr_probe: dict | None = None   # what the lr probe tried and chose (lr_probe.ProbeLog), where it ran
 
     @property
     def start_lr(self) -> float:
@@ -84,11 +85,12 @@ class HealLog:
     held_out_before: dict = field(default_factory=dict)
     text: TextSpan | None = None   # which training text: stream positions, blocks, caches used
     guard: GuardLog | None = None   # validation KL before, at each check, kept; retries; lr that won
+    lr_probe: dict | None = None   # the lr probe's rungs and choice (lr_probe.ProbeLog), where it ran
 
     def to_json(self) -> dict:
         data = {**asdict(self), "text": self.text.to_json() if self.text is not None else {},
                 "guard": self.guard.to_json() if self.guard is not None else None}
-        for key in ("resumed_at_step", "guard"):
+        for key in ("resumed_at_step", "guard", "lr_probe"):
             if data[key] is None:
                 del data[key]
         data["mse_pairs"] = [list(pair) for pair in self.mse_pairs]

@@ -202,7 +202,7 @@ def heal(student, teacher, text: Blocks | torch.Tensor, job: HealJob, targets: T
     accelerator.free_memory()   # the next healing prepares its own model, optimizer and loader
     return HealLog(job.steps, job.layers, job.pairs, rows, resume["step"] if resume is not None else None,
                    held_out_before=job.held_out_before, text=job.text,
-                   guard=guard_log)
+                   guard=guard_log, lr_probe=job.lr_probe)
 
 
 @contextlib.contextmanager
@@ -318,7 +318,7 @@ class _Attempt:
         """Everything a healing changes as it goes; the frozen rest of the model is not included.
         With a sharded student the tensors go under "sharded", each process holding its shard."""
         state = {"step": step, "attempt": self.attempt, "ended": self.ended, "rows": list(rows),
-                 "rng": torch.get_rng_state(), "scheduler": self.scheduler.state_dict()}
+                 "rng": torch.get_rng_state(), "scheduler": self.scheduler.state_dict(), "lr_probe": self.job.lr_probe}
         tensors = {"trainable": trained_state(inner), "optimizer": optimizer_state(inner, self.optimizer)}
         if self.guard is not None:
             state["guard"] = self.guard.state()

@@ -5,7 +5,8 @@ the teacher's score over the tasks it names):
 - perplexity: 1 / perplexity; token_accuracy: share of next tokens predicted exactly;
 - kl: exp(-mean per-token KL(teacher || model)), 1.0 for the teacher itself;
 - continuation, mc:FILE: choice accuracy (choice.py);
-- copy, copy_generate: copying (copying.py); lm_eval:NAME[@DIR]: lm-eval (lm_eval.py);
+- copy, copy_generate: copying (copying.py), through the chat template where there is one
+  (copy:plain, copy_generate:plain: the plain prompt); lm_eval:NAME[@DIR]: lm-eval (lm_eval.py);
 - bench, mmlu: the benchmark suites through lm-eval, offline (suite.py): the mean of the tasks'
   table metrics, each task's beside it, and against the teacher its retention with a paired
   interval (retention.py).
@@ -51,6 +52,8 @@ TASKS: dict[str, Callable[[TaskData], Task]] = {
 PARAMETRIC_TASKS: dict[str, Callable[[TaskData, str], Task]] = {
     "mc": choice.build_mc,
     "lm_eval": lm_eval.build_lm_eval,
+    "copy": copying.build_copy,                     # copy:plain, the plain prompt on any model
+    "copy_generate": copying.build_copy_generate,
 }
 # Tasks that draw no items (every block is scored): their figures do not depend on the seed.
 SEEDLESS_TASKS = ("perplexity", "token_accuracy", "kl")
@@ -65,6 +68,8 @@ def check_task_name(name: str, for_importance: bool = False) -> None:
     if not known:
         listed = ", ".join([*SUITES, *TASKS, *(f"{p}:ARG" for p in PARAMETRIC_TASKS)])
         raise LayerpruneError(f"unknown task {name!r}", f"use one of {listed}")
+    if colon and base in ("copy", "copy_generate"):
+        copying.check_prompt(arg)
     if for_importance and name in SUITES:
         raise LayerpruneError(f"the benchmark suite {name!r} cannot score layer importance yet",
                               "use it in --final-tasks or `layerprune eval --tasks`")

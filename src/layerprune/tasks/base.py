@@ -58,6 +58,7 @@ class TaskData:
     batch_size: int
     seed: int = 0
     bench: object | None = None    # the run's BenchConfig, for the benchmark suites
+    copy_samples: int | None = None   # copy_generate's items (None: copying.GENERATE_SAMPLES)
 
     @functools.cached_property
     def block_batches(self) -> list[Batch]:

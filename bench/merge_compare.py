@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from layerprune.compare import merge_comparisons, write_comparison
+from layerprune.compare_table import merge_comparisons, write_comparison
 from layerprune.errors import LayerpruneError
 
 

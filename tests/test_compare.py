@@ -112,7 +112,7 @@ def test_replaceme_runs_as_published_whatever_the_comparison_patch():
 
 
 def test_separate_comparisons_merge_into_one_table_only_on_the_same_inputs(tmp_path):
-    from layerprune.compare import merge_comparisons, write_comparison
+    from layerprune.compare_table import merge_comparisons, write_comparison
     from layerprune.errors import LayerpruneError
 
     def summary(name, quality, data="embedded:wiki"):
@@ -133,7 +133,7 @@ def test_separate_comparisons_merge_into_one_table_only_on_the_same_inputs(tmp_p
 
 
 def test_a_variants_seeds_run_in_separate_comparisons_pool_as_if_run_together(tmp_path):
-    from layerprune.compare import merge_comparisons, over_seeds, write_comparison
+    from layerprune.compare_table import merge_comparisons, over_seeds, write_comparison
     from layerprune.errors import LayerpruneError
 
     def figures(quality, seconds):
@@ -210,3 +210,55 @@ def test_a_variant_without_healing_gives_the_same_figures_on_every_seed(tiny_dir
     assert figures[0] == figures[1]
     assert not depends_on_seed(CompareConfig(out="c"), "none") and depends_on_seed(CompareConfig(out="c"), "distill")
     assert depends_on_seed(CompareConfig(out="c", eval_tasks=("perplexity", "continuation")), "none")
+
+
+def test_scaled_steps_fill_the_reference_seconds_or_say_why_not():
+    from layerprune.equal_compute import scaled_steps, validation_cap
+
+    # fixed 20 s, healing 30 s at 10 steps: 3 s a step; 110 s leave 90 s of healing, 30 steps
+    assert scaled_steps(110.0, 20.0, 30.0, 10) == (30, "")
+    assert scaled_steps(21.0, 20.0, 30.0, 10) == (1, "")             # at least one step
+    steps, why = scaled_steps(20.0, 25.0, 30.0, 10)
+    assert steps is None and "scoring and cuts alone took 25 s" in why
+    assert scaled_steps(110.0, 20.0, 30.0, 10, cap=12) == (12, "capped at 12 steps from 30: more would train on the "
+                                                                "guard's validation text")
+    assert validation_cap(100, 4, 4) == 6 and validation_cap(100, 1, 4) == 25
+
+
+def test_the_frontier_keeps_what_nothing_beats():
+    from layerprune.plots import frontier
+
+    points = [(10.0, 0.8), (20.0, 0.7), (30.0, 0.9), (5.0, 0.6), (30.0, 0.85)]
+    assert frontier(points) == [(5.0, 0.6), (10.0, 0.8), (30.0, 0.9)]
+
+
+def test_equal_seconds_runs_each_healed_baseline_again_at_the_reference_seconds(tiny_dir, text_file, tmp_path):
+    """ReplaceMe + healing, one healing per count, gets the steps that fill the default's seconds at
+    each count, from its own-budget run's fixed and healing seconds; the table says what it was
+    given and took, and the frontier is plotted."""
+    from layerprune.equal_compute import scaled_steps, validation_cap
+    from layerprune.healing.text import healing_offsets
+
+    out = tmp_path / "equal"
+    code = main(["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--remove", "1,2",
+                 "--methods", "layerprune,replaceme", "--healing", "distill", "--equal-seconds", "layerprune",
+                 "--seq-len", "32", "--calib-blocks", "2", "--patch-blocks", "4", "--eval-blocks", "2",
+                 "--heal-steps", "2", "--heal-grad-accum", "1", "--quiet", "--device", "cpu"])
+    assert code == 0
+    summary = json.loads((out / "compare.json").read_text())
+    results = summary["results"]
+    reference, own = results["layerprune + lstsq patch + healing"], results["replaceme + healing"]
+    equal = results["replaceme + healing @ equal seconds"]
+    config = CompareConfig(out="x", counts=(1, 2), heal=HealConfig(steps=2, grad_accum=1))
+    cap = validation_cap(max(healing_offsets(config, 2)), 1, 2)
+    for n in ("1", "2"):
+        fixed, built = own["fixed_seconds_per_count"][n], own["build_seconds_per_count"][n]
+        expected, _ = scaled_steps(reference["build_seconds_per_count"][n], fixed, built - fixed, 2, cap)
+        target = reference["build_seconds_per_count"][n]
+        assert equal["heal_steps"][n] == expected and equal["target_seconds"][n] == target
+        assert equal["seconds_ratio"][n] == pytest.approx(equal["build_seconds_per_count"][n] / target)
+        assert built <= own["seconds_per_count"][n]                    # evaluation is not part of it
+    assert "layerprune + lstsq patch + healing @ equal seconds" not in results
+    table = (out / "compare.md").read_text()
+    assert "## At equal seconds" in table and "| replaceme + healing @ equal seconds | -2 |" in table
+    assert (out / "compare_frontier.png").read_bytes()[:4] == b"\x89PNG"

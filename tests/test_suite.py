@@ -249,7 +249,9 @@ def test_prune_reports_the_suite_and_eval_reads_the_original_from_the_run(tiny_r
     assert set(figures) >= {"score", "tiny_arc", "tiny_boolq", "retention", "retention_low", "retention_high"}
     assert figures["retention_low"] <= figures["retention"] <= figures["retention_high"]
     assert history.teacher_eval["bench"]["score"] > 0 and "retention" not in history.teacher_eval["bench"]
-    assert "| bench | retention |" in (out / "report.md").read_text()
+    kept = f"{figures['retention']:.3f} [{figures['retention_low']:.3f}, {figures['retention_high']:.3f}] |"
+    assert any(line.startswith("| bench | score |") and line.endswith(kept)
+               for line in (out / "report.md").read_text().splitlines())
     assert len(list((tmp_path / "cache" / "bench").glob("*.json"))) == 1   # the original's, kept
 
     report = tmp_path / "eval.json"
@@ -265,7 +267,7 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
     import json
 
     from layerprune.cli import main
-    from layerprune.compare import merge_comparisons, write_comparison
+    from layerprune.compare_table import merge_comparisons, write_comparison
 
     monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(suite.SUITES, "bench", (TINY_ARC, TINY_BOOLQ))

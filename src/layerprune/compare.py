@@ -20,20 +20,18 @@ from pathlib import Path
 
 from . import outdir
 from .checkpoint import check_output
-from .compare_bench import KEYS as BENCH_KEYS, PER_COUNT as BENCH_PER_COUNT, Benchmarks, bench_section, \
-    benchmarks_for, check_suites, per_count, plot_bench
+from .compare_bench import Benchmarks, benchmarks_for, check_suites, per_count
+from .compare_table import over_seeds, write_comparison
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import EVERY_SPLIT, held_blocks
 from .depth import Depth
+from .equal_compute import SUFFIX, at_equal_seconds, build_seconds, fixed_seconds
 from .errors import LayerpruneError
 from .healing import Resources
 from .inputs import RunInputs, scores_and_rows
-from .io import write_json, write_text
 from .models import model_name, transformers_bars
 from .options import to_dict
 from .prepare import check, prepare
-from .plots import plot_cost, plot_quality
-from .report import with_interval
 from .processes import is_main_process
 from .run import PruneRun
 from .sources import source_name
@@ -163,11 +161,13 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
         upto = {n: run(n) for n in counts}
     evaluations = {n: taken[-1].eval for n, taken in upto.items()}
     seconds = {n: sum(sum(record.timings.values()) for record in taken) for n, taken in upto.items()}
+    building = {n: build_seconds(taken) for n, taken in upto.items()}
+    fixed = {n: fixed_seconds(taken) for n, taken in upto.items()}
     removed = {n: [layer for record in taken for layer in record.removed_original] for n, taken in upto.items()}
     measured = {"removed_original": removed,
                 "quality_retained": {n: e.quality_retained for n, e in evaluations.items()},
                 "quality_retained_interval": {n: e.interval for n, e in evaluations.items()},
-                "seconds_per_count": seconds}
+                "seconds_per_count": seconds, "build_seconds_per_count": building, "fixed_seconds_per_count": fixed}
     if domain is not None:
         measured["quality_retained_unseen"] = {n: q for n, (q, _) in unseen.items()}
         measured["quality_retained_unseen_interval"] = {n: interval for n, (_, interval) in unseen.items()}
@@ -226,9 +226,20 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
             by_seed.setdefault(name, {})[seed] = {**quality, "seconds": time.perf_counter() - start}
             log.info("%s, seed %d: %s (%.0fs)", name, seed,
                      {n: round(q, 3) for n, q in quality["quality_retained"].items()}, by_seed[name][seed]["seconds"])
+        if config.equal_seconds:
+            def again(method: str, count: int, steps: int) -> dict:
+                budget = dataclasses.replace(seeded, counts=(count,), heal=dataclasses.replace(
+                    config.heal, steps=steps, tokens=None, epochs=1))
+                return run_variant(prepared.inputs, budget, method, "distill", prepared.resources,
+                                   Measures(domain, bench), progress)
+            healed = [(variant_name(config, m, h), m, METHODS[m][1] == "iterative") for m, h in variants(config)
+                      if h == "distill"]
+            for name, row in at_equal_seconds(config, healed, by_seed, seed, again).items():
+                by_seed.setdefault(name, {})[seed] = row
+    named = [(variant_name(config, method, heal), method, heal) for method, heal in variants(config)]
+    named += [(name + SUFFIX, method, heal) for name, method, heal in named if name + SUFFIX in by_seed]
     results = {name: {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
-                      **over_seeds(by_seed[name]), "seeds": sorted(by_seed[name])}
-               for method, heal in variants(config) for name in [variant_name(config, method, heal)]}
+                      **over_seeds(by_seed[name]), "seeds": sorted(by_seed[name])} for name, method, heal in named}
     prepared.resources.close()
     summary = {"model": model_name(config.model), "counts": counts,
                "eval_tasks": list(config.eval_tasks), "data": source_name(config.data.source),
@@ -238,154 +249,3 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     if is_main_process():
         write_comparison(out, summary)
     return summary
-
-
-def over_seeds(runs: dict[int, dict]) -> dict:
-    """One variant's figures over its seeds: one seed's as they are; several seeds' as the mean
-    (seconds too: what one model costs), the spread (lowest and highest seed), and an interval
-    from the lowest seed's low to the highest seed's high (every seed's 95% interval over
-    held-out blocks inside it), with every seed's own figures under `per_seed`."""
-    if len(runs) == 1:
-        return next(iter(runs.values()))
-    merged: dict = {"seeds": sorted(runs), "per_seed": runs,
-                    "seconds": sum(r["seconds"] for r in runs.values()) / len(runs)}
-    first = next(iter(runs.values()))
-    merged["seconds_per_count"] = {n: sum(r["seconds_per_count"][n] for r in runs.values()) / len(runs)
-                                   for n in first["seconds_per_count"]}
-    for key in ("quality_retained", "quality_retained_unseen", *BENCH_KEYS):
-        if key not in first:
-            continue
-        values = {n: [r[key][n] for r in runs.values()] for n in first[key]}
-        merged[key] = {n: sum(v) / len(v) for n, v in values.items()}
-        merged[f"{key}_spread"] = {n: [min(v), max(v)] for n, v in values.items()}
-        intervals = {n: [r[f"{key}_interval"][n] for r in runs.values()] for n in first[key]}
-        merged[f"{key}_interval"] = {n: None if None in iv else [min(i[0] for i in iv), max(i[1] for i in iv)]
-                                     for n, iv in intervals.items()}
-    return merged
-
-
-def write_comparison(out: Path, summary: dict) -> None:
-    """compare.json, compare.md and the plots of one summary: quality retained against the layers
-    removed (held-out, unseen) and against the seconds spent."""
-    write_json(out / "compare.json", summary)
-    write_text(out / "compare.md", comparison_markdown(summary))
-    tasks = ", ".join(summary["eval_tasks"])
-    for key, file, text in (("quality_retained", "compare.png", summary["data"]),
-                            ("quality_retained_unseen", "compare_unseen.png", summary.get("unseen_data"))):
-        curves = {name: [(0, 1.0), *sorted(r[key].items())]
-                  for name, r in summary["results"].items() if key in r}
-        if curves:
-            plot_quality(curves, out / file, f"quality retained on held-out {text} ({tasks})")
-    plot_bench(summary, out)
-    costs = {name: [(r["seconds_per_count"][n], r["quality_retained"][n], n) for n in sorted(r["quality_retained"])]
-             for name, r in summary["results"].items() if "seconds_per_count" in r}
-    if costs:
-        plot_cost(costs, out / "compare_seconds.png", f"what each minute buys: quality retained on held-out "
-                                                      f"{summary['data']} against the seconds spent")
-
-
-# A variant's figures per count of layers removed (JSON keys are strings, read back as ints).
-PER_COUNT = ("removed_original", "quality_retained", "quality_retained_interval", "quality_retained_spread",
-             "quality_retained_unseen", "quality_retained_unseen_interval", "quality_retained_unseen_spread",
-             "seconds_per_count", *BENCH_PER_COUNT)
-# What must agree for two comparisons' variants to stand in one table.
-SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval", "bench")
-
-
-def merge_comparisons(summaries: list[dict]) -> dict:
-    """One table from comparisons run separately (e.g. one variant per machine, or one seed per
-    session): they must share the model, data, counts, tasks and the teacher's held-out scores.
-    A variant in several of them is one variant run on other seeds: its seeds are pooled as if run
-    together (`over_seeds`), provided it ran with the same configuration apart from the seed.
-    Each variant keeps the config it ran with."""
-    first = summaries[0]
-    for other in summaries[1:]:
-        differ = [key for key in SAME_INPUTS if other.get(key) != first.get(key)]
-        if differ:
-            raise LayerpruneError(f"comparisons differ in {', '.join(differ)}",
-                                  "merge only comparisons run on the same model, data, counts and tasks")
-    runs: dict[str, dict[int, dict]] = {}
-    described: dict[str, dict] = {}
-    for summary in summaries:
-        for name, result in summary["results"].items():
-            config = result.get("config", summary.get("config", {}))   # a merged summary's is per variant
-            seeded = _per_seed(result, summary.get("seeds") or config.get("seeds") or [config.get("seed", 0)])
-            if name in runs:
-                _check_same_variant(name, described[name], result, config, runs[name], seeded)
-            else:
-                described[name] = {**{key: result[key] for key in ("method", "heal", "patch")}, "config": config}
-            runs.setdefault(name, {}).update(seeded)
-    results = {name: {**described[name], **over_seeds(runs[name]), "seeds": sorted(runs[name])} for name in runs}
-    seeds = sorted({seed for seeded in runs.values() for seed in seeded})
-    return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results, "seeds": seeds}
-
-
-def _per_seed(result: dict, seeds: list[int]) -> dict[int, dict]:
-    """{seed: that seed's figures, per-count keys as ints} of one variant read back from JSON."""
-    def figures(run: dict) -> dict:
-        return {**run, **{key: {int(n): q for n, q in run[key].items()} for key in PER_COUNT if key in run}}
-    if "per_seed" in result:
-        return {int(seed): figures(run) for seed, run in result["per_seed"].items()}
-    own = {key: result[key] for key in result if key not in ("method", "heal", "patch", "config", "seeds")}
-    return {result.get("seeds", seeds)[0]: figures(own)}
-
-
-# A variant's configuration may differ between parts only in what names the part, or changes no figure.
-PART_KEYS = ("seed", "seeds", "out", "methods", "healing", "eval_before_heal")
-
-
-def _check_same_variant(name: str, described: dict, result: dict, config: dict, have: dict, seeded: dict) -> None:
-    if set(have) & set(seeded):
-        raise LayerpruneError(f"variant {name!r} has seed {min(set(have) & set(seeded))} in more than one comparison",
-                              "merge each variant's seed once")
-    differ = [key for key in ("method", "heal", "patch") if described[key] != result[key]] + \
-        [key for key in sorted(set(config) | set(described["config"]))
-         if key not in PART_KEYS and config.get(key) != described["config"].get(key)]
-    if differ:
-        raise LayerpruneError(f"variant {name!r} ran with other {', '.join(differ)} in another comparison",
-                              "merge only seeds of a variant run with the same options")
-
-
-def _column_cells(results: dict, key: str, count: int) -> dict[str, str]:
-    """Each variant's figure at one count with its interval: the best in bold, and marked level
-    (~) where its interval reaches the best one's."""
-    figures = {name: r[key][count] for name, r in results.items()}
-    intervals = {name: r.get(f"{key}_interval", {}).get(count) for name, r in results.items()}
-    best = max(figures, key=figures.get)
-    cells = {}
-    for name, figure in figures.items():
-        cell = with_interval(figure, intervals[name])
-        level = intervals[name] and intervals[best] and intervals[name][1] >= intervals[best][0]
-        cells[name] = f"**{cell}**" if name == best else cell + (" ~" if level else "")
-    return cells
-
-
-def comparison_markdown(summary: dict) -> str:
-    counts, seeds = summary["counts"], summary.get("seeds", [0])
-    unseen = summary.get("unseen_data")
-    results = summary["results"]
-    head = " | ".join(f"-{n}" for n in counts)
-    keys = ["quality_retained"] + (["quality_retained_unseen"] if unseen else [])
-    columns = {(key, n): _column_cells(results, key, n) for key in keys for n in counts}
-    lines = [f"# Depth-pruning methods on {summary['model']}", "",
-             f"Quality retained (mean of {', '.join(summary['eval_tasks'])} relative to the original; 1.0 = the "
-             f"original) on held-out {summary['data']} text" + (f" and on {unseen}, a domain nothing is trained or "
-                                                                  "scored on" if unseen else "") + ", with its 95% "
-             "bootstrap interval over held-out blocks" + (
-                 "; a variant run on several seeds gives the mean over them, its interval from the lowest seed's "
-                 "low to the highest seed's high" if len(seeds) > 1 else "") +
-             ". Bold: the best in its column; ~: level with it (its interval reaches the best one's). Seconds: "
-             "what one model (one seed) took, from scoring to evaluation, for all the counts.", "",
-             f"| method | {summary['data']}: {head} |" + (f" {unseen}: {head} |" if unseen else "") +
-             " seconds | seeds |",
-             "| --- |" + " --- |" * (len(counts) * len(keys)) + " --- | --- |"]
-    for name, r in results.items():
-        cells = " | ".join(columns[key, n][name] for key in keys for n in counts)
-        ran = ", ".join(map(str, r.get("seeds", seeds[:1])))
-        lines.append(f"| {name} | {cells} | {r['seconds']:.0f} | {ran} |")
-    plots = ["![quality retained against layers removed](compare.png)",
-             "![quality retained against seconds spent](compare_seconds.png)"]
-    if unseen:
-        plots.append(f"![quality retained on {unseen}](compare_unseen.png)")
-    return "\n".join(lines) + "\n\n" + "\n".join(plots) + "\n" + "\n".join(bench_section(summary, _column_cells)) \
-        + "\n"

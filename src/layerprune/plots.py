@@ -108,3 +108,35 @@ def plot_heal(history: "History", path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both seconds (fewer) and value (higher), by seconds."""
+    best, kept = float("-inf"), []
+    for seconds, value in sorted(points, key=lambda p: (p[0], -p[1])):
+        if value > best:
+            kept.append((seconds, value))
+            best = value
+    return kept
+
+
+def plot_frontier(points: dict[int, dict[str, tuple[float, float]]], path: Path, title: str, ylabel: str) -> None:
+    """One panel per count: each variant at (seconds to make the model, its retention), the
+    frontier (what the fewest seconds buy) drawn through the points nothing beats."""
+    counts = sorted(points)
+    fig, axes = plt.subplots(1, len(counts), figsize=(5.5 * len(counts), 4.2), squeeze=False)
+    for ax, count in zip(axes[0], counts):
+        for name, (seconds, value) in sorted(points[count].items()):
+            ax.plot([seconds], [value], marker="o", linestyle="none", label=name)
+        line = frontier(list(points[count].values()))
+        ax.step(*zip(*line), where="post", color="grey", linestyle="--", linewidth=1, label="frontier")
+        ax.set_xscale("log")
+        ax.set_title(f"-{count} layers", fontsize=10)
+        ax.set_xlabel("seconds to make the model (scoring, cuts, healing; log scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -219,6 +219,10 @@ class CompareConfig(Recipe):
                                                    "quality retained is reported on it too")
     seeds: tuple[int, ...] | None = opt(None, "comma-separated seeds, each variant run once per seed (default: "
                                               "--seed); a seed changes healing's data order and sampled task items")
+    equal_seconds: str | None = opt(None, "a method among --methods whose healed variant sets the budget: every "
+                                          "other healed variant runs again at each count with the healing steps "
+                                          "that make its seconds (scoring, cuts, healing) equal that variant's "
+                                          "(rows '... @ equal seconds')")
 
     def validate(self) -> None:
         super().validate()
@@ -231,6 +235,9 @@ class CompareConfig(Recipe):
             one_of(heal, HEAL_METHODS, "healing")
         if self.seeds is not None and not self.seeds:
             raise LayerpruneError("--seeds is empty", "give distinct seeds, e.g. --seeds 0,1, or leave --seeds out")
+        if self.equal_seconds is not None and (self.equal_seconds not in self.methods or "distill" not in self.healing):
+            raise LayerpruneError(f"--equal-seconds {self.equal_seconds} names no healed variant of this comparison",
+                                  f"name one of --methods ({', '.join(self.methods)}) and keep distill in --healing")
         seeds = self.seeds or ()
         if len(set(seeds)) != len(seeds) or min(seeds, default=0) < 0:
             raise LayerpruneError(f"--seeds {','.join(map(str, self.seeds))} repeats a seed or has a negative one",

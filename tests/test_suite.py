@@ -94,6 +94,18 @@ def test_suite_scores_chosen_items_outside_the_calibration_share(tiny_root):
     assert set(first.tasks["tiny_arc"]["acc"]) <= {0.0, 1.0} and first.tasks["tiny_arc"]["metric"] == "acc_norm"
 
 
+def test_the_calibration_side_scores_only_reserved_items_and_is_described_apart(tiny_root):
+    """--bench-side calibration: the items no evaluation uses, for choosing a recipe; its request
+    is described (and so cached) apart, and the evaluation side's description is unchanged."""
+    root, arc, _ = tiny_root
+    request = SuiteRequest((TINY_ARC,), items=None, calibration=0.25, side="calibration")
+    items = run_suite(tiny_model("llama"), hf_char_tokenizer(), request, progress=False).tasks["tiny_arc"]["item"]
+    reserved = [i for i in range(40) if is_calibration({key: arc[key][i] for key in arc}, 0.25)]
+    assert sorted(int(item.split("/")[1]) for item in items) == reserved and 0 < len(reserved) < 40
+    assert request.describe()["side"] == "calibration"
+    assert "side" not in SuiteRequest((TINY_ARC,), None, 0.25).describe()
+
+
 def test_a_calibration_share_that_leaves_too_few_items_is_refused(tiny_root, tmp_path, monkeypatch):
     monkeypatch.setattr(suite, "MIN_EVAL_ITEMS", 30)
     with pytest.raises(LayerpruneError, match="--bench-calibration"):

@@ -97,7 +97,7 @@ def evaluate(config: EvalConfig | None = None, progress: bool = True) -> dict:
 def evaluate_suites(config: EvalConfig, suites: list[str], model, original, progress: bool) -> dict:
     """The suites on the model, and against the original (its results cached) when there is one."""
     started = time.perf_counter()
-    request = request_for(suites, config.bench.items or None, config.bench.calibration)
+    request = request_for(suites, config.bench.items or None, config.bench.calibration, side=config.bench.side)
     out = {"request": request.describe(), "split": "validation (MMLU: test)"}
     if original is not None:
         ref, ref_tokenizer, name = original

@@ -61,7 +61,8 @@ class Benchmarks:
 def benchmarks_for(config, teacher, tokenizer, progress: bool) -> Benchmarks | None:
     if not config.final_tasks:
         return None
-    request = request_for(config.final_tasks, config.bench.items or None, config.bench.calibration)
+    request = request_for(config.final_tasks, config.bench.items or None, config.bench.calibration,
+                          side=config.bench.side)
     return Benchmarks(request, original_results(teacher, tokenizer, request, None, config.bench.cache, progress),
                       tokenizer)
 
@@ -144,7 +145,10 @@ def bench_section(summary: dict, column_cells) -> list[str]:
     original = ItemResults.from_json(summary["bench"]["original"])
     left = retention(original, original)["suite"]["left_out"]
     columns = {n: column_cells(measured, "bench_retention", n) for n in counts}
+    calibration = summary["bench"]["request"].get("side") == "calibration"
     lines = ["", f"## Benchmark retention ({', '.join(summary['bench']['request']['tasks'])})", "",
+             *(["**On the calibration share** (--bench-side calibration): items reserved for choosing a recipe; "
+                "figures to choose with, never to report.", ""] if calibration else []),
              f"{TABLE_NOTE}. Chance-corrected retention: (score - chance) / (original - chance), chance the best "
              "constant answer's score" + (f"; left out of it, the original not above chance beyond its interval: "
                                           f"{', '.join(left)}" if left else "") +

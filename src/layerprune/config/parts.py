@@ -214,9 +214,15 @@ class BenchConfig:
                                   "choosing recipes and never evaluated", flag="--bench-calibration")
     cache: bool = opt(True, "keep the original's benchmark results in the layerprune cache folder and reuse them",
                       flag="--bench-cache")
+    side: str = opt("evaluation", "which items the suites score: evaluation (what is reported) or calibration "
+                                  "(the reserved share: for choosing a recipe, never to report)", flag="--bench-side")
 
     def validate(self) -> None:
         non_negative(self, ("items",), "bench.")
+        one_of(self.side, ("evaluation", "calibration"), "--bench-side")
+        if self.side == "calibration" and self.calibration == 0:
+            raise LayerpruneError("--bench-side calibration with --bench-calibration 0: no item is reserved",
+                                  "give a share such as 0.2")
         if not 0 <= self.calibration < 1:
             raise LayerpruneError(f"--bench-calibration must be in [0, 1), got {self.calibration}",
                                   "give a share such as 0.2")

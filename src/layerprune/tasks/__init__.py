@@ -97,7 +97,7 @@ def build_suite(name: str, data: TaskData) -> Task:
     if bench is None:
         raise ValueError("a benchmark suite task needs TaskData.bench (the run's BenchConfig)")
     data_root()
-    request = request_for((name,), bench.items or None, bench.calibration)
+    request = request_for((name,), bench.items or None, bench.calibration, side=bench.side)
 
     def run(model, teacher=None) -> dict[str, float]:
         if model is teacher:

@@ -155,33 +155,35 @@ def _docs(path: str) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=128)
-def _evaluation_share(path: str, calibration: float) -> tuple[int, tuple[int, ...]]:
-    """(items in the file, indices outside the calibration share): hashed once per process, not
-    once per model a comparison scores."""
+def _share(path: str, calibration: float, side: str = "evaluation") -> tuple[int, tuple[int, ...]]:
+    """(items in the file, indices on `side` of the calibration share: outside it, or in it):
+    hashed once per process, not once per model a comparison scores."""
     docs = _docs(path)
-    return len(docs), tuple(i for i, doc in enumerate(docs) if not is_calibration(doc, calibration))
+    reserved = side != "evaluation"
+    return len(docs), tuple(i for i, doc in enumerate(docs) if is_calibration(doc, calibration) == reserved)
 
 
 def choose_items(tasks: tuple[BenchTask, ...], root: Path, names: dict[str, list[str]], items: int | None,
-                 calibration: float, seed: int = 0) -> dict[str, list[int]]:
-    """Which items a suite evaluates, {lm-eval task: [doc indices]}: `items` a task (None: all)
-    drawn with `seed` from those outside the calibration share."""
+                 calibration: float, seed: int = 0, side: str = "evaluation") -> dict[str, list[int]]:
+    """Which items a suite scores, {lm-eval task: [doc indices]}: `items` a task (None: all)
+    drawn with `seed` from those outside the calibration share, or (side "calibration", for
+    choosing recipes) from those in it."""
     samples: dict[str, list[int]] = {}
     for task in tasks:
         pool: list[tuple[str, int]] = []
         total = 0
         folders = [root / task.data / s for s in mmlu_subjects(root)] if task is MMLU else [root / task.data]
         for folder, lm_name in zip(folders, names[task.name]):
-            size, kept = _evaluation_share(_arrow(folder, "test" if task is MMLU else SPLIT), calibration)
+            size, kept = _share(_arrow(folder, "test" if task is MMLU else SPLIT), calibration, side)
             total += size
             pool += [(lm_name, i) for i in kept]
-        if len(pool) < MIN_EVAL_ITEMS <= total:
+        if side == "evaluation" and len(pool) < MIN_EVAL_ITEMS <= total:
             raise LayerpruneError(f"--bench-calibration {calibration:g} leaves {task.name} {len(pool)} evaluation "
                                   f"items of {total}, fewer than {MIN_EVAL_ITEMS}",
                                   "lower --bench-calibration (0.2 is the default)")
         if items is not None and items > len(pool):
-            log.info("%s: --bench-items %d is more than its %d evaluation items; using all of them",
-                     task.name, items, len(pool))
+            log.info("%s: --bench-items %d is more than its %d %s items; using all of them",
+                     task.name, items, len(pool), side)
         random.Random(f"{seed}:{task.name}").shuffle(pool)
         for lm_name, index in sorted(pool[:items] if items is not None else pool):
             samples.setdefault(lm_name, []).append(index)
@@ -222,16 +224,20 @@ class SuiteRequest:
     calibration: float
     seed: int = 0
     batch_size: int = 16
+    side: str = "evaluation"   # or "calibration": the reserved items, for choosing recipes
 
     def describe(self) -> dict:
+        """What the items are, as records and the original's cache key hold it (the evaluation side
+        is described as it was before the calibration side could be asked for)."""
         return {"tasks": [t.name for t in self.tasks], "items": self.items, "calibration": self.calibration,
-                "seed": self.seed}
+                "seed": self.seed, **({"side": self.side} if self.side != "evaluation" else {})}
 
 
-def request_for(names, items: int | None, calibration: float, batch_size: int = 16) -> SuiteRequest:
+def request_for(names, items: int | None, calibration: float, batch_size: int = 16, side: str = "evaluation"
+                ) -> SuiteRequest:
     """The request for suite names ("bench", "mmlu") in the order given."""
     tasks = tuple(task for name in names for task in SUITES[name])
-    return SuiteRequest(tasks, items, calibration, batch_size=batch_size)
+    return SuiteRequest(tasks, items, calibration, batch_size=batch_size, side=side)
 
 
 def run_suite(model, tokenizer, request: SuiteRequest, progress: bool = True, who: str = "model") -> ItemResults:
@@ -247,11 +253,12 @@ def run_suite(model, tokenizer, request: SuiteRequest, progress: bool = True, wh
     terminal = sys.stderr
     with tempfile.TemporaryDirectory(prefix="layerprune-bench-") as folder:
         names = write_yamls(Path(folder), request.tasks, root)
-        samples = choose_items(request.tasks, root, names, request.items, request.calibration, request.seed)
+        samples = choose_items(request.tasks, root, names, request.items, request.calibration, request.seed,
+                               request.side)
         wanted = [name for task in request.tasks for name in names[task.name] if name in samples]
         count = sum(len(ids) for ids in samples.values())
-        log.info("benchmark suite on the %s: %s, %d items (validation splits; MMLU: test)", who,
-                 ", ".join(t.name for t in request.tasks), count)
+        log.info("benchmark suite on the %s: %s, %d %s items (validation splits; MMLU: test)", who,
+                 ", ".join(t.name for t in request.tasks), count, request.side)
         lm = InMemoryLM(model, tokenizer, request.batch_size, progress, bar_file=terminal)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         with contextlib.redirect_stderr(io.StringIO()), _quiet_datasets():

@@ -96,6 +96,7 @@ def test_a_run_heals_on_the_teachers_text_and_resumes_after_a_kill_while_writing
     whole = tmp_path / "whole"
     done = run(command(tiny_dir, text_file, whole))
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("no chat template, so the original continues the training text's first tokens") == 1
     history = check_output_folder(whole, depth=4, removed=2)
     texts = [record["heal"]["text"] for record in history["iterations"]]
     assert [(t["start"][0], t["end"][0]) for t in texts] == [(0, 6), (6, 12)]   # 3 steps of 2 blocks each

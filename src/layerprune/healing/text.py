@@ -9,6 +9,7 @@ located before any heavy work, so a stream too short for the run fails at once.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from ..config import Recipe
 from ..data import Corpus, StreamPosition, TrainStream
 from .job import HealLog
 from ..processes import is_main_process, wait_for_everyone
+
+log = logging.getLogger(__name__)
 
 
 def healing_offsets(config: Recipe, count: int) -> list[int]:
@@ -64,6 +67,9 @@ def healing_text(config: Recipe, corpus: Corpus, count: int, teacher, folder: Pa
     if not writes_teacher_text(config):
         return corpus.train
     end = max(healing_offsets(config, count))
+    if not getattr(corpus.train.tokenizer, "chat_template", None):
+        log.warning("--train-data teacher: this tokenizer has no chat template, so the original continues the "
+                    "training text's first tokens as plain text (no instruction)")
     held = range(end, end + config.data.blocks("val")) if config.heal.guard else range(0)
     if is_main_process():
         text = teacher_text.generate(teacher, corpus.train, end, folder, config.seed, held, progress)

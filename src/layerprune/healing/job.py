@@ -66,6 +66,7 @@ class HealJob:
     text: TextSpan | None = None   # which training text: stream positions, blocks, caches used
     held_out_before: dict = field(default_factory=dict)   # held-out KL and perplexity of the cut, unhealed
     lr_probe: dict | None = None   # what the lr probe tried and chose (lr_probe.ProbeLog), where it ran
+    label: str = "healing"   # what its progress bar says it is
 
     @property
     def start_lr(self) -> float:

@@ -253,7 +253,7 @@ class _Attempt:
         if self.ended:
             return rows
         retry = f", retry {self.attempt} at lr {self.lr:.3g}" if self.attempt else ""
-        bar = tqdm(total=job.steps, initial=self.done, desc=f"healing (iteration {job.iteration}{retry})",
+        bar = tqdm(total=job.steps, initial=self.done, desc=f"{job.label} (iteration {job.iteration}{retry})",
                    unit="step", disable=not (progress and accelerator.is_main_process), leave=False)
         inner = accelerator.unwrap_model(self.model)
         every = config.checkpoint_every

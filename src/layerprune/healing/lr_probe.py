@@ -106,7 +106,7 @@ def probe_lr(student, teacher, text, job: HealJob, targets, guard: Guard, accele
     for rung in range(guard.retries + 1):
         lr = job.start_lr * RETRY_LR_FACTOR ** rung
         short = dataclasses.replace(job, config=config, steps=PROBE_STEPS, lr=lr, resume=None, on_checkpoint=None,
-                                    local_steps=min(job.local_steps, PROBE_STEPS // 2))
+                                    local_steps=min(job.local_steps, PROBE_STEPS // 2), label=f"lr probe at {lr:.3g}")
         try:
             heal_fn(student, teacher, text, short, targets, progress, None, accelerator)
             kl = guard.measure(student)

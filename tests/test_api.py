@@ -40,3 +40,20 @@ def test_evaluate_against_the_model_itself_retains_everything(tiny_dir, text_fil
                                  data=DataConfig(source=str(text_file), **DATA)))
     assert result["quality_retained"] == pytest.approx(1.0)
     assert result["quality_retained_tasks"] == ["perplexity", "kl"] and result["tasks"]["kl"]["kl"] == pytest.approx(0)
+
+
+def test_evaluate_on_the_calibration_documents_reads_another_text(tiny_dir, text_file):
+    """--split calib: the training-side calibration text (for choosing a recipe), not the held-out text."""
+    from layerprune.data import load_corpus
+    from layerprune.models import load_model
+
+    data = DataConfig(source=str(text_file), **DATA)
+    held, calib = (evaluate(EvalConfig(model=str(tiny_dir), device="cpu", tasks=("perplexity",), data=data,
+                                       split=split)) for split in ("eval", "calib"))
+    assert (held["split"], calib["split"]) == ("eval", "calib")
+    _, tokenizer = load_model(str(tiny_dir), "float32", "cpu")
+    corpus = load_corpus(data, tokenizer)
+    assert not torch.equal(corpus.blocks["eval"], corpus.blocks["calib"])
+    assert held["tasks"]["perplexity"]["perplexity"] != calib["tasks"]["perplexity"]["perplexity"]
+    with pytest.raises(LayerpruneError, match="--split"):
+        evaluate(EvalConfig(model=str(tiny_dir), device="cpu", tasks=("perplexity",), data=data, split="train"))

@@ -79,8 +79,9 @@ def evaluate(config: EvalConfig | None = None, progress: bool = True) -> dict:
     if other:
         check_context(net, config.data.seq_len)
         corpus = load_corpus(config.data, tokenizer)
-        tasks = build_tasks(other, TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"],
+        tasks = build_tasks(other, TaskData(tokenizer, corpus.blocks[config.split], corpus.docs[config.split],
                                             config.data.batch_size, config.seed))
+        result["split"] = config.split
         result["tasks"] = evaluate_tasks(net, tasks, ref)
         if ref is not None:
             result["teacher_tasks"] = evaluate_tasks(ref, tasks, ref)

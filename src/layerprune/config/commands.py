@@ -51,10 +51,14 @@ class EvalConfig(ModelConfig):
                                  "(5-shot), perplexity, token_accuracy, kl, continuation, copy, copy_generate, "
                                  "mc:FILE.jsonl, lm_eval:NAME[@DIR]")
     json: str | None = opt(None, "also write the results (per-item benchmark results included) to this JSON file")
+    split: str = opt("eval", "which text the text tasks read: eval (held-out, what is reported) or calib (the "
+                             "calibration documents, training-side: for choosing a recipe, with --bench-side "
+                             "calibration for the suites)")
     bench: BenchConfig = opt(BenchConfig(), "")
 
     def validate(self) -> None:
         super().validate()
+        one_of(self.split, ("eval", "calib"), "--split")
         self.bench.validate()
 
 

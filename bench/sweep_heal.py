@@ -18,6 +18,14 @@ reading only: choosing by it would tune on the numbers the README reports.
     python bench/sweep_heal.py --out runs/sweep-local --variants teacher-text,final-third --seeds 0,1 \
         --blocks 64 --skip 600 --reuse runs/sweep-local
 
+`--bench-items N` also judges every variant on the benchmarks' calibration share (N items a task
+of the items `--bench-calibration` reserves, which no reported figure uses: retention against the
+original, paired interval), and `--copy` on copy_generate with paragraphs from the calibration
+documents (training-side text): what users use, chosen on without touching what is reported.
+
+    python bench/sweep_heal.py --out runs/screen-4 --remove 4 --variants current,teacher-text,final-third,bf16,\
+        lr-probe,choice-copy --skip 600 --blocks 64 --bench-items 150 --copy     # #47's screen, one seed
+
 `--reuse DIR` takes a variant's finished run from an earlier sweep when its config is the same,
 and only evaluates it again: a new validation window (a larger `--skip`, needed by the longer
 budgets) then costs no second run of the variants already trained.
@@ -35,11 +43,15 @@ from pathlib import Path
 import yaml
 
 from layerprune import DataConfig, PruneConfig, prune
+from layerprune.config import BenchConfig
 from layerprune.data import StreamPosition, load_corpus
 from layerprune.models import load_model
 from layerprune.options import from_dict, to_dict
 from layerprune.inputs import scores_and_rows
-from layerprune.tasks import TaskData, build_tasks, quality_retained
+from layerprune.tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
+from layerprune.tasks.retention import retention
+from layerprune.tasks.suite import request_for, run_suite
+from layerprune.tasks.suite_cache import original_results
 from layerprune.tasks.interval import bootstrap_interval
 
 TASKS = ("perplexity", "token_accuracy", "kl")
@@ -88,6 +100,10 @@ RECIPE_VARIANTS = {
     # its choices at -4/-6); calib-32-all: 32 blocks, every layer scored (4x calib-8's scoring).
     "calib-8": ({"data": DataConfig(calib_tokens=8 * 256), "shortlist": 0}, {}),
     "calib-32-all": ({"shortlist": 0}, {}),
+    # #47's candidates: the first healing's lr probed on validation text; the layer choice also
+    # measuring the teacher-forced copying task on calibration text
+    "lr-probe": ({}, {"lr_probe": True}),
+    "choice-copy": ({"tasks": ("perplexity", "token_accuracy", "copy")}, {}),
 }
 
 
@@ -133,6 +149,31 @@ def run_variant(config: PruneConfig, previous: Path | None) -> dict:
             "seconds": saved["seconds"], "heal_seconds": heal_s}
 
 
+def users_judges(args, teacher, tokenizer, data: DataConfig) -> dict:
+    """{name: student -> (retention, interval)}: the benchmarks' calibration share and copying on
+    the calibration documents, as asked; the original is scored once here (the suite: cached)."""
+    judges = {}
+    if args.bench_items:
+        request = request_for(("bench",), args.bench_items, BenchConfig().calibration, side="calibration")
+        original = original_results(teacher, tokenizer, request, None, True, False)
+
+        def bench(student):
+            suite = retention(run_suite(student, tokenizer, request, False), original)["suite"]
+            return suite["ratio_of_means"], suite["ratio_of_means_interval"]
+        judges["bench_calibration"] = bench
+    if args.copy:
+        corpus = load_corpus(data, tokenizer)
+        copying = build_tasks(["copy_generate"], TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"],
+                                                           data.batch_size, 0))
+        evaluate_tasks(teacher, copying, teacher)   # the original's copies, kept by the task
+
+        def copy(student):
+            figures = evaluate_tasks(student, copying, teacher)["copy_generate"]
+            return figures["retention"], [figures["retention_low"], figures["retention_high"]]
+        judges["copy_calibration"] = copy
+    return judges
+
+
 def _interval(interval) -> str:
     return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
@@ -148,6 +189,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=32, help="validation blocks")
     parser.add_argument("--reuse", type=Path, help="an earlier sweep's --out whose identical finished runs are reused")
     parser.add_argument("--device", default="cpu", help="where the validation is scored: cpu (default), auto or cuda")
+    parser.add_argument("--bench-items", type=int, default=0,
+                        help="also judge on N items a task of the benchmarks' calibration share (0: not)")
+    parser.add_argument("--copy", action="store_true",
+                        help="also judge on copy_generate with paragraphs from the calibration documents")
     args = parser.parse_args()
     names, seeds = args.variants.split(","), [int(seed) for seed in args.seeds.split(",")]
     unknown = sorted(set(names) - set(VARIANTS) - set(RECIPE_VARIANTS))
@@ -165,6 +210,7 @@ def main() -> None:
     validation = stream.take(args.blocks, stream.advance(StreamPosition(), args.skip))[0]
     tasks = build_tasks(TASKS, TaskData(tokenizer, validation, [], data.batch_size, 0))
     reference, reference_rows = scores_and_rows(teacher, tasks, teacher)
+    judges = users_judges(args, teacher, tokenizer, data)
     rows = {}
     results = args.out / "sweep.json"
     if results.is_file():
@@ -180,7 +226,8 @@ def main() -> None:
             scores, block_rows = scores_and_rows(student, tasks, teacher)
             rows[key] = {"variant": name, "seed": seed, "validation": quality_retained(scores, reference),
                          "validation_interval": bootstrap_interval(block_rows, reference_rows, tasks),
-                         "validation_kl": scores["kl"]["kl"], **row}
+                         "validation_kl": scores["kl"]["kl"], **row,
+                         **{what: judge(student) for what, judge in judges.items()}}
             args.out.mkdir(parents=True, exist_ok=True)
             results.write_text(json.dumps(rows, indent=2))
             print(key, rows[key], flush=True)
@@ -195,6 +242,15 @@ def main() -> None:
               f"{_interval(row.get('validation_interval'))} | {row['validation_kl']:.3f} | {row['held_out']:.3f}"
               f"{_interval(row.get('held_out_interval'))} | {row.get('heal_seconds', float('nan')):.0f} | "
               f"{row['seconds']:.0f} |")
+    users = [key for key in ("bench_calibration", "copy_calibration") if any(key in row for row in rows.values())]
+    if users:
+        print("\nWhat users use, on training-side items (chooses with the validation above): retention against the "
+              "original, 95% paired interval over items\n")
+        print("| variant | seed | " + " | ".join(users) + " |")
+        print("| --- | --- |" + " --- |" * len(users))
+        for key, row in sorted(rows.items(), key=lambda kv: (kv[1].get("variant", kv[0]), kv[1].get("seed", 0))):
+            cells = [f"{row[u][0]:.3f}{_interval(row[u][1])}" if u in row else "-" for u in users]
+            print(f"| {row.get('variant', key)} | {row.get('seed', 0)} | " + " | ".join(cells) + " |")
     by_variant: dict[str, list[dict]] = {}
     for row in rows.values():
         by_variant.setdefault(row.get("variant", ""), []).append(row)

@@ -48,6 +48,15 @@ def test_in_memory_lm_equals_hflm(arch, batch_size):
     assert len({round(value, 3) for value, _ in ours}) > 5
 
 
+def test_an_answer_longer_than_the_window_is_one_clear_error():
+    """HFLM fails on it with a shape error; we say what does not fit and what would."""
+    model, tokenizer = tiny_model("llama"), hf_char_tokenizer()
+    lm = InMemoryLM(model, tokenizer, batch_size=2, progress=False)
+    too_long = [SimpleNamespace(args=("Q:", "x" * (lm.max_length + 5)))]
+    with pytest.raises(LayerpruneError, match="does not fit this model's .*-token window"):
+        lm.loglikelihood(too_long, True)
+
+
 def _write_arrow(folder, rows: dict):
     from datasets import Dataset, DatasetDict
 

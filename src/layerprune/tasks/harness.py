@@ -142,6 +142,10 @@ class InMemoryLM(TemplateLM):
                                       "use a model whose tokenizer covers the tasks' text (any HF text tokenizer)")
             whole = (context + continuation)[-(self.max_length + 1):]
             n = len(continuation)
+            if n >= len(whole):
+                raise LayerpruneError(f"a benchmark answer of {n} tokens ({text[:40]!r}...) does not fit this model's "
+                                      f"{self.max_length}-token window with a token of context",
+                                      "use a model with a longer context window for the benchmark suites")
             groups.setdefault(tuple(whole[:len(whole) - n]), []).append((index, whole[len(whole) - n:]))
         rows = []
         for prefix, members in groups.items():

@@ -23,8 +23,8 @@ of the items `--bench-calibration` reserves, which no reported figure uses: rete
 original, paired interval), and `--copy` on copy_generate with paragraphs from the calibration
 documents (training-side text): what users use, chosen on without touching what is reported.
 
-    python bench/sweep_heal.py --out runs/screen-4 --remove 4 --variants current,teacher-text,final-third,bf16,\
-        lr-probe,choice-copy --skip 600 --blocks 64 --bench-items 150 --copy     # #47's screen, one seed
+    python bench/sweep_heal.py --out runs/screen-4 --remove 4 --variants current,teacher-text,teacher-mix,final-third,\
+        bf16,lr-probe,choice-copy --skip 600 --blocks 64 --bench-items 150 --copy     # #47's screen, one seed
 
 `--reuse DIR` takes a variant's finished run from an earlier sweep when its config is the same,
 and only evaluates it again: a new validation window (a larger `--skip`, needed by the longer
@@ -93,6 +93,7 @@ RECIPE_VARIANTS = {
     "local-15": ({}, {"local_steps": 15}),
     "local-30-global-22": ({}, {"steps": 52, "local_steps": 30}),
     "teacher-text": ({}, {"train_data": "teacher"}),
+    "teacher-mix": ({}, {"train_data": "mix"}),   # every other block the original's, the others the stream's
     "final-third": lambda remove: ({}, {"steps": 20, "final_steps": 10 * remove}),
     "bf16": ({}, {"mixed_precision": "bf16"}),   # healing under bfloat16 autocast: a cheaper step
     # The layer choice's calibration text (today: 32 blocks, the 12 layers Block Influence ranks lowest scored).

@@ -158,6 +158,7 @@ class TestBlocks:
         assert stream.advance(StreamPosition(), 10) == middle
         span = stream.span(middle, 7)
         assert [b.tolist() for b in span.read()] == rest.tolist() == [b.tolist() for b in span.read()]
+        assert stream.advance(middle, 0) == middle and stream.take(0, middle)[0].shape == (0, 16)   # reads nothing
 
     def test_the_check_remembers_where_healings_end(self, tmp_path, monkeypatch):
         text = make_text_file(tmp_path / "c.txt", docs=40, words=30)

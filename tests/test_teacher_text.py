@@ -58,6 +58,23 @@ def test_the_teacher_continues_the_training_prompts_and_an_interrupted_text_resu
         write(60, "whole", seed=4)
 
 
+def test_mixed_text_alternates_the_teachers_blocks_and_the_streams(teacher_and_stream, tmp_path):
+    """--train-data mix: even offsets are the original's blocks in order, odd ones the stream's; a
+    span from any position reads the same blocks as the whole."""
+    from layerprune.healing.teacher_text import MixedText
+
+    teacher, stream = teacher_and_stream
+    generated = generate(teacher, stream, 6, tmp_path / "mix", seed=3, progress=False, batch_size=4)
+    mixed = MixedText(generated, stream)
+    whole = torch.stack(list(mixed.span(StreamPosition(), 12).read()))
+    theirs = torch.stack([block for block, _ in zip((b for b, _ in stream.blocks()), range(6))])
+    assert torch.equal(whole[0::2], all_blocks(generated)[:6]) and torch.equal(whole[1::2], theirs)
+    assert torch.equal(torch.stack(list(mixed.span(StreamPosition(5), 4).read())), whole[5:9])
+    assert mixed.advance(StreamPosition(5), 4) == StreamPosition(9)
+    with pytest.raises(LayerpruneError, match="teacher's text holds"):
+        mixed.span(StreamPosition(), 2 * generated.count + 2)
+
+
 def test_a_chat_model_is_asked_to_continue_the_text(teacher_and_stream):
     _, stream = teacher_and_stream
     tokenizer = stream.tokenizer
@@ -80,9 +97,25 @@ def test_text_over_the_disk_budget_is_refused_in_one_line(tmp_path):
     check_disk(100, 256, tmp_path / "new", budget_gib=0.01)
 
 
-def test_teacher_text_with_fsdp_is_refused():
+@pytest.mark.parametrize("mode", ["teacher", "mix"])
+def test_teacher_text_with_fsdp_is_refused(mode):
     with pytest.raises(LayerpruneError, match="--fsdp shards"):
-        PruneConfig(out="o", remove=1, fsdp=True, heal=HealConfig(train_data="teacher")).validate()
+        PruneConfig(out="o", remove=1, fsdp=True, heal=HealConfig(train_data=mode)).validate()
+
+
+def test_a_mixed_run_heals_on_both_texts(tiny_dir, text_file, tmp_path):
+    """A run with --train-data mix writes half the original's text a teacher run writes, and its
+    healings read consecutive spans of the mixed text."""
+    out = tmp_path / "mixed"
+    argv = command(tiny_dir, text_file, out)
+    argv[argv.index("teacher")] = "mix"
+    done = run(argv)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = check_output_folder(out, depth=4, removed=2)
+    texts = [record["heal"]["text"] for record in history["iterations"]]
+    assert [(t["start"][0], t["end"][0]) for t in texts] == [(0, 6), (6, 12)]
+    assert json.loads((out / "teacher_text" / "summary.json").read_text())["blocks"] >= 6
+    assert "every other block written by the original" in (out / "README.md").read_text()
 
 
 def command(tiny_dir, text_file, out, *extra):

@@ -210,6 +210,8 @@ class TrainStream:
              ) -> tuple[torch.Tensor | None, StreamPosition]:
         """The next `count` blocks [count, seq_len] from `start` (None unless `keep`), and the
         position after them."""
+        if count == 0:   # nothing to read: the loop below would read to the end
+            return (torch.empty(0, self.seq_len, dtype=torch.long) if keep else None), start
         taken, seen, position = [], 0, start
         for block, position in self.blocks(start):
             seen += 1

@@ -217,8 +217,8 @@ def recipe(config: dict) -> str:
                    "lora": f"LoRA adapters of rank {heal.lora_r}", "last": "the last 3 layers and the LM head"
                    }[heal.trainable]
         text = {"stream": "fresh text each removal", "reuse": "the same text each removal",
-                "teacher": "fresh text the original wrote itself, from prompts of the training text, each removal"
-                }[heal.train_data]
+                "teacher": "fresh text the original wrote itself, from prompts of the training text, each removal",
+                "mix": "fresh text each removal, every other block written by the original"}[heal.train_data]
         final = f", then {heal.final_steps} more steps after the last removal" if heal.final_steps else ""
         parts.append(
             f"healing after each removal: {heal.steps_per_removal(seq)} AdamW steps of {heal.batch_size} x "

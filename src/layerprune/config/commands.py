@@ -168,9 +168,9 @@ class PruneConfig(Recipe):
             raise LayerpruneError(f"--target-speedup must be above 1, got {self.target_speedup}",
                                   "ask for e.g. 1.2 (20% faster prefill)")
         positive(self, [name for name in ("target_layers", "remove") if getattr(self, name) is not None])
-        if self.fsdp and self.heal.method != "none" and self.heal.train_data == "teacher":
-            raise LayerpruneError("--train-data teacher generates with the whole original, which --fsdp shards",
-                                  "use --train-data stream with --fsdp, or run without --fsdp")
+        if self.fsdp and self.heal.method != "none" and self.heal.train_data in ("teacher", "mix"):
+            raise LayerpruneError(f"--train-data {self.heal.train_data} generates with the whole original, which "
+                                  "--fsdp shards", "use --train-data stream with --fsdp, or run without --fsdp")
 
     def ignored(self) -> list[str]:
         """The options given (away from their defaults) that this configuration never reads, each

@@ -18,7 +18,7 @@ COMPARE_METHODS = ("shortgpt", "iterative-bi", "angular-block", "sleb-nll", "rep
                    "last-layers-ft", "layerprune")
 PATCHES = ("none", "lstsq", "diag")
 PATCH_TARGETS, PATCH_FITS = ("layer", "teacher"), ("lstsq", "normalised", "cosine")
-TRAIN_DATA, MSE_SCALES = ("stream", "reuse", "teacher"), ("raw", "relative", "channel")
+TRAIN_DATA, MSE_SCALES = ("stream", "reuse", "teacher", "mix"), ("raw", "relative", "channel")
 GGUF_TYPES = ("source", "q8_0", "f16", "f32")
 # The metrics that score a layer by removing it (and so score patched candidates, on a shortlist, screened).
 REMOVAL_METRICS = ("nll", "quality")

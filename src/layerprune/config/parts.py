@@ -96,7 +96,8 @@ class HealConfig:
     train_data: str = opt("stream", "stream: each removal heals on fresh text, continuing the training stream; "
                                     "reuse: every removal heals on the same first tokens (the paper's setting); "
                                     "teacher: on text the original writes itself, continuing prompts taken from the "
-                                    "training text (generated once, before the first removal)")
+                                    "training text (generated once, before the first removal); mix: every other "
+                                    "block the original's, the others the stream's")
     final_steps: int = opt(0, "extra healing steps after the last removal", flag="--heal-final-steps")
     batch_size: int = opt(2, "global micro-batch of training blocks", flag="--heal-batch-size")
     grad_accum: int = opt(2, "micro-batches per optimizer step", flag="--heal-grad-accum")

@@ -133,6 +133,7 @@ class Healer:
             if heal_config.lr_probe and self.lr is None and guard is not None:
                 job = self._probed(student, text, job, targets, guard)
             where = f"the original's own text from block {start.doc}" if heal_config.train_data == "teacher" else \
+                f"the original's and the stream's text from block {start.doc}" if heal_config.train_data == "mix" else \
                 f"{'the same' if reuse else 'fresh'} text from document {start.doc}"
             log.info("healing iteration %d: %d steps on %d blocks (%s); %s", removal.iteration, steps, count, where,
                      caches.why)

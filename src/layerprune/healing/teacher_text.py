@@ -106,6 +106,30 @@ class GeneratedText:
         return StreamPosition(start.doc + count)
 
 
+@dataclass(frozen=True)
+class MixedText:
+    """--train-data mix: the original's text and the training stream's, block by block. Position p
+    has read (p + 1) // 2 generated blocks (the even offsets) and p // 2 of the stream's (the odd
+    ones); the stream's lie before the guard's validation blocks, as every healing's text does."""
+
+    generated: GeneratedText
+    stream: object   # data.TrainStream
+
+    def span(self, start: StreamPosition, count: int) -> Blocks:
+        first = start.doc
+        self.generated.span(StreamPosition((first + 1) // 2), (first + count + 1) // 2 - (first + 1) // 2)
+
+        def read():
+            mine = self.generated.blocks(StreamPosition((first + 1) // 2))
+            theirs = (block for block, _ in self.stream.blocks(self.stream.advance(StreamPosition(), first // 2)))
+            for offset in range(first, first + count):
+                yield next(mine) if offset % 2 == 0 else next(theirs)
+        return Blocks(read, count)
+
+    def advance(self, start: StreamPosition, count: int) -> StreamPosition:
+        return StreamPosition(start.doc + count)
+
+
 def part_name(index: int) -> str:
     return f"part-{index:05d}.safetensors"
 

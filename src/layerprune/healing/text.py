@@ -48,35 +48,42 @@ def validation_blocks(config: Recipe, corpus: Corpus, count: int, progress: bool
 
 
 def writes_teacher_text(config: Recipe) -> bool:
-    return config.heal.method != "none" and config.heal.train_data == "teacher"
+    return config.heal.method != "none" and config.heal.train_data in ("teacher", "mix")
+
+
+def generated_blocks(config: Recipe, count: int) -> int:
+    """Blocks of the original's text a run of `count` removals reads (mix: every other one)."""
+    end = max(healing_offsets(config, count))
+    return (end + 1) // 2 if config.heal.train_data == "mix" else end
 
 
 def check_teacher_text_disk(config: Recipe, count: int, folder: Path, copies: int = 1) -> None:
     """With --train-data teacher: fail now, before any work, where its text (`copies` of it: one
     per seed of a comparison) would not fit the disk budget."""
     if writes_teacher_text(config):
-        teacher_text.check_disk(max(healing_offsets(config, count)) * copies, config.data.seq_len, folder,
+        teacher_text.check_disk(generated_blocks(config, count) * copies, config.data.seq_len, folder,
                                 config.heal.cache_disk)
 
 
 def healing_text(config: Recipe, corpus: Corpus, count: int, teacher, folder: Path, progress: bool
-                 ) -> TrainStream | teacher_text.GeneratedText:
+                 ) -> TrainStream | teacher_text.GeneratedText | teacher_text.MixedText:
     """What the healings of a run of `count` removals read: the training stream, or (--train-data
     teacher) the original's text, written into `folder` by the main process from prompts of the
-    stream's first blocks, the guard's validation blocks excepted."""
+    stream's first blocks, the guard's validation blocks excepted; or (mix) the two block by block."""
     if not writes_teacher_text(config):
         return corpus.train
     end = max(healing_offsets(config, count))
+    written = generated_blocks(config, count)
     if not getattr(corpus.train.tokenizer, "chat_template", None):
         log.warning("--train-data teacher: this tokenizer has no chat template, so the original continues the "
                     "training text's first tokens as plain text (no instruction)")
     held = range(end, end + config.data.blocks("val")) if config.heal.guard else range(0)
     if is_main_process():
-        text = teacher_text.generate(teacher, corpus.train, end, folder, config.seed, held, progress)
+        text = teacher_text.generate(teacher, corpus.train, written, folder, config.seed, held, progress)
     wait_for_everyone()
     if not is_main_process():   # the main process wrote it all: this reads it
-        text = teacher_text.generate(teacher, corpus.train, end, folder, config.seed, held, progress)
-    return text
+        text = teacher_text.generate(teacher, corpus.train, written, folder, config.seed, held, progress)
+    return teacher_text.MixedText(text, corpus.train) if config.heal.train_data == "mix" else text
 
 
 def carried_lr(recorded: list[HealLog | None]) -> float | None:

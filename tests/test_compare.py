@@ -262,3 +262,24 @@ def test_equal_seconds_runs_each_healed_baseline_again_at_the_reference_seconds(
     table = (out / "compare.md").read_text()
     assert "## At equal seconds" in table and "| replaceme + healing @ equal seconds | -2 |" in table
     assert (out / "compare_frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_heal_scales_run_each_healed_variant_at_each_budget(tiny_dir, text_file, tmp_path):
+    """--heal-scales 0.5,1,2: the healed variant at 1, 2 and 4 steps a removal (rows named for the
+    scale), the unhealed one once; the guard's validation blocks lie past the largest budget."""
+    from layerprune.compare import deepest
+
+    out = tmp_path / "scales"
+    code = main(["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--remove", "1",
+                 "--methods", "shortgpt", "--heal-scales", "0.5,1,2", "--seq-len", "32", "--calib-blocks", "2",
+                 "--patch-blocks", "4", "--eval-blocks", "2", "--heal-steps", "2", "--heal-grad-accum", "1",
+                 "--quiet", "--device", "cpu"])
+    assert code == 0
+    results = json.loads((out / "compare.json").read_text())["results"]
+    steps = {name: r["heal_steps"]["1"] for name, r in results.items()}
+    assert steps == {"shortgpt + healing at 0.5x healing": 1, "shortgpt + healing": 2,
+                     "shortgpt + healing at 2x healing": 4, "shortgpt + no healing": 0}
+    config = CompareConfig(out="x", counts=(1,), heal_scales=(1.0, 2.0), heal=HealConfig(steps=2))
+    assert deepest(config).heal.steps == 4
+    with pytest.raises(Exception, match="1 \\(the comparison's own budget\\)"):
+        CompareConfig(out="x", heal_scales=(2.0,)).validate()

@@ -25,7 +25,7 @@ from .compare_table import over_seeds, write_comparison
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import EVERY_SPLIT, held_blocks
 from .depth import Depth
-from .equal_compute import SUFFIX, at_equal_seconds, build_seconds, fixed_seconds
+from .equal_compute import SUFFIX, at_equal_seconds, at_scale, build_seconds, fixed_seconds, scale_suffix
 from .errors import LayerpruneError
 from .healing import Resources
 from .inputs import RunInputs, scores_and_rows
@@ -61,6 +61,12 @@ def variants(config: CompareConfig) -> list[tuple[str, str]]:
     """(method, healing) pairs the comparison runs."""
     return [(method, heal) for method in config.methods for heal in config.healing
             if not (heal == "none" and method in PUBLISHED_HEALING)]
+
+
+def scaled_variants(config: CompareConfig) -> list[tuple[str, str, float]]:
+    """(method, healing, budget scale): every healed variant at each of --heal-scales."""
+    return [(method, heal, scale) for method, heal in variants(config)
+            for scale in (config.heal_scales if heal == "distill" else (1.0,))]
 
 
 def depends_on_seed(config: CompareConfig, heal: str) -> bool:
@@ -167,7 +173,9 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
     measured = {"removed_original": removed,
                 "quality_retained": {n: e.quality_retained for n, e in evaluations.items()},
                 "quality_retained_interval": {n: e.interval for n, e in evaluations.items()},
-                "seconds_per_count": seconds, "build_seconds_per_count": building, "fixed_seconds_per_count": fixed}
+                "seconds_per_count": seconds, "build_seconds_per_count": building, "fixed_seconds_per_count": fixed,
+                "heal_steps": {n: config.heal.steps_per_removal(config.data.seq_len) if heal == "distill" else 0
+                               for n in upto}}
     if domain is not None:
         measured["quality_retained_unseen"] = {n: q for n, (q, _) in unseen.items()}
         measured["quality_retained_unseen_interval"] = {n: interval for n, (_, interval) in unseen.items()}
@@ -178,7 +186,7 @@ def deepest(config: CompareConfig, seed: int | None = None) -> PruneConfig:
     """The variant configuration a comparison is prepared with: its deepest cut, healed where any
     variant heals (the stream must hold those healings; the guard's blocks lie past them)."""
     heal = "distill" if "distill" in config.healing else "none"
-    variant = variant_config(config, config.methods[0], heal, max(config.counts))
+    variant = variant_config(at_scale(config, max(config.heal_scales)), config.methods[0], heal, max(config.counts))
     return variant if seed is None else dataclasses.replace(variant, seed=seed)
 
 
@@ -215,14 +223,14 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
         if seed != seeds[0]:
             prepared = prepared.for_seed(deepest(config, seed), out, progress, **options)
         domain = unseen_domain(seeded, teacher, tokenizer)
-        for method, heal in variants(config):
-            name = variant_name(config, method, heal)
+        for method, heal, scale in scaled_variants(config):
+            name = variant_name(config, method, heal) + scale_suffix(scale)
             if seed != seeds[0] and not depends_on_seed(config, heal):
                 log.info("%s does not depend on the seed: run on seed %d only", name, seeds[0])
                 continue
             start = time.perf_counter()
-            quality = run_variant(prepared.inputs, seeded, method, heal, prepared.resources, Measures(domain, bench),
-                                  progress)
+            quality = run_variant(prepared.inputs, at_scale(seeded, scale), method, heal, prepared.resources,
+                                  Measures(domain, bench), progress)
             by_seed.setdefault(name, {})[seed] = {**quality, "seconds": time.perf_counter() - start}
             log.info("%s, seed %d: %s (%.0fs)", name, seed,
                      {n: round(q, 3) for n, q in quality["quality_retained"].items()}, by_seed[name][seed]["seconds"])
@@ -234,9 +242,10 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                                    Measures(domain, bench), progress)
             healed = [(variant_name(config, m, h), m, METHODS[m][1] == "iterative") for m, h in variants(config)
                       if h == "distill"]
-            for name, row in at_equal_seconds(config, healed, by_seed, seed, again).items():
+            for name, row in at_equal_seconds(config, healed, by_seed, seed, again, deepest(config)).items():
                 by_seed.setdefault(name, {})[seed] = row
-    named = [(variant_name(config, method, heal), method, heal) for method, heal in variants(config)]
+    named = [(variant_name(config, method, heal) + scale_suffix(scale), method, heal)
+             for method, heal, scale in scaled_variants(config)]
     named += [(name + SUFFIX, method, heal) for name, method, heal in named if name + SUFFIX in by_seed]
     results = {name: {"method": method, "heal": heal, "patch": variant_config(config, method, heal, 1).patch,
                       **over_seeds(by_seed[name]), "seeds": sorted(by_seed[name])} for name, method, heal in named}

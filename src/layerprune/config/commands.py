@@ -223,6 +223,9 @@ class CompareConfig(Recipe):
                                                    "quality retained is reported on it too")
     seeds: tuple[int, ...] | None = opt(None, "comma-separated seeds, each variant run once per seed (default: "
                                               "--seed); a seed changes healing's data order and sampled task items")
+    heal_scales: tuple[float, ...] = opt((1.0,), "multiples of the healing steps per removal every healed variant "
+                                                 "runs at (e.g. 0.5,1,2: rows '... at 2x healing'), for the frontier "
+                                                 "of retention against seconds")
     equal_seconds: str | None = opt(None, "a method among --methods whose healed variant sets the budget: every "
                                           "other healed variant runs again at each count with the healing steps "
                                           "that make its seconds (scoring, cuts, healing) equal that variant's "
@@ -239,6 +242,10 @@ class CompareConfig(Recipe):
             one_of(heal, HEAL_METHODS, "healing")
         if self.seeds is not None and not self.seeds:
             raise LayerpruneError("--seeds is empty", "give distinct seeds, e.g. --seeds 0,1, or leave --seeds out")
+        scales = self.heal_scales
+        if 1 not in scales or min(scales) <= 0 or len(set(scales)) != len(scales):
+            raise LayerpruneError(f"--heal-scales {','.join(f'{s:g}' for s in scales)} must be distinct positive "
+                                  "multiples, 1 (the comparison's own budget) among them", "give e.g. 0.5,1,2")
         if self.equal_seconds is not None and (self.equal_seconds not in self.methods or "distill" not in self.healing):
             raise LayerpruneError(f"--equal-seconds {self.equal_seconds} names no healed variant of this comparison",
                                   f"name one of --methods ({', '.join(self.methods)}) and keep distill in --healing")

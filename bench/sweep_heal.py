@@ -105,6 +105,9 @@ RECIPE_VARIANTS = {
     # measuring the teacher-forced copying task on calibration text
     "lr-probe": ({}, {"lr_probe": True}),
     "choice-copy": ({"tasks": ("perplexity", "token_accuracy", "copy")}, {}),
+    # the paper's evaluation-based importance: candidates also scored on the suite's calibration items
+    "choice-bench": ({"tasks": ("perplexity", "token_accuracy", "bench")}, {}),
+    "choice-all": ({"tasks": ("perplexity", "token_accuracy", "copy", "bench")}, {}),
 }
 
 

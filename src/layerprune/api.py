@@ -33,6 +33,9 @@ def score(config: ScoreConfig | None = None, progress: bool = True) -> list[dict
     check_metric(config.metric)
     for name in config.tasks:
         check_task_name(name, for_importance=True)
+        if name in SUITES:
+            raise LayerpruneError(f"`layerprune score` does not score layers on the suite {name!r}",
+                                  f"use it in `prune --tasks ...,{name}` (candidates scored on its calibration share)")
     net, tokenizer = load_model(config.model, config.dtype, config.device)
     check_context(net, config.data.seq_len)
     corpus = load_corpus(config.data, tokenizer)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from .activations import layer_states, run_from, states_up_to
 from .config import REMOVAL_METRICS
 from .errors import LayerpruneError, NonFiniteError
 from .faults import crash_point
-from .patch import capture_mlp_outputs, patched_state
+from .patch import capture_mlp_outputs, patched_state, paths
 from .surgery import layer_view, num_layers
 from .tasks import Batch, Task, collect_stats, my_share, nll_stats, perplexity_summary, quality_retained
 from .tasks.engine import add_stats, forward_output
@@ -186,6 +187,43 @@ def _added(first: dict, second: dict) -> dict:
     return total
 
 
+def _patching(t: torch.Tensor):
+    """A forward hook making a layer write M T instead of M: what `fold` does to its weights."""
+    def hook(module, args, out):
+        m = out[0] if isinstance(out, tuple) else out
+        patched = (m.double() * t if t.dim() == 1 else m.double() @ t.to(m.device)).to(m.dtype)
+        return (patched, *out[1:]) if isinstance(out, tuple) else patched
+    return hook
+
+
+@contextmanager
+def candidate_view(model, i: int, patch: torch.Tensor | None = None) -> Iterator[None]:
+    """The model as candidate i: "current minus layer i", patched where `patch` is given (layer
+    i - 1 writes M T), for the tasks that run a whole model (a benchmark suite)."""
+    depth = num_layers(model)
+    handle = paths(model)[i - 1].writer.register_forward_hook(_patching(patch)) if patch is not None else None
+    try:
+        with layer_view(model, [k for k in range(depth) if k != i]):
+            yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def run_task_summaries(model, ctx: ScoringContext, tasks: list[Task], candidates: Sequence[int]
+                       ) -> tuple[dict, dict[int, dict]]:
+    """The whole-model tasks' summaries (a suite on its calibration items) of the current model
+    and of each candidate: one run of each task per candidate, the costly part of such scoring."""
+    patches = ctx.patches or {}
+    current = {task.name: task.run(model, ctx.teacher) for task in tasks}
+    per: dict[int, dict] = {}
+    for i in tqdm(candidates, desc="scoring layers on the suite", unit="cand", disable=not ctx.progress, leave=False):
+        with candidate_view(model, i, patches.get(i)):
+            per[i] = {task.name: task.run(model, ctx.teacher) for task in tasks}
+        crash_point("scoring")
+    return current, per
+
+
 def _removal_scores(model, ctx: ScoringContext, tasks: list[Task], value: Callable[[dict], float]) -> list[float]:
     """importance_i = value(current) - value(current minus i); unscored layers get NaN.
 
@@ -197,16 +235,22 @@ def _removal_scores(model, ctx: ScoringContext, tasks: list[Task], value: Callab
     measures how often, and what it saves: candidates far below the cut run most of the model)."""
     depth = num_layers(model)
     candidates = list(range(depth)) if ctx.candidates is None else list(ctx.candidates)
+    whole = [task for task in tasks if task.run is not None]
+    tasks = [task for task in tasks if task.run is None]
+    ran, ran_per = run_task_summaries(model, ctx, whole, candidates) if whole else ({}, {})
 
     def stats(which: Sequence[int], part: slice | None) -> tuple[dict, dict]:
+        if not tasks:
+            return {}, {i: {} for i in which}
         return candidate_stats(model, tasks, which, ctx.teacher, ctx.reuse_prefix, ctx.progress, ctx.patches, part)
 
     def scored(current: dict, per_candidate: dict) -> dict[int, float]:
-        base = value({t.name: t.summary(current[t.name]) for t in tasks})
+        base = value({**{t.name: t.summary(current[t.name]) for t in tasks}, **ran})
         if not math.isfinite(base):
             raise NonFiniteError(f"the current model's outputs are not finite ({base}) while scoring layers",
                                  "the model is broken; check its weights, or use float32")
-        return {i: base - value({t.name: t.summary(sums[t.name]) for t in tasks}) for i, sums in per_candidate.items()}
+        return {i: base - value({**{t.name: t.summary(sums[t.name]) for t in tasks}, **ran_per.get(i, {})})
+                for i, sums in per_candidate.items()}
 
     first = max(1, len(ctx.batches) // SCREEN_FRACTION)
     if ctx.screen and len(candidates) > ctx.screen and len(ctx.batches) > first:

@@ -10,6 +10,8 @@ A comparison builds one set and runs every variant on it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from dataclasses import dataclass
@@ -68,8 +70,10 @@ def build_inputs(config: Recipe, teacher, tokenizer, final_tasks=(), teacher_sco
     patching = config.patch != "none" if patch_pool is None else patch_pool
     corpus = load_corpus(config.data, tokenizer, patch_pool=patching)
     bs = config.data.batch_size
+    # a suite among the importance tasks scores candidates on items of its calibration share, never evaluated
+    choice = dataclasses.replace(config.bench, side="calibration", items=config.bench.choice_items)
     importance = build_tasks(config.tasks, TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"], bs,
-                                                    config.seed))
+                                                    config.seed, choice))
     eval_data = TaskData(tokenizer, corpus.blocks["eval"], corpus.docs["eval"], bs, config.seed, config.bench)
     eval_tasks = build_tasks(config.eval_tasks, eval_data)
     # Built now so that a task the data cannot feed fails before any work, not at the end.

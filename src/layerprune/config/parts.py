@@ -215,11 +215,15 @@ class BenchConfig:
                                   "choosing recipes and never evaluated", flag="--bench-calibration")
     cache: bool = opt(True, "keep the original's benchmark results in the layerprune cache folder and reuse them",
                       flag="--bench-cache")
+    choice_items: int = opt(50, "items a task, from the calibration share, on which the quality metric scores "
+                                "each candidate when --tasks names a suite (the paper's evaluation-based importance)",
+                            flag="--bench-choice-items")
     side: str = opt("evaluation", "which items the suites score: evaluation (what is reported) or calibration "
                                   "(the reserved share: for choosing a recipe, never to report)", flag="--bench-side")
 
     def validate(self) -> None:
         non_negative(self, ("items",), "bench.")
+        positive(self, ("choice_items",), "bench.")
         one_of(self.side, ("evaluation", "calibration"), "--bench-side")
         if self.side == "calibration" and self.calibration == 0:
             raise LayerpruneError("--bench-side calibration with --bench-calibration 0: no item is reserved",

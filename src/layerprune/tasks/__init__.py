@@ -70,9 +70,6 @@ def check_task_name(name: str, for_importance: bool = False) -> None:
         raise LayerpruneError(f"unknown task {name!r}", f"use one of {listed}")
     if colon and base in ("copy", "copy_generate"):
         copying.check_prompt(arg)
-    if for_importance and name in SUITES:
-        raise LayerpruneError(f"the benchmark suite {name!r} cannot score layer importance yet",
-                              "use it in --final-tasks or `layerprune eval --tasks`")
     if for_importance and base in GENERATIVE_TASKS:
         raise LayerpruneError(f"task {name!r} generates text, so it cannot score layer importance",
                               "use it in --eval-tasks; for importance use copy (its teacher-forced form)")

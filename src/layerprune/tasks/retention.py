@@ -52,7 +52,8 @@ def _interval(values: np.ndarray) -> list[float]:
     values = np.asarray(values, dtype=float)
     if np.isnan(values).all():   # 0 / 0 on every draw: no interval to give
         return [float("nan"), float("nan")]
-    low, high = np.nanpercentile(values, [2.5, 97.5])
+    with np.errstate(invalid="ignore"):   # draws where the original scored 0 give inf, which stays in the tails
+        low, high = np.nanpercentile(values, [2.5, 97.5])
     return [float(low), float(high)]
 
 

@@ -32,7 +32,7 @@ def probed(teacher, config, drop):
     before = {k: v.clone() for k, v in student.state_dict().items()}
     job = plan(student, config, config.steps, 1, 0, [drop])
     guard = Guard(teacher, VALIDATION, 4, config.guard_retries)
-    probe = probe_lr(student, teacher, TRAIN, job, None, guard, None, heal)
+    probe = probe_lr(student, teacher, TRAIN, job, None, guard, None)
     untouched = all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     return student, job, probe, untouched
 

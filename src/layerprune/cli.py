@@ -111,7 +111,7 @@ def run_score(config: ScoreConfig, args) -> int:
 def run_eval(config: EvalConfig, args) -> int:
     from .api import evaluate
     from .io import write_json
-    from .report import RETENTION_KEYS, with_interval
+    from .report import RETENTION_KEYS, retained_cell
 
     result = evaluate(config, progress=not args.quiet)
     if "bench" in result:
@@ -124,9 +124,7 @@ def run_eval(config: EvalConfig, args) -> int:
             if key in RETENTION_KEYS:
                 continue
             ref = teacher.get(task, {}).get(key)
-            retained = f"{value / ref:.3f}" if key == "score" and ref else ""
-            if key == "score" and "retention_low" in values:
-                retained = with_interval(values["retention"], [values["retention_low"], values["retention_high"]])
+            retained = retained_cell(values, ref, key)
             print(f"{task:<20} {key:<12} {value:>10.4f} {'' if ref is None else f'{ref:10.4f}':>10} {retained}")
     if "quality_retained" in result:
         print(f"quality retained: {result['quality_retained']:.4f} (mean over "

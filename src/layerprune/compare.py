@@ -25,7 +25,8 @@ from .compare_table import over_seeds, write_comparison
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import EVERY_SPLIT, held_blocks
 from .depth import Depth
-from .equal_compute import SUFFIX, at_equal_seconds, at_scale, build_seconds, fixed_seconds, scale_suffix
+from .equal_compute import (SUFFIX, at_equal_seconds, at_scale, build_seconds, fixed_seconds, scale_suffix,
+                            with_steps)
 from .errors import LayerpruneError
 from .healing import Resources
 from .inputs import RunInputs, scores_and_rows
@@ -236,8 +237,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                      {n: round(q, 3) for n, q in quality["quality_retained"].items()}, by_seed[name][seed]["seconds"])
         if config.equal_seconds:
             def again(method: str, count: int, steps: int) -> dict:
-                budget = dataclasses.replace(seeded, counts=(count,), heal=dataclasses.replace(
-                    config.heal, steps=steps, tokens=None, epochs=1))
+                budget = with_steps(dataclasses.replace(seeded, counts=(count,)), steps)
                 return run_variant(prepared.inputs, budget, method, "distill", prepared.resources,
                                    Measures(domain, bench), progress)
             healed = [(variant_name(config, m, h), m, METHODS[m][1] == "iterative") for m, h in variants(config)

@@ -24,6 +24,8 @@ import logging
 import math
 import time
 
+from .healing.text import healing_offsets
+
 log = logging.getLogger(__name__)
 
 SUFFIX = " @ equal seconds"
@@ -66,12 +68,16 @@ def equal_seconds_row(measured: dict, target: dict[int, float], steps_used: dict
             "seconds_ratio": {n: measured["build_seconds_per_count"][n] / target[n] for n in steps_used}}
 
 
+def with_steps(config, steps: int):
+    """The comparison with a healing budget of `steps` optimizer steps per removal."""
+    return dataclasses.replace(config, heal=dataclasses.replace(config.heal, steps=steps, tokens=None, epochs=1))
+
+
 def at_scale(config, scale: float):
     """The comparison with its healing budget `scale` times as many steps per removal (at least one)."""
     if scale == 1:
         return config
-    steps = max(1, round(config.heal.steps_per_removal(config.data.seq_len) * scale))
-    return dataclasses.replace(config, heal=dataclasses.replace(config.heal, steps=steps, tokens=None, epochs=1))
+    return with_steps(config, max(1, round(config.heal.steps_per_removal(config.data.seq_len) * scale)))
 
 
 def scale_suffix(scale: float) -> str:
@@ -83,20 +89,17 @@ SECONDS_KEYS = ("seconds_per_count", "build_seconds_per_count", "fixed_seconds_p
 
 
 def at_equal_seconds(config, healed: list[tuple[str, str, bool]], by_seed: dict[str, dict], seed: int, again,
-                     prepared_with=None) -> dict[str, dict]:
+                     prepared_with) -> dict[str, dict]:
     """The rows `name + SUFFIX` of every healed variant but the reference, run again per count at the
     reference's seconds. `healed`: (variant name, method, whether it heals after every removal) of
     the healed variants; `by_seed`: what each ran at its own budget; `again(method, count, steps)`
     runs one at one count and steps; `prepared_with`: the configuration whose healings placed the
-    guard's validation blocks (default: `config`'s)."""
-    from .healing.text import healing_offsets
-
+    guard's validation blocks."""
     names = {method: name for name, method, _ in healed}
     reference = by_seed[names[config.equal_seconds]][seed]["build_seconds_per_count"]
     steps = config.heal.steps_per_removal(config.data.seq_len)
     per_step = config.heal.batch_size * config.heal.grad_accum
-    placed = prepared_with or config
-    before_validation = max(healing_offsets(placed, max(config.counts))) if config.heal.guard else None
+    before_validation = max(healing_offsets(prepared_with, max(config.counts))) if config.heal.guard else None
     rows = {}
     for name, method, iterative in healed:
         if method == config.equal_seconds:

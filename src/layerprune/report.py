@@ -72,11 +72,19 @@ def task_table(teacher: dict, pruned: dict) -> list[str]:
         for key, value in values.items():
             if key in RETENTION_KEYS:
                 continue
-            retained = f"{value / ref[key]:.3f}" if key == "score" and ref.get(key) else ""
-            if key == "score" and "retention_low" in values:
-                retained = with_interval(values["retention"], [values["retention_low"], values["retention_high"]])
-            lines.append(f"| {task} | {key} | {_fmt(ref.get(key, ''))} | {_fmt(value)} | {retained} |")
+            lines.append(f"| {task} | {key} | {_fmt(ref.get(key, ''))} | {_fmt(value)} | "
+                         f"{retained_cell(values, ref.get(key), key)} |")
     return lines
+
+
+def retained_cell(values: dict, original: float | None, key: str) -> str:
+    """A task's score against the original's: with its paired interval where the task gives one
+    (copy_generate, the suites), else the plain ratio; blank for its other measures."""
+    if key != "score" or not original:
+        return ""
+    if "retention_low" in values:
+        return with_interval(values["retention"], [values["retention_low"], values["retention_high"]])
+    return f"{values[key] / original:.3f}"
 
 
 def hidden_tasks(rep: dict) -> list[str]:

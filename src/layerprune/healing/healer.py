@@ -152,5 +152,5 @@ class Healer:
         probe's record from its checkpoint instead of probing again."""
         saved = (job.resume or {}).get("lr_probe")
         probe = ProbeLog(**saved) if saved else probe_lr(student, self.teacher, text, job, targets, guard,
-                                                         self.resources.accelerator, heal, self.progress)
+                                                         self.resources.accelerator, self.progress)
         return dataclasses.replace(job, lr=probe.chosen, lr_probe=probe.to_json())

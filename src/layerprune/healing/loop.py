@@ -52,21 +52,28 @@ log = logging.getLogger(__name__)
 SHUFFLE_BLOCKS = 1024
 
 
+def trained_modules(student, layers: list[int], config: HealConfig) -> list[torch.nn.Module]:
+    """What a healing changes: the chosen layers (with LoRA, every layer: its adapters are merged
+    into them), and with --trainable last the LM head (with tied embeddings, the input embedding too)."""
+    blocks = find_layers(student).layers
+    modules = [blocks[index] for index in layers]
+    if config.trainable == "last":
+        modules.append(student.get_output_embeddings())
+    return modules
+
+
 def set_trainable(student, layers: list[int], config: HealConfig):
     """Freeze everything, then open the chosen layers (or attach LoRA adapters to them)."""
     student.requires_grad_(False)
-    blocks = find_layers(student).layers
     if config.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
+        blocks = find_layers(student).layers
         names = sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules()
                         if isinstance(m, torch.nn.Linear)})
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=names, lora_dropout=0.0)
         return get_peft_model(student, lora)
-    opened = [blocks[index] for index in layers]
-    if config.trainable == "last":   # and the LM head (with tied embeddings, the input embedding too)
-        opened.append(student.get_output_embeddings())
-    for module in opened:
+    for module in trained_modules(student, layers, config):
         own(module)   # trained in place: no longer the teacher's weights
         module.requires_grad_(True)
     return student

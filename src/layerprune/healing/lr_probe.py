@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NonFiniteError
-from ..surgery import find_layers
 from .guard import RETRY_LR_FACTOR, Guard
 from .job import HealJob
+from .loop import heal, trained_modules
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +69,6 @@ def choose(kl_before: float, tried: list[dict]) -> float:
     return min(better, key=lambda rung: (rung["kl"], -rung["lr"]))["lr"]
 
 
-def _trained_modules(student, job: HealJob) -> list[torch.nn.Module]:
-    """The modules a healing of `job` can change (loop.set_trainable opens them, or merges LoRA
-    adapters into them)."""
-    blocks = find_layers(student).layers
-    if job.config.trainable in ("all", "lora"):
-        return [blocks]
-    modules = [blocks[index] for index in job.layers]
-    if job.config.trainable == "last":
-        modules.append(student.get_output_embeddings())
-    return modules
-
-
 def _snapshot(modules: list[torch.nn.Module]) -> list[dict[str, torch.Tensor]]:
     return [{name: p.detach().clone() for name, p in module.named_parameters()} for module in modules]
 
@@ -92,12 +80,11 @@ def _put_back(modules: list[torch.nn.Module], saved: list[dict[str, torch.Tensor
             p.copy_(state[name])
 
 
-def probe_lr(student, teacher, text, job: HealJob, targets, guard: Guard, accelerator,
-             heal_fn, progress: bool = False) -> ProbeLog:
-    """Run the ladder on `student` (the cut, unhealed) and leave it as it was. `heal_fn` is
-    loop.heal (passed in: loop imports the guard, this module is imported by the Healer)."""
+def probe_lr(student, teacher, text, job: HealJob, targets, guard: Guard, accelerator, progress: bool = False
+             ) -> ProbeLog:
+    """Run the ladder on `student` (the cut, unhealed) and leave it as it was."""
     started = time.perf_counter()
-    modules = _trained_modules(student, job)
+    modules = trained_modules(student, job.layers, job.config)
     saved = _snapshot(modules)
     kl_before = guard.measure(student)
     config = dataclasses.replace(job.config, warmup_steps=min(PROBE_WARMUP, job.config.warmup_steps),
@@ -108,7 +95,7 @@ def probe_lr(student, teacher, text, job: HealJob, targets, guard: Guard, accele
         short = dataclasses.replace(job, config=config, steps=PROBE_STEPS, lr=lr, resume=None, on_checkpoint=None,
                                     local_steps=min(job.local_steps, PROBE_STEPS // 2), label=f"lr probe at {lr:.3g}")
         try:
-            heal_fn(student, teacher, text, short, targets, progress, None, accelerator)
+            heal(student, teacher, text, short, targets, progress, None, accelerator)
             kl = guard.measure(student)
         except NonFiniteError:
             kl = math.inf

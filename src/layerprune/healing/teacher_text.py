@@ -117,6 +117,7 @@ class MixedText:
 
     def span(self, start: StreamPosition, count: int) -> Blocks:
         first = start.doc
+        # the generated text's own span says, now rather than mid-healing, when it holds too few blocks
         self.generated.span(StreamPosition((first + 1) // 2), (first + count + 1) // 2 - (first + 1) // 2)
 
         def read():

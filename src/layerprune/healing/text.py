@@ -75,8 +75,8 @@ def healing_text(config: Recipe, corpus: Corpus, count: int, teacher, folder: Pa
     end = max(healing_offsets(config, count))
     written = generated_blocks(config, count)
     if not getattr(corpus.train.tokenizer, "chat_template", None):
-        log.warning("--train-data teacher: this tokenizer has no chat template, so the original continues the "
-                    "training text's first tokens as plain text (no instruction)")
+        log.warning("--train-data %s: this tokenizer has no chat template, so the original continues the "
+                    "training text's first tokens as plain text (no instruction)", config.heal.train_data)
     held = range(end, end + config.data.blocks("val")) if config.heal.guard else range(0)
     if is_main_process():
         text = teacher_text.generate(teacher, corpus.train, written, folder, config.seed, held, progress)

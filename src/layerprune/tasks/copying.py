@@ -27,8 +27,8 @@ from .stats import accuracy_stats, accuracy_summary
 
 COPY_SAMPLES, COPY_TOKENS = 16, 32
 # copy_generate's items. On the README's main-job result (SmolLM2, 30 -> 28 layers), 256 items gave
-# its retention a 95% paired interval of 0.689 [0.633, 0.750] through the chat template (0.723
-# [0.655, 0.795] plain); 384 narrow it by sqrt(1.5) to about +-0.05 (docs/results.md).
+# its retention a 95% paired interval of 0.689 [0.633, 0.750] through the chat template; 384 gave
+# 0.655 [0.605, 0.705], the +-0.05 asked for (docs/results.md).
 GENERATE_SAMPLES = 384
 # Items generated at once: a batch's cache and last logits stay small on a 262K vocabulary.
 GENERATE_BATCH = 64

@@ -43,6 +43,7 @@ from pathlib import Path
 import yaml
 
 from layerprune import DataConfig, PruneConfig, prune
+from layerprune.checkpoint import continues
 from layerprune.config import BenchConfig
 from layerprune.data import StreamPosition, load_corpus
 from layerprune.models import load_model
@@ -138,12 +139,15 @@ def reusable(previous: Path | None, config: PruneConfig) -> Path | None:
 
 
 def run_variant(config: PruneConfig, previous: Path | None) -> dict:
-    """Train the variant, or copy an identical finished run; its removals, held-out figure, seconds."""
-    folder = reusable(previous, config)
+    """Train the variant, or copy an identical finished run; its removals, held-out figure, seconds.
+    A variant killed mid-way (a session's end) continues from its last checkpoint, and one killed
+    after its run but before sweep.json was written is only evaluated: a sweep can span sessions."""
+    out = Path(config.out)
+    folder = reusable(out.parent, config) or reusable(previous, config)
     if folder is None:
-        prune(config, progress=False, overwrite=True)
-        folder = Path(config.out)
-    else:
+        prune(config, progress=False, overwrite=not continues(to_dict(config), out))
+        folder = out
+    elif folder != out:
         shutil.copytree(folder, config.out, dirs_exist_ok=True)
         print(f"reusing {folder} (same config)", flush=True)
     saved = json.loads((folder / "history.json").read_text())

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from layerprune.checkpoint import (Evaluation, History, IterationRecord, PendingIteration, find_checkpoint,
+from layerprune.checkpoint import (Evaluation, History, IterationRecord, PendingIteration, continues, find_checkpoint,
                                    restore_student, resume_point, save_checkpoint, save_heal_checkpoint)
 from layerprune.errors import LayerpruneError
 from layerprune.healing.job import HealLog
@@ -64,6 +64,14 @@ class TestResumeDecision:
         assert resume_point(unimportant, tmp_path, resume=True).pending is not None
         with pytest.raises(LayerpruneError, match="different configuration"):
             resume_point({**CONFIG, "heal": {"steps": 4, "checkpoint_every": 2}}, tmp_path, False)
+
+    def test_continues_only_an_unfinished_run_of_the_same_results(self, tmp_path):
+        assert not continues(CONFIG, tmp_path)   # nothing there
+        save_heal_checkpoint(tmp_path, CONFIG, None, PendingIteration(1, Selection([0.1], [0])), {"step": 1})
+        assert continues({**CONFIG, "measure_speed": False}, tmp_path)
+        assert not continues({**CONFIG, "heal": {"steps": 4, "checkpoint_every": 2}}, tmp_path)
+        (tmp_path / "history.json").write_text("{}")
+        assert not continues(CONFIG, tmp_path)   # finished: nothing to continue
 
     def test_a_recorded_iteration_drops_its_healing_checkpoint(self, tmp_path):
         model = tiny_model("llama")

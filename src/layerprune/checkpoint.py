@@ -287,18 +287,37 @@ def check_output(out: Path) -> None:
         raise LayerpruneError(f"{out} already holds a finished run", "choose another --out, or pass --overwrite")
 
 
+def _unfinished(out: Path) -> tuple[Path | None, Path | None, list[dict]]:
+    """The iteration and healing checkpoints in `out` (either may be None) and their states."""
+    folder = find_checkpoint(out) if out.exists() else None
+    heal_folder = find_checkpoint(out, HEAL_FOLDER) if out.exists() else None
+    states = [_read_state(f, key) for f, key in ((folder, "entries"), (heal_folder, "pending")) if f is not None]
+    return folder, heal_folder, states
+
+
+def _same_results(states: list[dict], config: dict) -> bool:
+    return all(_results_part(state["config"]) == _results_part(config) for state in states)
+
+
+def continues(config: dict, out: Path) -> bool:
+    """Whether `out` holds an unfinished run that these options continue: a caller that runs many
+    configurations (bench/sweep_heal.py) resumes such a run and starts any other afresh."""
+    if (out / HISTORY).exists():
+        return False
+    states = _unfinished(out)[2]
+    return bool(states) and _same_results(states, config)
+
+
 def resume_point(config: dict, out: Path, resume: bool) -> ResumePoint:
     """Decide between a fresh start and a resume of the run in `out`; refuse to mix runs. The
     folder is already claimed (outdir.claim): ours, locked, emptied on --overwrite."""
     check_output(out)
-    folder = find_checkpoint(out) if out.exists() else None
-    heal_folder = find_checkpoint(out, HEAL_FOLDER) if out.exists() else None
-    if folder is None and heal_folder is None:
+    folder, heal_folder, states = _unfinished(out)
+    if not states:
         if resume:
             raise LayerpruneError(f"there is no unfinished run to resume in {out}", "run without --resume")
         return ResumePoint()
-    states = [_read_state(f, key) for f, key in ((folder, "entries"), (heal_folder, "pending")) if f is not None]
-    if any(_results_part(state["config"]) != _results_part(config) for state in states):
+    if not _same_results(states, config):
         raise LayerpruneError(f"{out} holds an unfinished run with a different configuration",
                               "rerun with the same options to continue it, or pass --overwrite to start afresh")
     records = _records_of(folder, states[0]) if folder is not None else []

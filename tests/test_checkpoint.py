@@ -186,7 +186,7 @@ def test_resume_and_the_card_read_one_declaration_of_what_changes_a_result():
     run the default recipe; the cache options change the KL term (top-k targets), so they count."""
     import dataclasses
 
-    from layerprune.checkpoint import _results_part
+    from layerprune.checkpoint import results_part
     from layerprune.config import HealConfig, PruneConfig
     from layerprune.options import to_dict
     from layerprune.report import is_default_recipe
@@ -196,7 +196,7 @@ def test_resume_and_the_card_read_one_declaration_of_what_changes_a_result():
     for field in dataclasses.fields(HealConfig):
         changed = dataclasses.replace(base, heal=dataclasses.replace(base.heal, **{field.name: _changed(field)}))
         assert changed.heal != base.heal, field.name
-        resumable = _results_part(to_dict(changed)) == _results_part(to_dict(base))
+        resumable = results_part(to_dict(changed)) == results_part(to_dict(base))
         assert resumable == is_default_recipe(changed), field.name
         free += [field.name] if resumable else []
     assert sorted(free) == ["checkpoint_every", "gradient_checkpointing", "log_every"]

@@ -283,3 +283,38 @@ def test_heal_scales_run_each_healed_variant_at_each_budget(tiny_dir, text_file,
     assert deepest(config).heal.steps == 4
     with pytest.raises(Exception, match="1 \\(the comparison's own budget\\)"):
         CompareConfig(out="x", heal_scales=(2.0,)).validate()
+
+
+def test_a_stopped_comparison_continues_with_the_variants_it_had_measured(tiny_dir, text_file, tmp_path, monkeypatch):
+    """Stopped in its second variant, the same command measures that one alone and writes the
+    same table an unstopped run writes; other options are refused in that folder."""
+    import importlib
+
+    compare_module = importlib.import_module("layerprune.compare")   # the package exports its function
+
+    def argv(out, remove="1"):
+        return ["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--remove", remove,
+                "--methods", "shortgpt,iterative-bi", "--healing", "none", "--seq-len", "32", "--calib-blocks", "2",
+                "--patch-blocks", "4", "--eval-blocks", "2", "--quiet", "--device", "cpu"]
+    real, ran = compare_module.run_variant, []
+
+    def stopped_in_the_second(*args, **kwargs):
+        ran.append(args[2])
+        if len(ran) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(compare_module, "run_variant", stopped_in_the_second)
+    assert main(argv(out)) == 130
+    assert (out / "variants.json").is_file() and not (out / "compare.json").exists()
+    assert main(argv(out, remove="2")) == 2   # other options: refused before any work
+    ran.clear()
+    assert main(argv(out)) == 0 and ran == ["iterative-bi"]
+    assert not (out / "variants.json").exists()
+    monkeypatch.setattr(compare_module, "run_variant", real)
+    assert main(argv(tmp_path / "whole")) == 0
+    stopped, whole = (json.loads((folder / "compare.json").read_text())["results"] for folder in (out, tmp_path / "whole"))
+    for name in whole:
+        assert stopped[name]["removed_original"] == whole[name]["removed_original"]
+        assert stopped[name]["quality_retained"] == whole[name]["quality_retained"]

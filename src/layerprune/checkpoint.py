@@ -265,8 +265,9 @@ def _read_heal_state(folder: Path) -> dict:
     return state
 
 
-def _results_part(config: dict, ignore: dict = NO_RESULT_OPTIONS) -> dict:
-    return {k: _results_part(v, ignore[k]) if isinstance(ignore.get(k), dict) else v
+def results_part(config: dict, ignore: dict = NO_RESULT_OPTIONS) -> dict:
+    """`config` without the options `ignore` names (those that change no result), nested alike."""
+    return {k: results_part(v, ignore[k]) if isinstance(ignore.get(k), dict) else v
             for k, v in config.items() if k not in ignore or isinstance(ignore[k], dict)}
 
 
@@ -296,7 +297,7 @@ def _unfinished(out: Path) -> tuple[Path | None, Path | None, list[dict]]:
 
 
 def _same_results(states: list[dict], config: dict) -> bool:
-    return all(_results_part(state["config"]) == _results_part(config) for state in states)
+    return all(results_part(state["config"]) == results_part(config) for state in states)
 
 
 def continues(config: dict, out: Path) -> bool:

@@ -13,13 +13,15 @@ the mean over --eval-tasks relative to the original.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import outdir
-from .checkpoint import check_output
+from .checkpoint import check_output, results_part
 from .compare_bench import Benchmarks, benchmarks_for, check_suites, per_count
 from .compare_table import over_seeds, write_comparison
 from .config import CompareConfig, PruneConfig, Recipe
@@ -31,7 +33,8 @@ from .errors import LayerpruneError
 from .healing import Resources
 from .inputs import RunInputs, scores_and_rows
 from .models import model_name, transformers_bars
-from .options import to_dict
+from .io import write_json
+from .options import result_free, to_dict
 from .prepare import check, prepare
 from .processes import is_main_process
 from .run import PruneRun
@@ -79,7 +82,7 @@ def depends_on_seed(config: CompareConfig, heal: str) -> bool:
 
 def variant_config(config: CompareConfig, method: str, heal: str, count: int) -> PruneConfig:
     """The prune configuration of one variant: the comparison's recipe with this method's metric
-    and mode. A comparison is not resumable (each variant is short): no healing checkpoints."""
+    and mode. A comparison resumes by whole variants (Finished): no healing checkpoints."""
     metric, mode, patch = METHODS[method]
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(Recipe)}
     published = {"patch": patch, "patch_target": "layer"} if patch else {}
@@ -183,6 +186,49 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
     return {**measured, **per_count(bench)}
 
 
+class Finished:
+    """The variants a comparison has measured so far, written whole after each one: the same
+    command run again in the same folder skips them, so a comparison stopped mid-way (a session's
+    end, a kill) loses only the variant in flight. Options that change no figure may differ."""
+
+    FILE = "variants.json"
+
+    def __init__(self, out: Path, config: CompareConfig):
+        self.path = out / self.FILE
+        ignored = {k: v for k, v in result_free(CompareConfig).items() if k != "bench"}   # its items are figures
+        self.options = results_part(to_dict(config), ignored)
+        self.rows: dict[str, dict] = {}
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            if saved.get("options") != json.loads(json.dumps(self.options)):
+                raise LayerpruneError(f"{out} holds an unfinished comparison with other options",
+                                      "rerun it with the same options to continue it, or choose another --out")
+            self.rows = _counts_as_ints(saved["rows"])
+            log.info("continuing the comparison in %s: %d variant run(s) already measured", out, len(self.rows))
+
+    def get(self, key: str, seed: int, measure: Callable[[], dict]) -> dict:
+        """The row of `key` on `seed`: measured before, or measured now and saved."""
+        name = f"{key}@{seed}"
+        if name in self.rows:
+            log.info("%s, seed %d: measured before this comparison was stopped; kept", key, seed)
+        else:
+            self.rows[name] = measure()
+            if is_main_process():
+                write_json(self.path, {"options": self.options, "rows": self.rows})
+        return self.rows[name]
+
+    def close(self) -> None:
+        if is_main_process():
+            self.path.unlink(missing_ok=True)
+
+
+def _counts_as_ints(value):
+    """JSON's string keys back to the counts they were (every figure is keyed by its count)."""
+    if isinstance(value, dict):
+        return {int(k) if k.isdigit() else k: _counts_as_ints(v) for k, v in value.items()}
+    return value
+
+
 def deepest(config: CompareConfig, seed: int | None = None) -> PruneConfig:
     """The variant configuration a comparison is prepared with: its deepest cut, healed where any
     variant heals (the stream must hold those healings; the guard's blocks lie past them)."""
@@ -208,6 +254,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
 
 
 def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
+    finished = Finished(out, config)   # before the preparation: other options are refused at once
     counts = sorted(set(config.counts))
     seeds = config.seeds or (config.seed,)
     patching = any(variant_config(config, method, "none", 1).patch != "none" for method in config.methods)
@@ -229,17 +276,20 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
             if seed != seeds[0] and not depends_on_seed(config, heal):
                 log.info("%s does not depend on the seed: run on seed %d only", name, seeds[0])
                 continue
-            start = time.perf_counter()
-            quality = run_variant(prepared.inputs, at_scale(seeded, scale), method, heal, prepared.resources,
-                                  Measures(domain, bench), progress)
-            by_seed.setdefault(name, {})[seed] = {**quality, "seconds": time.perf_counter() - start}
-            log.info("%s, seed %d: %s (%.0fs)", name, seed,
-                     {n: round(q, 3) for n, q in quality["quality_retained"].items()}, by_seed[name][seed]["seconds"])
+            def measure() -> dict:
+                start = time.perf_counter()
+                quality = run_variant(prepared.inputs, at_scale(seeded, scale), method, heal, prepared.resources,
+                                      Measures(domain, bench), progress)
+                row = {**quality, "seconds": time.perf_counter() - start}
+                log.info("%s, seed %d: %s (%.0fs)", name, seed,
+                         {n: round(q, 3) for n, q in quality["quality_retained"].items()}, row["seconds"])
+                return row
+            by_seed.setdefault(name, {})[seed] = finished.get(name, seed, measure)
         if config.equal_seconds:
             def again(method: str, count: int, steps: int) -> dict:
                 budget = with_steps(dataclasses.replace(seeded, counts=(count,)), steps)
-                return run_variant(prepared.inputs, budget, method, "distill", prepared.resources,
-                                   Measures(domain, bench), progress)
+                return finished.get(f"{method} -{count} at {steps} steps", seed, lambda: run_variant(
+                    prepared.inputs, budget, method, "distill", prepared.resources, Measures(domain, bench), progress))
             healed = [(variant_name(config, m, h), m, METHODS[m][1] == "iterative") for m, h in variants(config)
                       if h == "distill"]
             for name, row in at_equal_seconds(config, healed, by_seed, seed, again, deepest(config)).items():
@@ -257,4 +307,5 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                "config": to_dict(config), **({"bench": bench.describe()} if bench is not None else {})}
     if is_main_process():
         write_comparison(out, summary)
+    finished.close()
     return summary

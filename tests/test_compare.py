@@ -314,7 +314,7 @@ def test_a_stopped_comparison_continues_with_the_variants_it_had_measured(tiny_d
     assert not (out / "variants.json").exists()
     monkeypatch.setattr(compare_module, "run_variant", real)
     assert main(argv(tmp_path / "whole")) == 0
-    stopped, whole = (json.loads((folder / "compare.json").read_text())["results"] for folder in (out, tmp_path / "whole"))
+    stopped, whole = (json.loads((f / "compare.json").read_text())["results"] for f in (out, tmp_path / "whole"))
     for name in whole:
         assert stopped[name]["removed_original"] == whole[name]["removed_original"]
         assert stopped[name]["quality_retained"] == whole[name]["quality_retained"]

@@ -294,11 +294,15 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
     from layerprune.compare_table import merge_comparisons, write_comparison
 
     monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    from layerprune.tasks import copying
+    from layerprune.tasks.retention import paired_ratio, paired_ratio_difference
+
     monkeypatch.setitem(suite.SUITES, "bench", (TINY_ARC, TINY_BOOLQ))
+    monkeypatch.setattr(copying, "GENERATE_SAMPLES", 12)
     common = ["--model", str(tiny_dir), "--data", str(text_file), "--remove", "1,2", "--seq-len", "32",
               "--calib-blocks", "2", "--patch-blocks", "4", "--eval-blocks", "2", "--heal-steps", "1",
-              "--heal-grad-accum", "1", "--quiet", "--device", "cpu", "--final-tasks", "bench", "--bench-items", "6",
-              "--unseen-data", "embedded:news"]
+              "--heal-grad-accum", "1", "--quiet", "--device", "cpu", "--final-tasks", "bench,copy_generate",
+              "--bench-items", "6", "--unseen-data", "embedded:news"]
     parts = []
     for methods, healing in (("layerprune", "distill"), ("shortgpt", "none")):
         out = tmp_path / methods
@@ -309,6 +313,13 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
         for n, (low, high) in result["bench_retention_interval"].items():
             assert low <= result["bench_retention"][n] <= high
         assert all(len(items["tiny_arc"]["item"]) == 6 for items in result["bench_items"].values())
+    original = parts[0]["copy"]["original"]   # generation: the same 12 held-out paragraphs for every model
+    assert parts[0]["copy"]["task"] == "copy_generate" and len(original) == 12 and parts[1]["copy"] == parts[0]["copy"]
+    for result in (*parts[0]["results"].values(), *parts[1]["results"].values()):
+        for n, scores in result["copy_items"].items():
+            ratio, interval = paired_ratio(scores, original)
+            assert result["copy_retention"][n] == pytest.approx(ratio)
+            assert result["copy_retention_interval"][n] == pytest.approx(interval)
     merged = merge_comparisons(parts)
     (tmp_path / "merged").mkdir()
     write_comparison(tmp_path / "merged", merged)
@@ -316,10 +327,20 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
     assert "## Benchmark retention (tiny_arc, tiny_boolq)" in table
     assert "difference from layerprune + lstsq patch + healing" in table and "| shortgpt + no healing |" in table
     assert (tmp_path / "merged" / "compare_bench.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(LayerpruneError, match="benchmark suites only"):
-        from layerprune.compare_bench import check_suites
+    ours, theirs = (next(iter(part["results"].values()))["copy_items"]["2"] for part in parts)
+    value, (low, high) = paired_ratio_difference(theirs, ours, original)
+    assert "## Generation retention (copy_generate)" in table
+    assert "| shortgpt + no healing | " in table and f"{value:+.3f} [{low:+.3f}, {high:+.3f}] |" in table
+    assert (tmp_path / "merged" / "compare_copy.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(LayerpruneError, match="differ in copy"):
+        merge_comparisons([parts[0], {**parts[1], "copy": {**parts[1]["copy"], "task": "copy_generate:plain"}}])
+    from layerprune.compare_bench import check_suites
+    from layerprune.compare_copy import GENERATION, check_generation
 
-        check_suites(["perplexity"])
+    with pytest.raises(LayerpruneError, match="benchmark suites and copying only"):
+        check_suites(["perplexity"], also=GENERATION)
+    with pytest.raises(LayerpruneError, match="one copying task"):
+        check_generation(list(GENERATION))
 
 
 def test_a_tokenizer_that_cannot_encode_the_text_is_one_line():

@@ -23,6 +23,7 @@ from typing import Callable
 from . import outdir
 from .checkpoint import check_output, results_part
 from .compare_bench import Benchmarks, benchmarks_for, check_suites, per_count
+from .compare_copy import GENERATION, Generation, check_generation, generation_for
 from .compare_table import over_seeds, write_comparison
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import EVERY_SPLIT, held_blocks
@@ -132,11 +133,12 @@ def variant_name(config: CompareConfig, method: str, heal: str) -> str:
 
 @dataclass(frozen=True)
 class Measures:
-    """What every variant is measured on besides held-out text: the unseen domain and the
-    benchmark suites (either may be None)."""
+    """What every variant is measured on besides held-out text: the unseen domain, the benchmark
+    suites and copying (any may be None)."""
 
     domain: Domain | None
     bench: Benchmarks | None
+    copy: Generation | None = None
 
 
 def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str, resources: Resources,
@@ -150,6 +152,7 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
     domain = measures.domain
     unseen: dict[int, tuple[float, list[float] | None]] = {}
     bench: dict[int, dict] = {}
+    copied: dict[int, dict] = {}
 
     def run(count: int):
         variant = PruneRun(variant_config(config, method, heal, count), inputs, Depth(count, f"--remove {count}"),
@@ -159,9 +162,11 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
             removed = count if mode != "iterative" else iteration
             if domain is not None and removed in counts:
                 unseen[removed] = domain.retained(variant.student, inputs.teacher)
+            who = f"{variant_name(config, method, heal)} at -{removed}"
             if measures.bench is not None and removed in counts:
-                bench[removed] = measures.bench.measure(variant.student, progress,
-                                                        f"{variant_name(config, method, heal)} at -{removed}")
+                bench[removed] = measures.bench.measure(variant.student, progress, who)
+            if measures.copy is not None and removed in counts:
+                copied[removed] = measures.copy.measure(variant.student, who)
         return variant.records
 
     if mode == "iterative":   # one run to the deepest count, read off after each removal
@@ -183,7 +188,7 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
     if domain is not None:
         measured["quality_retained_unseen"] = {n: q for n, (q, _) in unseen.items()}
         measured["quality_retained_unseen_interval"] = {n: interval for n, (_, interval) in unseen.items()}
-    return {**measured, **per_count(bench)}
+    return {**measured, **per_count(bench), **per_count(copied)}
 
 
 class Finished:
@@ -241,7 +246,8 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     """Run every method x healing variant; write compare.json, compare.md and compare.png to config.out."""
     config.validate()
     check(deepest(config), warn_ignored=False)
-    check_suites(config.final_tasks)
+    check_suites(config.final_tasks, also=GENERATION)
+    check_generation(config.final_tasks)
     if config.unseen_data is not None and config.unseen_data == source_name(config.data.source):
         raise LayerpruneError(f"--unseen-data {config.unseen_data} is also the training data, so it is not unseen",
                               "give --unseen-data another source than --data")
@@ -265,12 +271,13 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
     teacher, tokenizer = prepared.teacher, prepared.tokenizer
     by_seed: dict[str, dict[int, dict]] = {}
     bench = benchmarks_for(config, teacher, tokenizer, progress)
+    copying = generation_for(config, prepared.inputs)
     for seed in seeds:
         # A seed changes the healings' data order and the sampled task items: inputs are built per seed.
         seeded = dataclasses.replace(config, seed=seed)
         if seed != seeds[0]:
             prepared = prepared.for_seed(deepest(config, seed), out, progress, **options)
-        domain = unseen_domain(seeded, teacher, tokenizer)
+        measures = Measures(unseen_domain(seeded, teacher, tokenizer), bench, copying)
         for method, heal, scale in scaled_variants(config):
             name = variant_name(config, method, heal) + scale_suffix(scale)
             if seed != seeds[0] and not depends_on_seed(config, heal):
@@ -279,7 +286,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
             def measure() -> dict:
                 start = time.perf_counter()
                 quality = run_variant(prepared.inputs, at_scale(seeded, scale), method, heal, prepared.resources,
-                                      Measures(domain, bench), progress)
+                                      measures, progress)
                 row = {**quality, "seconds": time.perf_counter() - start}
                 log.info("%s, seed %d: %s (%.0fs)", name, seed,
                          {n: round(q, 3) for n, q in quality["quality_retained"].items()}, row["seconds"])
@@ -289,7 +296,7 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
             def again(method: str, count: int, steps: int) -> dict:
                 budget = with_steps(dataclasses.replace(seeded, counts=(count,)), steps)
                 return finished.get(f"{method} -{count} at {steps} steps", seed, lambda: run_variant(
-                    prepared.inputs, budget, method, "distill", prepared.resources, Measures(domain, bench), progress))
+                    prepared.inputs, budget, method, "distill", prepared.resources, measures, progress))
             healed = [(variant_name(config, m, h), m, METHODS[m][1] == "iterative") for m, h in variants(config)
                       if h == "distill"]
             for name, row in at_equal_seconds(config, healed, by_seed, seed, again, deepest(config)).items():
@@ -304,7 +311,8 @@ def _compare(config: CompareConfig, out: Path, progress: bool) -> dict:
                "eval_tasks": list(config.eval_tasks), "data": source_name(config.data.source),
                "unseen_data": config.unseen_data, "teacher_eval": prepared.inputs.teacher_eval, "results": results,
                "seeds": list(seeds),
-               "config": to_dict(config), **({"bench": bench.describe()} if bench is not None else {})}
+               "config": to_dict(config), **({"bench": bench.describe()} if bench is not None else {}),
+               **({"copy": copying.describe()} if copying is not None else {})}
     if is_main_process():
         write_comparison(out, summary)
     finished.close()

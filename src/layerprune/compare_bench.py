@@ -29,11 +29,12 @@ TABLE_NOTE = ("zero-shot lm-eval tasks on validation items (MMLU: test), acc_nor
               "with its 95% paired bootstrap interval over items")
 
 
-def check_suites(names) -> None:
-    unknown = [name for name in names if name not in SUITES]
+def check_suites(names, also=()) -> None:
+    unknown = [name for name in names if name not in SUITES and name not in also]
     if unknown:
-        raise LayerpruneError(f"compare's --final-tasks takes the benchmark suites only, not {', '.join(unknown)}",
-                              f"use {' or '.join(SUITES)} (held-out quality is always measured)")
+        raise LayerpruneError(f"compare's --final-tasks takes the benchmark suites and copying only, not "
+                              f"{', '.join(unknown)}", f"use {', '.join((*SUITES, *also))} (held-out quality is "
+                                                       "always measured)")
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,10 @@ class Benchmarks:
 
 
 def benchmarks_for(config, teacher, tokenizer, progress: bool) -> Benchmarks | None:
-    if not config.final_tasks:
+    suites = [name for name in config.final_tasks if name in SUITES]
+    if not suites:
         return None
-    request = request_for(config.final_tasks, config.bench.items or None, config.bench.calibration,
+    request = request_for(suites, config.bench.items or None, config.bench.calibration,
                           side=config.bench.side)
     return Benchmarks(request, original_results(teacher, tokenizer, request, None, config.bench.cache, progress),
                       tokenizer)
@@ -87,7 +89,7 @@ def _items(result: dict, count: int) -> ItemResults | None:
     return None
 
 
-def _reference(results: dict) -> str:
+def reference_variant(results: dict) -> str:
     healed = [name for name, r in results.items() if r["method"] == "layerprune" and r["heal"] == "distill"]
     return healed[0] if healed else next(iter(results))
 
@@ -112,7 +114,7 @@ def family_table(summary: dict, count: int) -> list[str]:
     results = {name: r for name, r in summary["results"].items() if _items(r, count) is not None}
     if not results:
         return []
-    reference = _reference(results)
+    reference = reference_variant(results)
     lines = [f"| -{count} | " + " | ".join(families) + f" | chance-corrected | difference from {reference} |",
              "| --- |" + " --- |" * (len(families) + 2)]
     for name, r in results.items():
@@ -156,7 +158,7 @@ def bench_section(summary: dict, column_cells) -> list[str]:
              f"{summary['bench']['request']['calibration']:g} of each task reserved for calibration.", "",
              "| method | " + " | ".join(f"-{n}" for n in counts) + " |", "| --- |" + " --- |" * len(counts)]
     for name in measured:
-        lines.append(f"| {name} | " + " | ".join(columns[n][name] for n in counts) + " |")
+        lines.append(f"| {name} | " + " | ".join(columns[n].get(name, "-") for n in counts) + " |")
     for n in counts:
         lines += ["", *family_table(summary, n)]
     lines += ["", *agreement_lines(rank_agreement(summary))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .compare_bench import KEYS as BENCH_KEYS, PER_COUNT as BENCH_PER_COUNT, bench_section, plot_bench
+from .compare_copy import KEYS as COPY_KEYS, PER_COUNT as COPY_PER_COUNT, generation_section, plot_generation
 from .equal_compute import SECONDS_KEYS, equal_seconds_lines
 from .errors import LayerpruneError
 from .io import write_json, write_text
@@ -26,7 +27,7 @@ def over_seeds(runs: dict[int, dict]) -> dict:
     for key in SECONDS_KEYS:
         if key in first:
             merged[key] = {n: sum(r[key][n] for r in runs.values()) / len(runs) for n in first[key]}
-    for key in ("quality_retained", "quality_retained_unseen", *BENCH_KEYS):
+    for key in ("quality_retained", "quality_retained_unseen", *BENCH_KEYS, *COPY_KEYS):
         if key not in first:
             continue
         values = {n: [r[key][n] for r in runs.values()] for n in first[key]}
@@ -51,6 +52,7 @@ def write_comparison(out: Path, summary: dict) -> None:
         if curves:
             plot_quality(curves, out / file, f"quality retained on held-out {text} ({tasks})")
     plot_bench(summary, out)
+    plot_generation(summary, out)
     costs = {name: [(r["seconds_per_count"][n], r["quality_retained"][n], n) for n in sorted(r["quality_retained"])]
              for name, r in summary["results"].items() if "seconds_per_count" in r}
     if costs:
@@ -78,9 +80,9 @@ def plot_frontier_of(summary: dict, out: Path) -> None:
 # A variant's figures per count of layers removed (JSON keys are strings, read back as ints).
 PER_COUNT = ("removed_original", "quality_retained", "quality_retained_interval", "quality_retained_spread",
              "quality_retained_unseen", "quality_retained_unseen_interval", "quality_retained_unseen_spread",
-             *SECONDS_KEYS, "target_seconds", "heal_steps", "seconds_ratio", *BENCH_PER_COUNT)
+             *SECONDS_KEYS, "target_seconds", "heal_steps", "seconds_ratio", *BENCH_PER_COUNT, *COPY_PER_COUNT)
 # What must agree for two comparisons' variants to stand in one table.
-SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval", "bench")
+SAME_INPUTS = ("model", "counts", "eval_tasks", "data", "unseen_data", "teacher_eval", "bench", "copy")
 
 
 def merge_comparisons(summaries: list[dict]) -> dict:
@@ -139,9 +141,11 @@ def _check_same_variant(name: str, described: dict, result: dict, config: dict, 
 
 def _column_cells(results: dict, key: str, count: int) -> dict[str, str]:
     """Each variant's figure at one count with its interval: the best in bold, and marked level
-    (~) where its interval reaches the best one's."""
-    figures = {name: r[key][count] for name, r in results.items()}
+    (~) where its interval reaches the best one's; a variant without one there has no cell."""
+    figures = {name: r[key][count] for name, r in results.items() if count in r.get(key, {})}
     intervals = {name: r.get(f"{key}_interval", {}).get(count) for name, r in results.items()}
+    if not figures:
+        return {}
     best = max(figures, key=figures.get)
     cells = {}
     for name, figure in figures.items():
@@ -171,7 +175,7 @@ def comparison_markdown(summary: dict) -> str:
              " seconds | seeds |",
              "| --- |" + " --- |" * (len(counts) * len(keys)) + " --- | --- |"]
     for name, r in results.items():
-        cells = " | ".join(columns[key, n][name] for key in keys for n in counts)
+        cells = " | ".join(columns[key, n].get(name, "-") for key in keys for n in counts)
         ran = ", ".join(map(str, r.get("seeds", seeds[:1])))
         lines.append(f"| {name} | {cells} | {r['seconds']:.0f} | {ran} |")
     plots = ["![quality retained against layers removed](compare.png)",
@@ -181,4 +185,4 @@ def comparison_markdown(summary: dict) -> str:
     if any("build_seconds_per_count" in r for r in results.values()):
         plots.append("![retention against the seconds to make each model, with the frontier](compare_frontier.png)")
     return "\n".join(lines) + "\n\n" + "\n".join(plots) + "\n" + "\n".join(bench_section(summary, _column_cells)) \
-        + "\n".join(equal_seconds_lines(summary)) + "\n"
+        + "\n".join(generation_section(summary, _column_cells)) + "\n".join(equal_seconds_lines(summary)) + "\n"

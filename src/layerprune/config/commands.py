@@ -217,7 +217,8 @@ class CompareConfig(Recipe):
     healing: tuple[str, ...] = opt(HEAL_METHODS[::-1], "none, distill or both")
     final_tasks: tuple[str, ...] = opt((), "benchmark suites every variant is scored on at every count: bench, mmlu "
                                            "(retention per task family, chance-corrected, and each variant's paired "
-                                           "difference from layerprune's, in compare.md)")
+                                           "difference from layerprune's, in compare.md); and copy_generate (or "
+                                           "copy_generate:plain): generation retention on held-out paragraphs")
     unseen_data: str | None = opt("embedded:news", "a second held-out text, of a domain nothing is trained or "
                                                    "scored on, all of it read as held-out text (--eval-tokens); "
                                                    "quality retained is reported on it too")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -124,22 +125,39 @@ def copy_scores(model, items: list[tuple[list[int], list[int]]], pad: int) -> li
     return scores
 
 
+@dataclass(frozen=True)
+class Copying:
+    """copy_generate's items (prompt ids, paragraph ids) and the pad id to generate them with."""
+
+    items: list[tuple[list[int], list[int]]]
+    pad: int
+
+    def scores(self, model) -> list[float]:
+        return copy_scores(model, self.items, self.pad)
+
+
+def copying_items(ctx, arg: str = "") -> Copying:
+    """The items copy_generate (`arg` "plain": copy_generate:plain) scores on `ctx`'s documents:
+    the task's, and a comparison's, which keeps every model's per-item scores."""
+    check_prompt(arg)
+    return Copying(_copy_items(ctx, ctx.copy_samples or GENERATE_SAMPLES, plain=arg == "plain"),
+                   ctx.tokenizer.pad_token_id or 0)
+
+
 def build_copy_generate(ctx, arg: str = "") -> Task:
     """Its summary against the original (given as `teacher`) adds the retention and its 95% paired
     bootstrap interval over items; the original's per-item scores are kept for the task's life,
     so every evaluation of a run generates with the original once."""
-    check_prompt(arg)
-    items = _copy_items(ctx, ctx.copy_samples or GENERATE_SAMPLES, plain=arg == "plain")
-    pad = ctx.tokenizer.pad_token_id or 0
+    copying = copying_items(ctx, arg)
     kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> its per-item scores
 
     def scores_of(model) -> list[float]:
         if model not in kept:
-            kept[model] = copy_scores(model, items, pad)
+            kept[model] = copying.scores(model)
         return kept[model]
 
     def run(model, teacher=None) -> dict[str, float]:
-        scores = scores_of(model) if model is teacher else copy_scores(model, items, pad)
+        scores = scores_of(model) if model is teacher else copying.scores(model)
         summary = {"score": sum(scores) / len(scores), "samples": float(len(scores))}
         if teacher is not None and model is not teacher:
             ratio, (low, high) = paired_ratio(scores, scores_of(teacher))

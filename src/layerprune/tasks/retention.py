@@ -154,6 +154,19 @@ def paired_ratio(model: list[float], original: list[float], draws: int = DRAWS, 
                 _interval(m[picks].mean(1) / o[picks].mean(1)))
 
 
+def paired_ratio_difference(model: list[float], other: list[float], original: list[float], draws: int = DRAWS,
+                            seed: int = 0) -> tuple[float, list[float]]:
+    """`model`'s ratio to `original` minus `other`'s (per-item scores on the same items) and its
+    95% paired bootstrap interval: what one variant keeps over another on a task outside the suite."""
+    m, n, o = (np.asarray(values, dtype=float) for values in (model, other, original))
+    if not m.shape == n.shape == o.shape:
+        raise ValueError("the models were not scored on the same items")
+    picks = np.random.default_rng(seed).integers(0, len(m), (draws, len(m)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (float((m.mean() - n.mean()) / o.mean()) if o.mean() else float("nan"),
+                _interval((m[picks].mean(1) - n[picks].mean(1)) / o[picks].mean(1)))
+
+
 def _span(value: float, interval) -> str:
     return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 

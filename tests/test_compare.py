@@ -267,7 +267,7 @@ def test_equal_seconds_runs_each_healed_baseline_again_at_the_reference_seconds(
 def test_heal_scales_run_each_healed_variant_at_each_budget(tiny_dir, text_file, tmp_path):
     """--heal-scales 0.5,1,2: the healed variant at 1, 2 and 4 steps a removal (rows named for the
     scale), the unhealed one once; the guard's validation blocks lie past the largest budget."""
-    from layerprune.compare import deepest
+    from layerprune.compare import deepest, scaled_variants
 
     out = tmp_path / "scales"
     code = main(["compare", "--model", str(tiny_dir), "--data", str(text_file), "--out", str(out), "--remove", "1",
@@ -281,6 +281,12 @@ def test_heal_scales_run_each_healed_variant_at_each_budget(tiny_dir, text_file,
                      "shortgpt + healing at 2x healing": 4, "shortgpt + no healing": 0}
     config = CompareConfig(out="x", counts=(1,), heal_scales=(1.0, 2.0), heal=HealConfig(steps=2))
     assert deepest(config).heal.steps == 4
+    only = CompareConfig(out="x", methods=("layerprune", "shortgpt"), healing=("distill",), heal_scales=(1.0, 2.0),
+                         scaled_methods=("layerprune",))
+    assert scaled_variants(only) == [("layerprune", "distill", 1.0), ("layerprune", "distill", 2.0),
+                                     ("shortgpt", "distill", 1.0)]
+    with pytest.raises(Exception, match="--scaled-methods names replaceme"):
+        CompareConfig(out="x", methods=("shortgpt",), scaled_methods=("replaceme",)).validate()
     with pytest.raises(Exception, match="1 \\(the comparison's own budget\\)"):
         CompareConfig(out="x", heal_scales=(2.0,)).validate()
 

@@ -69,9 +69,11 @@ def variants(config: CompareConfig) -> list[tuple[str, str]]:
 
 
 def scaled_variants(config: CompareConfig) -> list[tuple[str, str, float]]:
-    """(method, healing, budget scale): every healed variant at each of --heal-scales."""
+    """(method, healing, budget scale): every healed variant (of --scaled-methods, where given) at
+    each of --heal-scales."""
+    scaled = config.scaled_methods or config.methods
     return [(method, heal, scale) for method, heal in variants(config)
-            for scale in (config.heal_scales if heal == "distill" else (1.0,))]
+            for scale in (config.heal_scales if heal == "distill" and method in scaled else (1.0,))]
 
 
 def depends_on_seed(config: CompareConfig, heal: str) -> bool:

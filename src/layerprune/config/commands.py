@@ -227,6 +227,8 @@ class CompareConfig(Recipe):
     heal_scales: tuple[float, ...] = opt((1.0,), "multiples of the healing steps per removal every healed variant "
                                                  "runs at (e.g. 0.5,1,2: rows '... at 2x healing'), for the frontier "
                                                  "of retention against seconds")
+    scaled_methods: tuple[str, ...] | None = opt(None, "the methods --heal-scales applies to (default: every "
+                                                       "healed one); the others run at their own budget only")
     equal_seconds: str | None = opt(None, "a method among --methods whose healed variant sets the budget: every "
                                           "other healed variant runs again at each count with the healing steps "
                                           "that make its seconds (scoring, cuts, healing) equal that variant's "
@@ -247,6 +249,10 @@ class CompareConfig(Recipe):
         if 1 not in scales or min(scales) <= 0 or len(set(scales)) != len(scales):
             raise LayerpruneError(f"--heal-scales {','.join(f'{s:g}' for s in scales)} must be distinct positive "
                                   "multiples, 1 (the comparison's own budget) among them", "give e.g. 0.5,1,2")
+        stray = [m for m in self.scaled_methods or () if m not in self.methods]
+        if stray or self.scaled_methods == ():
+            raise LayerpruneError(f"--scaled-methods names {', '.join(stray) or 'no method'}, not among --methods",
+                                  f"name some of {', '.join(self.methods)}, or leave --scaled-methods out")
         if self.equal_seconds is not None and (self.equal_seconds not in self.methods or "distill" not in self.healing):
             raise LayerpruneError(f"--equal-seconds {self.equal_seconds} names no healed variant of this comparison",
                                   f"name one of --methods ({', '.join(self.methods)}) and keep distill in --healing")

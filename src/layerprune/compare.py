@@ -24,7 +24,7 @@ from . import outdir
 from .checkpoint import check_output, results_part
 from .compare_bench import Benchmarks, benchmarks_for, check_suites, per_count
 from .compare_copy import GENERATION, Generation, check_generation, generation_for
-from .compare_table import over_seeds, write_comparison
+from .compare_table import figures_from_json, over_seeds, write_comparison
 from .config import CompareConfig, PruneConfig, Recipe
 from .data import EVERY_SPLIT, held_blocks
 from .depth import Depth
@@ -210,7 +210,7 @@ class Finished:
             if saved.get("options") != json.loads(json.dumps(self.options)):
                 raise LayerpruneError(f"{out} holds an unfinished comparison with other options",
                                       "rerun it with the same options to continue it, or choose another --out")
-            self.rows = _counts_as_ints(saved["rows"])
+            self.rows = {name: figures_from_json(row) for name, row in saved["rows"].items()}
             log.info("continuing the comparison in %s: %d variant run(s) already measured", out, len(self.rows))
 
     def get(self, key: str, seed: int, measure: Callable[[], dict]) -> dict:
@@ -227,13 +227,6 @@ class Finished:
     def close(self) -> None:
         if is_main_process():
             self.path.unlink(missing_ok=True)
-
-
-def _counts_as_ints(value):
-    """JSON's string keys back to the counts they were (every figure is keyed by its count)."""
-    if isinstance(value, dict):
-        return {int(k) if k.isdigit() else k: _counts_as_ints(v) for k, v in value.items()}
-    return value
 
 
 def deepest(config: CompareConfig, seed: int | None = None) -> PruneConfig:

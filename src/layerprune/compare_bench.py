@@ -78,15 +78,17 @@ def per_count(measured: dict[int, dict]) -> dict:
     return out
 
 
+def per_item(result: dict, key: str, count: int):
+    """A variant's per-item results kept under `key` at one count (a several-seed variant: its
+    first seed's), or None."""
+    seeds = result.get("per_seed", {})
+    runs = [result] if key in result else [seeds[seed] for seed in sorted(seeds, key=int) if key in seeds[seed]]
+    return runs[0][key].get(count) if runs else None
+
+
 def _items(result: dict, count: int) -> ItemResults | None:
-    """A variant's per-item results at one count (a several-seed variant: its first seed's)."""
-    if "bench_items" in result:
-        return ItemResults.from_json(result["bench_items"][count])
-    for seed in sorted(result.get("per_seed", {}), key=int):
-        run = result["per_seed"][seed]
-        if "bench_items" in run:
-            return ItemResults.from_json(run["bench_items"][count])
-    return None
+    found = per_item(result, "bench_items", count)
+    return None if found is None else ItemResults.from_json(found)
 
 
 def reference_variant(results: dict) -> str:

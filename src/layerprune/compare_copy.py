@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compare_bench import reference_variant
+from .compare_bench import per_item, reference_variant
 from .errors import LayerpruneError
 from .plots import plot_quality
 from .tasks import TaskData
@@ -72,16 +72,6 @@ def generation_for(config, inputs) -> Generation | None:
     return Generation(names[0], copying, original)
 
 
-def _scores(result: dict, count: int) -> list[float] | None:
-    """A variant's per-item scores at one count (a several-seed variant: its first seed's)."""
-    if "copy_items" in result:
-        return result["copy_items"].get(count)
-    for seed in sorted(result.get("per_seed", {}), key=int):
-        if "copy_items" in result["per_seed"][seed]:
-            return result["per_seed"][seed]["copy_items"].get(count)
-    return None
-
-
 def generation_section(summary: dict, column_cells) -> list[str]:
     """compare.md's generation section (empty without a copying task among --final-tasks)."""
     copy = summary.get("copy")
@@ -107,7 +97,7 @@ def generation_section(summary: dict, column_cells) -> list[str]:
             continue
         cells = []
         for n in counts:
-            mine, theirs = _scores(r, n), _scores(measured[reference], n)
+            mine, theirs = per_item(r, "copy_items", n), per_item(measured[reference], "copy_items", n)
             if mine is None or theirs is None:
                 cells.append("-")
                 continue

@@ -113,14 +113,17 @@ def merge_comparisons(summaries: list[dict]) -> dict:
     return {**{key: first.get(key) for key in SAME_INPUTS}, "results": results, "seeds": seeds}
 
 
+def figures_from_json(run: dict) -> dict:
+    """One run's figures read back from JSON, its per-count keys as the ints they were."""
+    return {**run, **{key: {int(n): q for n, q in run[key].items()} for key in PER_COUNT if key in run}}
+
+
 def _per_seed(result: dict, seeds: list[int]) -> dict[int, dict]:
     """{seed: that seed's figures, per-count keys as ints} of one variant read back from JSON."""
-    def figures(run: dict) -> dict:
-        return {**run, **{key: {int(n): q for n, q in run[key].items()} for key in PER_COUNT if key in run}}
     if "per_seed" in result:
-        return {int(seed): figures(run) for seed, run in result["per_seed"].items()}
+        return {int(seed): figures_from_json(run) for seed, run in result["per_seed"].items()}
     own = {key: result[key] for key in result if key not in ("method", "heal", "patch", "config", "seeds")}
-    return {result.get("seeds", seeds)[0]: figures(own)}
+    return {result.get("seeds", seeds)[0]: figures_from_json(own)}
 
 
 # A variant's configuration may differ between parts only in what names the part, or changes no figure.

@@ -145,13 +145,7 @@ def paired_ratio(model: list[float], original: list[float], draws: int = DRAWS, 
                  ) -> tuple[float, list[float]]:
     """Mean of `model` over mean of `original` (per-item scores on the same items, in the same
     order) and its 95% paired bootstrap interval: a task outside the suite, e.g. copy_generate."""
-    m, o = np.asarray(model, dtype=float), np.asarray(original, dtype=float)
-    if m.shape != o.shape:
-        raise ValueError("the two models were not scored on the same items")
-    picks = np.random.default_rng(seed).integers(0, len(m), (draws, len(m)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (float(m.mean() / o.mean()) if o.mean() else float("nan"),
-                _interval(m[picks].mean(1) / o[picks].mean(1)))
+    return paired_ratio_difference(model, [0.0] * len(model), original, draws, seed)
 
 
 def paired_ratio_difference(model: list[float], other: list[float], original: list[float], draws: int = DRAWS,

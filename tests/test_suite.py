@@ -332,6 +332,7 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
     assert "## Generation retention (copy_generate)" in table
     assert "| shortgpt + no healing | " in table and f"{value:+.3f} [{low:+.3f}, {high:+.3f}] |" in table
     assert (tmp_path / "merged" / "compare_copy.png").read_bytes()[:4] == b"\x89PNG"
+    _check_retention_without(tmp_path / "merged", merged, monkeypatch)
     with pytest.raises(LayerpruneError, match="differ in copy"):
         merge_comparisons([parts[0], {**parts[1], "copy": {**parts[1]["copy"], "task": "copy_generate:plain"}}])
     from layerprune.compare_bench import check_suites
@@ -341,6 +342,41 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
         check_suites(["perplexity"], also=GENERATION)
     with pytest.raises(LayerpruneError, match="one copying task"):
         check_generation(list(GENERATION))
+
+
+def _check_retention_without(folder, merged, monkeypatch):
+    """bench/retention_without.py on a merged comparison: the suite's figures over the tasks left,
+    from the kept per-item results, equal those of the per-item results with the task removed."""
+    import contextlib
+    import io
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from layerprune.tasks.retention import difference, retention
+
+    script = Path(__file__).parents[1] / "bench" / "retention_without.py"
+    printed = io.StringIO()
+    monkeypatch.setattr(sys, "argv", [str(script), str(folder), "--drop", "tiny_boolq"])
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    arc_only = lambda tasks: suite.ItemResults({"tiny_arc": tasks["tiny_arc"]})   # noqa: E731
+    merged = json.loads((folder / "compare.json").read_text())   # as the script reads it
+    original = arc_only(merged["bench"]["original"])
+    ours, theirs = (arc_only(merged["results"][name]["bench_items"]["2"])
+                    for name in ("layerprune + lstsq patch + healing", "shortgpt + no healing"))
+    kept = retention(theirs, original)["suite"]
+    diff = difference(theirs, ours, original)["suite"]
+    assert "suite without tiny_boolq: tiny_arc;" in printed.getvalue()
+    low, high = kept["ratio_of_means_interval"]
+    assert (f"-2 shortgpt + no healing: retention {kept['ratio_of_means']:.3f} [{low:.3f}, {high:.3f}], "
+            f"difference {diff['difference']:+.3f}") in printed.getvalue()
+    monkeypatch.setattr(sys, "argv", [str(script), str(folder), "--drop", "mmlu"])
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(script), run_name="__main__")
+    assert refused.value.code == 2
 
 
 def test_a_tokenizer_that_cannot_encode_the_text_is_one_line():

@@ -86,7 +86,7 @@ def per_item(result: dict, key: str, count: int):
     return runs[0][key].get(count) if runs else None
 
 
-def _items(result: dict, count: int) -> ItemResults | None:
+def bench_items_at(result: dict, count: int) -> ItemResults | None:
     found = per_item(result, "bench_items", count)
     return None if found is None else ItemResults.from_json(found)
 
@@ -113,14 +113,14 @@ def family_table(summary: dict, count: int) -> list[str]:
     the reference variant, each with its paired interval."""
     original = ItemResults.from_json(summary["bench"]["original"])
     families = _families(original)
-    results = {name: r for name, r in summary["results"].items() if _items(r, count) is not None}
+    results = {name: r for name, r in summary["results"].items() if bench_items_at(r, count) is not None}
     if not results:
         return []
     reference = reference_variant(results)
     lines = [f"| -{count} | " + " | ".join(families) + f" | chance-corrected | difference from {reference} |",
              "| --- |" + " --- |" * (len(families) + 2)]
     for name, r in results.items():
-        items = _items(r, count)
+        items = bench_items_at(r, count)
         cells = []
         for tasks in families.values():
             part = retention(ItemResults({t: items.tasks[t] for t in tasks}),
@@ -132,7 +132,7 @@ def family_table(summary: dict, count: int) -> list[str]:
         if name == reference:
             delta = "-"
         else:
-            diff = difference(items, _items(results[reference], count), original)["suite"]
+            diff = difference(items, bench_items_at(results[reference], count), original)["suite"]
             delta = _span(diff["difference"], diff["interval"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {corrected} | {delta} |")
     return lines

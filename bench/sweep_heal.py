@@ -44,6 +44,7 @@ import yaml
 
 from layerprune import DataConfig, PruneConfig, prune
 from layerprune.checkpoint import continues
+from layerprune.cli import configure_logging
 from layerprune.config import BenchConfig
 from layerprune.data import StreamPosition, load_corpus
 from layerprune.models import load_model
@@ -145,7 +146,7 @@ def run_variant(config: PruneConfig, previous: Path | None) -> dict:
     out = Path(config.out)
     folder = reusable(out.parent, config) or reusable(previous, config)
     if folder is None:
-        prune(config, progress=False, overwrite=not continues(to_dict(config), out))
+        prune(config, progress=True, overwrite=not continues(to_dict(config), out))
         folder = out
     elif folder != out:
         shutil.copytree(folder, config.out, dirs_exist_ok=True)
@@ -163,16 +164,18 @@ def users_judges(args, teacher, tokenizer, data: DataConfig) -> dict:
     judges = {}
     if args.bench_items:
         request = request_for(("bench",), args.bench_items, BenchConfig().calibration, side="calibration")
-        original = original_results(teacher, tokenizer, request, None, True, False)
+        original = original_results(teacher, tokenizer, request, "the original", True, True)
 
         def bench(student):
-            suite = retention(run_suite(student, tokenizer, request, False), original)["suite"]
+            suite = retention(run_suite(student, tokenizer, request, True), original)["suite"]
             return suite["ratio_of_means"], suite["ratio_of_means_interval"]
         judges["bench_calibration"] = bench
     if args.copy:
         corpus = load_corpus(data, tokenizer)
         copying = build_tasks(["copy_generate"], TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"],
                                                            data.batch_size, 0))
+        print("copy_generate: the original copies the calibration paragraphs (its scores kept for every variant)",
+              flush=True)
         evaluate_tasks(teacher, copying, teacher)   # the original's copies, kept by the task
 
         def copy(student):
@@ -202,6 +205,7 @@ def main() -> None:
     parser.add_argument("--copy", action="store_true",
                         help="also judge on copy_generate with paragraphs from the calibration documents")
     args = parser.parse_args()
+    configure_logging(quiet=False)
     names, seeds = args.variants.split(","), [int(seed) for seed in args.seeds.split(",")]
     unknown = sorted(set(names) - set(VARIANTS) - set(RECIPE_VARIANTS))
     if unknown:
@@ -229,7 +233,10 @@ def main() -> None:
             key = Path(config.out).name
             if key in rows:
                 continue
+            print(f"variant {key}: {'continuing' if continues(to_dict(config), Path(config.out)) else 'running'}",
+                  flush=True)
             row = run_variant(config, args.reuse)
+            print(f"variant {key}: judging on validation text" + "".join(f", {what}" for what in judges), flush=True)
             student, _ = load_model(config.out, device=args.device)
             scores, block_rows = scores_and_rows(student, tasks, teacher)
             rows[key] = {"variant": name, "seed": seed, "validation": quality_retained(scores, reference),

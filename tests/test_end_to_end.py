@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from layerprune.cli import main
-from layerprune.models import gemma3_gguf_path, smollm2_gguf_path
+from layerprune.models import gemma3_gguf_path, gguf_read_once, smollm2_gguf_path
 
 from common import check_output_folder
 
@@ -53,7 +53,8 @@ def test_prune_smollm2_by_two_layers_with_quality_and_healing(tmp_path):
     assert reader.fields["llama.block_count"].contents() == 28
     block_bytes = sum(t.n_bytes for t in gguf.GGUFReader(source).tensors if t.name.startswith("blk.0."))
     assert abs(source.stat().st_size - written.stat().st_size - 2 * block_bytes) < 0.01 * block_bytes
-    read = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    with gguf_read_once():   # transformers parses the file for its config, then for its tensors: once here
+        read = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
     with torch.no_grad():
         assert torch.isfinite(read(ids).logits).all()
 
@@ -88,7 +89,8 @@ def test_prune_gemma3_270m_writes_a_folder_and_a_gguf_that_transformers_reads_al
     card = (out / "README.md").read_text()
     assert "Q4_K -> Q8_0" in card and "token_embd.weight" not in card.split("## GGUF")[1]
     assert gemma3_gguf_path().stat().st_size > (out / "model.gguf").stat().st_size
-    read = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    with gguf_read_once():   # transformers parses the file for its config, then for its tensors: once here
+        read = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
     assert read.config.num_hidden_layers == 17 and read.config.layer_types == folder.config.layer_types
     with torch.no_grad():
         a, b = read(ids).logits.log_softmax(-1), folder(ids).logits.log_softmax(-1)

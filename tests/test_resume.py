@@ -34,15 +34,11 @@ def run(argv, kill_at=None, nan_at=None):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def inputs(tmp_path_factory):
     from common import make_text_file, save_tiny
 
-    root = tmp_path_factory.mktemp("ref")
-    tiny_dir = save_tiny(root / "tiny")
-    text_file = make_text_file(root / "corpus.txt")
-    out = root / "out"
-    assert run(command(tiny_dir, text_file, out)).returncode == 0
-    return tiny_dir, text_file, out
+    root = tmp_path_factory.mktemp("inputs")
+    return save_tiny(root / "tiny"), make_text_file(root / "corpus.txt")
 
 
 # Scoring rounds pass 6 + 5 + 4 candidates (one batch each); each of the 3 healings runs 3 steps, the
@@ -111,17 +107,23 @@ def _options_changed_on_resume(tiny_dir, text_file, out):
     return {"killed": killed, "resumed": run(other)}
 
 
-SCENARIOS = {**{kill_at: _kill_then_resume(kill_at) for kill_at, _ in KILLS},
+def _uninterrupted(tiny_dir, text_file, out):
+    return {"finished": run(command(tiny_dir, text_file, out))}
+
+
+# the uninterrupted reference first: it shares the pool with the scenarios, whose runs need it only
+# when their tests compare results
+SCENARIOS = {"reference": _uninterrupted, **{kill_at: _kill_then_resume(kill_at) for kill_at, _ in KILLS},
              "other-configuration": _other_configuration, "corrupt-checkpoint": _corrupt_checkpoint,
              "nan": _nan_while_healing, "options-changed": _options_changed_on_resume}
 
 
 @pytest.fixture(scope="module")
-def scenarios(reference, tmp_path_factory):
+def scenarios(inputs, tmp_path_factory):
     """Every interrupted run of this file and what follows it, as many at once as there are cores:
     each run is one single-threaded process, so one at a time left a core idle for the suite's
     longest stretch. name -> (folder, the runs' results, or the exception the scenario raised)."""
-    tiny_dir, text_file, _ = reference
+    tiny_dir, text_file = inputs
 
     def play(name):
         out = tmp_path_factory.mktemp(name.replace(":", "-")) / "out"
@@ -141,9 +143,17 @@ def played(scenarios, name):
     return out, results
 
 
+@pytest.fixture(scope="module")
+def reference(scenarios):
+    """The uninterrupted run's folder."""
+    out, runs = played(scenarios, "reference")
+    assert runs["finished"].returncode == 0, runs["finished"].stderr[-2000:]
+    return out
+
+
 @pytest.mark.parametrize("kill_at,resumes", KILLS)
 def test_killed_run_resumes_to_the_same_result(reference, scenarios, kill_at, resumes):
-    _, _, ref_out = reference
+    ref_out = reference
     out, runs = played(scenarios, kill_at)
     killed, resumed = runs["killed"], runs["resumed"]
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -186,7 +196,7 @@ def test_corrupt_healing_checkpoint_is_refused_with_a_fix(scenarios):
 
 
 def test_nan_while_healing_stops_keeps_the_last_good_checkpoint_and_resumes(reference, scenarios):
-    _, _, ref_out = reference
+    ref_out = reference
     out, runs = played(scenarios, "nan")
     failed, resumed, state = runs["failed"], runs["resumed"], runs["state"]
     assert failed.returncode == 2, failed.stderr[-2000:]
@@ -200,7 +210,7 @@ def test_nan_while_healing_stops_keeps_the_last_good_checkpoint_and_resumes(refe
 
 
 def test_options_that_change_no_result_may_differ_on_resume(reference, scenarios):
-    _, _, ref_out = reference
+    ref_out = reference
     out, runs = played(scenarios, "options-changed")
     assert runs["killed"].returncode == -9
     resumed = runs["resumed"]

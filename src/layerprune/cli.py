@@ -161,6 +161,18 @@ COMMANDS = {"prune": run_prune, "score": run_score, "eval": run_eval, "compare":
             "export-gguf": run_export}
 
 
+def configure_logging(quiet: bool) -> None:
+    """Our log lines on stderr (warnings only when quiet); the libraries' own chatter and
+    transformers' loading bars off, so a run's phases read as one list (bench scripts share it)."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    for noisy in ("transformers", "accelerate", "gensim", "smart_open", "datasets", "huggingface_hub", "fsspec",
+                  "gguf"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .processes import process_state
@@ -168,13 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     # Under `accelerate launch` or `torchrun` every process runs the command; the main one alone
     # reports progress.
     args.quiet = args.quiet or not process_state(getattr(args, "device", "auto")).is_main_process
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    for noisy in ("transformers", "accelerate", "gensim", "smart_open", "datasets", "huggingface_hub", "fsspec",
-                  "gguf"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    configure_logging(args.quiet)
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](config_from_args(args.config_class, args), args)

@@ -15,10 +15,6 @@ from layerprune.tasks.retention import difference, retention
 from layerprune.tasks.suite import ItemResults
 
 
-def _without(results: ItemResults, dropped: set[str]) -> ItemResults:
-    return ItemResults({name: values for name, values in results.tasks.items() if name not in dropped})
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a `layerprune compare` (or merged) output folder")
@@ -32,7 +28,7 @@ def main() -> int:
         print(f"error: {args.run} has no benchmark results for {unknown or 'any task'}; known: "
               f"{', '.join(original.tasks) or 'none (run compare with --final-tasks bench)'}", file=sys.stderr)
         return 2
-    original = _without(original, dropped)
+    original = original.without(dropped)
     reference = reference_variant(summary["results"])
     print(f"suite without {', '.join(sorted(dropped))}: {', '.join(original.tasks)}; "
           f"difference = variant minus {reference}, paired over items")
@@ -43,12 +39,12 @@ def main() -> int:
             items = bench_items_at(result, key)
             if items is None:
                 continue
-            items = _without(items, dropped)
+            items = items.without(dropped)
             suite = retention(items, original)["suite"]
             low, high = suite["ratio_of_means_interval"]
             line = f"-{count} {name}: retention {suite['ratio_of_means']:.3f} [{low:.3f}, {high:.3f}]"
             if name != reference and base is not None:
-                diff = difference(items, _without(base, dropped), original)["suite"]
+                diff = difference(items, base.without(dropped), original)["suite"]
                 (low, high) = diff["interval"]
                 line += f", difference {diff['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
             print(line)

@@ -159,16 +159,24 @@ def run_variant(config: PruneConfig, previous: Path | None) -> dict:
 
 
 def users_judges(args, teacher, tokenizer, data: DataConfig) -> dict:
-    """{name: student -> (retention, interval)}: the benchmarks' calibration share and copying on
-    the calibration documents, as asked; the original is scored once here (the suite: cached)."""
+    """{name: (student, its folder) -> {figure: (retention, interval)}}: the benchmarks' calibration
+    share and copying on the calibration documents, as asked; the original is scored once here
+    (the suite: cached). The suite's per-item results are kept in the variant's folder."""
     judges = {}
     if args.bench_items:
         request = request_for(("bench",), args.bench_items, BenchConfig().calibration, side="calibration")
         original = original_results(teacher, tokenizer, request, "the original", True, True)
 
-        def bench(student):
-            suite = retention(run_suite(student, tokenizer, request, True), original)["suite"]
-            return suite["ratio_of_means"], suite["ratio_of_means_interval"]
+        def bench(student, folder: Path) -> dict:
+            items = run_suite(student, tokenizer, request, True)
+            (folder / "bench-calibration.json").write_text(json.dumps(items.to_json()))
+            suite = retention(items, original)["suite"]
+            # BoolQ apart: a model that drifts onto its majority label gains there without reading
+            without = retention(items.without(["boolq"]), original.without(["boolq"]))["suite"]
+            return {"bench_calibration": (suite["ratio_of_means"], suite["ratio_of_means_interval"]),
+                    "bench_calibration_no_boolq": (without["ratio_of_means"], without["ratio_of_means_interval"]),
+                    "bench_calibration_chance_corrected": (suite.get("chance_corrected"),
+                                                           suite.get("chance_corrected_interval"))}
         judges["bench_calibration"] = bench
     if args.copy:
         corpus = load_corpus(data, tokenizer)
@@ -178,9 +186,9 @@ def users_judges(args, teacher, tokenizer, data: DataConfig) -> dict:
               flush=True)
         evaluate_tasks(teacher, copying, teacher)   # the original's copies, kept by the task
 
-        def copy(student):
+        def copy(student, folder: Path) -> dict:
             figures = evaluate_tasks(student, copying, teacher)["copy_generate"]
-            return figures["retention"], [figures["retention_low"], figures["retention_high"]]
+            return {"copy_calibration": (figures["retention"], [figures["retention_low"], figures["retention_high"]])}
         judges["copy_calibration"] = copy
     return judges
 
@@ -239,10 +247,12 @@ def main() -> None:
             print(f"variant {key}: judging on validation text" + "".join(f", {what}" for what in judges), flush=True)
             student, _ = load_model(config.out, device=args.device)
             scores, block_rows = scores_and_rows(student, tasks, teacher)
+            judged = {}
+            for judge in judges.values():
+                judged.update(judge(student, Path(config.out)))
             rows[key] = {"variant": name, "seed": seed, "validation": quality_retained(scores, reference),
                          "validation_interval": bootstrap_interval(block_rows, reference_rows, tasks),
-                         "validation_kl": scores["kl"]["kl"], **row,
-                         **{what: judge(student) for what, judge in judges.items()}}
+                         "validation_kl": scores["kl"]["kl"], **row, **judged}
             args.out.mkdir(parents=True, exist_ok=True)
             results.write_text(json.dumps(rows, indent=2))
             print(key, rows[key], flush=True)
@@ -257,14 +267,16 @@ def main() -> None:
               f"{_interval(row.get('validation_interval'))} | {row['validation_kl']:.3f} | {row['held_out']:.3f}"
               f"{_interval(row.get('held_out_interval'))} | {row.get('heal_seconds', float('nan')):.0f} | "
               f"{row['seconds']:.0f} |")
-    users = [key for key in ("bench_calibration", "copy_calibration") if any(key in row for row in rows.values())]
+    users = [key for key in ("bench_calibration", "bench_calibration_no_boolq", "bench_calibration_chance_corrected",
+                             "copy_calibration") if any(key in row for row in rows.values())]
     if users:
         print("\nWhat users use, on training-side items (chooses with the validation above): retention against the "
               "original, 95% paired interval over items\n")
         print("| variant | seed | " + " | ".join(users) + " |")
         print("| --- | --- |" + " --- |" * len(users))
         for key, row in sorted(rows.items(), key=lambda kv: (kv[1].get("variant", kv[0]), kv[1].get("seed", 0))):
-            cells = [f"{row[u][0]:.3f}{_interval(row[u][1])}" if u in row else "-" for u in users]
+            cells = [f"{row[u][0]:.3f}{_interval(row[u][1])}" if row.get(u, [None])[0] is not None else "-"
+                     for u in users]
             print(f"| {row.get('variant', key)} | {row.get('seed', 0)} | " + " | ".join(cells) + " |")
     by_variant: dict[str, list[dict]] = {}
     for row in rows.values():

@@ -204,6 +204,11 @@ class ItemResults:
     def from_json(cls, data: dict) -> "ItemResults":
         return cls({name: dict(values) for name, values in data.items()})
 
+    def without(self, names) -> "ItemResults":
+        """These results less the named tasks: the suite's figures with a task left out (BoolQ,
+        where answering every item with the majority label scores as well as reading)."""
+        return ItemResults({name: values for name, values in self.tasks.items() if name not in set(names)})
+
 
 def _collect(task: BenchTask, names: list[str], samples: dict) -> dict:
     rows = sorted(((name, s) for name in names for s in samples.get(name, [])), key=lambda r: (r[0], r[1]["doc_id"]))

@@ -332,7 +332,7 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
     assert "## Generation retention (copy_generate)" in table
     assert "| shortgpt + no healing | " in table and f"{value:+.3f} [{low:+.3f}, {high:+.3f}] |" in table
     assert (tmp_path / "merged" / "compare_copy.png").read_bytes()[:4] == b"\x89PNG"
-    _check_retention_without(tmp_path / "merged", merged, monkeypatch)
+    _check_retention_without(tmp_path / "merged", monkeypatch)
     with pytest.raises(LayerpruneError, match="differ in copy"):
         merge_comparisons([parts[0], {**parts[1], "copy": {**parts[1]["copy"], "task": "copy_generate:plain"}}])
     from layerprune.compare_bench import check_suites
@@ -344,7 +344,7 @@ def test_compare_scores_every_variant_on_the_suite_and_merges(tiny_root, tiny_di
         check_generation(list(GENERATION))
 
 
-def _check_retention_without(folder, merged, monkeypatch):
+def _check_retention_without(folder, monkeypatch):
     """bench/retention_without.py on a merged comparison: the suite's figures over the tasks left,
     from the kept per-item results, equal those of the per-item results with the task removed."""
     import contextlib

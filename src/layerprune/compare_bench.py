@@ -113,14 +113,14 @@ def family_table(summary: dict, count: int) -> list[str]:
     the reference variant, each with its paired interval."""
     original = ItemResults.from_json(summary["bench"]["original"])
     families = _families(original)
-    results = {name: r for name, r in summary["results"].items() if bench_items_at(r, count) is not None}
-    if not results:
+    found = {name: bench_items_at(r, count) for name, r in summary["results"].items()}
+    kept = {name: items for name, items in found.items() if items is not None}
+    if not kept:
         return []
-    reference = reference_variant(results)
+    reference = reference_variant({name: summary["results"][name] for name in kept})
     lines = [f"| -{count} | " + " | ".join(families) + f" | chance-corrected | difference from {reference} |",
              "| --- |" + " --- |" * (len(families) + 2)]
-    for name, r in results.items():
-        items = bench_items_at(r, count)
+    for name, items in kept.items():
         cells = []
         for tasks in families.values():
             part = retention(ItemResults({t: items.tasks[t] for t in tasks}),
@@ -132,7 +132,7 @@ def family_table(summary: dict, count: int) -> list[str]:
         if name == reference:
             delta = "-"
         else:
-            diff = difference(items, bench_items_at(results[reference], count), original)["suite"]
+            diff = difference(items, kept[reference], original)["suite"]
             delta = _span(diff["difference"], diff["interval"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {corrected} | {delta} |")
     return lines

@@ -207,7 +207,8 @@ class ItemResults:
     def without(self, names) -> "ItemResults":
         """These results less the named tasks: the suite's figures with a task left out (BoolQ,
         where answering every item with the majority label scores as well as reading)."""
-        return ItemResults({name: values for name, values in self.tasks.items() if name not in set(names)})
+        left_out = set(names)
+        return ItemResults({name: values for name, values in self.tasks.items() if name not in left_out})
 
 
 def _collect(task: BenchTask, names: list[str], samples: dict) -> dict:

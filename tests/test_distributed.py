@@ -26,17 +26,28 @@ ACCELERATE_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_g
                   "--main_process_port", "0"]
 
 
-@pytest.mark.parametrize("mode", ["straight", "cached", "local"])
-def test_two_processes_match_one(tmp_path, mode):
+MODES = ["straight", "cached", "local"]
+
+
+@pytest.fixture(scope="module")
+def healed(tmp_path_factory):
+    """Every mode healed in one process and in two (one launch each, side by side: the one-thread
+    single process does not leave a core idle); the two runs' `out` prefixes."""
+    root = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    single, double = tmp_path / "one.pt", tmp_path / "two.pt"
-    # the one-process run (one thread) beside the two-process one: the machine's cores are not left idle
-    alone = subprocess.Popen([sys.executable, str(SCRIPT), str(single), mode], env=env)
+    single, double = root / "one", root / "two"
+    alone = subprocess.Popen([sys.executable, str(SCRIPT), str(single), ",".join(MODES)], env=env)
     try:
-        subprocess.run([*TWO_PROCESSES, str(SCRIPT), str(double), mode], check=True, env=env, timeout=300)
+        subprocess.run([*TWO_PROCESSES, str(SCRIPT), str(double), ",".join(MODES)], check=True, env=env, timeout=300)
         assert alone.wait(timeout=300) == 0
     finally:
         alone.kill()   # a no-op once it has finished; otherwise no process outlives a failed test
+    return single, double
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_processes_match_one(healed, mode):
+    single, double = (Path(f"{prefix}.{mode}.pt") for prefix in healed)
     a, b = torch.load(single), torch.load(double)
     assert a.keys() == b.keys()
     for key in a:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from common import make_text_file, save_tiny, teacher_with_massive_channels
 from test_guard import BUDGET, TRAIN, VALIDATION, held_out_kl, plain_teacher
-from test_resume import command, run
+from test_resume import command, run, run_together
 
 
 def cut(teacher, drop):
@@ -90,7 +90,8 @@ def test_a_run_probes_once_and_a_resumed_run_reads_the_probe_from_its_checkpoint
     its first checkpoint, the run resumes without probing again and ends as the one never killed."""
     tiny_dir, text_file = save_tiny(tmp_path / "tiny"), make_text_file(tmp_path / "corpus.txt")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    whole = run(probing(tiny_dir, text_file, straight))
+    again = probing(tiny_dir, text_file, killed)
+    whole, interrupted = run_together((probing(tiny_dir, text_file, straight), None), (again, "heal-checkpoint:2"))
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert whole.stderr.count("lr probe (") == 1
     history = json.loads((straight / "history.json").read_text())
@@ -98,8 +99,7 @@ def test_a_run_probes_once_and_a_resumed_run_reads_the_probe_from_its_checkpoint
     assert first["lr_probe"]["chosen"] == first["guard"]["checks"][0]["lr"]
     assert "lr_probe" not in later and later["guard"]["checks"][0]["lr"] == first["guard"]["lr_won"]
     assert "- iteration 1: lr probe (8 steps a rung" in (straight / "report.md").read_text()
-    again = probing(tiny_dir, text_file, killed)
-    assert run(again, "heal-checkpoint:2").returncode != 0
+    assert interrupted.returncode != 0
     resumed = run(again)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "lr probe (" not in resumed.stderr and "healing resumed at step 2" in resumed.stderr

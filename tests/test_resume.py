@@ -33,6 +33,13 @@ def run(argv, kill_at=None, nan_at=None):
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
 
+def run_together(*jobs):
+    """Several independent runs at once, as many as there are cores (each is one single-threaded
+    process); jobs: (argv, kill_at) pairs, results in their order."""
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda job: run(*job), jobs))
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     from common import make_text_file, save_tiny

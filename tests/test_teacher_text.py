@@ -13,7 +13,7 @@ from layerprune.models import load_model
 from layerprune.healing.teacher_text import INSTRUCTION, check_disk, generate, prompt_ids, prompt_length
 
 from common import check_output_folder
-from test_resume import run
+from test_resume import run, run_together
 
 
 @pytest.fixture
@@ -126,8 +126,9 @@ def command(tiny_dir, text_file, out, *extra):
 
 
 def test_a_run_heals_on_the_teachers_text_and_resumes_after_a_kill_while_writing_it(tiny_dir, text_file, tmp_path):
-    whole = tmp_path / "whole"
-    done = run(command(tiny_dir, text_file, whole))
+    whole, killed_out = tmp_path / "whole", tmp_path / "killed"
+    done, killed = run_together((command(tiny_dir, text_file, whole), None),
+                                (command(tiny_dir, text_file, killed_out), "teacher-text:1"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("no chat template, so the original continues the training text's first tokens") == 1
     history = check_output_folder(whole, depth=4, removed=2)
@@ -136,8 +137,6 @@ def test_a_run_heals_on_the_teachers_text_and_resumes_after_a_kill_while_writing
     assert "the original wrote itself" in (whole / "README.md").read_text()
     assert json.loads((whole / "teacher_text" / "summary.json").read_text())["blocks"] >= 12
 
-    killed_out = tmp_path / "killed"
-    killed = run(command(tiny_dir, text_file, killed_out), kill_at="teacher-text:1")
     assert killed.returncode == -9 and not (killed_out / "history.json").exists()
     resumed = run(command(tiny_dir, text_file, killed_out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -24,7 +24,13 @@ original, paired interval), and `--copy` on copy_generate with paragraphs from t
 documents (training-side text): what users use, chosen on without touching what is reported.
 
     python bench/sweep_heal.py --out runs/screen-4 --remove 4 --variants current,teacher-text,teacher-mix,final-third,\
-        bf16,lr-probe,choice-copy --skip 600 --blocks 64 --bench-items 150 --copy     # #47's screen, one seed
+        bf16,lr-probe,choice-copy,choice-bench --skip 600 --blocks 64 --bench-items 150 --copy \
+        --keep docs/heal-sweep-parts/screen-4     # #47's screen, one seed
+
+`--keep DIR` (a folder committed with the repository, e.g. docs/heal-sweep-parts/screen-4) gets
+sweep.json and each finished variant's history, report and per-item results after every variant,
+and its finished rows are not run again: a sweep longer than a session continues in the next one,
+whose checkout has no runs/ folder.
 
 `--reuse DIR` takes a variant's finished run from an earlier sweep when its config is the same,
 and only evaluates it again: a new validation window (a larger `--skip`, needed by the longer
@@ -193,6 +199,34 @@ def users_judges(args, teacher, tokenizer, data: DataConfig) -> dict:
     return judges
 
 
+KEPT_FILES = ("history.json", "report.md", "config.yaml", "bench-calibration.json")
+
+
+def read_rows(out: Path, keep: Path | None) -> dict:
+    """The finished variants' rows: the kept folder's, then the working folder's (newer) over them."""
+    rows = {}
+    for folder in (keep, out):
+        if folder is not None and (folder / "sweep.json").is_file():
+            rows.update(json.loads((folder / "sweep.json").read_text()))
+    return rows
+
+
+def save_rows(rows: dict, out: Path, keep: Path | None, finished: Path) -> None:
+    """sweep.json in the working folder and, with --keep, in the kept one beside the finished
+    variant's small files (no weights): what a later session needs to continue the sweep and to read
+    each variant's figures, where the working folder (runs/) does not outlive the session."""
+    for folder in (out, keep):
+        if folder is None:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder == keep:
+            (keep / finished.name).mkdir(exist_ok=True)
+            for name in KEPT_FILES:
+                if (finished / name).is_file():
+                    shutil.copy2(finished / name, keep / finished.name / name)
+        (folder / "sweep.json").write_text(json.dumps(rows, indent=2))
+
+
 def _interval(interval) -> str:
     return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
@@ -207,6 +241,9 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=400, help="training-stream blocks before the validation ones")
     parser.add_argument("--blocks", type=int, default=32, help="validation blocks")
     parser.add_argument("--reuse", type=Path, help="an earlier sweep's --out whose identical finished runs are reused")
+    parser.add_argument("--keep", type=Path,
+                        help="a folder kept with the repository: each finished variant's row and small files go there, "
+                             "and its rows count as finished (a sweep over several sessions)")
     parser.add_argument("--device", default="cpu", help="where the validation is scored: cpu (default), auto or cuda")
     parser.add_argument("--bench-items", type=int, default=0,
                         help="also judge on N items a task of the benchmarks' calibration share (0: not)")
@@ -231,10 +268,7 @@ def main() -> None:
     tasks = build_tasks(TASKS, TaskData(tokenizer, validation, [], data.batch_size, 0))
     reference, reference_rows = scores_and_rows(teacher, tasks, teacher)
     judges = users_judges(args, teacher, tokenizer, data)
-    rows = {}
-    results = args.out / "sweep.json"
-    if results.is_file():
-        rows = json.loads(results.read_text())
+    rows = read_rows(args.out, args.keep)
     for seed in seeds:
         for name in names:
             config = variant_config(name, args.out, args.remove, args.model, seed)
@@ -253,8 +287,7 @@ def main() -> None:
             rows[key] = {"variant": name, "seed": seed, "validation": quality_retained(scores, reference),
                          "validation_interval": bootstrap_interval(block_rows, reference_rows, tasks),
                          "validation_kl": scores["kl"]["kl"], **row, **judged}
-            args.out.mkdir(parents=True, exist_ok=True)
-            results.write_text(json.dumps(rows, indent=2))
+            save_rows(rows, args.out, args.keep, Path(config.out))
             print(key, rows[key], flush=True)
     print(f"\n{args.remove} layers removed; validation: {args.blocks} x {data.seq_len} training-split tokens from "
           f"block {args.skip} of the stream (chooses, 95% interval over its blocks); held-out: the run's own "

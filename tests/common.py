@@ -4,6 +4,11 @@ milliseconds), tiny tokenizers and corpora, and one checker of output folders.""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -196,3 +201,41 @@ def teacher_with_massive_channels():
         model.get_output_embeddings().weight.mul_(20)
         find_layers(model).layers[2].mlp.down_proj.weight[[3, 17]] *= 500
     return model
+
+
+# ---------------------------------------------------------------- the CLI in a process of its own
+
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["layerprune.cli"])
+
+
+def _cli_child(args: list[str], env: dict, stdout: str, stderr: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))   # read at import, not here
+    for fd, path in ((1, stdout), (2, stderr)):
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(handle, fd)
+        os.close(handle)
+    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+    from layerprune.cli import main
+
+    sys.exit(main(args))
+
+
+def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m layerprune ARGS` in a process of its own, its exit code (-9 when it SIGKILLed
+    itself) and output as subprocess.run gives them, but forked from a server that has imported
+    torch, transformers and layerprune once: a tiny run's process spent most of its ~7 s importing,
+    and the tests that kill and resume runs start dozens of them."""
+    with tempfile.TemporaryDirectory(prefix="layerprune-cli-") as folder:
+        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        process = _FORKS.Process(target=_cli_child, args=(list(args), dict(env), out, err))
+        process.start()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(["layerprune", *args], timeout)
+        with open(out) as stdout, open(err) as stderr:
+            return subprocess.CompletedProcess(["layerprune", *args], process.exitcode, stdout.read(), stderr.read())

@@ -3,7 +3,6 @@ where an uninterrupted run ends (same removed layers, same final weights on CPU)
 
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from layerprune import DataConfig, HealConfig, PruneConfig, prune
 from layerprune.errors import LayerpruneError
 
-from common import check_output_folder
+from common import check_output_folder, run_cli
 
 
 def command(tiny_dir, text_file, out):
@@ -30,7 +29,8 @@ def run(argv, kill_at=None, nan_at=None):
         env.pop(variable, None)
         if value:
             env[variable] = value
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert argv[:3] == [sys.executable, "-m", "layerprune"], argv
+    return run_cli(argv[3:], env)
 
 
 def run_together(*jobs):

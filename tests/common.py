@@ -206,13 +206,14 @@ def teacher_with_massive_channels():
 # ---------------------------------------------------------------- the CLI in a process of its own
 
 _FORKS = multiprocessing.get_context("forkserver")
-_FORKS.set_forkserver_preload(["layerprune.cli"])
+_FORKS.set_forkserver_preload(["layerprune.cli", "common"])   # common: where the child's target lives
 
 
 def _cli_child(args: list[str], env: dict, stdout: str, stderr: str) -> None:
     os.environ.clear()
     os.environ.update(env)
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))   # read at import, not here
+    # torch read OMP_NUM_THREADS when the server imported it, so the command's own value is set here
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
     for fd, path in ((1, stdout), (2, stderr)):
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(handle, fd)

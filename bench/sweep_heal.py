@@ -56,9 +56,10 @@ from layerprune.data import StreamPosition, load_corpus
 from layerprune.models import load_model
 from layerprune.options import from_dict, to_dict
 from layerprune.inputs import scores_and_rows
-from layerprune.tasks import TaskData, build_tasks, evaluate_tasks, quality_retained
-from layerprune.tasks.retention import retention
-from layerprune.tasks.suite import request_for, run_suite
+from layerprune.tasks import TaskData, build_tasks, quality_retained
+from layerprune.tasks.copying import copying_items
+from layerprune.tasks.retention import difference, paired_ratio, paired_ratio_difference, retention
+from layerprune.tasks.suite import ItemResults, request_for, run_suite
 from layerprune.tasks.suite_cache import original_results
 from layerprune.tasks.interval import bootstrap_interval
 
@@ -164,21 +165,22 @@ def run_variant(config: PruneConfig, previous: Path | None) -> dict:
             "seconds": saved["seconds"], "heal_seconds": heal_s}
 
 
-def users_judges(args, teacher, tokenizer, data: DataConfig) -> dict:
+def users_judges(args, teacher, tokenizer, data: DataConfig) -> tuple[dict, dict]:
     """{name: (student, its folder) -> {figure: (retention, interval)}}: the benchmarks' calibration
-    share and copying on the calibration documents, as asked; the original is scored once here
-    (the suite: cached). The suite's per-item results are kept in the variant's folder."""
-    judges = {}
+    share and copying on the calibration documents, as asked; and the original's per-item results
+    on them, which the paired differences between variants need. The original is scored once here
+    (the suite: cached). Each variant's per-item results are kept in its folder."""
+    judges, original = {}, {}
     if args.bench_items:
         request = request_for(("bench",), args.bench_items, BenchConfig().calibration, side="calibration")
-        original = original_results(teacher, tokenizer, request, "the original", True, True)
+        original["bench"] = original_results(teacher, tokenizer, request, "the original", True, True)
 
         def bench(student, folder: Path) -> dict:
             items = run_suite(student, tokenizer, request, True)
-            (folder / "bench-calibration.json").write_text(json.dumps(items.to_json()))
-            suite = retention(items, original)["suite"]
+            (folder / BENCH_ITEMS).write_text(json.dumps(items.to_json()))
+            suite = retention(items, original["bench"])["suite"]
             # BoolQ apart: a model that drifts onto its majority label gains there without reading
-            without = retention(items.without(["boolq"]), original.without(["boolq"]))["suite"]
+            without = retention(items.without(["boolq"]), original["bench"].without(["boolq"]))["suite"]
             return {"bench_calibration": (suite["ratio_of_means"], suite["ratio_of_means_interval"]),
                     "bench_calibration_no_boolq": (without["ratio_of_means"], without["ratio_of_means_interval"]),
                     "bench_calibration_chance_corrected": (suite.get("chance_corrected"),
@@ -186,20 +188,68 @@ def users_judges(args, teacher, tokenizer, data: DataConfig) -> dict:
         judges["bench_calibration"] = bench
     if args.copy:
         corpus = load_corpus(data, tokenizer)
-        copying = build_tasks(["copy_generate"], TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"],
-                                                           data.batch_size, 0))
+        copying = copying_items(TaskData(tokenizer, corpus.blocks["calib"], corpus.docs["calib"], data.batch_size, 0))
         print("copy_generate: the original copies the calibration paragraphs (its scores kept for every variant)",
               flush=True)
-        evaluate_tasks(teacher, copying, teacher)   # the original's copies, kept by the task
+        original["copy"] = copying.scores(teacher)
 
         def copy(student, folder: Path) -> dict:
-            figures = evaluate_tasks(student, copying, teacher)["copy_generate"]
-            return {"copy_calibration": (figures["retention"], [figures["retention_low"], figures["retention_high"]])}
+            scores = copying.scores(student)
+            (folder / COPY_ITEMS).write_text(json.dumps(scores))
+            return {"copy_calibration": paired_ratio(scores, original["copy"])}
         judges["copy_calibration"] = copy
-    return judges
+    return judges, original
 
 
-KEPT_FILES = ("history.json", "report.md", "config.yaml", "bench-calibration.json")
+def backfill_copy(folder: Path, judges: dict, keep: Path | None, device: str) -> None:
+    """A variant that finished before per-item copying was kept (2026-12-08) gets it from its model,
+    where the working folder still holds it: the paired differences need it."""
+    if "copy_calibration" not in judges or (folder / COPY_ITEMS).is_file() or \
+            not (folder / "model.safetensors").is_file():
+        return
+    print(f"variant {folder.name}: copying again, its per-item scores kept", flush=True)
+    student, _ = load_model(str(folder), device=device)
+    judges["copy_calibration"](student, folder)
+    if keep is not None and (keep / folder.name).is_dir():
+        shutil.copy2(folder / COPY_ITEMS, keep / folder.name / COPY_ITEMS)
+
+
+def differences(rows: dict, folders: list[Path], original: dict, base: str = "current") -> list[str]:
+    """Each variant minus `base` (same seed) on the calibration items, paired over items, from the
+    per-item results the variants' folders keep: the screen's leads and losses with their noise."""
+    def kept(key: str, name: str):
+        for folder in folders:
+            if folder is not None and (folder / key / name).is_file():
+                return json.loads((folder / key / name).read_text())
+        return None
+
+    lines = []
+    for key, row in sorted(rows.items()):
+        seed = row.get("seed", 0)
+        reference = base if seed == 0 else f"{base}@{seed}"
+        if row.get("variant") == base or reference not in rows:
+            continue
+        cells = []
+        mine, theirs = kept(key, BENCH_ITEMS), kept(reference, BENCH_ITEMS)
+        for dropped in ((), ("boolq",)):
+            if mine is None or theirs is None or "bench" not in original:
+                cells.append("-")
+                continue
+            a, b = (ItemResults.from_json(items).without(dropped) for items in (mine, theirs))
+            suite = difference(a, b, original["bench"].without(dropped))["suite"]
+            cells.append(f"{suite['difference']:+.3f} [{suite['interval'][0]:+.3f}, {suite['interval'][1]:+.3f}]")
+        mine, theirs = kept(key, COPY_ITEMS), kept(reference, COPY_ITEMS)
+        if mine is None or theirs is None or "copy" not in original:
+            cells.append("-")
+        else:
+            value, (low, high) = paired_ratio_difference(mine, theirs, original["copy"])
+            cells.append(f"{value:+.3f} [{low:+.3f}, {high:+.3f}]")
+        lines.append(f"| {row.get('variant', key)} | {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
+BENCH_ITEMS, COPY_ITEMS = "bench-calibration.json", "copy-calibration.json"   # per-item results, kept
+KEPT_FILES = ("history.json", "report.md", "config.yaml", BENCH_ITEMS, COPY_ITEMS)
 
 
 def read_rows(out: Path, keep: Path | None) -> dict:
@@ -267,13 +317,14 @@ def main() -> None:
     validation = stream.take(args.blocks, stream.advance(StreamPosition(), args.skip))[0]
     tasks = build_tasks(TASKS, TaskData(tokenizer, validation, [], data.batch_size, 0))
     reference, reference_rows = scores_and_rows(teacher, tasks, teacher)
-    judges = users_judges(args, teacher, tokenizer, data)
+    judges, original = users_judges(args, teacher, tokenizer, data)
     rows = read_rows(args.out, args.keep)
     for seed in seeds:
         for name in names:
             config = variant_config(name, args.out, args.remove, args.model, seed)
             key = Path(config.out).name
             if key in rows:
+                backfill_copy(Path(config.out), judges, args.keep, args.device)
                 continue
             print(f"variant {key}: {'continuing' if continues(to_dict(config), Path(config.out)) else 'running'}",
                   flush=True)
@@ -311,6 +362,13 @@ def main() -> None:
             cells = [f"{row[u][0]:.3f}{_interval(row[u][1])}" if row.get(u, [None])[0] is not None else "-"
                      for u in users]
             print(f"| {row.get('variant', key)} | {row.get('seed', 0)} | " + " | ".join(cells) + " |")
+    paired = differences(rows, [args.out, args.keep], original)
+    if paired:
+        print("\nEach variant minus today's default (current) on the same training-side items: 95% paired "
+              "bootstrap interval over items\n")
+        print("| variant | seed | benchmarks | without BoolQ | copying |")
+        print("| --- | --- | --- | --- | --- |")
+        print("\n".join(paired))
     by_variant: dict[str, list[dict]] = {}
     for row in rows.values():
         by_variant.setdefault(row.get("variant", ""), []).append(row)

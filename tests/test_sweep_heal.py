@@ -34,3 +34,35 @@ def test_finished_variants_are_kept_and_a_fresh_working_folder_continues_from_th
     (out / "sweep.json").write_text(json.dumps({"current": {"variant": "current", "validation": 0.9}}))
     assert sweep.read_rows(out, keep)["current"]["validation"] == 0.9
     assert sweep.read_rows(out, None)["current"]["validation"] == 0.9
+
+
+def _suite(correct: list[int]) -> dict:
+    n = len(correct)
+    return {"boolq": {"metric": "acc", "chance": "majority", "item": [f"b/{i}" for i in range(n)],
+                      "acc": [1.0] * n, "acc_norm": [1.0] * n, "choices": [2] * n, "target": [1] * n},
+            "piqa": {"metric": "acc", "chance": "uniform", "item": [f"p/{i}" for i in range(n)],
+                     "acc": [float(c) for c in correct], "acc_norm": [float(c) for c in correct],
+                     "choices": [2] * n, "target": [0] * n}}
+
+
+def test_each_variant_is_paired_with_todays_default_on_the_same_items(tmp_path):
+    """The screen's leads and losses with their noise: per-item results kept by two variants give
+    the difference on the suite, without BoolQ, and on copying; a variant whose reference has not
+    finished gets no line."""
+    from layerprune.tasks.suite import ItemResults
+
+    sweep = sweep_module()
+    keep = tmp_path / "keep"
+    files = {"current": (_suite([1, 0, 0, 0]), [0.5] * 4), "choice-copy": (_suite([1, 1, 0, 0]), [1.0] * 4)}
+    for key, (bench, copying) in files.items():
+        (keep / key).mkdir(parents=True)
+        (keep / key / sweep.BENCH_ITEMS).write_text(json.dumps(bench))
+        (keep / key / sweep.COPY_ITEMS).write_text(json.dumps(copying))
+    rows = {"current": {"variant": "current", "seed": 0}, "choice-copy": {"variant": "choice-copy", "seed": 0},
+            "bf16@1": {"variant": "bf16", "seed": 1}}
+    original = {"bench": ItemResults.from_json(_suite([1, 1, 1, 1])), "copy": [1.0] * 4}
+    lines = sweep.differences(rows, [tmp_path / "runs", keep], original)
+    assert len(lines) == 1 and lines[0].startswith("| choice-copy | 0 | ")
+    suite, without, copying = (cell.split(" [")[0] for cell in lines[0].strip(" |").split(" | ")[2:])
+    # one PIQA item more of 4: +1/8 over both tasks (BoolQ scores 1 everywhere), +1/4 without BoolQ
+    assert (suite, without, copying) == ("+0.125", "+0.250", "+0.500")

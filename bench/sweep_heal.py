@@ -318,6 +318,13 @@ def main() -> None:
     tasks = build_tasks(TASKS, TaskData(tokenizer, validation, [], data.batch_size, 0))
     reference, reference_rows = scores_and_rows(teacher, tasks, teacher)
     judges, original = users_judges(args, teacher, tokenizer, data)
+    for folder in (args.out, args.keep):   # the original's per-item results beside the variants': the
+        if folder is not None and original:   # paired differences can be read again without a model
+            (folder / "original").mkdir(parents=True, exist_ok=True)
+            if "bench" in original:
+                (folder / "original" / BENCH_ITEMS).write_text(json.dumps(original["bench"].to_json()))
+            if "copy" in original:
+                (folder / "original" / COPY_ITEMS).write_text(json.dumps(original["copy"]))
     rows = read_rows(args.out, args.keep)
     for seed in seeds:
         for name in names:

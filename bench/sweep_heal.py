@@ -252,6 +252,19 @@ BENCH_ITEMS, COPY_ITEMS = "bench-calibration.json", "copy-calibration.json"   # 
 KEPT_FILES = ("history.json", "report.md", "config.yaml", BENCH_ITEMS, COPY_ITEMS)
 
 
+def save_original(original: dict, folders: list[Path | None]) -> None:
+    """The original's per-item results beside the variants', in `original/`: the paired
+    differences can be read again without running a model."""
+    for folder in folders:
+        if folder is None or not original:
+            continue
+        (folder / "original").mkdir(parents=True, exist_ok=True)
+        if "bench" in original:
+            (folder / "original" / BENCH_ITEMS).write_text(json.dumps(original["bench"].to_json()))
+        if "copy" in original:
+            (folder / "original" / COPY_ITEMS).write_text(json.dumps(original["copy"]))
+
+
 def read_rows(out: Path, keep: Path | None) -> dict:
     """The finished variants' rows: the kept folder's, then the working folder's (newer) over them."""
     rows = {}
@@ -318,13 +331,7 @@ def main() -> None:
     tasks = build_tasks(TASKS, TaskData(tokenizer, validation, [], data.batch_size, 0))
     reference, reference_rows = scores_and_rows(teacher, tasks, teacher)
     judges, original = users_judges(args, teacher, tokenizer, data)
-    for folder in (args.out, args.keep):   # the original's per-item results beside the variants': the
-        if folder is not None and original:   # paired differences can be read again without a model
-            (folder / "original").mkdir(parents=True, exist_ok=True)
-            if "bench" in original:
-                (folder / "original" / BENCH_ITEMS).write_text(json.dumps(original["bench"].to_json()))
-            if "copy" in original:
-                (folder / "original" / COPY_ITEMS).write_text(json.dumps(original["copy"]))
+    save_original(original, [args.out, args.keep])
     rows = read_rows(args.out, args.keep)
     for seed in seeds:
         for name in names:

@@ -201,19 +201,6 @@ def users_judges(args, teacher, tokenizer, data: DataConfig) -> tuple[dict, dict
     return judges, original
 
 
-def backfill_copy(folder: Path, judges: dict, keep: Path | None, device: str) -> None:
-    """A variant that finished before per-item copying was kept (2026-12-08) gets it from its model,
-    where the working folder still holds it: the paired differences need it."""
-    if "copy_calibration" not in judges or (folder / COPY_ITEMS).is_file() or \
-            not (folder / "model.safetensors").is_file():
-        return
-    print(f"variant {folder.name}: copying again, its per-item scores kept", flush=True)
-    student, _ = load_model(str(folder), device=device)
-    judges["copy_calibration"](student, folder)
-    if keep is not None and (keep / folder.name).is_dir():
-        shutil.copy2(folder / COPY_ITEMS, keep / folder.name / COPY_ITEMS)
-
-
 def differences(rows: dict, folders: list[Path], original: dict, base: str = "current") -> list[str]:
     """Each variant minus `base` (same seed) on the calibration items, paired over items, from the
     per-item results the variants' folders keep: the screen's leads and losses with their noise."""
@@ -338,7 +325,6 @@ def main() -> None:
             config = variant_config(name, args.out, args.remove, args.model, seed)
             key = Path(config.out).name
             if key in rows:
-                backfill_copy(Path(config.out), judges, args.keep, args.device)
                 continue
             print(f"variant {key}: {'continuing' if continues(to_dict(config), Path(config.out)) else 'running'}",
                   flush=True)

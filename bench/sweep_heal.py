@@ -105,6 +105,8 @@ RECIPE_VARIANTS = {
     "teacher-mix": ({}, {"train_data": "mix"}),   # every other block the original's, the others the stream's
     "final-third": lambda remove: ({}, {"steps": 20, "final_steps": 10 * remove}),
     "bf16": ({}, {"mixed_precision": "bf16"}),   # healing under bfloat16 autocast: a cheaper step
+    # #47's screen's two leads together: a third of the budget in a final healing, on the mixed text
+    "final-third-mix": lambda remove: ({}, {"steps": 20, "final_steps": 10 * remove, "train_data": "mix"}),
     # The layer choice's calibration text (today: 32 blocks, the 12 layers Block Influence ranks lowest scored).
     # calib-8: the default before the GPU sweep of 2026-12-04 (8 blocks, every layer scored; near-ties decided
     # its choices at -4/-6); calib-32-all: 32 blocks, every layer scored (4x calib-8's scoring).

@@ -7,6 +7,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.data import StreamPosition
 from layerprune.models import load_model
 from layerprune.depth import Depth
+from layerprune.healing.guard import RETRY_LR_FACTOR
 from layerprune.inputs import build_inputs
 from layerprune.run import PruneRun
 
@@ -193,6 +194,18 @@ class TestHealingGuard:
         assert not history.iterations[0].heal.held_out_before
         guard = history.iterations[0].heal.guard
         assert f"{guard.kl_before:.4f} -> {guard.kl_after:.4f} (validation)" in (out / "report.md").read_text()
+
+    @pytest.mark.parametrize("final_lr", [None, 2e-4])
+    def test_the_final_healing_starts_a_rung_lower_unless_told(self, tiny_dir, text_file, tmp_path, final_lr):
+        """It trains every layer where a removal's healing trains the cut's neighbours."""
+        heal = HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1, lr=3e-4, final_steps=2,
+                          final_lr=final_lr)
+        history = prune(config(tiny_dir, text_file, tmp_path / "o", metric="bi", remove=1, heal=heal),
+                        progress=False)
+        carried = history.iterations[-1].heal.guard.next_lr()
+        first = history.final_heal.guard.checks[0]
+        assert first["attempt"] == 0
+        assert first["lr"] == pytest.approx(final_lr or carried * RETRY_LR_FACTOR)
 
     def test_a_guard_that_rolls_back_every_retry_keeps_the_cut_and_warns(self, tiny_dir, text_file, tmp_path,
                                                                           caplog):

@@ -99,6 +99,9 @@ class HealConfig:
                                     "training text (generated once, before the first removal); mix: every other "
                                     "block the original's, the others the stream's")
     final_steps: int = opt(0, "extra healing steps after the last removal", flag="--heal-final-steps")
+    final_lr: float | None = opt(None, "learning rate of the final healing (default: a quarter of the lr the "
+                                       "removals' healings ended at where they train a cut's neighbours, since the "
+                                       "final one trains every layer; else the same)", flag="--heal-final-lr")
     batch_size: int = opt(2, "global micro-batch of training blocks", flag="--heal-batch-size")
     grad_accum: int = opt(2, "micro-batches per optimizer step", flag="--heal-grad-accum")
     lr: float = opt(5e-4, "AdamW learning rate (with --heal-lr-probe: the top of the probe's ladder)", flag="--heal-lr")
@@ -178,8 +181,8 @@ class HealConfig:
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise LayerpruneError(f"{flag_of(HealConfig, name)} must be a positive number of GiB, got "
                                       f"{getattr(self, name)}", "give e.g. 4, or --no-teacher-cache to cache nothing")
-        for name in ("lr", "temperature"):
-            if not getattr(self, name) > 0:
+        for name in ("lr", "temperature", "final_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise LayerpruneError(f"heal {name} must be > 0, got {getattr(self, name)}",
                                       f"pass a positive {flag_of(HealConfig, name)}")
         if min(self.w_kl, self.w_mse, self.w_final) < 0 or self.w_kl + self.w_mse + self.w_final == 0:

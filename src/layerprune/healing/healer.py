@@ -5,7 +5,8 @@ once per comparison (every variant): the teacher-target cache, the Accelerator, 
 task on its validation blocks (which keeps the original's moments there, so the original runs on
 them once), and the text healings read. A `Healer` is one run's: its `HealConfig`, where its
 training stream stands, and the learning rate the guard carries from one healing to the next (the
-first healing's chosen by a short probe with --heal-lr-probe: lr_probe.py).
+first healing's chosen by a short probe with --heal-lr-probe: lr_probe.py; the final healing's a
+quarter of it, as it trains every layer: Healer.lr_for).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from ..config import Recipe
 from ..data import Corpus, StreamPosition
 from ..processes import process_state
-from .guard import Guard, kl_task
+from .guard import RETRY_LR_FACTOR, Guard, kl_task
 from .job import HealJob, HealLog, TextSpan, plan
 from .loop import accelerator_for, heal
 from .lr_probe import ProbeLog, probe_lr
@@ -108,6 +109,19 @@ class Healer:
             return 0
         return heal_config.final_steps if final else heal_config.steps_per_removal(self.config.data.seq_len)
 
+    def lr_for(self, final: bool) -> float | None:
+        """The lr a healing starts at (None: --heal-lr). The final healing trains every layer where a
+        removal's trains the cut's neighbours; at the removals' lr it overshot on SmolLM2 at -4 and at
+        -6, and healed at a quarter (docs/heal-sweep.md), so by default it starts there."""
+        heal_config = self.config.heal
+        if not final:
+            return self.lr
+        if heal_config.final_lr is not None:
+            return heal_config.final_lr
+        if heal_config.trainable != "neighbours":
+            return self.lr
+        return (self.lr if self.lr is not None else heal_config.lr) * RETRY_LR_FACTOR
+
     def heal(self, student: torch.nn.Module, removal: Removal) -> HealLog | None:
         """Heal `student` in place after `removal` (already made): the next stretch of the training
         stream, or its first blocks again with --train-data reuse; the target cache says what is
@@ -124,7 +138,8 @@ class Healer:
         text = stream.span(start, count)
         with self.resources.targets.healing(text, removal.iteration) as (caches, targets):
             job = plan(student, heal_config, steps, removal.iteration, config.seed + removal.iteration,
-                       removal.dropped, prefix_cache=caches.prefix, lr=self.lr, resume=removal.resume,
+                       removal.dropped, prefix_cache=caches.prefix, lr=self.lr_for(removal.final),
+                       resume=removal.resume,
                        on_checkpoint=removal.save, held_out_before=removal.held_out_before,
                        text=TextSpan(start, end, count, heal_config.epochs, caches.why))
             validation = self.resources.validation

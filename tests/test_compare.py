@@ -90,6 +90,40 @@ def test_the_unseen_domain_is_evaluated_on_the_student_at_each_count(tiny_dir, t
     assert quality["quality_retained_unseen_interval"] == quality["quality_retained_interval"]
 
 
+def test_a_final_healing_is_given_at_each_count_to_a_copy(tiny_dir, text_file, tmp_path, monkeypatch):
+    """A count's figures and seconds are those of the model a run stopped there ends with, its final
+    healing included; the run goes on from the student as it was."""
+    from layerprune.compare import Measures, run_variant
+    from layerprune.run import PruneRun
+    from layerprune.config import DataConfig
+    from layerprune.models import load_model
+    from layerprune.inputs import build_inputs
+    from layerprune.healing import build_resources
+
+    data = DataConfig(source=str(text_file), seq_len=32, calib_blocks=2, patch_blocks=2, eval_blocks=2, batch_size=2)
+    branch, unhealed = PruneRun.final_branch, {}
+
+    def timed_branch(run):   # the records' own figure before the copy's healing, and a final healing of 1,000 s
+        unhealed[len(run.records)] = run.records[-1].eval.quality_retained
+        model, healed, _ = branch(run)
+        return model, healed, 1000.0 if healed is not None else 0.0
+    monkeypatch.setattr(PruneRun, "final_branch", timed_branch)
+    runs = {}
+    for final in (0, 2):
+        heal = HealConfig(steps=2, batch_size=2, grad_accum=1, warmup_steps=1, final_steps=final, lr=1e-2)
+        config = CompareConfig(out="unused", model=str(tiny_dir), device="cpu", counts=(1, 2), data=data, heal=heal)
+        teacher, tokenizer = load_model(config.model, device="cpu")
+        inputs = build_inputs(config, teacher, tokenizer, (), teacher_scores=False)
+        shared = build_resources(config, inputs.corpus, 2, teacher, tmp_path / f"text{final}", None, False)
+        runs[final] = run_variant(inputs, config, "iterative-bi", "distill", shared, Measures(None, None), False)
+    plain, finals = runs[0], runs[2]
+    assert finals["removed_original"] == plain["removed_original"]
+    for count in (1, 2):
+        assert unhealed[count] == plain["quality_retained"][count]   # the run itself went on as without
+        assert finals["quality_retained"][count] != plain["quality_retained"][count]
+        assert finals["build_seconds_per_count"][count] >= 1000 > plain["build_seconds_per_count"][count]
+
+
 def test_a_patch_the_method_does_not_define_is_named():
     from layerprune.compare import variant_name
 
@@ -223,6 +257,15 @@ def test_scaled_steps_fill_the_reference_seconds_or_say_why_not():
     assert scaled_steps(110.0, 20.0, 30.0, 10, cap=12) == (12, "capped at 12 steps from 30: more would train on the "
                                                                 "guard's validation text")
     assert validation_cap(100, 4, 4) == 6 and validation_cap(100, 1, 4) == 25
+
+
+def test_a_scaled_budget_keeps_the_final_healings_share():
+    from layerprune.equal_compute import at_scale, validation_cap, with_steps
+    config = CompareConfig(out="x", heal=HealConfig(steps=20, final_steps=40))
+    assert (at_scale(config, 0.5).heal.steps, at_scale(config, 0.5).heal.final_steps) == (10, 20)
+    assert with_steps(config, 30).heal.final_steps == 60
+    assert with_steps(CompareConfig(out="x", heal=HealConfig(steps=20)), 30).heal.final_steps == 0
+    assert validation_cap(100, 2 + 40 / 20, 4) == 6   # two removals' text and the final's share of two
 
 
 def test_the_frontier_keeps_what_nothing_beats():

@@ -32,7 +32,7 @@ from .equal_compute import (SUFFIX, at_equal_seconds, at_scale, build_seconds, f
                             with_steps)
 from .errors import LayerpruneError
 from .healing import Resources
-from .inputs import RunInputs, scores_and_rows
+from .inputs import RunInputs, evaluate_student, scores_and_rows
 from .models import model_name, transformers_bars
 from .io import write_json
 from .options import result_free, to_dict
@@ -155,6 +155,7 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
     unseen: dict[int, tuple[float, list[float] | None]] = {}
     bench: dict[int, dict] = {}
     copied: dict[int, dict] = {}
+    finals: dict[int, tuple] = {}   # count -> (evaluation, seconds) of its final healing, where the recipe has one
 
     def run(count: int):
         variant = PruneRun(variant_config(config, method, heal, count), inputs, Depth(count, f"--remove {count}"),
@@ -162,13 +163,18 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
         for iteration in variant.remaining():
             variant.step(iteration)
             removed = count if mode != "iterative" else iteration
-            if domain is not None and removed in counts:
-                unseen[removed] = domain.retained(variant.student, inputs.teacher)
+            if removed not in counts:
+                continue
+            model, final_heal, final_seconds = variant.final_branch()   # the model a run to this count ends with
+            if final_heal is not None:
+                finals[removed] = (evaluate_student(inputs, model), final_seconds)
+            if domain is not None:
+                unseen[removed] = domain.retained(model, inputs.teacher)
             who = f"{variant_name(config, method, heal)} at -{removed}"
-            if measures.bench is not None and removed in counts:
-                bench[removed] = measures.bench.measure(variant.student, progress, who)
-            if measures.copy is not None and removed in counts:
-                copied[removed] = measures.copy.measure(variant.student, who)
+            if measures.bench is not None:
+                bench[removed] = measures.bench.measure(model, progress, who)
+            if measures.copy is not None:
+                copied[removed] = measures.copy.measure(model, who)
         return variant.records
 
     if mode == "iterative":   # one run to the deepest count, read off after each removal
@@ -176,9 +182,10 @@ def run_variant(inputs: RunInputs, config: CompareConfig, method: str, heal: str
         upto = {n: records[:n] for n in counts}
     else:
         upto = {n: run(n) for n in counts}
-    evaluations = {n: taken[-1].eval for n, taken in upto.items()}
-    seconds = {n: sum(sum(record.timings.values()) for record in taken) for n, taken in upto.items()}
-    building = {n: build_seconds(taken) for n, taken in upto.items()}
+    evaluations = {n: finals[n][0] if n in finals else taken[-1].eval for n, taken in upto.items()}
+    healed_last = {n: finals[n][1] if n in finals else 0.0 for n in upto}
+    seconds = {n: sum(sum(record.timings.values()) for record in taken) + healed_last[n] for n, taken in upto.items()}
+    building = {n: build_seconds(taken) + healed_last[n] for n, taken in upto.items()}
     fixed = {n: fixed_seconds(taken) for n, taken in upto.items()}
     removed = {n: [layer for record in taken for layer in record.removed_original] for n, taken in upto.items()}
     measured = {"removed_original": removed,

@@ -1,7 +1,8 @@
 """Equal compute: each healed variant of a comparison given the seconds a reference variant took.
 
 What a user decides with is what a model at count k costs to make: the seconds of scoring, cutting
-and healing of one run to k removals (evaluation excluded), `build_seconds`. The default heals
+and healing of one run to k removals (evaluation excluded), `build_seconds`, its final healing's
+included where the recipe has one (compare.run_variant gives it to a copy at each count). The default heals
 after every removal where healed ReplaceMe, one block cut, heals once, so at its own budget a
 baseline spends a fraction of the default's seconds.
 
@@ -56,10 +57,10 @@ def scaled_steps(target: float, fixed: float, healing: float, steps: int, cap: i
     return wanted, ""
 
 
-def validation_cap(blocks_before_validation: int, removals: int, blocks_per_step: int) -> int:
-    """The most steps per removal whose fresh text, `removals` healings one after the other, ends
-    before the guard's validation blocks."""
-    return max(1, blocks_before_validation // max(1, removals * blocks_per_step))
+def validation_cap(blocks_before_validation: int, removals: float, blocks_per_step: int) -> int:
+    """The most steps per removal whose fresh text, `removals` healings one after the other (a final
+    healing counted as its share of one), ends before the guard's validation blocks."""
+    return max(1, int(blocks_before_validation // max(1, removals * blocks_per_step)))
 
 
 def equal_seconds_row(measured: dict, target: dict[int, float], steps_used: dict[int, int]) -> dict:
@@ -69,8 +70,12 @@ def equal_seconds_row(measured: dict, target: dict[int, float], steps_used: dict
 
 
 def with_steps(config, steps: int):
-    """The comparison with a healing budget of `steps` optimizer steps per removal."""
-    return dataclasses.replace(config, heal=dataclasses.replace(config.heal, steps=steps, tokens=None, epochs=1))
+    """The comparison with a healing budget of `steps` optimizer steps per removal; a final healing
+    keeps its share of the budget (its steps scaled alike, at least one)."""
+    heal, before = config.heal, config.heal.steps_per_removal(config.data.seq_len)
+    final = max(1, round(heal.final_steps * steps / before)) if heal.final_steps and before else heal.final_steps
+    return dataclasses.replace(config, heal=dataclasses.replace(heal, steps=steps, tokens=None, epochs=1,
+                                                                final_steps=final))
 
 
 def at_scale(config, scale: float):
@@ -99,6 +104,7 @@ def at_equal_seconds(config, healed: list[tuple[str, str, bool]], by_seed: dict[
     reference = by_seed[names[config.equal_seconds]][seed]["build_seconds_per_count"]
     steps = config.heal.steps_per_removal(config.data.seq_len)
     per_step = config.heal.batch_size * config.heal.grad_accum
+    final_share = config.heal.final_steps / max(steps, 1)   # a final healing's text, in removals' worth
     before_validation = max(healing_offsets(prepared_with, max(config.counts))) if config.heal.guard else None
     rows = {}
     for name, method, iterative in healed:
@@ -107,7 +113,7 @@ def at_equal_seconds(config, healed: list[tuple[str, str, bool]], by_seed: dict[
         pilot, measured, used, started = by_seed[name][seed], {}, {}, time.perf_counter()
         for count in sorted(config.counts):
             cap = None if before_validation is None else \
-                validation_cap(before_validation, count if iterative else 1, per_step)
+                validation_cap(before_validation, (count if iterative else 1) + final_share, per_step)
             fixed = pilot["fixed_seconds_per_count"][count]
             chosen, why = scaled_steps(reference[count], fixed, pilot["build_seconds_per_count"][count] - fixed,
                                        steps, cap)

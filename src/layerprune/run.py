@@ -17,6 +17,7 @@ mode makes one step per layer; one-shot and block modes one step for all.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -130,6 +131,23 @@ class PruneRun:
             removed_original=[layer for record in self.records for layer in record.removed_original],
             teacher_eval=teacher_suite, iterations=self.records, final_heal=final_heal, final_eval=final_eval,
             final_suite=suite, seconds=time.perf_counter() - started, depth=self.depth.why, speed=speed)
+
+    def final_branch(self) -> tuple[torch.nn.Module, HealLog | None, float]:
+        """A copy of the student given the final healing a run that stopped here would end with,
+        this run left as it was (its student, text position and lr): a comparison reads each count's
+        figures off it. (the model, its healing's log, seconds); the student itself where there is
+        no final healing."""
+        if not self.healer.steps(final=True):
+            return self.student, None, 0.0
+        started = time.perf_counter()
+        student, out, position, lr = self.student, self.out, self.healer.position, self.healer.lr
+        self.student, self.out = copy.deepcopy(student), None   # a deep copy owns every weight (student.py)
+        try:
+            healed = self._heal(PendingIteration(len(self.records) + 1, Selection([], [])), final=True)
+            return self.student, healed, time.perf_counter() - started
+        finally:
+            self.student, self.out = student, out
+            self.healer.position, self.healer.lr = position, lr
 
     def close(self) -> None:
         """Delete the teacher-target cache of resources this run made itself (prepared ones are
